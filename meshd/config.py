@@ -97,6 +97,12 @@ class LlamaConfig:
     # restart back-off after a crash: min, doubling up to max
     restart_min_s: float = 1.0
     restart_max_s: float = 60.0
+    # ready this long counts as stable: the next crash restarts after restart_min_s again
+    restart_reset_s: float = 60.0
+    # how often a loading llama-server's /health (rpc-server's port) is polled
+    health_interval_s: float = 0.25
+    # one /health poll (or rpc-server connect) gives up after this long
+    health_timeout_s: float = 2.0
 
 
 @dataclass(frozen=True)
@@ -287,7 +293,8 @@ def validate(config: Config) -> list[str]:
         ("mesh", "heartbeat_s"), ("mesh", "heartbeat_timeout_s"), ("mesh", "rejoin_s"),
         ("mesh", "refresh_s"), ("mesh", "max_frame_bytes"), ("api", "max_body_bytes"),
         ("llama", "ctx_size"), ("llama", "load_timeout_s"), ("llama", "stop_timeout_s"),
-        ("llama", "restart_min_s"), ("llama", "restart_max_s"),
+        ("llama", "restart_min_s"), ("llama", "restart_max_s"), ("llama", "restart_reset_s"),
+        ("llama", "health_interval_s"), ("llama", "health_timeout_s"),
     ]
     for section, key in positive:
         if getattr(getattr(config, section), key) <= 0:
