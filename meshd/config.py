@@ -203,7 +203,8 @@ def _type_name(tp: Any) -> str:
     if origin in (typing.Union, types.UnionType):
         return " or ".join(_type_name(a) for a in typing.get_args(tp) if a is not type(None))
     if origin is list:
-        return f"a list of {_type_name(typing.get_args(tp)[0])}s"
+        plural = {str: "strings", int: "integers", float: "numbers", bool: "booleans"}
+        return f"a list of {plural.get(typing.get_args(tp)[0], 'values')}"
     if origin is dict:
         return "a table"
     return {str: "a string", int: "an integer", float: "a number", bool: "true or false"}.get(

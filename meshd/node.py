@@ -1,0 +1,198 @@
+"""The node: what this daemon serves, and the one place status is assembled from.
+
+The API, the control socket and the console all read the node; none of them
+reaches into the backends or the mesh directly.  This keeps ``meshctl status
+--json``, ``/api/status`` and ``/v1/models`` telling the same story.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from twisted.internet import defer
+
+from meshd import routing
+from meshd.config import Config
+
+log = logging.getLogger("meshd.node")
+
+# backend process state -> the model state operators see
+MODEL_STATES = {
+    "stopped": "cold",
+    "starting": "loading",
+    "loading": "loading",
+    "ready": "warm",
+    "restarting": "restarting",
+    "stopping": "draining",
+    "failed": "failed",
+}
+
+
+@dataclass
+class ServedModel:
+    """A model this node serves with its own llama-server."""
+
+    name: str
+    path: str
+    size_bytes: int
+    backend: Any  # meshd.backend.LlamaServer
+
+    @property
+    def state(self) -> str:
+        return MODEL_STATES.get(self.backend.state, self.backend.state)
+
+
+class Node:
+    """This daemon's runtime state; also the control socket's target and the API's router."""
+
+    def __init__(
+        self,
+        config: Config,
+        *,
+        reactor,
+        node_id: str,
+        vram_bytes: int,
+        gpu_report: Any = None,
+        shutdown: Callable[[], None] | None = None,
+    ):
+        self.config = config
+        self.reactor = reactor
+        self.node_id = node_id
+        self.vram_bytes = vram_bytes
+        self.gpu_report = gpu_report
+        self.started_at = reactor.seconds()
+        self.state = "starting"
+        self.served: dict[str, ServedModel] = {}
+        self.wanted: list[str] = []
+        self.in_flight: dict[str, int] = {}
+        self.mesh = None
+        self.downloads = None
+        self.scan = None
+        self._shutdown = shutdown or (lambda: None)
+
+    # -- what we serve ------------------------------------------------------
+
+    def add_served(self, model: ServedModel) -> None:
+        self.served[model.name] = model
+        model.backend.add_listener(lambda state, name=model.name: self._backend_changed(name, state))
+
+    def _backend_changed(self, name: str, state: str) -> None:
+        log.debug("model %s backend is %s", name, state)
+        if self.mesh is not None:
+            self.mesh.local_changed()
+
+    @property
+    def role(self) -> str:
+        if self.config.node.client:
+            return "client"
+        if self.served:
+            return "host"
+        if self.config.node.standby:
+            return "standby"
+        return "idle"
+
+    @property
+    def serving(self) -> str | None:
+        return next(iter(self.served), None)
+
+    # -- routing.Router -------------------------------------------------------
+
+    def models(self) -> list[dict[str, Any]]:
+        created = int(self.started_at)
+        return [
+            {
+                "id": m.name,
+                "object": "model",
+                "created": created,
+                "owned_by": "meshd",
+                "meshd": {"hosts": [self.node_id], "nodes": 1, "state": m.state},
+            }
+            for m in self.served.values()
+        ]
+
+    def upstreams(self, model: str, client_id: str) -> list[routing.Upstream]:
+        served = self.served.get(model)
+        if served is None:
+            raise routing.UnknownModel(model, list(self.served))
+        backend = served.backend
+        if backend.state != "ready":
+            reason = {
+                "starting": "the model is loading",
+                "loading": "the model is loading",
+                "restarting": "llama-server is restarting",
+                "stopping": "the model is being unloaded",
+            }.get(backend.state, f"llama-server is {backend.state}")
+            raise routing.NotReady(model, reason, retry_after_s=5)
+        return [
+            routing.Upstream(name="local", endpoint=backend.endpoint, pool_key=f"local:{backend.port}")
+        ]
+
+    def upstream_failed(self, upstream: routing.Upstream, reason: str) -> None:
+        log.warning("upstream %s failed before answering: %s", upstream.name, reason)
+
+    def request_started(self, upstream: routing.Upstream) -> None:
+        self.in_flight[upstream.name] = self.in_flight.get(upstream.name, 0) + 1
+
+    def request_finished(self, upstream: routing.Upstream) -> None:
+        self.in_flight[upstream.name] = max(0, self.in_flight.get(upstream.name, 1) - 1)
+
+    # -- status and control ----------------------------------------------------
+
+    def model_status(self) -> list[dict[str, Any]]:
+        out = []
+        for m in self.served.values():
+            b = m.backend
+            out.append(
+                {
+                    "name": m.name,
+                    "state": m.state,
+                    "hosts": [self.node_id],
+                    "size_bytes": m.size_bytes,
+                    "split": None,
+                    "backend": {
+                        "state": b.state,
+                        "pid": b.pid,
+                        "port": b.port,
+                        "restarts": b.restarts,
+                    },
+                }
+            )
+        for name in self.wanted:
+            if name not in self.served:
+                out.append(
+                    {"name": name, "state": "cold", "hosts": [], "size_bytes": None, "split": None}
+                )
+        return out
+
+    def status(self) -> dict[str, Any]:
+        return {
+            "node_id": self.node_id,
+            "mesh_id": getattr(self.mesh, "mesh_id", None),
+            "role": self.role,
+            "serving": self.serving,
+            "state": self.state,
+            "api": self.config.api.listen,
+            "uptime_s": round(self.reactor.seconds() - self.started_at, 3),
+            "vram_bytes": self.vram_bytes,
+            "peers": self.mesh.status_peers() if self.mesh is not None else [],
+            "passive": {"clients": 0, "standby": 0},
+            "models": self.model_status(),
+            "downloads": self.downloads.to_status() if self.downloads is not None else [],
+        }
+
+    def peers(self) -> list[dict[str, Any]]:
+        return self.status()["peers"]
+
+    def gpus(self) -> dict[str, Any]:
+        if self.gpu_report is None:
+            return {}
+        return self.gpu_report.to_dict()
+
+    def leave(self) -> defer.Deferred:
+        """Answer the caller first, then shut down as SIGTERM would."""
+        log.info("leave requested over the control socket")
+        self.reactor.callLater(0.05, self._shutdown)
+        return defer.succeed({"leaving": True})

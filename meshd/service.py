@@ -1,0 +1,277 @@
+"""The daemon as a tree of Twisted services, started and stopped in order.
+
+Start: state directory, identity, GPUs, models, control socket, llama-server,
+API listener, mesh; READY=1 once the API listens and the model is loaded.
+Stop (SIGTERM, Ctrl-C, ``meshctl leave``): STOPPING=1, leave the mesh, stop
+accepting API connections, let in-flight streams finish within ``[api]
+drain_s``, stop llama-server, remove the control socket, exit 0.
+
+The systemd glue (notify, watchdog) is one service here, not code spread
+through the tree; every part takes the reactor so tests can pass a fake one.
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+from pathlib import Path
+
+from twisted.application import service
+from twisted.internet import defer, endpoints
+from twisted.python.failure import Failure
+
+from meshd import config as configmod
+from meshd.config import Config
+
+log = logging.getLogger("meshd")
+
+
+class StartupError(Exception):
+    """An expected reason the daemon cannot start (port in use, missing binary)."""
+
+
+def preflight(config: Config) -> list[str]:
+    """Problems found before starting: models that cannot be resolved, plugins that do not load."""
+    from meshd import models as modelsmod
+    from meshd.catalog import load_catalog
+
+    problems: list[str] = []
+    try:
+        catalog = load_catalog()
+    except Exception as e:  # a broken shipped catalog is a bug, but say so plainly
+        return [f"catalog: {e}"]
+    scan = modelsmod.scan(model_dirs(config))
+    for i, entry in enumerate(config.models.serve):
+        try:
+            modelsmod.resolve(entry, scan, catalog)
+        except modelsmod.ModelError as e:
+            problems.append(f"[models] serve[{i}]: {e}")
+    return problems
+
+
+def model_dirs(config: Config) -> list[str]:
+    return [config.node.models_dir, *config.models.extra_dirs]
+
+
+class MeshdService(service.MultiService):
+    """The whole daemon.  ``exit_code`` is what the process should exit with."""
+
+    def __init__(self, config: Config, *, reactor):
+        super().__init__()
+        self.config = config
+        self.reactor = reactor
+        self.exit_code = 0
+        self.node = None
+        self.api = None
+        self._api_port = None
+        self._control_port = None
+        self._stopping = None
+        from meshd.sdnotify import Notifier
+
+        self.notifier = Notifier()
+
+    # -- start --------------------------------------------------------------
+
+    def startService(self) -> None:
+        super().startService()
+        d = defer.ensureDeferred(self._start())
+        d.addErrback(self._start_failed)
+
+    def _start_failed(self, failure: Failure) -> None:
+        if failure.check(StartupError):
+            log.error("cannot start: %s", failure.value)
+        else:
+            log.error("cannot start: %s", failure.getErrorMessage(), exc_info=failure.value)
+        self.exit_code = 1
+        self.shutdown()
+
+    async def _start(self) -> None:
+        from meshd import backend, gpu
+        from meshd import node as nodemod
+
+        cfg = self.config
+        self.notifier.status("starting")
+        state_dir = Path(cfg.node.state_dir)
+        try:
+            state_dir.mkdir(parents=True, exist_ok=True, mode=0o750)
+            Path(cfg.node.models_dir).mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise StartupError(f"[node] state_dir/models_dir: {e}") from None
+
+        identity, state = _identity(state_dir)
+        report = gpu.detect(cfg.node)
+        vram_bytes = 0 if cfg.node.client else report.vram_bytes
+        self.node = nodemod.Node(
+            cfg,
+            reactor=self.reactor,
+            node_id=identity.node_id,
+            vram_bytes=vram_bytes,
+            gpu_report=report,
+            shutdown=self.shutdown,
+        )
+        log.info(
+            "node %s starting: %s of VRAM (%s)",
+            identity.node_id,
+            _gb(vram_bytes),
+            report.source,
+        )
+
+        await self._listen_control()
+        serving = self._resolve_models()
+        if serving is not None:
+            name, path, size = serving
+            bin_dir = backend.find_bin_dir(cfg.llama)
+            server = backend.LlamaServer(
+                name=name, model_path=path, llama=cfg.llama, bin_dir=bin_dir, reactor=self.reactor
+            )
+            self.node.add_served(nodemod.ServedModel(name, path, size, server))
+            server.add_listener(lambda state, n=name: self._backend_state(n, state))
+            server.start()
+        await self._listen_api()
+        self.node.state = "running"
+        if serving is not None:
+            self.notifier.status(f"loading {serving[0]}; API on {cfg.api.listen}")
+            await self.node.served[serving[0]].backend.when_ready()
+        self.notifier.ready()
+        self.notifier.status(self._status_line())
+        log.info("ready: %s", self._status_line())
+
+    def _status_line(self) -> str:
+        n = self.node
+        serving = f"serving {n.serving}" if n.serving else "serving nothing"
+        return f"{n.role}, {serving}, API on {self.config.api.listen}"
+
+    def _backend_state(self, name: str, state: str) -> None:
+        if state == "ready":
+            self.notifier.status(self._status_line())
+        elif state in ("restarting", "failed"):
+            self.notifier.status(f"{name}: llama-server {state}")
+
+    def _resolve_models(self) -> tuple[str, str, int] | None:
+        """The first ``[models] serve`` entry, resolved to a file on disk; the rest are wanted."""
+        from meshd import models as modelsmod
+        from meshd.catalog import load_catalog
+
+        entries = self.config.models.serve
+        if not entries or self.config.node.client:
+            return None
+        scan = modelsmod.scan(model_dirs(self.config))
+        for problem in scan.problems:
+            log.warning("models: %s", problem)
+        self.node.scan = scan
+        catalog = load_catalog()
+        resolved = [modelsmod.resolve(e, scan, catalog) for e in entries]
+        self.node.wanted = [r.name for r in resolved[1:]]
+        first = resolved[0]
+        if first.path is None:
+            raise StartupError(
+                f"model {first.name} is not on disk; download it first "
+                f"(meshctl download {first.name}) or name a GGUF file"
+            )
+        return first.name, str(first.path), first.size_bytes or 0
+
+    async def _listen_control(self) -> None:
+        from meshd.control import listen_control
+
+        path = self.config.node.control_socket
+        try:
+            self._control_port = await listen_control(path, self.node, reactor=self.reactor)
+        except Exception as e:
+            raise StartupError(f"[node] control_socket {path}: {_reason(e)}") from None
+        log.info("control socket on %s", path)
+
+    async def _listen_api(self) -> None:
+        from meshd import api
+
+        self.api = api.ApiServer(self.node, self.config.api, reactor=self.reactor)
+        ep = endpoints.serverFromString(self.reactor, configmod.tcp_endpoint(self.config.api.listen))
+        try:
+            self._api_port = await ep.listen(self.api.site)
+        except Exception as e:
+            raise StartupError(f"[api] listen {self.config.api.listen}: {_reason(e)}") from None
+        log.info("API on http://%s", self.config.api.listen)
+
+    # -- stop -----------------------------------------------------------------
+
+    def shutdown(self) -> None:
+        """Ask the reactor to stop; stopService does the orderly part."""
+        if self.reactor.running:
+            self.reactor.stop()
+
+    def stopService(self) -> defer.Deferred:
+        if self._stopping is None:
+            self._stopping = defer.ensureDeferred(self._stop())
+        return self._stopping
+
+    async def _stop(self) -> None:
+        self.notifier.stopping()
+        if self.node is not None:
+            self.node.state = "stopping"
+        log.info("stopping")
+        await defer.maybeDeferred(super().stopService)
+        if self._api_port is not None:
+            await defer.maybeDeferred(self._api_port.stopListening)
+        if self.api is not None:
+            in_flight = self.api.in_flight
+            if in_flight:
+                log.info(
+                    "waiting up to %.0f s for %d in-flight request(s)",
+                    self.config.api.drain_s,
+                    in_flight,
+                )
+            await self.api.drain(self.config.api.drain_s)
+        if self.node is not None:
+            stops = [defer.maybeDeferred(m.backend.stop) for m in self.node.served.values()]
+            await defer.DeferredList(stops, consumeErrors=True)
+        if self._control_port is not None:
+            await defer.maybeDeferred(self._control_port.stopListening)
+        log.info("stopped")
+
+
+def _identity(state_dir: Path):
+    from meshd.identity import load_or_create
+    from meshd.statedir import StateDir
+
+    state = StateDir(state_dir)
+    return load_or_create(state), state
+
+
+def _reason(e: BaseException) -> str:
+    text = str(e) or e.__class__.__name__
+    return text.splitlines()[0]
+
+
+def _gb(n: int) -> str:
+    return f"{n / 1e9:.1f} GB"
+
+
+def run(config: Config, *, reactor=None) -> int:
+    """Run the daemon until it stops; returns the process exit status."""
+    if reactor is None:
+        from twisted.internet import reactor as default_reactor
+
+        reactor = default_reactor
+    top = MeshdService(config, reactor=reactor)
+    from meshd.sdnotify import WatchdogService
+
+    WatchdogService(top.notifier, clock=reactor).setServiceParent(top)
+    reactor.callWhenRunning(top.startService)
+    reactor.addSystemEventTrigger("before", "shutdown", top.stopService)
+    reactor.callWhenRunning(_handle_signals, reactor, top)
+    reactor.run(installSignalHandlers=True)
+    return top.exit_code
+
+
+def _handle_signals(reactor, top: MeshdService) -> None:
+    """SIGTERM/SIGINT: clean stop (Twisted's default).  SIGHUP: reload."""
+
+    def on_hup(signum, frame):
+        reactor.callFromThread(_reload, top)
+
+    signal.signal(signal.SIGHUP, on_hup)
+
+
+def _reload(top: MeshdService) -> None:
+    log.info("SIGHUP: reloading")
+    if top.node is not None and hasattr(top.node, "reload"):
+        top.node.reload()
