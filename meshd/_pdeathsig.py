@@ -15,7 +15,9 @@ the child between fork and the real binary.  It
    child in order;
 4. replaces itself with ``BINARY`` (same pid, so meshd's pid is the real one).
 
-It uses only the standard library and is run by path, not as ``-m``, so it
+The kernel sends the signal when the *thread* that forked the child ends, so
+children must be spawned from the reactor (main) thread, as Twisted requires
+anyway.  It uses only the standard library and is run by path, not as ``-m``, so it
 works whether or not meshd is importable from the child's working directory.
 """
 

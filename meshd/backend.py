@@ -31,6 +31,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
+import re
 import shutil
 import signal
 import socket
@@ -239,13 +240,25 @@ def describe_exit(reason: Failure) -> str:
     return f"exited with code {code}"
 
 
+# llama.cpp's log lines: "0.00.965.879 I srv  llama_server: model loaded"
+_LLAMA_LEVEL = re.compile(r"^\d+\.\d+\.\d+\.\d+ ([DIWE]) ")
+
+
 def _line_level(text: str) -> int:
-    """Operators want llama.cpp's problems, not its load chatter, at the default level."""
+    """Operators want llama.cpp's problems, not its load chatter, at the default level.
+
+    llama.cpp's own level letter decides when the line has one (W and E become
+    warnings: meshd, not llama.cpp, decides what is an error for the node);
+    otherwise the words in the line do.
+    """
     lower = text.lower()
+    if "model loaded" in lower or "listening on" in lower:
+        return logging.INFO
+    marked = _LLAMA_LEVEL.match(text)
+    if marked:
+        return logging.WARNING if marked.group(1) in "WE" else logging.DEBUG
     if "error" in lower or "failed" in lower or "fatal" in lower or "warn" in lower:
         return logging.WARNING
-    if "listening on" in lower or "model loaded" in lower:
-        return logging.INFO
     return logging.DEBUG
 
 

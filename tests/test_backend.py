@@ -372,6 +372,21 @@ def test_child_output_is_logged_by_line_with_a_prefix(caplog):
     ]
 
 
+@pytest.mark.parametrize("line, level", [
+    ("0.00.965.879 I srv  llama_server: model loaded", logging.INFO),
+    ("0.00.965.902 I srv  llama_server: listening on http://127.0.0.1:5", logging.INFO),
+    ("0.00.002.354 I srv  load_model: loading model 'x.gguf'", logging.DEBUG),
+    ("0.00.002.354 W srv  llama_server: security: no API key is set", logging.WARNING),
+    ("0.00.002.354 E srv  load_model: failed to load model", logging.WARNING),
+    ("0.00.002.354 I   - kv  12: tokenizer.ggml.unknown_token_id u32 = 3 (error-free)",
+     logging.DEBUG),
+    ("ggml_abort: fatal error", logging.WARNING),
+    ("main: starting the main loop...", logging.DEBUG),
+])
+def test_llama_output_level_follows_its_level_letter_else_its_words(line, level):
+    assert backend._line_level(line) == level
+
+
 def test_a_line_without_end_is_cut_at_max_line_bytes(caplog):
     caplog.set_level(logging.DEBUG, logger="meshd.backend.output")
     h = Harness()

@@ -6,6 +6,7 @@ waits give up with a message instead of hanging.
 
 from __future__ import annotations
 
+import logging
 import os
 import signal
 import subprocess
@@ -162,6 +163,44 @@ def test_rpc_server_is_ready_when_its_loopback_port_accepts(llama_bin_dir):
         assert not alive(pid)
     finally:
         kill_if_alive(pid or server.pid)
+
+
+@pytest_twisted.inlineCallbacks
+def test_llama_server_splits_onto_a_supervised_rpc_server(llama_bin_dir, gemma_model_path,
+                                                         caplog):
+    """--rpc/--tensor-split reach llama-server, and the readiness probe leaves rpc-server usable."""
+    from twisted.internet import reactor
+
+    caplog.set_level(logging.DEBUG, logger="meshd.backend.output")
+    rpc = RpcServer(name="worker", llama=LLAMA, bin_dir=llama_bin_dir, reactor=reactor)
+    rpc.start()
+    pids = []
+    server = None
+    try:
+        yield until_state(rpc, {"ready"}, 30)
+        pids.append(rpc.pid)
+        server = LlamaServer(name=MODEL_NAME, model_path=gemma_model_path, llama=LLAMA,
+                             bin_dir=llama_bin_dir, reactor=reactor,
+                             rpc_workers=[f"127.0.0.1:{rpc.port}"], tensor_split=[0.5, 0.5])
+        server.start()
+        yield until_state(server, {"ready"}, READY_WITHIN_S)
+        pids.append(server.pid)
+        response = yield treq.post(
+            f"http://127.0.0.1:{server.port}/v1/completions",
+            json={"prompt": "Hello", "max_tokens": 4}, timeout=60,
+        )
+        assert response.code == 200
+        body = yield response.json()
+        assert body["choices"][0]["text"]
+        accepted = [r for r in caplog.records
+                    if r.getMessage() == "rpc-server[worker]: Accepted client connection"]
+        assert len(accepted) >= 2  # the probe's, then llama-server's
+    finally:
+        if server is not None:
+            yield server.stop()
+        yield rpc.stop()
+        for pid in pids:
+            kill_if_alive(pid)
 
 
 # -- no orphans: the pdeathsig wrapper ------------------------------------------
