@@ -120,9 +120,18 @@ class MeshdService(service.MultiService):
         serving = self._resolve_models()
         if serving is not None:
             name, path, size = serving
-            bin_dir = backend.find_bin_dir(cfg.llama)
+            try:
+                bin_dir = backend.find_bin_dir(cfg.llama)
+            except backend.BackendError as e:
+                raise StartupError(str(e)) from None
+            visible = report.cuda_visible_devices()
             server = backend.LlamaServer(
-                name=name, model_path=path, llama=cfg.llama, bin_dir=bin_dir, reactor=self.reactor
+                name=name,
+                model_path=path,
+                llama=cfg.llama,
+                bin_dir=bin_dir,
+                reactor=self.reactor,
+                extra_env={"CUDA_VISIBLE_DEVICES": visible} if visible is not None else None,
             )
             self.node.add_served(nodemod.ServedModel(name, path, size, server))
             server.add_listener(lambda state, n=name: self._backend_state(n, state))
