@@ -49,6 +49,7 @@ class FrameType(enum.IntEnum):
     MEMBERS = 7  # digest of nodes the sender is connected to (JSON)
     PEER_DOWN = 8  # "I found X dead" (JSON {"node_id", "incarnation", "reason"})
     LEAVING = 9  # "I am leaving the mesh" (JSON {"incarnation"})
+    READY = 10  # client -> server after HELLOs: "your HELLO checks out", empty
 
 
 class FrameError(Exception):
@@ -79,9 +80,13 @@ def encode(frame_type: int, payload: bytes = b"", *, max_frame_bytes: int = DEFA
     return HEADER.pack(length, frame_type) + payload
 
 
+def dump_json(body: dict[str, Any]) -> bytes:
+    """A JSON payload, compact (an idle mesh's bytes matter)."""
+    return json.dumps(body, separators=(",", ":"), sort_keys=True).encode()
+
+
 def encode_json(frame_type: int, body: dict[str, Any], *, max_frame_bytes: int = DEFAULT_MAX_FRAME_BYTES) -> bytes:
-    payload = json.dumps(body, separators=(",", ":"), sort_keys=True).encode()
-    return encode(frame_type, payload, max_frame_bytes=max_frame_bytes)
+    return encode(frame_type, dump_json(body), max_frame_bytes=max_frame_bytes)
 
 
 def decode_json(payload: bytes) -> dict[str, Any]:
