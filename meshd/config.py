@@ -56,6 +56,10 @@ class MeshConfig:
     rejoin_s: float = 60.0
     refresh_s: float = 30.0
     max_frame_bytes: int = 1024 * 1024
+    # a PEER_DOWN report is checked by probing the peer ourselves; no answer within this long confirms it
+    verify_timeout_s: float = 2.0
+    # dialling a peer: TCP connect, TLS handshake and HELLO must finish within this long
+    connect_timeout_s: float = 5.0
 
 
 @dataclass(frozen=True)
@@ -293,6 +297,7 @@ def validate(config: Config) -> list[str]:
     positive = [
         ("mesh", "heartbeat_s"), ("mesh", "heartbeat_timeout_s"), ("mesh", "rejoin_s"),
         ("mesh", "refresh_s"), ("mesh", "max_frame_bytes"), ("api", "max_body_bytes"),
+        ("mesh", "verify_timeout_s"), ("mesh", "connect_timeout_s"),
         ("llama", "ctx_size"), ("llama", "load_timeout_s"), ("llama", "stop_timeout_s"),
         ("llama", "restart_min_s"), ("llama", "restart_max_s"), ("llama", "restart_reset_s"),
         ("llama", "health_interval_s"), ("llama", "health_timeout_s"),
