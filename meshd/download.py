@@ -48,6 +48,7 @@ files for the next start.
 from __future__ import annotations
 
 import argparse
+import errno
 import hashlib
 import json
 import logging
@@ -75,7 +76,7 @@ GB = 1024**3
 FIT_FACTOR = 1.1
 # progress log lines: at every PROGRESS_LOG_STEP of the total, or every PROGRESS_LOG_S
 PROGRESS_LOG_STEP = 0.10
-PROGRESS_LOG_S = 10.0
+PROGRESS_LOG_S = 5.0
 # refusals kept for status
 MAX_REFUSED = 20
 PARTIAL_SUFFIX = ".part"
@@ -365,7 +366,7 @@ class _Sink:
 
     def write(self, chunk: bytes) -> int:
         if self.cancelled.is_set():
-            raise DownloadCancelled("cancelled")
+            raise DownloadCancelled("meshd is stopping")
         n = self.f.write(chunk)
         self.f.flush()
         if self.hasher is not None:
@@ -435,12 +436,14 @@ def _fsync_dir(path: str) -> None:
 def _place(partial: str, target: str) -> None:
     """Put ``partial`` at ``target`` in one step, never over an existing file."""
     os.chmod(partial, 0o644)
+    with open(partial, "rb") as f:
+        os.fsync(f.fileno())  # the bytes are on disk before the name is
     try:
         os.link(partial, target)
     except FileExistsError:
         raise DownloadError(f"{target} already exists; not replacing it") from None
     except OSError as e:
-        if e.errno not in (18, 1, 95):  # EXDEV, EPERM (no hard links), EOPNOTSUPP
+        if e.errno not in (errno.EXDEV, errno.EPERM, errno.EOPNOTSUPP):  # no hard link here
             raise
         tmp = os.path.join(os.path.dirname(target), f".{os.path.basename(target)}{COPY_SUFFIX}")
         shutil.copyfile(partial, tmp)
@@ -581,7 +584,7 @@ class _Job:
                 raise
             except Exception as e:  # noqa: BLE001 - mapped to one line for the operator
                 if self.cancelled.is_set():
-                    raise DownloadCancelled(f"{name}: cancelled; {_mb(sink.done)} kept for resume") from None
+                    raise DownloadCancelled(f"{name}: stopped; {_mb(sink.done)} kept for resume") from None
                 raise _hub_error(rf, _endpoint(), e) from None
             hasher = sink.hasher
         size = os.path.getsize(partial)
@@ -751,6 +754,9 @@ class Downloader:
         if isinstance(result, Failure):
             if result.check(DownloadRefused):
                 pass  # already recorded and logged by the gate / disk check
+            elif result.check(DownloadCancelled):
+                self.downloads.finish(name)
+                log.info("download %s: stopped; the partial file is kept for the next start", name)
             elif result.check(DownloadError):
                 self.downloads.fail(name, str(result.value))
                 log.warning("download %s failed: %s", name, result.value)

@@ -110,7 +110,8 @@ class LocalHub:
         self._next.setdefault(file, []).append(("cut", after_bytes))
 
     def hold_next_get(self, file: str, after_bytes: int) -> tuple[threading.Event, threading.Event]:
-        """A GET of ``file`` sends up to byte ``after_bytes``, then waits; returns (reached, release)."""
+        """A GET of ``file`` sends up to byte ``after_bytes``, then waits for ``release`` before
+        sending the rest; returns (reached, release)."""
         reached, release = threading.Event(), threading.Event()
         self._next.setdefault(file, []).append(("hold", after_bytes, reached, release))
         return reached, release
@@ -242,8 +243,10 @@ class LocalHub:
                 h.wfile.write(body[: max(after - start, 0)])
                 h.wfile.flush()
                 reached.set()
-                release.wait(HOLD_MAX_S)
-                self._drop(h)
+                if release.wait(HOLD_MAX_S):
+                    h.wfile.write(body[max(after - start, 0):])
+                else:
+                    self._drop(h)
             else:
                 h.wfile.write(body)
         except (BrokenPipeError, ConnectionResetError):

@@ -15,6 +15,7 @@ import random
 import signal
 import subprocess
 import sys
+import tempfile
 from collections import namedtuple
 from pathlib import Path
 
@@ -27,10 +28,12 @@ from meshd.catalog import parse_catalog
 from meshd.config import Config
 from meshd.download import (
     GB,
+    DownloadCancelled,
     Downloader,
     DownloadError,
     DownloadRefused,
     Downloads,
+    _place,
     allow_download,
     check_disk,
 )
@@ -449,3 +452,62 @@ def test_offline_mode_never_touches_the_network(hub, tmp_path, monkeypatch):
     with pytest.raises(DownloadError, match="HF_HUB_OFFLINE is set"):
         yield dl.download(f"hf:{REPO}/{FILE}")
     assert hub.requests() == []
+
+
+def test_command_line_refusal_exits_3_with_the_reason(hub, tmp_path):
+    hub.add(REPO, FILE, gguf_bytes())
+    catalog = tmp_path / "catalog.toml"
+    catalog.write_text(f'[models.big]\nrepo = "{REPO}"\nfile = "{FILE}"\nsize_bytes = {2000 * GB}\n')
+    proc = run_cli(tmp_path, hub, "--catalog", str(catalog), "big")
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 3
+    assert err.strip().splitlines()[-1] == (
+        "model 2000.0 GB needs 2200.0 GB, node has 1000.0 GB: not downloading")
+    assert hub.requests() == []
+
+
+@pytest_twisted.inlineCallbacks
+def test_cancel_all_stops_a_transfer_and_keeps_its_bytes_for_the_next_start(hub, tmp_path):
+    data = big_gguf()
+    hub.add(REPO, FILE, data)
+    _, release = hub.hold_next_get(FILE, 11 * MiB)
+    dl = make_downloader(tmp_path, catalog_for())
+
+    def on_change(name):
+        rows = dl.downloads.to_status()
+        if rows and rows[0]["bytes"] > 0 and not release.is_set():
+            dl.cancel_all()
+            release.set()  # the next chunk arrives and meets the cancel
+
+    dl.downloads.listeners.append(on_change)
+    with pytest.raises(DownloadCancelled):
+        yield dl.download(f"hf:{REPO}/{FILE}")
+    assert dl.downloads.to_status() == [] and dl.downloads.failed_status() == []
+    kept = [p.stat().st_size for p in (tmp_path / "partial").glob("*.part")]
+    assert len(kept) == 1 and 0 < kept[0] < len(data)
+    assert files_in(tmp_path / "models") == []
+
+
+def test_placing_across_file_systems_copies_then_renames(tmp_path):
+    shm = Path("/dev/shm")
+    if not shm.is_dir() or shm.stat().st_dev == tmp_path.stat().st_dev:
+        pytest.skip("needs /dev/shm on another file system than the test's tmp dir")
+    partial = Path(tempfile.mkstemp(dir=shm, suffix=".part")[1])
+    partial.write_bytes(b"GGUF model bytes")
+    target = tmp_path / "m.gguf"
+    try:
+        _place(str(partial), str(target))
+    finally:
+        partial.unlink(missing_ok=True)
+    assert target.read_bytes() == b"GGUF model bytes"
+    assert not partial.exists()
+    assert os.listdir(tmp_path) == ["m.gguf"]
+
+
+def test_placing_never_replaces_an_existing_model(tmp_path):
+    partial = tmp_path / "x.part"
+    partial.write_bytes(b"new")
+    (tmp_path / "m.gguf").write_bytes(b"old")
+    with pytest.raises(DownloadError, match="already exists"):
+        _place(str(partial), str(tmp_path / "m.gguf"))
+    assert (tmp_path / "m.gguf").read_bytes() == b"old"
