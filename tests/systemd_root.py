@@ -23,6 +23,9 @@ CACHE = Path(os.environ.get("MESHD_TEST_CACHE", "/var/cache/meshd-test"))
 ROOTFS = CACHE / "rootfs-bookworm"
 # written last by make_rootfs: its presence means the root is complete
 MARKER = ".meshd-test-complete"
+# what the recipe's root lacks and the package needs (procps: /bin/kill for ExecReload)
+EXTRA_PACKAGES = ("procps",)
+CLEAN_ENV = ["PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin", "LANG=C.UTF-8"]
 
 
 class Unavailable(Exception):
@@ -53,12 +56,17 @@ def check_available() -> None:
 def ensure_rootfs(log=print) -> Path:
     """The cached root, made now when missing or incomplete."""
     check_available()
-    if (ROOTFS / MARKER).exists():
+    if _complete(ROOTFS):
         return ROOTFS
     CACHE.mkdir(parents=True, exist_ok=True)
     with open(CACHE / ".lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
+        if _complete(ROOTFS):
+            return ROOTFS
         if (ROOTFS / MARKER).exists():
+            # made by an older version of this helper: add what is missing
+            _install_extras(ROOTFS)
+            _mark(ROOTFS)
             return ROOTFS
         _ensure_debootstrap()
         building = CACHE / f"rootfs-bookworm.building-{os.getpid()}"
@@ -75,10 +83,37 @@ def ensure_rootfs(log=print) -> Path:
             shutil.rmtree(building, ignore_errors=True)
             tail = "\n".join((result.stdout + result.stderr).splitlines()[-20:])
             raise RuntimeError(f"making the root failed (exit {result.returncode}):\n{tail}")
-        (building / MARKER).write_text(time.strftime("%Y-%m-%dT%H:%M:%S\n"))
+        _install_extras(building)
+        _mark(building)
         building.rename(ROOTFS)
         log(f"made {ROOTFS} in {time.monotonic() - started:.0f} s")
     return ROOTFS
+
+
+def _complete(root: Path) -> bool:
+    try:
+        text = (root / MARKER).read_text()
+    except OSError:
+        return False
+    return f"extras: {' '.join(EXTRA_PACKAGES)}" in text
+
+
+def _mark(root: Path) -> None:
+    stamp = time.strftime("%Y-%m-%dT%H:%M:%S")
+    (root / MARKER).write_text(f"made: {stamp}\nextras: {' '.join(EXTRA_PACKAGES)}\n")
+
+
+def _install_extras(root: Path) -> None:
+    """apt-get install EXTRA_PACKAGES in a chroot, from the lists debootstrap left."""
+    env = ["env", "-i", *CLEAN_ENV, "DEBIAN_FRONTEND=noninteractive"]
+    cmd = ["chroot", str(root), *env, "apt-get", "install", "-y", "-qq", "--no-install-recommends"]
+    result = subprocess.run([*cmd, *EXTRA_PACKAGES], capture_output=True, text=True)
+    if result.returncode != 0:
+        subprocess.run(["chroot", str(root), *env, "apt-get", "update", "-qq"], capture_output=True)
+        result = subprocess.run([*cmd, *EXTRA_PACKAGES], capture_output=True, text=True)
+    if result.returncode != 0:
+        tail = "\n".join((result.stdout + result.stderr).splitlines()[-10:])
+        raise RuntimeError(f"installing {', '.join(EXTRA_PACKAGES)} into {root} failed:\n{tail}")
 
 
 class BootedSystemd:
@@ -89,6 +124,10 @@ class BootedSystemd:
         self.pid: int | None = None
 
     def boot(self, timeout_s: float = 60.0) -> int:
+        # a namespace has no consoles: without this mask boot waits 90 s for /dev/ttyS0
+        mask = self.root / "etc" / "systemd" / "system" / "getty.target"
+        if not mask.is_symlink():
+            mask.symlink_to("/dev/null")
         out = subprocess.run(
             ["bash", str(RECIPE), "boot", str(self.root)],
             capture_output=True,
@@ -104,8 +143,9 @@ class BootedSystemd:
         self, *cmd: str, timeout_s: float = 60.0, check: bool = False
     ) -> subprocess.CompletedProcess:
         assert self.pid is not None, "boot() first"
+        # a clean environment: the host's PATH, PYTHONPATH or MESHD_CONFIG mean nothing inside
         return subprocess.run(
-            ["bash", str(RECIPE), "run", str(self.pid), *cmd],
+            ["bash", str(RECIPE), "run", str(self.pid), "env", "-i", *CLEAN_ENV, *cmd],
             capture_output=True,
             text=True,
             timeout=timeout_s,

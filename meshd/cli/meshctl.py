@@ -142,10 +142,9 @@ def request(
     if response.status == 409:
         raise Fail(f"refused: {reason}", EXIT_REFUSED)
     if response.status in (404, 405, 501):
-        raise Fail(
-            f"this meshd does not support {endpoint.split('?')[0].lstrip('/')} ({reason})",
-            EXIT_REFUSED,
-        )
+        what = endpoint.split("?")[0].strip("/").replace("/", " ")
+        detail = "" if response.status == 501 else f" (HTTP {response.status})"
+        raise Fail(f"this meshd does not support {what}{detail}", EXIT_REFUSED)
     if response.status == 400:
         raise Fail(f"bad request: {reason}", EXIT_USAGE)
     raise Fail(f"meshd failed: {reason}", EXIT_UNREACHABLE)
