@@ -129,6 +129,19 @@ def test_refused_from_a_failed_deferred_becomes_409():
     assert (code, body) == (409, {"error": "token expired"})
 
 
+def test_join_token_is_never_logged(caplog):
+    caplog.set_level("INFO", logger="meshd.control")
+    call(client(FakeNode()), "POST", "/join", {"token": "meshd1:SECRET"})
+    assert "join requested" in caplog.text
+    assert "SECRET" not in caplog.text
+
+
+def test_drop_logs_the_model_name(caplog):
+    caplog.set_level("INFO", logger="meshd.control")
+    call(client(FakeNode()), "POST", "/drop", {"model": "gemma"})
+    assert "drop requested (gemma)" in caplog.text
+
+
 def test_method_the_node_lacks_answers_501():
     code, body = call(client(FakeNode()), "POST", "/download", {"name": "gemma"})
     assert code == 501
