@@ -1,6 +1,6 @@
 """Downloading models from Hugging Face: gated on fit and disk, resumable, verified, atomic.
 
-Public entry: ``Downloader(config, reactor=..., vram_bytes=...).download(entry)``
+Public entry: ``Downloader(config, reactor=..., gate=...).download(entry)``
 returns a Deferred that fires with the ``LocalModel`` placed in the models
 directory, or fails with ``DownloadRefused`` (the gate or the disk said no;
 nothing was requested from the hub) or ``DownloadError`` (the hub or the file
@@ -12,11 +12,13 @@ refusals.  ``python -m meshd.download NAME`` runs one download from a shell.
 
 The order of things, and why:
 
-1. **Gate first.**  ``allow_download(size, vram, split_peers)`` (VRAM must be
-   at least size x 1.1, unless peers will share the model in a split) runs
-   before any request for the file, at exactly one call site
-   (``Downloader._gate``), so the plugin issue can turn it into the
-   ``meshd_allow_download`` hook.  Catalog models carry their size, so a model
+1. **Gate first.**  The download decision (VRAM must be at least size x 1.1,
+   unless peers will share the model in a split) runs before any request for
+   the file, at exactly one call site (``Downloader._gate``), which calls the
+   ``gate`` the daemon hands in: ``meshd.placement.allow_download``, i.e. the
+   ``meshd_allow_download`` hook.  Without one, the built-in
+   ``allow_download(size, vram, split_peers)`` below decides on
+   ``vram_bytes()``.  Catalog models carry their size, so a model
    that cannot fit is never asked for; for an ``hf:`` entry the size is only
    known from the hub's HEAD answer, so the gate runs after the HEAD and before
    the GET.  ``[models] min_free_gb`` is checked at the same point.
@@ -640,9 +642,13 @@ def _host(url: str) -> str:
 class Downloader:
     """Fetches catalog / ``hf:`` models into the models directory, one job per model.
 
-    ``vram_bytes`` is called at decision time (the GPU module's current
-    figure).  ``gate`` is the one place the download decision is made (the
-    plugin issue passes the ``meshd_allow_download`` hook here).
+    ``gate(model, size_bytes, split_peers_available)`` makes the download
+    decision and returns something with ``.allowed`` and ``.reason`` (a
+    ``Decision``, or ``meshd.placement.DownloadDecision``): the daemon passes
+    a closure over ``placement.allow_download`` with its node view, mesh view
+    and policy manager.  Without a gate, the built-in ``allow_download``
+    decides on ``vram_bytes()``, called at decision time (the GPU module's
+    current figure).
     ``disk_usage`` is a test seam (``shutil.disk_usage``).
     """
 
@@ -651,12 +657,12 @@ class Downloader:
         config: Config,
         *,
         reactor: Any,
-        vram_bytes: Callable[[], int],
+        vram_bytes: Callable[[], int] | None = None,
         models_dir: str | None = None,
         cache_dir: str | None = None,
         catalog: Catalog | None = None,
         downloads: Downloads | None = None,
-        gate: Callable[[int, int, bool], Decision] = allow_download,
+        gate: Callable[[str, int, bool], Any] | None = None,
         token: str | None = None,
         disk_usage: Callable[[str], Any] = shutil.disk_usage,
     ):
@@ -667,14 +673,22 @@ class Downloader:
         self.cache_dir = os.path.abspath(cache_dir or os.path.join(config.node.state_dir, "downloads"))
         self.catalog = catalog if catalog is not None else load_catalog()
         self.downloads = downloads if downloads is not None else Downloads(clock=reactor)
+        if gate is None:
+            if vram_bytes is None:
+                raise ValueError("Downloader needs a gate or vram_bytes")
+            gate = self._built_in_gate
         self.gate = gate
         self.token = token
         self.disk_usage = disk_usage
         self._jobs: dict[str, tuple[_Job, list[defer.Deferred[LocalModel]]]] = {}
 
+    def _built_in_gate(self, name: str, size_bytes: int, split_peers_available: bool) -> Decision:
+        assert self.vram_bytes is not None
+        return allow_download(size_bytes, self.vram_bytes(), split_peers_available)
+
     # the one call site of the download decision
     def _gate(self, name: str, size_bytes: int, split_peers_available: bool) -> None:
-        decision = self.gate(size_bytes, self.vram_bytes(), split_peers_available)
+        decision = self.gate(name, size_bytes, split_peers_available)
         if not decision.allowed:
             self.downloads.refuse(name, size_bytes, decision.reason)
             log.warning("download %s refused: %s", name, decision.reason)

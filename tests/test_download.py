@@ -28,6 +28,7 @@ from meshd.catalog import parse_catalog
 from meshd.config import Config
 from meshd.download import (
     GB,
+    Decision,
     DownloadCancelled,
     Downloader,
     DownloadError,
@@ -343,6 +344,24 @@ def test_model_too_big_is_downloaded_when_split_peers_share_it(hub, tmp_path):
                                                      "size_bytes": len(data)}), vram=1)
     model = yield dl.download("tiny", split_peers_available=True)
     assert Path(model.path).read_bytes() == data
+
+
+@pytest_twisted.inlineCallbacks
+def test_the_gate_handed_in_decides_and_is_asked_with_model_size_and_split(hub, tmp_path):
+    hub.add(REPO, FILE, gguf_bytes())
+    asked = []
+
+    def gate(model, size_bytes, split_peers_available):
+        asked.append((model, size_bytes, split_peers_available))
+        return Decision(False, "plugin says no")
+
+    dl = Downloader(Config(), reactor=reactor, gate=gate, catalog=catalog_for(
+        tiny={"repo": REPO, "file": FILE, "size_bytes": 1234}),
+        models_dir=str(tmp_path / "models"), cache_dir=str(tmp_path / "partial"))
+    with pytest.raises(DownloadRefused, match="plugin says no"):
+        yield dl.download("tiny", split_peers_available=True)
+    assert asked == [("tiny", 1234, True)]
+    assert hub.requests() == []
 
 
 @pytest_twisted.inlineCallbacks
