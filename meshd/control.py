@@ -72,7 +72,7 @@ class ControlTarget(Protocol):
 
     def peers(self) -> list[dict[str, Any]]: ...
 
-    def models(self, catalog: bool) -> dict[str, Any]: ...
+    def model_table(self, catalog: bool) -> dict[str, Any]: ...
 
     def gpus(self) -> dict[str, Any]: ...
 
@@ -123,7 +123,7 @@ ROUTES: dict[tuple[bytes, str], Callable[[dict, dict], Call]] = {
     (b"GET", "status"): lambda q, b: ("status", (), {}),
     (b"GET", "peers"): lambda q, b: ("peers", (), {}),
     (b"GET", "gpus"): lambda q, b: ("gpus", (), {}),
-    (b"GET", "models"): lambda q, b: ("models", (), {"catalog": _flag(q, "catalog")}),
+    (b"GET", "models"): lambda q, b: ("model_table", (), {"catalog": _flag(q, "catalog")}),
     (b"POST", "leave"): lambda q, b: ("leave", (), {}),
     (b"POST", "reload"): lambda q, b: ("reload", (), {}),
     (b"POST", "drop"): lambda q, b: ("drop", (_string(b, "model"),), {}),

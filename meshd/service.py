@@ -186,7 +186,7 @@ class MeshdService(service.MultiService):
         try:
             self._control_port = await listen_control(path, self.node, reactor=self.reactor)
         except Exception as e:
-            raise StartupError(f"[node] control_socket {path}: {_reason(e)}") from None
+            raise StartupError(f"[node] control_socket: {_reason(e)}") from None
         log.info("control socket on %s", path)
 
     async def _listen_api(self) -> None:

@@ -48,7 +48,7 @@ class FakeNode:
     def peers(self):
         return [{"node_id": "p1"}]
 
-    def models(self, catalog):
+    def model_table(self, catalog):
         self.calls.append(("models", catalog))
         return {"mesh": [], "catalog": [] if catalog else None}
 

@@ -67,7 +67,7 @@ class FakeNode:
     def peers(self):
         return STATUS["peers"]
 
-    def models(self, catalog):
+    def model_table(self, catalog):
         self.calls.append(("models", catalog))
         return {"models": STATUS["models"]}
 
