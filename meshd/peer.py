@@ -289,6 +289,7 @@ class PeerProtocol(protocol.Protocol):
         self._probes: dict[int, defer.Deferred[float | None]] = {}
         self._raw: Callable[[bytes], None] | None = None
         self._pinging = False
+        self.session_id = b""
 
     # -- what others read ------------------------------------------------------
 
@@ -346,6 +347,7 @@ class PeerProtocol(protocol.Protocol):
             return
         self._move(PeerState.HELLO)
         self.peer_cert = self.transport.getHandle().get_peer_certificate(as_cryptography=True)
+        self.session_id = self._ekm()[:8]  # the same on both ends: a shared tie-breaker
         if self.client is not None:
             self._send_hello(self.client.mesh_id, self.client.key, b"client",
                              auth="token" if self.client.token_id else "mesh",
