@@ -336,10 +336,6 @@ class MeshService(service.Service):
             def failed(f: Failure) -> None:
                 reason = f.value.reason if f.check(PeerClosed) else f.getErrorMessage()
                 tried.append(f"{addrs[i]} ({reason})")
-                # a refusal from the right node is final; another address will say the same
-                if reason.startswith(("peer closed", "refused:")):
-                    result.errback(JoinFailed("; ".join(tried)))
-                    return
                 attempt(i + 1)
 
             d.addCallbacks(result.callback, failed)
@@ -354,7 +350,7 @@ class MeshService(service.Service):
             return
         self._dialing.add(node_id)
         auth = ClientAuth(self.mesh.mesh_id, self.mesh.secret, expect_node_id=node_id)
-        d = self._dial_addrs(list(addrs), auth)
+        d = self._dial_addrs(dial_order(addrs), auth)
 
         def done(result: Any) -> None:
             self._dialing.discard(node_id)
@@ -771,6 +767,19 @@ def host_addresses() -> list[str]:
         pass
     return sorted(set(v4), key=lambda a: (is_loopback(a), a)) + sorted(
         set(v6), key=lambda a: (is_loopback(a), a))
+
+
+def dial_order(addrs: tuple[str, ...] | list[str]) -> list[str]:
+    """A peer's addresses to try: its loopback ones only when it has no other
+    (another host's loopback address is our own host)."""
+    def loop(a: str) -> bool:
+        try:
+            return is_loopback(parse_address(a)[0])
+        except ValueError:
+            return False
+
+    others = [a for a in addrs if not loop(a)]
+    return others or list(addrs)
 
 
 def advertise_addresses(configured: list[str], listen_host: str, port: int) -> list[str]:
