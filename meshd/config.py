@@ -68,6 +68,9 @@ class ApiConfig:
     api_key: str = ""
     max_body_bytes: int = 16 * 1024 * 1024
     drain_s: float = 30.0
+    # an upstream (llama-server, tunnel) that does not accept the connection
+    # within this long counts as unreachable: the request fails over
+    connect_timeout_s: float = 10.0
 
 
 @dataclass(frozen=True)
@@ -298,6 +301,7 @@ def validate(config: Config) -> list[str]:
         ("mesh", "heartbeat_s"), ("mesh", "heartbeat_timeout_s"), ("mesh", "rejoin_s"),
         ("mesh", "refresh_s"), ("mesh", "max_frame_bytes"), ("api", "max_body_bytes"),
         ("mesh", "verify_timeout_s"), ("mesh", "connect_timeout_s"),
+        ("api", "connect_timeout_s"),
         ("llama", "ctx_size"), ("llama", "load_timeout_s"), ("llama", "stop_timeout_s"),
         ("llama", "restart_min_s"), ("llama", "restart_max_s"), ("llama", "restart_reset_s"),
         ("llama", "health_interval_s"), ("llama", "health_timeout_s"),

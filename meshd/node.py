@@ -16,6 +16,7 @@ from twisted.internet import defer
 
 from meshd import routing
 from meshd.config import Config
+from meshd.snapshot import MeshView, ModelFile, NodeView
 
 log = logging.getLogger("meshd.node")
 
@@ -68,9 +69,10 @@ class Node:
         self.served: dict[str, ServedModel] = {}
         self.wanted: list[str] = []
         self.in_flight: dict[str, int] = {}
-        self.mesh = None
-        self.downloads = None
-        self.scan = None
+        self.mesh = None  # meshd.mesh.MeshService
+        self.policy = None  # meshd.plugins.PolicyManager
+        self.downloader = None  # meshd.download.Downloader
+        self.scan = None  # meshd.models.ScanResult
         self._shutdown = shutdown or (lambda: None)
 
     # -- what we serve ------------------------------------------------------
@@ -97,6 +99,45 @@ class Node:
     @property
     def serving(self) -> str | None:
         return next(iter(self.served), None)
+
+    # -- views for placement --------------------------------------------------
+
+    def node_view(self) -> NodeView:
+        scan = self.scan
+        return NodeView(
+            node_id=self.node_id,
+            role=self.role,
+            vram_bytes=self.vram_bytes,
+            serving=tuple(self.served),
+            available_models=tuple(
+                ModelFile(m.name, m.size_bytes) for m in (scan.models.values() if scan else ())
+            ),
+            requested_models=tuple(self.wanted),
+            rtt_ms=0.0,
+            load=sum(self.in_flight.values()),
+        )
+
+    def mesh_view(self) -> MeshView:
+        nodes = [self.node_view()]
+        if self.mesh is not None:
+            for p in self.mesh.peers():
+                nodes.append(
+                    NodeView(
+                        node_id=p.node_id,
+                        role=p.role,
+                        vram_bytes=p.vram_bytes,
+                        serving=tuple(p.serving),
+                        available_models=tuple(
+                            ModelFile(m["name"], m["size_bytes"]) for m in p.available_models
+                        ),
+                        requested_models=tuple(p.requested_models),
+                        rtt_ms=p.rtt_ms,
+                        addrs=tuple(p.addrs),
+                    )
+                )
+        return MeshView(
+            self_id=self.node_id, nodes=tuple(nodes), max_rtt_ms=self.config.models.max_rtt_ms
+        )
 
     # -- routing.Router -------------------------------------------------------
 
@@ -180,11 +221,56 @@ class Node:
             "peers": self.mesh.status_peers() if self.mesh is not None else [],
             "passive": {"clients": 0, "standby": 0},
             "models": self.model_status(),
-            "downloads": self.downloads.to_status() if self.downloads is not None else [],
+            "downloads": self.downloader.downloads.to_status() if self.downloader else [],
         }
 
     def peers(self) -> list[dict[str, Any]]:
         return self.status()["peers"]
+
+    def model_table(self, catalog: bool = False) -> dict[str, Any]:
+        """``meshctl models``: the mesh's models, what is on this disk, and the catalog."""
+        from meshd.catalog import catalog_listing, load_catalog
+
+        scan = self.scan
+        table: dict[str, Any] = {
+            "mesh": self.model_status(),
+            "disk": [m.to_dict() for m in scan.models.values()] if scan else [],
+            "problems": list(scan.problems) if scan else [],
+        }
+        if catalog:
+            table["catalog"] = catalog_listing(load_catalog(), scan) if scan else []
+        return table
+
+    def download(self, name: str) -> dict[str, Any]:
+        """Start a download by hand; gated like any other.  Progress shows in status."""
+        from meshd.control import Refused
+
+        if self.downloader is None:
+            raise Refused("downloads are not available on this node")
+        d = self.downloader.download(name)
+        failure: list[Any] = []
+        d.addErrback(failure.append)
+        if failure:  # refused or unknown before any transfer began
+            raise Refused(failure[0].getErrorMessage())
+        d.addCallback(self._downloaded)
+        d.addErrback(lambda f: log.error("download of %s failed: %s", name, f.getErrorMessage()))
+        return {"name": name, "state": "downloading"}
+
+    def _downloaded(self, model: Any) -> None:
+        log.info("downloaded %s (%s)", model.name, model.path)
+        self.rescan()
+
+    def rescan(self) -> None:
+        """Scan the model directories again (after a download, on SIGHUP) and re-gossip."""
+        from meshd import models as modelsmod
+
+        self.scan = modelsmod.scan([self.config.node.models_dir, *self.config.models.extra_dirs])
+        if self.mesh is not None:
+            self.mesh.local_changed()
+
+    def reload(self) -> dict[str, Any]:
+        self.rescan()
+        return {"reloaded": True, "models_on_disk": len(self.scan.models)}
 
     def gpus(self) -> dict[str, Any]:
         if self.gpu_report is None:

@@ -46,6 +46,9 @@ def preflight(config: Config) -> list[str]:
             modelsmod.resolve(entry, scan, catalog)
         except modelsmod.ModelError as e:
             problems.append(f"[models] serve[{i}]: {e}")
+    from meshd import plugins
+
+    problems += plugins.check(config)
     return problems
 
 
@@ -86,7 +89,7 @@ class MeshdService(service.MultiService):
         self.shutdown()
 
     async def _start(self) -> None:
-        from meshd import backend, gpu
+        from meshd import gpu
         from meshd import node as nodemod
 
         cfg = self.config
@@ -117,33 +120,76 @@ class MeshdService(service.MultiService):
         )
 
         await self._listen_control()
-        serving = self._resolve_models()
-        if serving is not None:
-            name, path, size = serving
-            try:
-                bin_dir = backend.find_bin_dir(cfg.llama)
-            except backend.BackendError as e:
-                raise StartupError(str(e)) from None
-            visible = report.cuda_visible_devices()
-            server = backend.LlamaServer(
-                name=name,
-                model_path=path,
-                llama=cfg.llama,
-                bin_dir=bin_dir,
-                reactor=self.reactor,
-                extra_env={"CUDA_VISIBLE_DEVICES": visible} if visible is not None else None,
-            )
-            self.node.add_served(nodemod.ServedModel(name, path, size, server))
-            server.add_listener(lambda state, n=name: self._backend_state(n, state))
-            server.start()
+        self.node.policy = self._load_policy()
+        self.node.rescan()
+        for problem in self.node.scan.problems:
+            log.warning("models: %s", problem)
+        self.node.downloader = self._downloader()
+        first = self._resolve_models()
         await self._listen_api()
         self.node.state = "running"
-        if serving is not None:
-            self.notifier.status(f"loading {serving[0]}; API on {cfg.api.listen}")
-            await self.node.served[serving[0]].backend.when_ready()
-        self.notifier.ready()
-        self.notifier.status(self._status_line())
+        if first is not None and first.path is None:
+            # not on disk yet: the API answers 503 for it until the download is done
+            self.notifier.ready(f"downloading {first.name}; API on {cfg.api.listen}")
+            log.info("model %s is not on disk: downloading it", first.name)
+            model = await self.node.downloader.download(first.entry)
+            self.node.rescan()
+            self._serve(first.name, str(model.path), model.size_bytes)
+            await self.node.served[first.name].backend.when_ready()
+        elif first is not None:
+            self._serve(first.name, str(first.path), first.size_bytes or 0)
+            self.notifier.status(f"loading {first.name}; API on {cfg.api.listen}")
+            await self.node.served[first.name].backend.when_ready()
+        self.notifier.ready(self._status_line())
         log.info("ready: %s", self._status_line())
+
+    def _serve(self, name: str, path: str, size_bytes: int) -> None:
+        """Start a llama-server for ``name`` and publish it as served."""
+        from meshd import backend
+        from meshd import node as nodemod
+
+        try:
+            bin_dir = backend.find_bin_dir(self.config.llama)
+        except backend.BackendError as e:
+            raise StartupError(str(e)) from None
+        visible = self.node.gpu_report.cuda_visible_devices()
+        server = backend.LlamaServer(
+            name=name,
+            model_path=path,
+            llama=self.config.llama,
+            bin_dir=bin_dir,
+            reactor=self.reactor,
+            extra_env={"CUDA_VISIBLE_DEVICES": visible} if visible is not None else None,
+        )
+        self.node.add_served(nodemod.ServedModel(name, path, size_bytes, server))
+        server.add_listener(lambda state, n=name: self._backend_state(n, state))
+        server.start()
+
+    def _load_policy(self):
+        from meshd import plugins
+
+        try:
+            return plugins.load(self.config)
+        except plugins.PluginError as e:
+            raise StartupError("; ".join(e.problems)) from None
+
+    def _downloader(self):
+        from meshd import placement
+        from meshd.download import Downloader
+
+        node = self.node
+
+        def gate(model: str, size_bytes: int, split_peers_available: bool):
+            return placement.allow_download(
+                model,
+                size_bytes,
+                node.node_view(),
+                node.mesh_view(),
+                split_peers_available=split_peers_available,
+                policy=node.policy,
+            )
+
+        return Downloader(self.config, reactor=self.reactor, gate=gate)
 
     def _status_line(self) -> str:
         n = self.node
@@ -156,28 +202,21 @@ class MeshdService(service.MultiService):
         elif state in ("restarting", "failed"):
             self.notifier.status(f"{name}: llama-server {state}")
 
-    def _resolve_models(self) -> tuple[str, str, int] | None:
-        """The first ``[models] serve`` entry, resolved to a file on disk; the rest are wanted."""
+    def _resolve_models(self):
+        """The first ``[models] serve`` entry resolved (maybe still to download); the rest are wanted."""
         from meshd import models as modelsmod
         from meshd.catalog import load_catalog
 
         entries = self.config.models.serve
         if not entries or self.config.node.client:
             return None
-        scan = modelsmod.scan(model_dirs(self.config))
-        for problem in scan.problems:
-            log.warning("models: %s", problem)
-        self.node.scan = scan
         catalog = load_catalog()
-        resolved = [modelsmod.resolve(e, scan, catalog) for e in entries]
+        try:
+            resolved = [modelsmod.resolve(e, self.node.scan, catalog) for e in entries]
+        except modelsmod.ModelError as e:
+            raise StartupError(f"[models] serve: {e}") from None
         self.node.wanted = [r.name for r in resolved[1:]]
-        first = resolved[0]
-        if first.path is None:
-            raise StartupError(
-                f"model {first.name} is not on disk; download it first "
-                f"(meshctl download {first.name}) or name a GGUF file"
-            )
-        return first.name, str(first.path), first.size_bytes or 0
+        return resolved[0]
 
     async def _listen_control(self) -> None:
         from meshd.control import listen_control
@@ -229,6 +268,8 @@ class MeshdService(service.MultiService):
                     in_flight,
                 )
             await self.api.drain(self.config.api.drain_s)
+        if self.node is not None and self.node.downloader is not None:
+            self.node.downloader.cancel_all()
         if self.node is not None:
             stops = [defer.maybeDeferred(m.backend.stop) for m in self.node.served.values()]
             await defer.DeferredList(stops, consumeErrors=True)
