@@ -388,24 +388,34 @@ class PolicyManager:
 # -- loading --------------------------------------------------------------------
 
 
+_FROM_CONFIG: Any = object()
+
+
 def load(
     config: Config,
     *,
-    plugins_dir: str | None = DEFAULT_PLUGINS_DIR,
+    plugins_dir: str | None = _FROM_CONFIG,
     search_dirs: Iterable[str] | None = None,
     entry_points: Iterable[Any] | None = None,
     **manager_options: Any,
 ) -> PolicyManager:
     """Load every plugin the configuration names; raise PluginError with every problem.
 
-    ``plugins_dir``: the drop-in directory (None: none).  ``search_dirs``:
-    where bare names are looked up as ``<name>.py`` when not importable
-    (default: :func:`example_dirs`).  ``entry_points``: objects with
-    ``name``, ``value`` and ``load()`` (default: the installed
-    ``meshd.policies`` group).  Other options go to :class:`PolicyManager`.
+    ``plugins_dir``: the drop-in directory (None: none; default: ``[policy]
+    plugins_dir`` when the schema has it, else ``/etc/meshd/plugins.d``).
+    ``search_dirs``: where bare names are looked up as ``<name>.py`` when not
+    importable (default: :func:`example_dirs`).  ``entry_points``: objects
+    with ``name``, ``value`` and ``load()`` (default: the installed
+    ``meshd.policies`` group).  Other options go to :class:`PolicyManager`;
+    ``slow_call_s`` defaults to ``[policy] slow_hook_ms`` when the schema has it.
     """
-    manager = PolicyManager(**manager_options)
     policy = config.policy
+    if plugins_dir is _FROM_CONFIG:
+        plugins_dir = getattr(policy, "plugins_dir", DEFAULT_PLUGINS_DIR)
+    slow_ms = getattr(policy, "slow_hook_ms", None)
+    if slow_ms is not None:
+        manager_options.setdefault("slow_call_s", slow_ms / 1000)
+    manager = PolicyManager(**manager_options)
     problems: list[str] = []
     whole, per_hook, disable_problems = parse_disable(policy.disable)
     problems += disable_problems
@@ -512,8 +522,7 @@ def load(
         problems += manager.configure()
     if problems:
         raise PluginError(problems)
-    for line in manager.summary():
-        log.debug("policy plugin %s", line)
+    log.info("policy plugins, asked in this order: %s", "; ".join(manager.summary()))
     return manager
 
 

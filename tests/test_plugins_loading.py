@@ -497,3 +497,24 @@ def test_without_the_trace_env_hook_calls_are_not_logged(tmp_path, caplog, monke
     with caplog.at_level(logging.DEBUG, logger="meshd.policy"):
         placement.choose_host("m", "c", HOSTS, MESH, policy=manager)
     assert not [r for r in caplog.records if r.getMessage().startswith("trace:")]
+
+
+# -- schema keys the lead may add: [policy] plugins_dir, slow_hook_ms ---------------------
+
+
+def policy_only(**policy):
+    from types import SimpleNamespace
+
+    base = {"plugins": [], "disable": [], "settings": {}}
+    return SimpleNamespace(policy=SimpleNamespace(**{**base, **policy}))
+
+
+def test_the_plugins_dir_comes_from_the_config_when_the_schema_has_it(tmp_path):
+    write(tmp_path, "dropin.py", ALWAYS_B)
+    manager = plugins.load(policy_only(plugins_dir=str(tmp_path)), entry_points=[], search_dirs=[])
+    assert "dropin" in manager.plugins
+
+
+def test_the_slow_threshold_comes_from_the_config_when_the_schema_has_it():
+    manager = plugins.load(policy_only(slow_hook_ms=5.0), plugins_dir=None, entry_points=[])
+    assert manager.slow_call_s == pytest.approx(0.005)
