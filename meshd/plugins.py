@@ -476,6 +476,8 @@ def load(
         for path in sorted(glob.glob(os.path.join(glob.escape(plugins_dir), "*.py"))):
             add_file(path)
 
+    # what pm.load_setuptools_entrypoints(ENTRY_POINT_GROUP) does, one entry point
+    # at a time, so a broken one is one problem naming it rather than an exception
     eps = entry_points
     if eps is None:
         eps = importlib.metadata.entry_points(group=ENTRY_POINT_GROUP)
