@@ -14,7 +14,7 @@ from typing import Any
 
 from twisted.internet import defer
 
-from meshd import routing
+from meshd import __version__, routing
 from meshd.config import Config
 from meshd.snapshot import MeshView, ModelFile, NodeView
 
@@ -100,6 +100,24 @@ class Node:
     def serving(self) -> str | None:
         return next(iter(self.served), None)
 
+    # -- what the mesh is told about us ------------------------------------------
+
+    def local_info(self) -> dict[str, Any]:
+        """This node's announce fields (the mesh adds identity and addresses)."""
+        scan = self.scan
+        return {
+            "role": self.role,
+            "vram_bytes": self.vram_bytes,
+            "serving": [name for name, m in self.served.items() if m.state == "warm"],
+            "available_models": [
+                {"name": m.name, "size_bytes": m.size_bytes}
+                for m in (scan.models.values() if scan else ())
+            ],
+            "requested_models": list(self.wanted),
+            "versions": {"meshd": __version__},
+            "api": self.config.api.listen,
+        }
+
     # -- views for placement --------------------------------------------------
 
     def node_view(self) -> NodeView:
@@ -128,7 +146,7 @@ class Node:
                         vram_bytes=p.vram_bytes,
                         serving=tuple(p.serving),
                         available_models=tuple(
-                            ModelFile(m["name"], m["size_bytes"]) for m in p.available_models
+                            ModelFile(m.name, m.size_bytes) for m in p.available_models
                         ),
                         requested_models=tuple(p.requested_models),
                         rtt_ms=p.rtt_ms,
@@ -276,6 +294,22 @@ class Node:
         if self.gpu_report is None:
             return {}
         return self.gpu_report.to_dict()
+
+    def make_token(self, ttl_s: float = 86400, once: bool = False) -> dict[str, Any]:
+        return self._mesh().make_token(ttl_s=ttl_s, once=once)
+
+    def revoke_token(self, token_id: str) -> dict[str, Any]:
+        return self._mesh().revoke_token(token_id)
+
+    def join(self, token: str) -> defer.Deferred:
+        return self._mesh().join(token)
+
+    def _mesh(self):
+        from meshd.control import Refused
+
+        if self.mesh is None:
+            raise Refused("the mesh is not started yet")
+        return self.mesh
 
     def leave(self) -> defer.Deferred:
         """Answer the caller first, then shut down as SIGTERM would."""

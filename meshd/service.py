@@ -18,6 +18,7 @@ from pathlib import Path
 
 from twisted.application import service
 from twisted.internet import defer, endpoints
+from twisted.internet.error import CannotListenError
 from twisted.python.failure import Failure
 
 from meshd import config as configmod
@@ -127,6 +128,7 @@ class MeshdService(service.MultiService):
         self.node.downloader = self._downloader()
         first = self._resolve_models()
         await self._listen_api()
+        self._start_mesh(identity, state)
         self.node.state = "running"
         if first is not None and first.path is None:
             # not on disk yet: the API answers 503 for it until the download is done
@@ -164,6 +166,18 @@ class MeshdService(service.MultiService):
         self.node.add_served(nodemod.ServedModel(name, path, size_bytes, server))
         server.add_listener(lambda state, n=name: self._backend_state(n, state))
         server.start()
+
+    def _start_mesh(self, identity, state) -> None:
+        from meshd.mesh import MeshService
+
+        mesh = MeshService(
+            self.config, state, identity, reactor=self.reactor, local_info=self.node.local_info
+        )
+        self.node.mesh = mesh
+        try:
+            mesh.setServiceParent(self)
+        except CannotListenError as e:
+            raise StartupError(f"[mesh] listen {self.config.mesh.listen}: {_reason(e)}") from None
 
     def _load_policy(self):
         from meshd import plugins
