@@ -116,6 +116,10 @@ class LlamaConfig:
 class PolicyConfig:
     plugins: list[str] = field(default_factory=list)
     disable: list[str] = field(default_factory=list)
+    # every *.py here is loaded as a plugin, after the ones named in plugins
+    plugins_dir: str = "/etc/meshd/plugins.d"
+    # a hook call slower than this is logged with the plugin's name
+    slow_hook_ms: float = 50.0
     # [policy.<plugin>] tables, handed to the plugin as they are
     settings: dict[str, dict[str, Any]] = field(default_factory=dict)
 
@@ -301,7 +305,7 @@ def validate(config: Config) -> list[str]:
         ("mesh", "heartbeat_s"), ("mesh", "heartbeat_timeout_s"), ("mesh", "rejoin_s"),
         ("mesh", "refresh_s"), ("mesh", "max_frame_bytes"), ("api", "max_body_bytes"),
         ("mesh", "verify_timeout_s"), ("mesh", "connect_timeout_s"),
-        ("api", "connect_timeout_s"),
+        ("api", "connect_timeout_s"), ("policy", "slow_hook_ms"),
         ("llama", "ctx_size"), ("llama", "load_timeout_s"), ("llama", "stop_timeout_s"),
         ("llama", "restart_min_s"), ("llama", "restart_max_s"), ("llama", "restart_reset_s"),
         ("llama", "health_interval_s"), ("llama", "health_timeout_s"),

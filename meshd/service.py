@@ -306,7 +306,9 @@ def _reason(e: BaseException) -> str:
 
 
 def _gb(n: int) -> str:
-    return f"{n / 1e9:.1f} GB"
+    from meshd.snapshot import gb
+
+    return gb(n)
 
 
 def run(config: Config, *, reactor=None) -> int:

@@ -26,11 +26,11 @@ ROLES = ("host", "worker", "standby", "client", "idle")
 # Roles that do not gossip and take no part in elections.
 PASSIVE_ROLES = ("standby", "client")
 
-GB = 1_000_000_000
+GB = 1024**3  # as nvidia-smi and meshd.gpu count: VRAM is sold in binary units
 
 
 def gb(n_bytes: float) -> str:
-    """Bytes as the "47.0 GB" operators read in logs (decimal gigabytes)."""
+    """Bytes as the "47.0 GB" operators read in logs (GB of 2**30 bytes, like ``[node] vram_gb``)."""
     return f"{n_bytes / GB:.1f} GB"
 
 
