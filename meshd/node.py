@@ -74,17 +74,37 @@ class Node:
         self.downloader = None  # meshd.download.Downloader
         self.scan = None  # meshd.models.ScanResult
         self._shutdown = shutdown or (lambda: None)
+        self._status_listeners: list[Callable[[], None]] = []
+
+    # -- telling the console ----------------------------------------------------
+
+    def add_status_listener(self, cb: Callable[[], None]) -> None:
+        """``cb()`` whenever ``status()`` may read differently (models, backends, scans).
+
+        Membership and downloads have listeners of their own (``mesh.add_listener``,
+        ``downloader.downloads.listeners``).
+        """
+        self._status_listeners.append(cb)
+
+    def status_changed(self) -> None:
+        for cb in list(self._status_listeners):
+            try:
+                cb()
+            except Exception:
+                log.exception("status listener %r failed", cb)
 
     # -- what we serve ------------------------------------------------------
 
     def add_served(self, model: ServedModel) -> None:
         self.served[model.name] = model
         model.backend.add_listener(lambda state, name=model.name: self._backend_changed(name, state))
+        self.status_changed()
 
     def _backend_changed(self, name: str, state: str) -> None:
         log.debug("model %s backend is %s", name, state)
         if self.mesh is not None:
             self.mesh.local_changed()
+        self.status_changed()
 
     @property
     def role(self) -> str:
@@ -285,6 +305,7 @@ class Node:
         self.scan = modelsmod.scan([self.config.node.models_dir, *self.config.models.extra_dirs])
         if self.mesh is not None:
             self.mesh.local_changed()
+        self.status_changed()
 
     def reload(self) -> dict[str, Any]:
         self.rescan()
