@@ -50,6 +50,8 @@ class FrameType(enum.IntEnum):
     PEER_DOWN = 8  # "I found X dead" (JSON {"node_id", "incarnation", "reason"})
     LEAVING = 9  # "I am leaving the mesh" (JSON {"incarnation"})
     READY = 10  # client -> server after HELLOs: "your HELLO checks out", empty
+    DROP = 11  # "stop serving this model mesh-wide" (JSON {"model", "id", "origin"}), forwarded once
+    TUNNEL = 12  # first frame each way on an "http" tunnel: {"model"} / {"ok"} or {"error"}
 
 
 class FrameError(Exception):
