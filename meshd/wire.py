@@ -52,6 +52,8 @@ class FrameType(enum.IntEnum):
     READY = 10  # client -> server after HELLOs: "your HELLO checks out", empty
     DROP = 11  # "stop serving this model mesh-wide" (JSON {"model", "id", "origin"}), forwarded once
     TUNNEL = 12  # first frame each way on an "http" tunnel: {"model"} / {"ok"} or {"error"}
+    ROUTE_REQUEST = 13  # passive -> active on a "route" connection: check-in (JSON, meshd.routetable.CheckIn)
+    ROUTE_TABLE = 14  # active -> passive: the routing table, or {"etag", "same": true} (meshd.routetable)
 
 
 class FrameError(Exception):
