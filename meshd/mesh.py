@@ -127,6 +127,8 @@ class MeshService(service.Service):
         self._leaving: defer.Deferred[None] | None = None
         self._joins: dict[int, defer.Deferred[dict[str, Any]]] = {}
         self._purposes: dict[str, Callable[[PeerProtocol], None]] = {}
+        self._token_purposes: set[str] = set()  # purposes an invite token may open (passive joins)
+        self._local_listeners: list[Callable[[], None]] = []
         self.table.add_listener(self._membership_event)
 
     # -- the contract ---------------------------------------------------------------------
@@ -164,6 +166,12 @@ class MeshService(service.Service):
     def local_changed(self) -> None:
         """This node's state changed: re-gossip at once, if the announce really changed."""
         self._announce_all()
+        for cb in list(self._local_listeners):
+            cb()
+
+    def add_local_listener(self, cb: Callable[[], None]) -> None:
+        """``cb()`` whenever ``local_changed`` is called (e.g. the passive routing table)."""
+        self._local_listeners.append(cb)
 
     def make_token(self, ttl_s: float = 86400, once: bool = False) -> dict[str, Any]:
         if self.mesh is None:
@@ -225,10 +233,17 @@ class MeshService(service.Service):
                                           _fire(done)))
         return done
 
-    def register_purpose(self, purpose: str, handler: Callable[[PeerProtocol], None]) -> None:
+    def register_purpose(self, purpose: str, handler: Callable[[PeerProtocol], None], *,
+                         token_join: bool = False) -> None:
         """Incoming authenticated connections with this ``purpose`` go to ``handler``
-        (which calls ``peer.take_over(...)``): the seam for tunnels."""
+        (which calls ``peer.take_over(...)``): the seam for tunnels.
+
+        ``token_join``: an invite token may open such a connection (a passive node
+        joining: it gets the WELCOME with the mesh secret first, and never becomes
+        a gossip member); other purposes need the mesh secret."""
         self._purposes[purpose] = handler
+        if token_join:
+            self._token_purposes.add(purpose)
 
     def connect_peer(self, node_id: str, purpose: str) -> defer.Deferred[PeerProtocol]:
         """An authenticated connection to member ``node_id`` for ``purpose`` (not control)."""
@@ -440,6 +455,13 @@ class MeshService(service.Service):
                 if handler is None and not conn.is_client:
                     conn.close(f"this node does not serve connections for {conn.purpose!r}")
                 return
+            if conn.hello is not None and conn.hello.auth == "token":
+                if conn.purpose not in self._token_purposes or self.mesh is None:
+                    conn.close(f"an invite token cannot open a {conn.purpose!r} connection")
+                    return
+                conn.send_json(FrameType.WELCOME, {
+                    "mesh_id": self.mesh.mesh_id,
+                    "secret": base64.b64encode(self.mesh.secret).decode()})
             handler(conn)
             return
         if self._leaving is not None:
