@@ -132,6 +132,13 @@ def create(state: StateDir) -> Identity:
     return identity
 
 
+def ephemeral() -> Identity:
+    """A new key and certificate kept in memory only (a ``--client``: a fresh node id per
+    run, nothing written, so it can share a machine and a state directory with a GPU node)."""
+    key = ec.generate_private_key(ec.SECP256R1())
+    return Identity(key, _make_cert(key))
+
+
 def load(state: StateDir) -> Identity | None:
     """The stored identity, None when there is none; IdentityError when it is unusable."""
     key_pem = state.read_bytes(state.key_path)

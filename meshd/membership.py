@@ -104,11 +104,14 @@ class PeerView:
     incarnation: int
     api: str
     versions: dict[str, Any] = field(default_factory=dict, compare=False, hash=False)
+    # models it is starting a llama-server for (not in ``serving`` until warm)
+    loading: tuple[str, ...] = ()
 
     def essence(self) -> tuple:
         """What a PeerChanged is about: everything but RTT, state and incarnation."""
         return (self.addrs, self.role, self.serving, self.vram_bytes, self.available_models,
-                self.requested_models, self.api, tuple(sorted(self.versions.items())))
+                self.requested_models, self.api, tuple(sorted(self.versions.items())),
+                self.loading)
 
 
 def view_from_announce(body: dict[str, Any], *, state: str = "alive") -> PeerView:
@@ -139,6 +142,7 @@ def view_from_announce(body: dict[str, Any], *, state: str = "alive") -> PeerVie
         incarnation=get("incarnation", int),
         api=get("api", str, ""),
         versions=get("versions", dict, {}),
+        loading=tuple(str(s) for s in get("loading", list, [])),
     )
 
 
@@ -364,8 +368,8 @@ def _gb(n: int) -> str:
 
 def _diff(old: PeerView, new: PeerView) -> str:
     parts = []
-    for name in ("role", "serving", "vram_bytes", "available_models", "requested_models",
-                 "addrs", "api"):
+    for name in ("role", "serving", "loading", "vram_bytes", "available_models",
+                 "requested_models", "addrs", "api"):
         a, b = getattr(old, name), getattr(new, name)
         if a != b:
             if name == "available_models":
