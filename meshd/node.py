@@ -70,6 +70,8 @@ class Node:
         self.wanted: list[str] = []
         self.in_flight: dict[str, int] = {}
         self.mesh = None  # meshd.mesh.MeshService
+        self.route_server = None  # meshd.passive.RouteServer: answers passive nodes (active side)
+        self.passive = None  # meshd.passive.PassiveNode while this node is passive
         self.policy = None  # meshd.plugins.PolicyManager
         self.downloader = None  # meshd.download.Downloader
         self.scan = None  # meshd.models.ScanResult
@@ -129,6 +131,7 @@ class Node:
             "role": self.role,
             "vram_bytes": self.vram_bytes,
             "serving": [name for name, m in self.served.items() if m.state == "warm"],
+            "loading": [name for name, m in self.served.items() if m.state == "loading"],
             "available_models": [
                 {"name": m.name, "size_bytes": m.size_bytes}
                 for m in (scan.models.values() if scan else ())
@@ -173,6 +176,9 @@ class Node:
                         addrs=tuple(p.addrs),
                     )
                 )
+        if self.route_server is not None:  # standbys checked in with us (for promotion ties)
+            known = {n.node_id for n in nodes}
+            nodes += [v for v in self.route_server.standby_views() if v.node_id not in known]
         return MeshView(
             self_id=self.node_id, nodes=tuple(nodes), max_rtt_ms=self.config.models.max_rtt_ms
         )
@@ -247,6 +253,14 @@ class Node:
         return out
 
     def status(self) -> dict[str, Any]:
+        out = self._status()
+        if self.passive is not None:  # no mesh of its own: the routing table it lives on
+            out["mesh_id"] = self.passive.mesh_id
+            out["models"] = self.passive.model_status()
+            out["route"] = self.passive.status()
+        return out
+
+    def _status(self) -> dict[str, Any]:
         return {
             "node_id": self.node_id,
             "mesh_id": getattr(self.mesh, "mesh_id", None),
@@ -257,7 +271,8 @@ class Node:
             "uptime_s": round(self.reactor.seconds() - self.started_at, 3),
             "vram_bytes": self.vram_bytes,
             "peers": self.mesh.status_peers() if self.mesh is not None else [],
-            "passive": {"clients": 0, "standby": 0},
+            "passive": (self.route_server.counts() if self.route_server is not None
+                        else {"clients": 0, "standby": 0}),
             "models": self.model_status(),
             "downloads": self.downloader.downloads.to_status() if self.downloader else [],
         }
