@@ -106,12 +106,14 @@ class PeerView:
     versions: dict[str, Any] = field(default_factory=dict, compare=False, hash=False)
     # models it is starting a llama-server for (not in ``serving`` until warm)
     loading: tuple[str, ...] = ()
+    # models it is set to serve but cannot run yet: waiting for VRAM, or a split worker
+    waiting: tuple[str, ...] = ()
 
     def essence(self) -> tuple:
         """What a PeerChanged is about: everything but RTT, state and incarnation."""
         return (self.addrs, self.role, self.serving, self.vram_bytes, self.available_models,
                 self.requested_models, self.api, tuple(sorted(self.versions.items())),
-                self.loading)
+                self.loading, self.waiting)
 
 
 def view_from_announce(body: dict[str, Any], *, state: str = "alive") -> PeerView:
@@ -143,6 +145,7 @@ def view_from_announce(body: dict[str, Any], *, state: str = "alive") -> PeerVie
         api=get("api", str, ""),
         versions=get("versions", dict, {}),
         loading=tuple(str(s) for s in get("loading", list, [])),
+        waiting=tuple(str(s) for s in get("waiting", list, [])),
     )
 
 
@@ -368,7 +371,7 @@ def _gb(n: int) -> str:
 
 def _diff(old: PeerView, new: PeerView) -> str:
     parts = []
-    for name in ("role", "serving", "loading", "vram_bytes", "available_models",
+    for name in ("role", "serving", "loading", "waiting", "vram_bytes", "available_models",
                  "requested_models", "addrs", "api"):
         a, b = getattr(old, name), getattr(new, name)
         if a != b:
