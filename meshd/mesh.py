@@ -29,6 +29,7 @@ import base64
 import fcntl
 import ipaddress
 import logging
+import os
 import socket
 import struct
 from collections.abc import Callable
@@ -68,6 +69,7 @@ log = logging.getLogger("meshd.mesh")
 
 LEAVE_BOUND_S = 1.0  # leave() fires after this long even if a peer does not take our LEAVING
 RUMOR_ATTEMPTS = 5  # dial a node others report this many times before forgetting it
+DROPS_REMEMBERED = 1024  # DROP ids kept to forward each drop once
 
 try:
     from meshd.control import Refused
@@ -127,6 +129,8 @@ class MeshService(service.Service):
         self._leaving: defer.Deferred[None] | None = None
         self._joins: dict[int, defer.Deferred[dict[str, Any]]] = {}
         self._purposes: dict[str, Callable[[PeerProtocol], None]] = {}
+        self._drop_listeners: list[Callable[[str, str], None]] = []
+        self._drops_seen: dict[str, None] = {}  # DROP ids, oldest first (bounded)
         self._token_purposes: set[str] = set()  # purposes an invite token may open (passive joins)
         self._local_listeners: list[Callable[[], None]] = []
         self.table.add_listener(self._membership_event)
@@ -252,6 +256,18 @@ class MeshService(service.Service):
             return defer.fail(Refused(f"node {node_id} is not a member"))
         auth = ClientAuth(self.mesh.mesh_id, self.mesh.secret, expect_node_id=node_id)
         return self._dial_addrs(list(view.addrs), auth, purpose=purpose)
+
+    def drop_model(self, model: str) -> str:
+        """Tell every node to stop serving ``model`` (a DROP, forwarded once by each)."""
+        drop_id = os.urandom(8).hex()
+        self._seen_drop(drop_id)
+        log.info("dropping model %s mesh-wide: telling %d peer(s)", model, len(self.conns))
+        self._broadcast(FrameType.DROP, {"model": model, "id": drop_id, "origin": self.node_id})
+        return drop_id
+
+    def add_drop_listener(self, cb: Callable[[str, str], None]) -> None:
+        """``cb(model, origin_node_id)`` when another node drops a model mesh-wide."""
+        self._drop_listeners.append(cb)
 
     def peer_unreachable(self, node_id: str, reason: str) -> None:
         """Another part (a tunnel) could not reach ``node_id``: check the control
@@ -502,6 +518,8 @@ class MeshService(service.Service):
                 self._on_peer_down(conn, frame.json())
             elif frame.type == FrameType.LEAVING:
                 self._on_leaving(conn, frame.json())
+            elif frame.type == FrameType.DROP:
+                self._on_drop(conn, frame.json())
             elif frame.type == FrameType.WELCOME:
                 self._on_welcome(conn, frame.json())
             else:
@@ -553,6 +571,29 @@ class MeshService(service.Service):
             self._verify(node_id, inc, conn.node_id or "?", reason)
         elif node_id not in self.table.members:
             self.table.forget_rumor(node_id)
+
+    def _seen_drop(self, drop_id: str) -> bool:
+        """Remember ``drop_id``; True when it was already known (a forwarded copy)."""
+        if drop_id in self._drops_seen:
+            return True
+        self._drops_seen[drop_id] = None
+        while len(self._drops_seen) > DROPS_REMEMBERED:
+            del self._drops_seen[next(iter(self._drops_seen))]
+        return False
+
+    def _on_drop(self, conn: PeerProtocol, body: dict[str, Any]) -> None:
+        model, drop_id, origin = body["model"], body["id"], body.get("origin", "?")
+        if not isinstance(model, str) or not isinstance(drop_id, str) or not model:
+            raise ValueError("DROP needs a model and an id")
+        if self._seen_drop(drop_id):
+            return
+        log.info("node %s dropped model %s mesh-wide (heard from %s)", origin, model, conn.node_id)
+        self._broadcast(FrameType.DROP, body, exclude=conn.node_id)
+        for cb in list(self._drop_listeners):
+            try:
+                cb(model, str(origin))
+            except Exception:  # a listener's bug must not break the peer connection
+                log.exception("drop listener %r failed for %s", cb, model)
 
     def _verify(self, node_id: str, inc: int, reporter: str, reason: str) -> None:
         target = self.conns.get(node_id)
