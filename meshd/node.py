@@ -72,6 +72,7 @@ class Node:
         self.mesh = None  # meshd.mesh.MeshService
         self.route_server = None  # meshd.passive.RouteServer: answers passive nodes (active side)
         self.passive = None  # meshd.passive.PassiveNode while this node is passive
+        self.promotion = None  # what a standby's promotion decided, and when (status)
         self.policy = None  # meshd.plugins.PolicyManager
         self.downloader = None  # meshd.download.Downloader
         self.scan = None  # meshd.models.ScanResult
@@ -258,6 +259,8 @@ class Node:
             out["mesh_id"] = self.passive.mesh_id
             out["models"] = self.passive.model_status()
             out["route"] = self.passive.status()
+        if self.promotion is not None:
+            out["promotion"] = self.promotion
         return out
 
     def _status(self) -> dict[str, Any]:

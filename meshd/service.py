@@ -102,7 +102,7 @@ class MeshdService(service.MultiService):
         except OSError as e:
             raise StartupError(f"[node] state_dir/models_dir: {e}") from None
 
-        identity, state = _identity(state_dir)
+        identity, state = _identity(state_dir, ephemeral=cfg.node.client)
         report = gpu.detect(cfg.node)
         vram_bytes = 0 if cfg.node.client else report.vram_bytes
         self.node = nodemod.Node(
@@ -126,6 +126,11 @@ class MeshdService(service.MultiService):
         for problem in self.node.scan.problems:
             log.warning("models: %s", problem)
         self.node.downloader = self._downloader()
+        if cfg.node.client or cfg.node.standby:  # passive: no gossip, the routing table only
+            from meshd.passive import run_passive
+
+            await run_passive(self, identity, state)
+            return
         first = self._resolve_models()
         await self._listen_api()
         self._start_mesh(identity, state)
@@ -178,6 +183,11 @@ class MeshdService(service.MultiService):
             mesh.setServiceParent(self)
         except CannotListenError as e:
             raise StartupError(f"[mesh] listen {self.config.mesh.listen}: {_reason(e)}") from None
+        from meshd.passive import RouteServer  # answers passive nodes (clients, standbys)
+
+        self.node.route_server = RouteServer(mesh, self.node, clock=self.reactor,
+                                             refresh_s=self.config.mesh.refresh_s)
+        self.node.route_server.setServiceParent(self)
 
     def _load_policy(self):
         from meshd import plugins
@@ -292,12 +302,14 @@ class MeshdService(service.MultiService):
         log.info("stopped")
 
 
-def _identity(state_dir: Path):
+def _identity(state_dir: Path, *, ephemeral: bool = False):
+    """The node's identity; ``ephemeral`` (a client): a fresh one in memory, nothing written."""
+    from meshd.identity import ephemeral as fresh
     from meshd.identity import load_or_create
     from meshd.statedir import StateDir
 
     state = StateDir(state_dir)
-    return load_or_create(state), state
+    return (fresh() if ephemeral else load_or_create(state)), state
 
 
 def _reason(e: BaseException) -> str:
