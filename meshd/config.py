@@ -87,9 +87,6 @@ class ModelsConfig:
     tensor_split: list[float] = field(default_factory=list)
     max_rtt_ms: float = 80.0
     min_free_gb: float = 5.0
-    # a node that joins with nothing to serve asks for an assignment once no
-    # membership event came for this long (at most three times this after joining)
-    assign_settle_s: float = 2.0
 
 
 @dataclass(frozen=True)
@@ -318,7 +315,7 @@ def validate(config: Config) -> list[str]:
             problems.append(f"[{section}] {key}: must be greater than 0")
     non_negative = [
         ("node", "vram_gb"), ("node", "max_vram_gb"), ("api", "drain_s"), ("llama", "threads"),
-        ("models", "max_rtt_ms"), ("models", "min_free_gb"), ("models", "assign_settle_s"),
+        ("models", "max_rtt_ms"), ("models", "min_free_gb"),
     ]
     for section, key in non_negative:
         value = getattr(getattr(config, section), key)
