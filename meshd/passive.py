@@ -399,7 +399,7 @@ class RouteClient:
         return None
 
     def _next_round(self, why: str) -> None:
-        """Start over: every target except those that just failed (they come last next time)."""
+        """Start over: every target but the one just lost (the next round has it again)."""
         targets = self.targets()
         self._round = [t for t in targets if t.node_id not in self._failed]
         self._failed = set()
@@ -453,7 +453,6 @@ class RouteClient:
         self._connecting = False
         reason = failure.value.reason if failure.check(PeerClosed) else failure.getErrorMessage()
         log.info("cannot check in with %s: %s", target.node_id, reason)
-        self._failed.add(target.node_id)
         self._try_next(f"{target.node_id}: {reason}")
 
     # -- requests and answers ---------------------------------------------------------------------
