@@ -137,7 +137,8 @@ class RouteServer(service.Service):
                 serving=tuple(p.serving), loading=tuple(getattr(p, "loading", ())),
                 available_models=tuple(ModelFile(m.name, m.size_bytes)
                                        for m in p.available_models)))
-        own_load = sum(getattr(self.node, "in_flight", {}).values())
+        router = getattr(self.node, "router", None)
+        own_load = router.load_of(self.mesh.node_id) if router is not None else 0
         return build_table(mesh_id=self.mesh.mesh_id or "", source=self.mesh.node_id,
                            nodes=nodes, standby=self.registry.standbys(),
                            load=lambda nid: own_load if nid == self.mesh.node_id else 0)
@@ -834,10 +835,14 @@ def promote(top: Any, identity: Any, state: StateDir, model: str, reason: str) -
     except Exception as e:  # noqa: BLE001 - e.g. no llama-server binary: stay up, say why
         log.error("promotion to %s failed: %s", model, e)
         return
-    top.api.router = getattr(top, "router", None) or node
+    top.api.router = getattr(top, "router", None) or node  # the mesh-wide router from now on
     record["serving_at"] = t0
     node.promotion = record
-    backend = node.served[model].backend
+    served = node.served.get(model)
+    if served is None:  # the election keeps it waiting (a split): status says why
+        log.info("promoted to %s: the election decides when its llama-server starts", model)
+        return
+    backend = served.backend
 
     def warm(_: Any) -> None:
         record["warm_at"] = top.reactor.seconds()
