@@ -14,7 +14,7 @@ from typing import Any
 
 from twisted.internet import defer
 
-from meshd import __version__, routing
+from meshd import __version__
 from meshd.config import Config
 from meshd.snapshot import MeshView, ModelFile, NodeView
 
@@ -47,7 +47,7 @@ class ServedModel:
 
 
 class Node:
-    """This daemon's runtime state; also the control socket's target and the API's router."""
+    """This daemon's runtime state and the control socket's target (the API's router is ``meshd.router``)."""
 
     def __init__(
         self,
@@ -68,8 +68,11 @@ class Node:
         self.state = "starting"
         self.served: dict[str, ServedModel] = {}
         self.wanted: list[str] = []
-        self.in_flight: dict[str, int] = {}
         self.mesh = None  # meshd.mesh.MeshService
+        self.router = None  # meshd.router.MeshRouter: the API's router on an active node
+        self.rebalancer = None  # meshd.rebalance.Rebalancer: this node's model, election, assignment
+        # models dropped mesh-wide (meshctl drop): not served, not routed, not assigned again
+        self.dropped: set[str] = set()
         self.route_server = None  # meshd.passive.RouteServer: answers passive nodes (active side)
         self.passive = None  # meshd.passive.PassiveNode while this node is passive
         self.promotion = None  # what a standby's promotion decided, and when (status)
@@ -115,6 +118,9 @@ class Node:
             return "client"
         if self.served:
             return "host"
+        placed = self.rebalancer.role if self.rebalancer is not None else None
+        if placed is not None:  # set to serve a model it cannot run yet: host or worker
+            return placed
         if self.config.node.standby:
             return "standby"
         return "idle"
@@ -133,11 +139,12 @@ class Node:
             "vram_bytes": self.vram_bytes,
             "serving": [name for name, m in self.served.items() if m.state == "warm"],
             "loading": [name for name, m in self.served.items() if m.state == "loading"],
+            "waiting": self.waiting_models(),
             "available_models": [
                 {"name": m.name, "size_bytes": m.size_bytes}
                 for m in (scan.models.values() if scan else ())
             ],
-            "requested_models": list(self.wanted),
+            "requested_models": [m for m in self.wanted if m not in self.dropped],
             "versions": {"meshd": __version__},
             "api": self.config.api.listen,
         }
@@ -154,9 +161,9 @@ class Node:
             available_models=tuple(
                 ModelFile(m.name, m.size_bytes) for m in (scan.models.values() if scan else ())
             ),
-            requested_models=tuple(self.wanted),
+            requested_models=tuple(m for m in self.wanted if m not in self.dropped),
             rtt_ms=0.0,
-            load=sum(self.in_flight.values()),
+            load=self.router.load_of(self.node_id) if self.router is not None else 0,
         )
 
     def mesh_view(self) -> MeshView:
@@ -184,50 +191,16 @@ class Node:
             self_id=self.node_id, nodes=tuple(nodes), max_rtt_ms=self.config.models.max_rtt_ms
         )
 
-    # -- routing.Router -------------------------------------------------------
-
-    def models(self) -> list[dict[str, Any]]:
-        created = int(self.started_at)
-        return [
-            {
-                "id": m.name,
-                "object": "model",
-                "created": created,
-                "owned_by": "meshd",
-                "meshd": {"hosts": [self.node_id], "nodes": 1, "state": m.state},
-            }
-            for m in self.served.values()
-        ]
-
-    def upstreams(self, model: str, client_id: str) -> list[routing.Upstream]:
-        served = self.served.get(model)
-        if served is None:
-            raise routing.UnknownModel(model, list(self.served))
-        backend = served.backend
-        if backend.state != "ready":
-            reason = {
-                "starting": "the model is loading",
-                "loading": "the model is loading",
-                "restarting": "llama-server is restarting",
-                "stopping": "the model is being unloaded",
-            }.get(backend.state, f"llama-server is {backend.state}")
-            raise routing.NotReady(model, reason, retry_after_s=5)
-        return [
-            routing.Upstream(name="local", endpoint=backend.endpoint, pool_key=f"local:{backend.port}")
-        ]
-
-    def upstream_failed(self, upstream: routing.Upstream, reason: str) -> None:
-        log.warning("upstream %s failed before answering: %s", upstream.name, reason)
-
-    def request_started(self, upstream: routing.Upstream) -> None:
-        self.in_flight[upstream.name] = self.in_flight.get(upstream.name, 0) + 1
-
-    def request_finished(self, upstream: routing.Upstream) -> None:
-        self.in_flight[upstream.name] = max(0, self.in_flight.get(upstream.name, 1) - 1)
-
     # -- status and control ----------------------------------------------------
 
+    def waiting_models(self) -> list[str]:
+        """Models this node is set to serve but does not run (short of VRAM, a split worker)."""
+        return self.rebalancer.waiting_models() if self.rebalancer is not None else []
+
     def model_status(self) -> list[dict[str, Any]]:
+        """``models`` of ``meshctl status``: every model of the mesh once there is a router."""
+        if self.router is not None:
+            return self._mesh_model_status()
         out = []
         for m in self.served.values():
             b = m.backend
@@ -252,6 +225,80 @@ class Node:
                     {"name": name, "state": "cold", "hosts": [], "size_bytes": None, "split": None}
                 )
         return out
+
+    def _mesh_model_status(self) -> list[dict[str, Any]]:
+        snap = self.router.snapshot()
+        decision = self.rebalancer.decision if self.rebalancer is not None else None
+        out = []
+        for m in snap.models.values():
+            entry: dict[str, Any] = {
+                "name": m.name, "state": m.state, "hosts": list(m.hosts),
+                "size_bytes": m.size_bytes,
+                "split": decision.split_status() if decision and decision.model == m.name else None,
+                "loading": list(m.loading), "waiting": list(m.waiting), "reason": m.reason,
+            }
+            if decision is not None and decision.model == m.name and m.name not in self.served:
+                entry["local"] = {"state": decision.state, "reason": decision.reason}
+            served = self.served.get(m.name)
+            if served is not None:
+                b = served.backend
+                entry["local"] = {"state": served.state}
+                entry["backend"] = {"state": b.state, "pid": b.pid, "port": b.port,
+                                    "restarts": b.restarts}
+            out.append(entry)
+        return out
+
+    # -- drop -------------------------------------------------------------------------
+
+    def drop(self, model: str) -> dict[str, Any]:
+        """``meshctl drop MODEL``: stop serving ``model`` here and on every node of the mesh."""
+        from meshd.control import Refused
+
+        known = model in self.served or model in self.wanted
+        if self.router is not None:
+            entry = self.router.snapshot().models.get(model)
+            known = known or (entry is not None and entry.reason != "on disk, not served")
+        if not known:
+            raise Refused(f"model {model!r} is not served in this mesh")
+        self.drop_local(model, origin=self.node_id)
+        peers = 0
+        if self.mesh is not None:
+            peers = len(self.mesh.conns)
+            self.mesh.drop_model(model)
+        return {"dropped": model, "told_peers": peers}
+
+    def drop_local(self, model: str, origin: str) -> None:
+        """Stop serving ``model`` on this node and remember the drop (DROP from ``origin``)."""
+        first = model not in self.dropped
+        self.dropped.add(model)
+        if self.rebalancer is not None:
+            self.rebalancer.forget(model)
+        if model in self.served:
+            self.stop_serving(model)
+        if first:
+            who = "this node" if origin == self.node_id else f"node {origin}"
+            log.info("model %s dropped mesh-wide by %s: not serving, routing or assigning it",
+                     model, who)
+        if self.router is not None:
+            self.router.invalidate()
+        if self.mesh is not None:
+            self.mesh.local_changed()
+        self.status_changed()
+        if self.rebalancer is not None:
+            self.rebalancer.on_event()  # an idle node may take another model
+
+    def stop_serving(self, model: str) -> Any:
+        """Stop this node's llama-server for ``model`` and forget it; fires once it is gone."""
+        served = self.served.pop(model, None)
+        if served is None:
+            return defer.succeed(None)
+        log.info("stopping llama-server for %s", model)
+        if self.router is not None:
+            self.router.invalidate()
+        if self.mesh is not None:
+            self.mesh.local_changed()
+        self.status_changed()
+        return served.backend.stop()
 
     def status(self) -> dict[str, Any]:
         out = self._status()
