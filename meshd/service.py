@@ -26,6 +26,10 @@ from meshd.config import Config
 
 log = logging.getLogger("meshd")
 
+# an idle node asks for a model once no membership event came for this long after
+# joining (at most three times this); a config key is proposed ([models] assign_settle_s)
+ASSIGN_SETTLE_S = 2.0
+
 
 class StartupError(Exception):
     """An expected reason the daemon cannot start (port in use, missing binary)."""
@@ -70,6 +74,10 @@ class MeshdService(service.MultiService):
         self._api_port = None
         self._control_port = None
         self._stopping = None
+        self.router = None  # meshd.router.MeshRouter (active nodes)
+        self.rebalancer = None  # meshd.rebalance.Rebalancer (active nodes)
+        self.tunnels = None  # meshd.tunnel.TunnelServer: tunnels from peers to our llama-servers
+        self._model_files: dict[str, tuple[str, int]] = {}  # model -> (path, size_bytes)
         from meshd.sdnotify import Notifier
 
         self.notifier = Notifier()
@@ -132,6 +140,7 @@ class MeshdService(service.MultiService):
             await run_passive(self, identity, state)
             return
         first = self._resolve_models()
+        self._ensure_router()
         await self._listen_api()
         self._start_mesh(identity, state)
         self.node.state = "running"
@@ -142,19 +151,35 @@ class MeshdService(service.MultiService):
             model = await self.node.downloader.download(first.entry)
             self.node.rescan()
             self._serve(first.name, str(model.path), model.size_bytes)
-            await self.node.served[first.name].backend.when_ready()
+            await self._when_serving(first.name)
         elif first is not None:
             self._serve(first.name, str(first.path), first.size_bytes or 0)
             self.notifier.status(f"loading {first.name}; API on {cfg.api.listen}")
-            await self.node.served[first.name].backend.when_ready()
+            await self._when_serving(first.name)
         self.notifier.ready(self._status_line())
         log.info("ready: %s", self._status_line())
 
     def _serve(self, name: str, path: str, size_bytes: int) -> None:
+        """This node is to serve ``name``: the election decides whether its llama-server runs
+        now (solo, or elected split host) or the node waits (short of VRAM, a worker)."""
+        self._model_files[name] = (path, size_bytes)
+        if self.rebalancer is None:
+            self._spawn(name)
+        else:
+            self.rebalancer.serve(name)
+
+    async def _when_serving(self, name: str) -> None:
+        """Wait for ``name``'s llama-server, if the election started one."""
+        served = self.node.served.get(name)
+        if served is not None:
+            await served.backend.when_ready()
+
+    def _spawn(self, name: str) -> None:
         """Start a llama-server for ``name`` and publish it as served."""
         from meshd import backend
         from meshd import node as nodemod
 
+        path, size_bytes = self._model_files[name]
         try:
             bin_dir = backend.find_bin_dir(self.config.llama)
         except backend.BackendError as e:
@@ -188,6 +213,42 @@ class MeshdService(service.MultiService):
         self.node.route_server = RouteServer(mesh, self.node, clock=self.reactor,
                                              refresh_s=self.config.mesh.refresh_s)
         self.node.route_server.setServiceParent(self)
+        self._wire_routing(mesh)
+
+    def _ensure_router(self):
+        """The mesh-wide router (``meshd.router``) and this node's election (``meshd.rebalance``)."""
+        if self.router is None:
+            from meshd.rebalance import Rebalancer
+            from meshd.router import MeshRouter
+
+            node = self.node
+            self.router = node.router = MeshRouter(node, reactor=self.reactor)
+            node.add_status_listener(self.router.invalidate)
+            self.rebalancer = node.rebalancer = Rebalancer(
+                node, reactor=self.reactor, start=self._spawn, stop=node.stop_serving,
+                changed=self._placement_changed, settle_s=ASSIGN_SETTLE_S)
+        if self.api is not None:
+            self.api.router = self.router
+        return self.router
+
+    def _placement_changed(self) -> None:
+        self.router.invalidate()
+        if self.node.mesh is not None:
+            self.node.mesh.local_changed()
+        self.node.status_changed()
+        self.notifier.status(self._status_line())
+
+    def _wire_routing(self, mesh) -> None:
+        """Tunnels in and out, routing and election on every membership event, drops."""
+        from meshd.router import host_lookup
+        from meshd.tunnel import TunnelServer
+
+        self._ensure_router()
+        self.tunnels = TunnelServer(host_lookup(self.node))
+        self.tunnels.attach(mesh)
+        mesh.add_listener(self.router.invalidate)
+        mesh.add_listener(self.rebalancer.on_event)
+        mesh.add_drop_listener(self.node.drop_local)
 
     def _load_policy(self):
         from meshd import plugins
@@ -255,7 +316,7 @@ class MeshdService(service.MultiService):
     async def _listen_api(self) -> None:
         from meshd import api
 
-        self.api = api.ApiServer(self.node, self.config.api, reactor=self.reactor)
+        self.api = api.ApiServer(self.router or self.node, self.config.api, reactor=self.reactor)
         ep = endpoints.serverFromString(self.reactor, configmod.tcp_endpoint(self.config.api.listen))
         try:
             self._api_port = await ep.listen(self.api.site)
@@ -295,6 +356,10 @@ class MeshdService(service.MultiService):
         if self.node is not None and self.node.downloader is not None:
             self.node.downloader.cancel_all()
         if self.node is not None:
+            if self.rebalancer is not None:
+                self.rebalancer.stop()
+            if self.tunnels is not None:
+                self.tunnels.close_all()
             stops = [defer.maybeDeferred(m.backend.stop) for m in self.node.served.values()]
             await defer.DeferredList(stops, consumeErrors=True)
         if self._control_port is not None:
