@@ -32,6 +32,7 @@ tested with a ``Clock`` and fakes.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -330,7 +331,13 @@ class Rebalancer:
         if not self._may_assign():
             return None
         dropped = frozenset(getattr(self.node, "dropped", ()))
-        view = without_models(self.node.mesh_view(), dropped)
+        # a model a peer is loading or waiting for is not "unserved": count it as served
+        targets = self.targets()
+        mesh_view = self.node.mesh_view()
+        view = without_models(MeshView(
+            self_id=mesh_view.self_id, catalog=mesh_view.catalog, max_rtt_ms=mesh_view.max_rtt_ms,
+            nodes=tuple(dataclasses.replace(n, serving=tuple(dict.fromkeys(
+                n.serving + targets.get(n.node_id, ())))) for n in mesh_view.nodes)), dropped)
         me = without_models(MeshView(self_id=self.node.node_id, nodes=(self.node.node_view(),)),
                             dropped).nodes[0]
         decision = placement.assign_model(me, view, policy=self.node.policy)
