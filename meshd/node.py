@@ -121,7 +121,7 @@ class Node:
         placed = self.rebalancer.role if self.rebalancer is not None else None
         if placed is not None:  # set to serve a model it cannot run yet: host or worker
             return placed
-        if self.config.node.standby:
+        if self.config.node.standby and self.promotion is None:  # promoted: active from now on
             return "standby"
         return "idle"
 

@@ -828,6 +828,7 @@ def promote(top: Any, identity: Any, state: StateDir, model: str, reason: str) -
     t0 = top.reactor.seconds()
     record = dict(passive.promotion or {}, model=model, reason=reason)
     node.passive = None
+    node.promotion = record  # from now on its role is no longer "standby"
     top.reactor.callLater(0, passive.disownServiceParent)  # not from inside its own callback
     top._start_mesh(identity, state)
     try:
@@ -837,7 +838,6 @@ def promote(top: Any, identity: Any, state: StateDir, model: str, reason: str) -
         return
     top.api.router = getattr(top, "router", None) or node  # the mesh-wide router from now on
     record["serving_at"] = t0
-    node.promotion = record
     served = node.served.get(model)
     if served is None:  # the election keeps it waiting (a split): status says why
         log.info("promoted to %s: the election decides when its llama-server starts", model)
