@@ -179,7 +179,14 @@ class MeshdService(service.MultiService):
         from meshd import backend
         from meshd import node as nodemod
 
-        path, size_bytes = self._model_files[name]
+        files = self._model_files.get(name)
+        if files is None:  # assigned by the election: from this node's disk
+            local = self.node.scan.models.get(name) if self.node.scan is not None else None
+            if local is None:
+                log.error("cannot start llama-server for %s: not on this node's disk", name)
+                return
+            files = self._model_files[name] = (str(local.path), local.size_bytes)
+        path, size_bytes = files
         try:
             bin_dir = backend.find_bin_dir(self.config.llama)
         except backend.BackendError as e:
