@@ -22,8 +22,18 @@ from tests.conftest import ROOT, free_port
 
 
 class Meshd:
-    def __init__(self, directory: Path, config: dict[str, Any] | None = None, *, name: str = "node"):
+    def __init__(
+        self,
+        directory: Path,
+        config: dict[str, Any] | None = None,
+        *,
+        name: str = "node",
+        netns: str | None = None,
+    ):
+        """``netns``: run the daemon inside that network namespace (``ip netns exec``;
+        the process keeps its PID).  Its control socket is a path, reachable from here."""
         self.dir = Path(directory)
+        self.netns = netns
         self.dir.mkdir(parents=True, exist_ok=True)
         self.name = name
         self.api_port = free_port()
@@ -58,14 +68,18 @@ class Meshd:
         full_env = dict(os.environ)
         full_env.pop("NOTIFY_SOCKET", None)
         full_env.update(env or {})
+        cmd = [sys.executable, "-m", "meshd.cli.meshd", "--config", str(self.config_path), *args]
+        if self.netns:
+            cmd = ["ip", "netns", "exec", self.netns, *cmd]
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "meshd.cli.meshd", "--config", str(self.config_path), *args],
+            cmd,
             cwd=ROOT,
             stdout=self._log,
             stderr=subprocess.STDOUT,
             env=full_env,
         )
-        print(f"started meshd {self.name} pid {self.proc.pid} api {self.api}")
+        where = f" in netns {self.netns}" if self.netns else ""
+        print(f"started meshd {self.name} pid {self.proc.pid} api {self.api}{where}")
         return self
 
     @property
@@ -93,6 +107,13 @@ class Meshd:
 
     def status(self) -> dict[str, Any]:
         return json.loads(self.ctl("status", "--json").stdout)
+
+    def control(self, method: str, endpoint: str, body: dict | None = None, timeout: float = 10):
+        """One control-socket request made in this process (meshctl's own client, without
+        starting a meshctl process: cheap enough to poll); raises meshctl's ``Fail``."""
+        from meshd.cli import meshctl
+
+        return meshctl.request(self.socket, method, endpoint, body, timeout_s=timeout)
 
     def wait_for(self, predicate, what: str, timeout: float = 120.0, interval: float = 0.1):
         """Poll ``predicate(self)`` until it returns something truthy; bounded."""
@@ -137,6 +158,7 @@ class Meshd:
         if self.proc is None:
             return None
         if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGCONT)  # a stopped process cannot take SIGTERM
             self.proc.send_signal(signal.SIGTERM)
             try:
                 self.proc.wait(timeout)
@@ -150,6 +172,8 @@ class Meshd:
         if self.proc is not None and self.proc.poll() is None:
             self.proc.kill()
             self.proc.wait(10)
+        if self.proc is not None:
+            self._log.close()
 
 
 def pid_alive(pid: int) -> bool:

@@ -1,213 +1,163 @@
-"""Start N mesh nodes as real processes, each with its own state dir and port; wait for
-conditions with bounded polling; stop them by PID.
+"""Start N real ``meshd`` daemons as mesh nodes, each with its own config, state dir,
+ports and control socket; wait for conditions with bounded polling; stop them by PID.
 
-Nodes run ``python -m meshd.mesh`` (the mesh alone, no models or API) and report
-through a status file rewritten on every membership change and a UNIX control
-socket (one JSON command per line).  Every process started here is stopped by
-its own PID in ``Cluster.stop_all`` (and its state kept for the test to read).
+A node is ``tests.daemon.Meshd`` with no model to serve (``[models] serve = []``),
+no console, a fixed ``[node] vram_gb`` (no GPU detection), and the mesh timing the
+test asks for.  State is read from the daemon's control socket -- the
+``meshctl status --json`` answer, asked in-process (``Node.status_now``) so that
+tests can poll it every few milliseconds; ``Node.status()`` runs the real
+``meshctl``.  Every process started here is stopped by its own PID in
+``Cluster.stop_all``, which also prints the tail of each daemon's log (pytest
+shows it when a test fails).
 """
 
 from __future__ import annotations
 
-import json
 import os
-import signal
-import socket
+import shutil
 import subprocess
-import sys
 import time
+import uuid
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-ROOT = Path(__file__).resolve().parent.parent
+from tests.daemon import Meshd
+
+TEST_TIMING = dict(heartbeat_s=0.5, heartbeat_timeout_s=1.5, rejoin_s=5.0, verify_timeout_s=0.5)
 
 
 class NodeError(Exception):
     pass
 
 
-@dataclass
-class Node:
-    name: str
-    dir: Path
-    listen: str
-    heartbeat_s: float
-    heartbeat_timeout_s: float
-    rejoin_s: float
-    verify_timeout_s: float
-    proc: subprocess.Popen | None = None
-    netns: str | None = None
-    extra_mesh: dict[str, Any] = field(default_factory=dict)
-    started_at: float = 0.0
+class Node(Meshd):
+    """One meshd that only meshes: ``start(join=[token, ...])`` passes ``--join`` flags."""
 
-    @property
-    def config_path(self) -> Path:
-        return self.dir / "meshd.toml"
+    def __init__(self, directory: Path, name: str, *, mesh: dict[str, Any],
+                 listen: str | None = None, netns: str | None = None):
+        mesh = dict(mesh)
+        if listen is not None:
+            mesh["listen"] = listen
+        super().__init__(directory, {
+            "node": {"vram_gb": 8.0},
+            "models": {"serve": []},
+            "console": {"enabled": False},
+            "mesh": mesh,
+            "log": {"level": "info"},
+        }, name=name, netns=netns)
+        self.started_at = 0.0
+        self._node_id: str | None = None
 
-    @property
-    def status_path(self) -> Path:
-        return self.dir / "status.json"
-
-    @property
-    def control_path(self) -> Path:
-        return self.dir / "control.sock"
-
-    @property
-    def log_path(self) -> Path:
-        return self.dir / "node.log"
-
-    def write_config(self, join: list[str] | None = None) -> None:
-        mesh = {
-            "listen": self.listen,
-            "heartbeat_s": self.heartbeat_s,
-            "heartbeat_timeout_s": self.heartbeat_timeout_s,
-            "rejoin_s": self.rejoin_s,
-            "verify_timeout_s": self.verify_timeout_s,
-            "join": join or [],
-            **self.extra_mesh,
-        }
-        lines = ["[node]", f'state_dir = "{self.dir / "state"}"', "", "[mesh]"]
-        for k, v in mesh.items():
-            lines.append(f"{k} = {json.dumps(v)}")
-        lines += ["", "[log]", 'level = "info"', ""]
-        self.config_path.write_text("\n".join(lines))
-
-    def start(self, join: list[str] | None = None) -> None:
-        self.write_config(join)
-        self.status_path.unlink(missing_ok=True)
-        cmd = [sys.executable, "-m", "meshd.mesh", "--config", str(self.config_path),
-               "--status-file", str(self.status_path), "--control", str(self.control_path)]
-        if self.netns:
-            cmd = ["ip", "netns", "exec", self.netns, *cmd]
-        env = dict(os.environ, PYTHONPATH=str(ROOT))
-        log = open(self.log_path, "ab")
-        self.proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=ROOT)
-        log.close()
+    def start(self, *args: str, join: list[str] | None = None, **kw: Any) -> Node:
+        flags = [a for token in join or [] for a in ("--join", token)]
+        super().start(*flags, *args, **kw)
         self.started_at = time.monotonic()
-        print(f"started {self.name} pid {self.proc.pid} ({self.dir})")
+        return self
 
     @property
-    def pid(self) -> int:
-        assert self.proc is not None
-        return self.proc.pid
+    def listen(self) -> str:
+        return self.config["mesh"]["listen"]
 
     def alive(self) -> bool:
         return self.proc is not None and self.proc.poll() is None
 
-    def status(self) -> dict[str, Any] | None:
+    def status_now(self) -> dict[str, Any] | None:
+        """The daemon's status (what ``meshctl status --json`` prints), or None when its
+        control socket does not answer (not up yet, stopped, frozen)."""
+        from meshd.cli.meshctl import Fail
+
         try:
-            return json.loads(self.status_path.read_text())
-        except (FileNotFoundError, ValueError):
+            return self.control("GET", "/status", timeout=2)
+        except Fail:
             return None
 
     @property
     def node_id(self) -> str:
-        st = self.status()
-        if not st:
-            raise NodeError(f"{self.name} has written no status yet")
-        return st["node_id"]
+        if self._node_id is None:
+            st = self.status_now()
+            if not st:
+                raise NodeError(f"{self.name} does not answer on its control socket yet")
+            self._node_id = st["node_id"]
+        return self._node_id
+
+    def mesh_id(self) -> str | None:
+        return (self.status_now() or {}).get("mesh_id")
 
     def peer_ids(self) -> set[str]:
-        st = self.status()
+        st = self.status_now()
         return {p["node_id"] for p in st["peers"]} if st else set()
 
-    def command(self, cmd: dict[str, Any], timeout_s: float = 10.0) -> dict[str, Any]:
-        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
-            s.settimeout(timeout_s)
-            s.connect(str(self.control_path))
-            s.sendall(json.dumps(cmd).encode() + b"\n")
-            buf = b""
-            while not buf.endswith(b"\n"):
-                chunk = s.recv(65536)
-                if not chunk:
-                    break
-                buf += chunk
-        return json.loads(buf)
+    def token(self, **body: Any) -> str:
+        """An invite token (``ttl_s``, ``once``) from the control socket."""
+        from meshd.cli.meshctl import Fail
 
-    def token(self, **kw: Any) -> str:
-        answer = self.command({"cmd": "token", **kw})
-        if "ok" not in answer:
-            raise NodeError(f"{self.name}: token refused: {answer}")
-        return answer["ok"]["token"]
-
-    def signal(self, sig: int) -> None:
-        if self.alive():
-            os.kill(self.pid, sig)
-
-    def stop(self, timeout_s: float = 5.0) -> int | None:
-        """SIGTERM, then SIGKILL after ``timeout_s``; returns the exit status."""
-        if self.proc is None:
-            return None
-        if self.proc.poll() is None:
-            os.kill(self.proc.pid, signal.SIGCONT)
-            os.kill(self.proc.pid, signal.SIGTERM)
-            try:
-                self.proc.wait(timeout_s)
-            except subprocess.TimeoutExpired:
-                os.kill(self.proc.pid, signal.SIGKILL)
-                self.proc.wait(5)
-        return self.proc.returncode
+        try:
+            return self.control("POST", "/token", body)["token"]
+        except Fail as e:
+            raise NodeError(f"{self.name}: no token: {e}") from None
 
     def log_text(self) -> str:
-        try:
-            return self.log_path.read_text(errors="replace")
-        except FileNotFoundError:
-            return ""
+        return self.log()
 
 
 class Cluster:
-    """N nodes under one temporary directory."""
+    """Nodes under one temporary directory, all with the same mesh timing."""
 
-    def __init__(self, base: Path, *, heartbeat_s: float = 0.5, heartbeat_timeout_s: float = 1.5,
-                 rejoin_s: float = 5.0, verify_timeout_s: float = 0.5):
-        self.base = base
+    def __init__(self, base: Path, **timing: float):
+        self.base = Path(base)
         self.nodes: list[Node] = []
-        self.timing = dict(heartbeat_s=heartbeat_s, heartbeat_timeout_s=heartbeat_timeout_s,
-                           rejoin_s=rejoin_s, verify_timeout_s=verify_timeout_s)
+        self.timing = {**TEST_TIMING, **timing}
 
-    def add(self, name: str, *, listen: str = "127.0.0.1:0", netns: str | None = None,
+    def add(self, name: str, *, listen: str | None = None, netns: str | None = None,
             **mesh: Any) -> Node:
-        d = self.base / name
-        d.mkdir(parents=True, exist_ok=True)
-        node = Node(name, d, listen, netns=netns, extra_mesh=mesh, **self.timing)
+        node = Node(self.base / name, name, mesh={**self.timing, **mesh}, listen=listen,
+                    netns=netns)
         self.nodes.append(node)
         return node
 
     def start_chain(self, n: int, *, token_from: Callable[[list[Node]], Node] | None = None,
-                    timeout_s: float = 20.0) -> list[Node]:
+                    timeout_s: float = 30.0) -> list[Node]:
         """Start ``n`` nodes: the first founds the mesh, each next joins with a token from
-        ``token_from(started)`` (default: the previous node)."""
-        nodes = []
+        ``token_from(started)`` (default: the previous node, so a chain)."""
+        nodes: list[Node] = []
         for i in range(n):
-            node = self.add(f"n{i}")
+            node = self.add(f"n{len(self.nodes)}")
             if i == 0:
                 node.start()
-                wait_for(lambda node=node: node.status() is not None, timeout_s, f"{node.name} up")
             else:
                 issuer = (token_from or (lambda ns: ns[-1]))(nodes)
                 node.start(join=[issuer.token()])
-                wait_for(lambda node=node: (node.status() or {}).get("mesh_id") is not None,
-                         timeout_s, f"{node.name} joined")
+            wait_for(lambda node=node: node.mesh_id(), timeout_s, f"{node.name} in a mesh",
+                     nodes=[node])
             nodes.append(node)
         return nodes
 
-    def stop_all(self) -> None:
+    def stop_all(self, log_lines: int = 15) -> None:
         for node in self.nodes:
             try:
-                node.stop()
+                node.stop(timeout=10)
             except ProcessLookupError:
                 pass
+        for node in self.nodes if log_lines > 0 else ():
+            tail = node.log_text().splitlines()[-log_lines:]
+            print(f"--- {node.name} ({node.dir}), last {len(tail)} log lines")
+            print("\n".join(tail))
 
 
-def wait_for(cond: Callable[[], Any], timeout_s: float, what: str, interval_s: float = 0.02) -> Any:
-    """Poll ``cond`` until truthy, at most ``timeout_s`` (and at most timeout/interval tries)."""
+def wait_for(cond: Callable[[], Any], timeout_s: float, what: str, interval_s: float = 0.02,
+             nodes: list[Node] | None = None) -> Any:
+    """Poll ``cond`` until truthy, at most ``timeout_s`` (and at most timeout/interval tries).
+    Fails at once when one of ``nodes`` has exited."""
     deadline = time.monotonic() + timeout_s
     for _ in range(int(timeout_s / interval_s) + 1):
         value = cond()
         if value:
             return value
+        for node in nodes or ():
+            if not node.alive():
+                raise NodeError(f"{node.name} exited ({node.proc.returncode if node.proc else '?'})"
+                                f" while waiting for {what}:\n{node.log_text()[-3000:]}")
         if time.monotonic() >= deadline:
             break
         time.sleep(interval_s)
@@ -215,8 +165,74 @@ def wait_for(cond: Callable[[], Any], timeout_s: float, what: str, interval_s: f
 
 
 def full_mesh(nodes: list[Node]) -> bool:
+    """Every node lists every other, and only them."""
     try:
         ids = {n.node_id for n in nodes}
     except NodeError:
         return False
     return all(n.peer_ids() == ids - {n.node_id} for n in nodes)
+
+
+# -- network namespaces (root only) ------------------------------------------------------------
+
+
+def ip(*args: str) -> None:
+    subprocess.run(["ip", *args], check=True, capture_output=True, text=True)
+
+
+def in_netns(ns: str, *cmd: str) -> None:
+    """Run ``cmd`` inside namespace ``ns`` (e.g. ``iptables ...``); raise when it fails."""
+    r = subprocess.run(["ip", "netns", "exec", ns, *cmd], capture_output=True, text=True)
+    if r.returncode != 0:
+        raise RuntimeError(f"in {ns}: {' '.join(cmd)}: {r.stderr.strip() or r.returncode}")
+
+
+def can_netns() -> str | None:
+    """None when this process can make network namespaces, else why not."""
+    if os.geteuid() != 0:
+        return "needs root (ip netns)"
+    probe = f"mt{uuid.uuid4().hex[:6]}"
+    try:
+        ip("netns", "add", probe)
+    except (subprocess.CalledProcessError, FileNotFoundError) as e:
+        return f"cannot create a network namespace: {getattr(e, 'stderr', e)}"
+    subprocess.run(["ip", "netns", "del", probe], capture_output=True)
+    return None
+
+
+def have_iptables() -> bool:
+    return shutil.which("iptables") is not None
+
+
+class Namespaces:
+    """Network namespaces and veth links created here, and always removed by ``close()``
+    (deleting a namespace deletes the veth ends inside it).  Stop the processes running
+    in them first."""
+
+    def __init__(self) -> None:
+        self.tag = uuid.uuid4().hex[:5]
+        self.names: list[str] = []
+        self._links = 0
+
+    def add(self, short: str) -> str:
+        name = f"mesh{self.tag}{short}"
+        ip("netns", "add", name)
+        self.names.append(name)
+        ip("-n", name, "link", "set", "lo", "up")
+        return name
+
+    def link(self, left: str, left_cidr: str, right: str, right_cidr: str) -> tuple[str, str]:
+        """A veth pair between two namespaces, addressed and up; (left dev, right dev)."""
+        self._links += 1
+        ldev, rdev = f"v{self.tag}{self._links}l", f"v{self.tag}{self._links}r"
+        ip("link", "add", ldev, "netns", left, "type", "veth", "peer", "name", rdev,
+           "netns", right)
+        for ns, dev, cidr in ((left, ldev, left_cidr), (right, rdev, right_cidr)):
+            ip("-n", ns, "addr", "add", cidr, "dev", dev)
+            ip("-n", ns, "link", "set", dev, "up")
+        return ldev, rdev
+
+    def close(self) -> None:
+        for name in reversed(self.names):
+            subprocess.run(["ip", "netns", "del", name], capture_output=True)
+        self.names.clear()
