@@ -1,9 +1,9 @@
 """The daemon as a tree of Twisted services, started and stopped in order.
 
 Start: state directory, identity, GPUs, models, control socket, llama-server,
-API listener, mesh; READY=1 once the API listens and the model is loaded.
-Stop (SIGTERM, Ctrl-C, ``meshctl leave``): STOPPING=1, leave the mesh, stop
-accepting API connections, let in-flight streams finish within ``[api]
+API listener, mesh, web console; READY=1 once the API listens and the model is
+loaded.  Stop (SIGTERM, Ctrl-C, ``meshctl leave``): STOPPING=1, leave the mesh,
+close the console, stop accepting API connections, let in-flight streams finish within ``[api]
 drain_s``, stop llama-server, remove the control socket, exit 0.
 
 The systemd glue (notify, watchdog) is one service here, not code spread
@@ -73,6 +73,7 @@ class MeshdService(service.MultiService):
         self.api = None
         self._api_port = None
         self._control_port = None
+        self.console = None
         self._stopping = None
         self.router = None  # meshd.router.MeshRouter (active nodes)
         self.rebalancer = None  # meshd.rebalance.Rebalancer (active nodes)
@@ -143,6 +144,7 @@ class MeshdService(service.MultiService):
         self._ensure_router()
         await self._listen_api()
         self._start_mesh(identity, state)
+        await self._listen_console()
         self.node.state = "running"
         if first is not None and first.path is None:
             # not on disk yet: the API answers 503 for it until the download is done
@@ -331,6 +333,20 @@ class MeshdService(service.MultiService):
             raise StartupError(f"[api] listen {self.config.api.listen}: {_reason(e)}") from None
         log.info("API on http://%s", self.config.api.listen)
 
+    async def _listen_console(self) -> None:
+        """The web console, once the node has its mesh and downloader to watch."""
+        if not self.config.console.enabled:
+            return
+        from meshd.console import Console
+
+        self.console = Console(self.node, self.config, reactor=self.reactor)
+        try:
+            await self.console.listen()
+        except Exception as e:
+            raise StartupError(
+                f"[console] listen {self.config.console.listen}: {_reason(e)}") from None
+        log.info("console on http://%s", self.config.console.listen)
+
     # -- stop -----------------------------------------------------------------
 
     def shutdown(self) -> None:
@@ -349,6 +365,8 @@ class MeshdService(service.MultiService):
             self.node.state = "stopping"
         log.info("stopping")
         await defer.maybeDeferred(super().stopService)
+        if self.console is not None:
+            await self.console.stop()
         if self._api_port is not None:
             await defer.maybeDeferred(self._api_port.stopListening)
         if self.api is not None:
