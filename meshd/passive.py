@@ -464,12 +464,14 @@ class RouteClient:
             return
         if self._refresh_call is not None and self._refresh_call.active():
             self._refresh_call.cancel()
+        delay = self.refresh_s * (1 + REFRESH_JITTER * (2 * self._random() - 1))
+        self._refresh_call = self.reactor.callLater(delay, self._request)
+        if self._waiting is not None and self._waiting.active():
+            return  # one request at a time: the answer to the one in flight will do
         etag = self.table.etag if self.table is not None and self.table.source == self.via else None
         self.requests += 1
         conn.send_json(FrameType.ROUTE_REQUEST, self._checkin(etag).to_body())
         self._waiting = self.reactor.callLater(self.answer_timeout_s, self._no_answer, conn)
-        delay = self.refresh_s * (1 + REFRESH_JITTER * (2 * self._random() - 1))
-        self._refresh_call = self.reactor.callLater(delay, self._request)
 
     def _no_answer(self, conn: PeerProtocol) -> None:
         self._waiting = None

@@ -606,3 +606,14 @@ def test_a_bad_route_request_closes_only_that_connection():
     assert c.closed_with and c.closed_with.startswith("bad ROUTE_REQUEST")
     ok = connect(server, "y")
     assert ok.ask(kind="client")["hosts"]
+
+
+def test_one_request_at_a_time_even_when_the_refresh_is_shorter_than_the_answer():
+    c, clock, dialer, tables = route_client(tokens_=[make_token()], refresh_s=1.0)
+    c.start()
+    conn = dialer.succeed(c)
+    clock.advance(1.0)
+    clock.advance(1.0)
+    assert len(conn.sent) == 1  # still waiting for the first answer
+    clock.advance(3.5)  # answer_timeout_s (5 s) after the one request: that node is left
+    assert conn.closed_with and "no routing table" in conn.closed_with
