@@ -68,6 +68,8 @@ from meshd.wire import Frame, FrameError, FrameType
 log = logging.getLogger("meshd.mesh")
 
 LEAVE_BOUND_S = 1.0  # leave() fires after this long even if a peer does not take our LEAVING
+# the CLOSE reason for the loser of a simultaneous dial pair
+DUPLICATE = "duplicate connection"
 RUMOR_ATTEMPTS = 5  # dial a node others report this many times before forgetting it
 DROPS_REMEMBERED = 1024  # DROP ids kept to forward each drop once
 
@@ -490,7 +492,7 @@ class MeshService(service.Service):
             keep = _preferred(existing, conn, self.node_id)
             drop = conn if keep is existing else existing
             self.conns[node_id] = keep
-            drop.close("duplicate connection (the other one is kept)")
+            drop.close(f"{DUPLICATE} (the other one is kept)")
             if keep is existing:
                 return
         self.conns[node_id] = conn
@@ -532,6 +534,19 @@ class MeshService(service.Service):
         if node_id is None or self.conns.get(node_id) is not conn:
             return
         del self.conns[node_id]
+        if DUPLICATE in reason:
+            # the peer kept the other connection of a simultaneous dial pair, which
+            # may not be open on this side yet: a loss only if it never arrives
+            self.reactor.callLater(self.cfg.connect_timeout_s, self._lost_unless_back,
+                                   node_id, reason)
+            return
+        self._lost(node_id, reason)
+
+    def _lost_unless_back(self, node_id: str, reason: str) -> None:
+        if node_id not in self.conns and self._leaving is None:
+            self._lost(node_id, f"{reason}, and the other connection never opened")
+
+    def _lost(self, node_id: str, reason: str) -> None:
         if self.table.lost(node_id, reason):
             incarnation = self.table.dead[node_id].incarnation
             self._broadcast(FrameType.PEER_DOWN, {"node_id": node_id, "incarnation": incarnation,
