@@ -87,6 +87,9 @@ class ModelsConfig:
     tensor_split: list[float] = field(default_factory=list)
     max_rtt_ms: float = 80.0
     min_free_gb: float = 5.0
+    # an idle node asks for a model once no membership event came for this long
+    # after joining (at most 3x this)
+    assign_settle_s: float = 2.0
 
 
 @dataclass(frozen=True)
@@ -305,7 +308,7 @@ def validate(config: Config) -> list[str]:
         ("mesh", "heartbeat_s"), ("mesh", "heartbeat_timeout_s"), ("mesh", "rejoin_s"),
         ("mesh", "refresh_s"), ("mesh", "max_frame_bytes"), ("api", "max_body_bytes"),
         ("mesh", "verify_timeout_s"), ("mesh", "connect_timeout_s"),
-        ("api", "connect_timeout_s"), ("policy", "slow_hook_ms"),
+        ("api", "connect_timeout_s"), ("policy", "slow_hook_ms"), ("models", "assign_settle_s"),
         ("llama", "ctx_size"), ("llama", "load_timeout_s"), ("llama", "stop_timeout_s"),
         ("llama", "restart_min_s"), ("llama", "restart_max_s"), ("llama", "restart_reset_s"),
         ("llama", "health_interval_s"), ("llama", "health_timeout_s"),

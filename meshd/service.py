@@ -26,10 +26,6 @@ from meshd.config import Config
 
 log = logging.getLogger("meshd")
 
-# an idle node asks for a model once no membership event came for this long after
-# joining (at most three times this); a config key is proposed ([models] assign_settle_s)
-ASSIGN_SETTLE_S = 2.0
-
 
 class StartupError(Exception):
     """An expected reason the daemon cannot start (port in use, missing binary)."""
@@ -235,7 +231,7 @@ class MeshdService(service.MultiService):
             node.add_status_listener(self.router.invalidate)
             self.rebalancer = node.rebalancer = Rebalancer(
                 node, reactor=self.reactor, start=self._spawn, stop=node.stop_serving,
-                changed=self._placement_changed, settle_s=ASSIGN_SETTLE_S)
+                changed=self._placement_changed, settle_s=self.config.models.assign_settle_s)
         if self.api is not None:
             self.api.router = self.router
         return self.router
