@@ -25,6 +25,14 @@ that after the first), logs the choice and its reason, and serves it --
 through the gated downloader first when it is not on disk.  A model the
 mesh dropped (``meshctl drop``) is never assigned again automatically.
 
+Such an idle node also reacts at once to a peer's death, departure or
+drop, and to a peer that stops hosting a model: it asks
+``placement.should_promote`` (the promotion hook, with the default's
+deterministic tie-break among spare nodes, so two idle nodes never promote
+for one orphan) and, when told to, serves the orphaned model the same way
+as an assignment.  Standbys do the same on their routing table
+(``meshd.passive``).
+
 ``decide`` is pure; :class:`Rebalancer` holds the state and does what the
 decisions say through three callables (start, stop, start a split), so it is
 tested with a ``Clock`` and fakes.
@@ -39,6 +47,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from meshd import placement
+from meshd.membership import PeerChanged, PeerDown, PeerLeft
 from meshd.snapshot import MeshView, NodeView, gb
 
 log = logging.getLogger("meshd.rebalance")
@@ -295,11 +304,38 @@ class Rebalancer:
     # -- mesh events ----------------------------------------------------------------------------
 
     def on_event(self, event: Any = None) -> None:
-        """A membership event: decide again; an idle node (re)starts its settle timer."""
+        """A membership event: decide again; an idle node may promote, else (re)starts its
+        settle timer.  ``event`` None: a model was dropped."""
         if self.target is not None:
             self.evaluate(type(event).__name__ if event is not None else "")
-        elif self._may_assign():
+            return
+        why = _orphaning(event)
+        # a lone node promotes when its last peer died, not for its own drop
+        alone = event is None and not (self.node.mesh is not None and self.node.mesh.peers())
+        if why is not None and not alone and self._may_promote() and self.promote(why) is not None:
+            return
+        if self._may_assign():
             self._schedule_assign()
+
+    def _may_promote(self) -> bool:
+        node = self.node
+        if node.config.node.client or self.assigning or self.target is not None:
+            return False
+        return node.mesh is not None and node.role == "idle"
+
+    def promote(self, why: str = "") -> str | None:
+        """Ask the promotion hook whether this idle node serves an orphaned model now."""
+        view, me = self._spare_view()
+        decision = placement.should_promote(me, view, policy=self.node.policy)
+        because = f" ({why})" if why else ""
+        if not decision.promote or decision.model is None:
+            log.debug("idle, not promoting: %s%s", decision.reason, because)
+            return None
+        log.info("idle node promoting to serve %s: %s (decided by %s)%s", decision.model,
+                 decision.reason, decision.decided_by or placement.BUILT_IN, because)
+        self._cancel_assign()
+        return self._take(decision.model, download=not me.has(decision.model),
+                          what="promoted to")
 
     def _may_assign(self) -> bool:
         node = self.node
@@ -330,8 +366,16 @@ class Rebalancer:
         self._assign_deadline = None
         if not self._may_assign():
             return None
+        view, me = self._spare_view()
+        decision = placement.assign_model(me, view, policy=self.node.policy)
+        if decision.model is None:
+            return None
+        return self._take(decision.model, download=decision.download, what="assigned")
+
+    def _spare_view(self) -> tuple[MeshView, NodeView]:
+        """The mesh and this node as assignment and promotion see them: dropped models left
+        out, and a model a peer is loading or waiting for counted as served."""
         dropped = frozenset(getattr(self.node, "dropped", ()))
-        # a model a peer is loading or waiting for is not "unserved": count it as served
         targets = self.targets()
         mesh_view = self.node.mesh_view()
         view = without_models(MeshView(
@@ -340,16 +384,19 @@ class Rebalancer:
                 n.serving + targets.get(n.node_id, ())))) for n in mesh_view.nodes)), dropped)
         me = without_models(MeshView(self_id=self.node.node_id, nodes=(self.node.node_view(),)),
                             dropped).nodes[0]
-        decision = placement.assign_model(me, view, policy=self.node.policy)
-        model = decision.model
-        if model is None or model in dropped:
+        return view, me
+
+    def _take(self, model: str, *, download: bool, what: str) -> str | None:
+        """Serve ``model`` (assigned or promoted): through the gated downloader first when it
+        is not on disk."""
+        if model in getattr(self.node, "dropped", ()):
             return None
-        if not decision.download:
+        if not download:
             self.serve(model)
             return model
         downloader = getattr(self.node, "downloader", None)
         if downloader is None:
-            log.warning("assigned %s, but this node cannot download", model)
+            log.warning("%s %s, but this node cannot download", what, model)
             return None
         self.assigning = True
         d = downloader.download(model)
@@ -363,13 +410,28 @@ class Rebalancer:
 
         def failed(f: Any) -> None:
             self.assigning = False
-            log.error("assigned %s, but its download failed: %s", model, f.getErrorMessage())
+            log.error("%s %s, but its download failed: %s", what, model, f.getErrorMessage())
 
         d.addCallbacks(done, failed)
         return model
 
     def stop(self) -> None:
         self._cancel_assign()
+
+
+def _orphaning(event: Any) -> str | None:
+    """Why ``event`` may have left a model without a host (None: it cannot have)."""
+    if event is None:
+        return "a model was dropped"
+    if isinstance(event, PeerDown):
+        return f"peer {event.node_id} down: {event.reason}"
+    if isinstance(event, PeerLeft):
+        return f"peer {event.node_id} left"
+    if isinstance(event, PeerChanged):
+        lost = sorted(set(event.old.serving) - set(event.node.serving))
+        if lost:
+            return f"peer {event.node.node_id} stopped serving {', '.join(lost)}"
+    return None
 
 
 def without_models(view: MeshView, names: frozenset[str]) -> MeshView:
