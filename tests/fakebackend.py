@@ -12,6 +12,10 @@ and ignores llama-server's other flags::
 
     python tests/fakebackend.py --host 127.0.0.1 --port P [--chunks 500] [-m MODEL.gguf] ...
 
+``--chunk-delay-ms`` makes each stream slow (a pause before every chunk, so
+requests overlap); ``--request-log FILE`` appends one line per POST, so a test
+can count which of several fake backends answered.
+
 In a test, :class:`FakeBackend` runs in a thread and can misbehave on purpose:
 ``mode`` "close" reads the request and closes without answering, "break"
 sends ``break_after`` SSE chunks (or part of a JSON body) and closes; ``gate``
@@ -41,8 +45,11 @@ class FakeBackend:
     """One fake server; counters are read by tests (``requests``, ``peer_closed``)."""
 
     def __init__(self, host: str = "127.0.0.1", port: int = 0, chunks: int = 500,
-                 model: str = "fake-model", yield_every: int = 1):
+                 model: str = "fake-model", yield_every: int = 1, chunk_delay_s: float = 0.0,
+                 request_log: str | None = None):
         self.host = host
+        self.chunk_delay_s = chunk_delay_s
+        self.request_log = request_log
         self.port = port
         self.chunks = chunks
         self.model = model
@@ -118,6 +125,9 @@ class FakeBackend:
                     body = await reader.readexactly(int(headers["content-length"]))
                 self.requests += 1
                 self.bodies.append(body)
+                if self.request_log and method == "POST":
+                    with open(self.request_log, "a") as f:
+                        f.write(f"{method} {path}\n")
                 keep = await self._respond(method, path.split("?")[0], body, reader, writer)
                 if not keep or headers.get("connection", "").lower() == "close":
                     break
@@ -198,6 +208,8 @@ class FakeBackend:
                 if transport.is_closing():
                     self.peer_closed += 1
                     return False
+                if self.chunk_delay_s:
+                    await asyncio.sleep(self.chunk_delay_s)
                 writer.write(chunk)
                 if i % every == 0:
                     await writer.drain()
@@ -218,12 +230,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--chunks", type=int, default=500, help="SSE chunks per stream")
     parser.add_argument("--yield-every", type=int, default=1,
                         help="yield to other streams after this many chunks")
+    parser.add_argument("--chunk-delay-ms", type=float, default=0.0,
+                        help="pause this long before each SSE chunk")
+    parser.add_argument("--request-log", default=None, help="append one line per POST here")
     parser.add_argument("-m", "--model", default="", help="a GGUF path: its stem is the model id")
     parser.add_argument("-a", "--alias", default="")
     args, _ignored = parser.parse_known_args(argv)
     model = args.alias or (Path(args.model).stem if args.model else "fake-model")
     fake = FakeBackend(args.host, args.port, chunks=args.chunks, model=model,
-                       yield_every=args.yield_every)
+                       yield_every=args.yield_every, chunk_delay_s=args.chunk_delay_ms / 1000,
+                       request_log=args.request_log)
 
     async def run() -> None:
         await fake.serve()
