@@ -24,6 +24,11 @@ What a reader needs to know:
   byte ends with an SSE ``error`` event and the connection closes.
 - Drain (SIGTERM): :meth:`ApiServer.drain` refuses new requests with 503 and
   fires once every in-flight request ended or the timeout passed.
+- A ``relay`` server is the far end of tunnels (``meshd.tunnel``): where the
+  API would answer 503 or 502 before any upstream byte (draining, the model not
+  served here, its llama-server down), it hangs up instead, so the requesting
+  node's API sees "closed before any response" and fails over or retries on a
+  fresh tunnel, as it would for a dead host, rather than relaying an error.
 
 ``python -m meshd.api --static MODEL=HOST:PORT --listen HOST:PORT`` runs the
 API alone in front of fixed upstreams (benchmarks, debugging).
@@ -224,10 +229,14 @@ class _Root(resource.Resource):
 
 
 class ApiServer:
-    """The API: ``site`` to listen with, ``in_flight`` and ``drain()`` for shutdown."""
+    """The API: ``site`` to listen with, ``in_flight`` and ``drain()`` for shutdown.
+
+    ``relay``: the far end of tunnels (see the module docstring), whose
+    channels ``meshd.tunnel`` builds from ``site`` over each tunnel.
+    """
 
     def __init__(self, router: Router, config: ApiConfig, *, reactor: IReactorTime | None = None,
-                 pool: ConnectionPool | None = None):
+                 pool: ConnectionPool | None = None, relay: bool = False):
         if reactor is None:
             from twisted.internet import reactor
         self.router = router
@@ -236,6 +245,7 @@ class ApiServer:
         self.pool = pool or ConnectionPool(reactor, config.connect_timeout_s)
         self.metrics = Metrics()
         self.forwards: set[Forward] = set()
+        self.relay = relay
         self.draining = False
         self._drain_waiters: list[defer.Deferred] = []
         self._api_key = config.api_key.encode()
@@ -318,8 +328,17 @@ class ApiServer:
             request.setHeader(name, value)
         return error_body(message, type_, code)
 
+    def hang_up(self, request: server.Request, model: str, status: int, reason: str):
+        """A relay's answer to a request it cannot serve: close the connection unanswered."""
+        log.info("not relaying a request for %s (%s): closing the tunnel", model or "?", reason)
+        self.metrics.request_done(model, status, 0)
+        request.channel.loseConnection()
+        return server.NOT_DONE_YET
+
     def _forward(self, request: server.Request):
         if self.draining:
+            if self.relay:
+                return self.hang_up(request, "", 503, "this node is shutting down")
             request.setHeader(b"Connection", b"close")
             self.metrics.request_done("", 503, 0)
             return self._error(request, 503, "this node is shutting down", "server_error",
@@ -342,13 +361,19 @@ class ApiServer:
         try:
             upstreams = self.router.upstreams(model, client_id)
         except UnknownModel as e:
+            if self.relay:
+                return self.hang_up(request, "", 404, str(e))
             self.metrics.request_done("", 404, 0)
             return self._error(request, 404, str(e), e.type, e.code)
         except NotReady as e:
+            if self.relay:
+                return self.hang_up(request, model, 503, str(e))
             self.metrics.request_done(model, 503, 0)
             return self._error(request, 503, str(e), e.type, e.code,
                                {b"Retry-After": b"%d" % e.retry_after_s})
         if not upstreams:
+            if self.relay:
+                return self.hang_up(request, model, 503, "no host ready")
             self.metrics.request_done(model, 503, 0)
             return self._error(request, 503, f"model {model!r} has no host ready", "server_error",
                                "model_not_ready", {b"Retry-After": b"5"})
@@ -458,6 +483,10 @@ class Forward:
             self._try_next()
             return
         log.warning("upstream %s for %s failed before responding: %s", up.name, self.model, reason)
+        if self.api.relay:
+            self._finished(502 if self.reached_any else 503, upstream_done=True)
+            self.request.channel.loseConnection()
+            return
         if self.reached_any:
             self._fail_before_head(502, f"the backend for {self.model!r} failed: {reason}",
                                    "upstream_error")

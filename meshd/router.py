@@ -283,6 +283,11 @@ class MeshRouter:
         self._upstreams[key] = up
         return up
 
+    def local_upstream(self, model: str) -> routing.Upstream:
+        """This node's own llama-server for ``model`` (which it serves), pooled like any upstream."""
+        self.snapshot()  # a rebuilt table drops the upstream of a restarted llama-server
+        return self._upstream(self.node.node_id, model)
+
     def _current_suspects(self) -> frozenset[str]:
         if not self._suspects:
             return frozenset()
@@ -318,23 +323,56 @@ class MeshRouter:
         return self.in_flight.get(node_id, 0)
 
 
-def host_lookup(node: Any) -> Callable[[str], IStreamClientEndpoint]:
-    """The host side of tunnels: ``lookup(model)`` -> this node's warm llama-server for it.
+class LocalOnlyRouter:
+    """``routing.Router`` for the far end of tunnels: this node's own llama-server, nothing else.
 
-    Raises ``TunnelRefused`` (the requester fails over) when this node does not
-    serve ``model`` or its llama-server is not ready: a stale routing table
-    elsewhere must cost a failover, never an error.
+    A request that came through a tunnel (``meshd.tunnel``) was routed by the
+    requesting node; here it goes to this node's llama-server for the model or
+    nowhere (``routing.NotReady``, which the tunnel's API answers by hanging
+    up so the requester fails over), so it can never hop on to a third node.
+    ``check(model)`` is the same test for the TUNNEL header.  Requests carried
+    for peers are not counted in ``MeshRouter.in_flight`` (requests *from* here).
     """
-    from meshd.tunnel import TunnelRefused
 
-    def lookup(model: str) -> IStreamClientEndpoint:
+    def __init__(self, router: MeshRouter):
+        self.router = router
+
+    def why_not(self, model: str) -> str:
+        """Why this node cannot take a request for ``model`` now; ``""`` when it can."""
+        node = self.router.node
         if model in node.dropped:
-            raise TunnelRefused(f"{model} was dropped from the mesh")
+            return f"{model} was dropped from the mesh"
         served = node.served.get(model)
         if served is None:
-            raise TunnelRefused(f"this node does not serve {model}")
+            return f"this node does not serve {model}"
         if served.backend.state != "ready":
-            raise TunnelRefused(f"{model} is {served.state} on this node")
-        return served.backend.endpoint()
+            return f"{model} is {served.state} on this node"
+        return ""
 
-    return lookup
+    def check(self, model: str) -> None:
+        """The TUNNEL header's test: ``TunnelRefused`` (the requester fails over) unless served here."""
+        from meshd.tunnel import TunnelRefused
+
+        reason = self.why_not(model)
+        if reason:
+            raise TunnelRefused(reason)
+
+    # -- routing.Router ----------------------------------------------------------------------
+
+    def models(self) -> list[dict[str, Any]]:
+        return self.router.models()
+
+    def upstreams(self, model: str, client_id: str) -> list[routing.Upstream]:
+        reason = self.why_not(model)
+        if reason:
+            raise routing.NotReady(model, reason, retry_after_s=RETRY_AFTER_S)
+        return [self.router.local_upstream(model)]
+
+    def upstream_failed(self, upstream: routing.Upstream, reason: str) -> None:
+        self.router.upstream_failed(upstream, reason)
+
+    def request_started(self, upstream: routing.Upstream) -> None:
+        pass
+
+    def request_finished(self, upstream: routing.Upstream) -> None:
+        pass

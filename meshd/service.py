@@ -12,6 +12,7 @@ through the tree; every part takes the reactor so tests can pass a fake one.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import signal
 from pathlib import Path
@@ -245,11 +246,16 @@ class MeshdService(service.MultiService):
 
     def _wire_routing(self, mesh) -> None:
         """Tunnels in and out, routing and election on every membership event, drops."""
-        from meshd.router import host_lookup
+        from meshd.api import ApiServer
+        from meshd.router import LocalOnlyRouter
         from meshd.tunnel import TunnelServer
 
         self._ensure_router()
-        self.tunnels = TunnelServer(host_lookup(self.node))
+        local = LocalOnlyRouter(self.router)
+        # mTLS authenticated the peer: the tunnel API asks no API key
+        api = ApiServer(local, dataclasses.replace(self.config.api, api_key=""),
+                        reactor=self.reactor, relay=True)
+        self.tunnels = TunnelServer(local.check, api)
         self.tunnels.attach(mesh)
         mesh.add_listener(self.router.invalidate)
         mesh.add_listener(self.rebalancer.on_event)
@@ -366,14 +372,17 @@ class MeshdService(service.MultiService):
         if self._api_port is not None:
             await defer.maybeDeferred(self._api_port.stopListening)
         if self.api is not None:
-            in_flight = self.api.in_flight
+            in_flight = self.api.in_flight + (self.tunnels.api.in_flight if self.tunnels else 0)
             if in_flight:
                 log.info(
                     "waiting up to %.0f s for %d in-flight request(s)",
                     self.config.api.drain_s,
                     in_flight,
                 )
-            await self.api.drain(self.config.api.drain_s)
+            drains = [self.api.drain(self.config.api.drain_s)]
+            if self.tunnels is not None:  # requests peers sent us through tunnels
+                drains.append(self.tunnels.drain(self.config.api.drain_s))
+            await defer.DeferredList(drains, consumeErrors=True)
         if self.node is not None and self.node.downloader is not None:
             self.node.downloader.cancel_all()
         if self.node is not None:

@@ -1,4 +1,4 @@
-"""HTTP tunnels: a request for a model served on another node, carried over mTLS.
+"""HTTP tunnels: requests for a model served on another node, carried over mTLS.
 
 A tunnel is one peer connection (``meshd.peer``: TLS 1.3 with certificates
 both ways, HELLO with a session-bound proof of the mesh secret -- exactly the
@@ -8,22 +8,28 @@ opened with purpose ``"http"`` and then switched to raw bytes.  Its life:
 1. The requesting node dials the host (``mesh.connect_peer(node_id, "http")``)
    and, once the connection is open, sends one ``TUNNEL`` frame
    ``{"model": name}`` (the frame format of ``meshd.wire``).
-2. The host connects to its own llama-server for that model and answers with
-   one ``TUNNEL`` frame: ``{"ok": true}``, or ``{"error": reason}`` and closes
-   (it does not serve that model, or its llama-server is not reachable).  The
-   requesting node learns this before it sends a single HTTP byte, so a stale
-   routing table costs a failover, never a failed request.
-3. From then on both ends splice bytes: the requesting node's HTTP client
-   (``meshd.proxy``) writes HTTP/1.1 into the tunnel as if it were a TCP
-   connection to the llama-server, keep-alive included, so the API pools
-   tunnels like any upstream connection (pool key per peer and model).
+2. The host checks that it serves that model warm and answers with one
+   ``TUNNEL`` frame: ``{"ok": true}``, or ``{"error": reason}`` and closes.
+   The requesting node learns this before it sends a single HTTP byte, so a
+   stale routing table costs a failover, never a failed request.
+3. From then on the tunnel is a persistent HTTP/1.1 keep-alive connection
+   between the requesting node's API client (``meshd.proxy``, which pools it
+   under ``tunnel:<node>:<model>``) and an HTTP channel of the host's
+   tunnel-only API (``meshd.api.ApiServer`` with ``relay=True`` in front of
+   ``meshd.router.LocalOnlyRouter``: this node's llama-server, never a third
+   node).  That API talks to llama-server with its own pooled client, which
+   reconnects after llama-server closes its connection (it does after every
+   streamed response), so the tunnel outlives llama-server's connections and
+   carries one exchange after another.  A request the host cannot serve any
+   more is not answered: the host hangs up, and the requester retries on a
+   fresh tunnel (refused at step 2: failover).
 
-Backpressure runs through the whole path, the way
-``twisted/protocols/portforward.py`` wires it: each side of a splice is
-registered as the streaming producer of the other side's transport, so a
-slow API client pauses the tunnel's socket, whose TCP window pauses the
-host's TLS writes, which pause the host's read of llama-server's socket.
-Either end closing closes the other.
+Backpressure runs through the whole path: both ends hand their HTTP protocol
+a :class:`TunnelTransport`, whose producer registration and pause/resume go
+to the peer connection's TLS transport.  A slow API client on the requesting
+node pauses the tunnel's socket; its TCP window fills the host's TLS writes,
+whose pause reaches the host's HTTP channel and from it the host's read of
+llama-server's socket.  Either end closing the tunnel closes the other.
 
 A tunnel that cannot be opened (dial, TLS, HELLO, or the host vanishing
 before it answered) is reported with ``mesh.peer_unreachable(node_id,
@@ -32,8 +38,8 @@ dead too, removes the node and broadcasts PEER_DOWN (the death path).  The
 API then fails over to the next host.
 
 This module is protocol only: which model goes where is ``meshd.router``'s
-business; the host side asks a ``lookup(model)`` callable for the local
-endpoint.
+business; the host side asks a ``check(model)`` callable whether it serves
+the model and hands the bytes to the tunnel API's site.
 """
 
 from __future__ import annotations
@@ -51,7 +57,6 @@ from twisted.internet.interfaces import (
     IStreamClientEndpoint,
     ITransport,
 )
-from twisted.internet.protocol import Factory, Protocol
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
@@ -63,9 +68,6 @@ log = logging.getLogger("meshd.tunnel")
 PURPOSE = "http"
 # the TUNNEL frames are a few dozen bytes; anything bigger is not a tunnel
 MAX_TUNNEL_FRAME_BYTES = 64 * 1024
-# bytes of the request the host holds while it connects to llama-server
-# before it stops reading the tunnel
-HOLD_WHILE_CONNECTING_BYTES = 256 * 1024
 
 
 class TunnelError(error.ConnectError):
@@ -101,98 +103,72 @@ def _tunnel_frame(body: dict[str, Any]) -> bytes:
 
 # -- the host's side ------------------------------------------------------------------------
 
-Lookup = Callable[[str], IStreamClientEndpoint]
-"""``lookup(model)``: an endpoint to this node's llama-server for ``model``; raises
-``TunnelRefused(reason)`` when this node does not serve it (or not right now)."""
+Check = Callable[[str], None]
+"""``check(model)``: returns when this node serves ``model`` warm; raises
+``TunnelRefused(reason)`` when it does not (or not right now)."""
 
 
 class TunnelServer:
-    """Accepts ``"http"`` connections from peers and splices each to a local llama-server.
+    """Accepts ``"http"`` connections from peers and serves each with the tunnel API's site.
 
-    ``attach(mesh)`` registers it; ``splices`` are the tunnels open now.
+    ``api`` is the tunnel-only ``meshd.api.ApiServer`` (``relay=True``);
+    ``attach(mesh)`` registers the handler; ``tunnels`` are the ones open now.
     """
 
-    def __init__(self, lookup: Lookup):
-        self.lookup = lookup
-        self.splices: set[HostSplice] = set()
-        self.opened = 0  # tunnels that reached a llama-server, since start
+    def __init__(self, check: Check, api: Any):
+        self.check = check
+        self.api = api
+        self.tunnels: set[HostTunnel] = set()
+        self.opened = 0  # tunnels accepted, since start
 
     def attach(self, mesh: Any) -> None:
         mesh.register_purpose(PURPOSE, self.handle)
 
     def handle(self, peer: Any) -> None:
         """An authenticated peer connection with purpose ``"http"``: take it over."""
-        splice = HostSplice(peer, self.lookup, done=self.splices.discard)
-        self.splices.add(splice)
-        splice.start()
-        if splice.state == HostSplice.CLOSED:
-            self.splices.discard(splice)
+        tunnel = HostTunnel(peer, self)
+        self.tunnels.add(tunnel)
+        tunnel.start()
+
+    def drain(self, timeout_s: float) -> defer.Deferred:
+        """Refuse new tunnels and requests; fires once the requests carried now ended (or timeout)."""
+        return self.api.drain(timeout_s)
 
     def close_all(self) -> None:
         """Shut every open tunnel (the node stops)."""
-        for splice in list(self.splices):
-            splice.close("this node is stopping")
+        for tunnel in list(self.tunnels):
+            tunnel.close("this node is stopping")
 
 
-class _LocalSide(Protocol):
-    """The host's connection to its llama-server: bytes go to the splice."""
+class HostTunnel:
+    """One tunnel on the host: the TUNNEL header, then an HTTP channel of the tunnel API.
 
-    def __init__(self, splice: HostSplice):
-        self.splice = splice
-
-    def connectionMade(self) -> None:  # noqa: N802
-        _set_nodelay(self.transport)
-
-    def dataReceived(self, data: bytes) -> None:  # noqa: N802
-        self.splice.peer.transport.write(data)
-
-    def connectionLost(self, reason: Failure = None) -> None:  # noqa: N802
-        self.splice.local_lost(reason)
-
-
-class HostSplice:
-    """One tunnel on the host: header, connect to llama-server, then bytes both ways.
-
-    States: HEADER (waiting for the TUNNEL frame) -> CONNECTING (dialling the
-    local llama-server, holding what the peer already sent) -> OPEN
-    (splicing) -> CLOSED.  Any state can go to CLOSED.
+    States: HEADER (waiting for the TUNNEL frame) -> OPEN (the channel reads
+    the peer's bytes) -> CLOSED.  Either state can go to CLOSED.
     """
 
-    HEADER, CONNECTING, OPEN, CLOSED = "header", "connecting", "open", "closed"
+    HEADER, OPEN, CLOSED = "header", "open", "closed"
 
-    def __init__(self, peer: Any, lookup: Lookup, *, done: Callable[[HostSplice], Any] | None = None):
+    def __init__(self, peer: Any, server: TunnelServer):
         self.peer = peer
-        self.lookup = lookup
+        self.server = server
         self.state = self.HEADER
         self.model: str | None = None
-        self.local: _LocalSide | None = None
-        self._done = done
+        self.channel: IProtocol | None = None
         self._decoder: wire.Decoder | None = wire.Decoder(MAX_TUNNEL_FRAME_BYTES)
-        self._held: list[bytes] = []
-        self._held_bytes = 0
-        self._peer_paused = False
-        self._connecting: defer.Deferred | None = None
 
     @property
     def who(self) -> str:
         return getattr(self.peer, "node_id", None) or "?"
 
     def start(self) -> None:
-        self.peer.take_over(self.peer_data)
+        self.peer.take_over(self._header_data)
         self.peer.closed.addCallback(self.peer_lost)
         _set_nodelay(self.peer.transport)
 
-    # -- bytes from the peer --------------------------------------------------------------
-
-    def peer_data(self, data: bytes) -> None:
-        if self.state == self.OPEN:
-            self.local.transport.write(data)
-        elif self.state == self.HEADER:
-            self._header_data(data)
-        elif self.state == self.CONNECTING:
-            self._hold(data)
-
     def _header_data(self, data: bytes) -> None:
+        if self.state != self.HEADER:
+            return
         assert self._decoder is not None
         try:
             frame = next(iter(self._decoder.feed(data)), None)
@@ -213,74 +189,37 @@ class HostSplice:
             self._refuse(f"bad tunnel header: {e}")
             return
         self.model = model
+        if self.server.api.draining:
+            self._refuse("this node is stopping")
+            return
         try:
-            endpoint = self.lookup(model)
+            self.server.check(model)
         except TunnelRefused as e:
             self._refuse(e.reason)
             return
-        self.state = self.CONNECTING
-        if rest:
-            self._hold(rest)
-        d = self._connecting = endpoint.connect(_OneProtocol(_LocalSide(self)))
-        d.addCallbacks(self._local_connected, self._local_failed)
+        self._open(rest)
 
-    def _hold(self, data: bytes) -> None:
-        self._held.append(data)
-        self._held_bytes += len(data)
-        if self._held_bytes > HOLD_WHILE_CONNECTING_BYTES and not self._peer_paused:
-            self._peer_paused = True
-            self.peer.transport.pauseProducing()
-
-    # -- the local llama-server ----------------------------------------------------------------
-
-    def _local_connected(self, local: _LocalSide) -> None:
-        self._connecting = None
-        if self.state != self.CONNECTING:  # the peer went away meanwhile
-            local.transport.loseConnection()
-            return
-        self.local = local
+    def _open(self, rest: bytes) -> None:
+        peer = self.peer
+        peer.transport.write(_tunnel_frame({"ok": True}))
+        channel = self.server.api.site.buildProtocol(peer.transport.getPeer())
+        self.channel = channel
         self.state = self.OPEN
-        peer_t = self.peer.transport
-        peer_t.write(_tunnel_frame({"ok": True}))
-        held, self._held, self._held_bytes = self._held, [], 0
-        if held:
-            local.transport.writeSequence(held)
-        # portforward's two lines: each side pauses the other
-        peer_t.registerProducer(local.transport, True)
-        local.transport.registerProducer(peer_t, True)
-        if self._peer_paused:
-            self._peer_paused = False
-            peer_t.resumeProducing()
-        log.debug("tunnel from %s open to the local llama-server of %s", self.who, self.model)
-
-    def _local_failed(self, failure: Failure) -> None:
-        self._connecting = None
-        if self.state != self.CONNECTING:
-            return
-        self._refuse(f"cannot reach this node's llama-server for {self.model}: "
-                     f"{failure.getErrorMessage()}")
-
-    def local_lost(self, reason: Failure | None) -> None:
-        """llama-server closed its side: close the tunnel once its bytes are out."""
-        if self.state == self.CLOSED:
-            return
-        self._close_state()
-        peer_t = self.peer.transport
-        if peer_t is not None:
-            peer_t.unregisterProducer()
-            peer_t.loseConnection()
+        self.server.opened += 1
+        channel.makeConnection(TunnelTransport(peer, self.who, self.model))
+        peer.take_over(channel.dataReceived)  # from now on the peer's bytes are HTTP
+        log.debug("tunnel from %s open for %s", self.who, self.model)
+        if rest:
+            channel.dataReceived(rest)
 
     # -- endings ---------------------------------------------------------------------------
 
     def peer_lost(self, reason: str) -> str:
-        """The tunnel connection closed: close the llama-server side too."""
-        if self.state != self.CLOSED:
-            self._close_state()
-            if self._connecting is not None:
-                self._connecting.cancel()
-            if self.local is not None and self.local.transport is not None:
-                self.local.transport.unregisterProducer()
-                self.local.transport.loseConnection()
+        """The tunnel connection closed: the channel (and any request on it) ends."""
+        channel, self.channel = self.channel, None
+        self._close_state()
+        if channel is not None:
+            channel.connectionLost(_lost(reason))
         return reason
 
     def close(self, reason: str) -> None:
@@ -300,20 +239,14 @@ class HostSplice:
 
     def _close_state(self) -> None:
         self.state = self.CLOSED
-        self._held = []
-        if self._done is not None:
-            done, self._done = self._done, None
-            done(self)
+        self._decoder = None
+        self.server.tunnels.discard(self)
 
 
-class _OneProtocol(Factory):
-    """A factory that hands out one prepared protocol (for ``endpoint.connect``)."""
-
-    def __init__(self, proto: Protocol):
-        self._proto = proto
-
-    def buildProtocol(self, addr: Any) -> Protocol:  # noqa: N802
-        return self._proto
+def _lost(reason: str) -> Failure:
+    """The ``connectionLost`` reason for a tunnel's protocol, from the peer's close reason."""
+    clean = reason == "connection closed by the peer" or reason.startswith("peer closed")
+    return Failure(error.ConnectionDone() if clean else error.ConnectionLost(reason))
 
 
 # -- the requesting node's side --------------------------------------------------------------
@@ -321,10 +254,11 @@ class _OneProtocol(Factory):
 
 @implementer(ITransport, IPushProducer, IConsumer)
 class TunnelTransport:
-    """What the HTTP client sees: a transport over an open tunnel.
+    """What the HTTP protocol at either end sees: a transport over an open tunnel.
 
     Writes, producers and pausing go to the peer connection's TLS transport
     (whose pause stops reading the socket); closing it closes the tunnel.
+    ``node_id`` is the node at the other end.
     """
 
     def __init__(self, peer: Any, node_id: str, model: str):
@@ -333,6 +267,7 @@ class TunnelTransport:
         self.node_id = node_id
         self.model = model
         self.disconnecting = False
+        self._producer = False  # a producer is registered on the TLS transport through us
 
     def write(self, data: bytes) -> None:
         self._t.write(data)
@@ -342,6 +277,9 @@ class TunnelTransport:
 
     def loseConnection(self) -> None:  # noqa: N802
         self.disconnecting = True
+        # TLS closes only once no producer is registered: nothing is produced after a close
+        if self._producer:
+            self.unregisterProducer()
         self._t.loseConnection()
 
     def abortConnection(self) -> None:  # noqa: N802
@@ -362,8 +300,10 @@ class TunnelTransport:
 
     def registerProducer(self, producer: Any, streaming: bool) -> None:  # noqa: N802
         self._t.registerProducer(producer, streaming)
+        self._producer = True
 
     def unregisterProducer(self) -> None:  # noqa: N802
+        self._producer = False
         self._t.unregisterProducer()
 
     def pauseProducing(self) -> None:  # noqa: N802
@@ -481,10 +421,8 @@ class _ClientOpen:
 
     def _peer_lost(self, reason: str) -> str:
         if self.proto is not None:
-            clean = reason in ("connection closed by the peer",) or reason.startswith("peer closed")
-            exc = error.ConnectionDone() if clean else error.ConnectionLost(reason)
             proto, self.proto = self.proto, None
-            proto.connectionLost(Failure(exc))
+            proto.connectionLost(_lost(reason))
         elif not self._done:
             self._fail(TunnelFailed(
                 f"node {self.ep.node_id} closed the tunnel before answering: {reason}"), suspect=True)

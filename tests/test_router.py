@@ -10,7 +10,7 @@ from twisted.internet.task import Clock
 
 from meshd import routing
 from meshd.policies.default import stable_index
-from meshd.router import SUSPECT_S, MeshRouter, build_snapshot, host_lookup, order_hosts
+from meshd.router import SUSPECT_S, LocalOnlyRouter, MeshRouter, build_snapshot, order_hosts
 from meshd.snapshot import MeshView, NodeView
 from meshd.tunnel import TunnelRefused
 from tests.meshfakes import MB, make_node, peer, serve
@@ -221,16 +221,25 @@ def test_order_hosts_puts_suspects_last_keeping_their_order():
     assert order[-2:] == ["a", "c"] and set(order) == {"a", "b", "c", "d"}
 
 
-def test_host_lookup_refuses_what_this_node_does_not_serve_warm():
+def test_the_tunnel_router_checks_and_routes_to_this_nodes_warm_llama_server_only():
     node = make_node()
     serve(node, "m1")
     loading = serve(node, "m2", state="loading")
-    lookup = host_lookup(node)
-    assert lookup("m1") == ("local-endpoint", 5000)
+    node.mesh.members["node-b"] = peer("node-b", serving=["m1", "m3"])
+    r, tunnels = router_for(node)
+    local = LocalOnlyRouter(r)
+    local.check("m1")
+    (up,) = local.upstreams("m1", "client")  # never node-b, though it serves m1 too
+    assert up.name == "local" and up.endpoint() == ("local-endpoint", 5000)
     for name in ("m2", "m3"):
         with pytest.raises(TunnelRefused):
-            lookup(name)
+            local.check(name)
+        with pytest.raises(routing.NotReady):
+            local.upstreams(name, "client")
+    assert tunnels == []
     loading.set("ready")
     node.drop_local("m2", origin="node-b")
     with pytest.raises(TunnelRefused, match="dropped"):
-        lookup("m2")
+        local.check("m2")
+    local.request_started(up)
+    assert r.in_flight == {}  # requests carried for peers are not this node's load

@@ -1,29 +1,34 @@
-"""The HTTP tunnel with in-memory transports: the TUNNEL exchange, the splice, backpressure,
-closing together, and what a failed open does (suspect the peer, or just fail over).
+"""The HTTP tunnel with in-memory transports: the TUNNEL exchange and refusal, the host's
+tunnel API carrying exchange after exchange while llama-server closes after each,
+backpressure both ways, closing together, and what a failed open does (suspect the peer,
+or just fail over).
 
 A ``FakePeer`` stands in for an authenticated ``meshd.peer.PeerProtocol`` after
 OPEN (``take_over``, ``closed``, a transport); two of them are joined by
-``pump`` so the requesting side and the host side talk to each other.  No
-socket, no clock.
+``pump`` so the requesting side and the host side talk to each other.  The fake
+llama-server is a ``StringTransport`` per connection.  No socket; time is a ``Clock``.
 """
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 import pytest
 from twisted.internet import defer
+from twisted.internet.error import ConnectionDone
 from twisted.internet.protocol import Factory, Protocol
 from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
 from twisted.python.failure import Failure
 
 from meshd import wire
+from meshd.api import ApiServer
+from meshd.config import ApiConfig
 from meshd.proxy import ConnectionPool, UpstreamConnection
-from meshd.routing import Upstream
+from meshd.routing import NotReady, Upstream
 from meshd.tunnel import (
-    HOLD_WHILE_CONNECTING_BYTES,
-    HostSplice,
+    HostTunnel,
     TunnelEndpoint,
     TunnelFailed,
     TunnelRefused,
@@ -101,56 +106,108 @@ class LocalEndpoint:
         return proto
 
 
-def host(lookup=None, *, local: LocalEndpoint | None = None) -> tuple[FakePeer, HostSplice, LocalEndpoint]:
+class LocalRouter:
+    """The host's ``LocalOnlyRouter`` stand-in: ``served`` models go to the fake llama-server."""
+
+    def __init__(self, local: LocalEndpoint, served=("m1",)):
+        self.local = local
+        self.served = set(served)
+        self.upstream = Upstream(name="local", endpoint=lambda: self.local, pool_key="local:m1")
+
+    def check(self, model: str) -> None:
+        if model not in self.served:
+            raise TunnelRefused(f"this node does not serve {model}")
+
+    def models(self):
+        return []
+
+    def upstreams(self, model, client_id):
+        if model not in self.served:
+            raise NotReady(model, "this node does not serve it")
+        return [self.upstream]
+
+    def upstream_failed(self, upstream, reason):
+        pass
+
+    def request_started(self, upstream):
+        pass
+
+    def request_finished(self, upstream):
+        pass
+
+
+def tunnel_server(local: LocalEndpoint | None = None, served=("m1",)):
     local = local or LocalEndpoint()
+    router = LocalRouter(local, served)
+    api = ApiServer(router, ApiConfig(), reactor=Clock(), relay=True)
+    return TunnelServer(router.check, api), local, router
+
+
+def host(*, served=("m1",)) -> tuple[FakePeer, HostTunnel, LocalEndpoint, TunnelServer]:
+    server, local, _ = tunnel_server(served=served)
     peer = FakePeer("node-a")
-    server = TunnelServer(lookup or (lambda model: local))
     server.handle(peer)
-    (splice,) = server.splices or [None]
-    return peer, splice, local
+    (tunnel,) = server.tunnels
+    return peer, tunnel, local, server
+
+
+def http_request(model: str = "m1", stream: bool = True) -> bytes:
+    body = json.dumps({"model": model, "stream": stream}).encode()
+    return (b"POST /v1/chat/completions HTTP/1.1\r\nHost: localhost\r\n"
+            b"Content-Type: application/json\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body))
+
+
+SSE_HEAD = (b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\n"
+            b"Transfer-Encoding: chunked\r\n\r\n")
+
+
+def sse_chunk(n: int) -> bytes:
+    return b"9\r\ndata: t%d\n\r\n" % n
+
+
+def llama_answers_and_closes(llama: Protocol, chunks: int = 2) -> None:
+    """What llama-server does with a streamed request: answer, then close the connection."""
+    llama.dataReceived(SSE_HEAD + b"".join(sse_chunk(n) for n in range(chunks)) + b"0\r\n\r\n")
+    llama.connectionLost(Failure(ConnectionDone()))
 
 
 # -- the host's side ------------------------------------------------------------------------
 
 
-def test_host_answers_ok_and_splices_to_the_local_llama_server():
-    peer, splice, local = host()
-    peer.feed(tunnel_frame({"model": "m1"}) + b"POST /v1/x HTTP/1.1\r\n")
-    (ok,) = frames(peer.sent())
+def test_host_answers_ok_and_serves_the_tunnel_with_its_tunnel_api():
+    peer, tunnel, local, server = host()
+    peer.feed(tunnel_frame({"model": "m1"}) + http_request())
+    (ok,) = frames(peer.sent())  # the ok, and not a byte more yet
     assert ok.type == FrameType.TUNNEL and ok.json() == {"ok": True}
-    (proto,) = local.protocols
-    assert proto.transport.value() == b"POST /v1/x HTTP/1.1\r\n"  # what came with the header
-    peer.feed(b"more")
-    assert proto.transport.value().endswith(b"more")
-    proto.dataReceived(b"HTTP/1.1 200 OK\r\n")
-    assert peer.sent() == b"HTTP/1.1 200 OK\r\n"
-    assert splice.state == HostSplice.OPEN
-
-
-def test_host_registers_each_side_as_the_producer_of_the_other():
-    peer, _, local = host()
-    peer.feed(tunnel_frame({"model": "m1"}))
-    (proto,) = local.protocols
-    # the tunnel's socket is full: stop reading llama-server
-    assert peer.transport.producer is proto.transport
-    peer.transport.producer.pauseProducing()
-    assert proto.transport.producerState == "paused"
-    # llama-server's socket is full: stop reading the tunnel
-    assert proto.transport.producer is peer.transport
-    proto.transport.producer.pauseProducing()
-    assert peer.transport.producerState == "paused"
+    assert tunnel.state == HostTunnel.OPEN and server.opened == 1
+    (llama,) = local.protocols
+    sent = llama.transport.value()
+    assert sent.startswith(b"POST /v1/chat/completions HTTP/1.1\r\n")
+    assert sent.endswith(b'{"model": "m1", "stream": true}')
+    llama.dataReceived(SSE_HEAD + sse_chunk(0))
+    out = peer.sent()
+    assert out.startswith(b"HTTP/1.1 200 OK\r\n") and b"data: t0\n" in out
+    assert b"text/event-stream" in out
 
 
 def test_host_refuses_a_model_it_does_not_serve_before_any_http_byte():
-    def lookup(model):
-        raise TunnelRefused(f"this node does not serve {model}")
-
-    peer, splice, local = host(lookup)
-    peer.feed(tunnel_frame({"model": "other"}) + b"POST / HTTP/1.1\r\n")
+    peer, tunnel, local, server = host(served=())
+    peer.feed(tunnel_frame({"model": "other"}) + http_request("other"))
     (answer,) = frames(peer.sent())
     assert answer.json() == {"error": "this node does not serve other"}
     assert peer.transport.disconnecting
-    assert local.protocols == []
+    assert local.protocols == [] and server.tunnels == set() and server.opened == 0
+
+
+def test_host_refuses_new_tunnels_while_draining():
+    server, local, _ = tunnel_server()
+    server.drain(5)
+    peer = FakePeer("node-a")
+    server.handle(peer)
+    peer.feed(tunnel_frame({"model": "m1"}))
+    (answer,) = frames(peer.sent())
+    assert answer.json() == {"error": "this node is stopping"}
+    assert peer.transport.disconnecting
 
 
 @pytest.mark.parametrize("header", [
@@ -160,7 +217,7 @@ def test_host_refuses_a_model_it_does_not_serve_before_any_http_byte():
     b"\x00\x00\x00\x00garbage",
 ])
 def test_host_refuses_a_bad_header(header):
-    peer, _, local = host()
+    peer, _, local, _ = host()
     peer.feed(header)
     (answer,) = frames(peer.sent())
     assert "bad tunnel header" in answer.json()["error"]
@@ -168,7 +225,7 @@ def test_host_refuses_a_bad_header(header):
 
 
 def test_host_waits_for_a_header_split_across_reads():
-    peer, _, local = host()
+    peer, _, local, _ = host()
     data = tunnel_frame({"model": "m1"})
     peer.feed(data[:3])
     peer.feed(data[3:7])
@@ -177,61 +234,92 @@ def test_host_waits_for_a_header_split_across_reads():
     assert frames(peer.sent())[0].json() == {"ok": True}
 
 
-def test_host_holds_bytes_while_connecting_and_pauses_the_peer_past_the_limit():
-    local = LocalEndpoint(fire=False)
-    peer, splice, _ = host(local=local)
+def test_a_tunnel_carries_exchange_after_exchange_while_llama_server_closes_after_each():
+    peer, tunnel, local, server = host()
     peer.feed(tunnel_frame({"model": "m1"}))
-    assert splice.state == HostSplice.CONNECTING
-    peer.feed(b"x" * (HOLD_WHILE_CONNECTING_BYTES + 1))
-    assert peer.transport.producerState == "paused"
-    proto = local.finish()
-    assert frames(peer.sent())[0].json() == {"ok": True}
-    assert proto.transport.value() == b"x" * (HOLD_WHILE_CONNECTING_BYTES + 1)
+    peer.sent()
+    for n in range(2):
+        peer.feed(http_request())
+        llama = local.protocols[n]  # a fresh connection each time: the last one was closed
+        llama_answers_and_closes(llama)
+        out = peer.sent()
+        assert out.startswith(b"HTTP/1.1 200 OK\r\n") and out.endswith(b"0\r\n\r\n")
+        assert b"connection: close" not in out.lower()  # the tunnel stays open: keep-alive
+        assert not peer.transport.disconnecting and tunnel.state == HostTunnel.OPEN
+    assert len(local.protocols) == 2 and server.opened == 1
+
+
+def test_tunnel_socket_full_pauses_the_read_of_llama_server():
+    peer, _, local, _ = host()
+    peer.feed(tunnel_frame({"model": "m1"}) + http_request())
+    (llama,) = local.protocols
+    llama.dataReceived(SSE_HEAD + sse_chunk(0))
+    # the TLS transport's buffer is full: it pauses the producer registered on it
+    peer.transport.producer.pauseProducing()
+    assert llama.transport.producerState == "paused"
+    peer.transport.producer.resumeProducing()
+    assert llama.transport.producerState == "producing"
+
+
+def test_a_busy_host_stops_reading_the_tunnel_socket():
+    peer, _, local, _ = host()
+    peer.feed(tunnel_frame({"model": "m1"}) + http_request())
     assert peer.transport.producerState == "producing"
+    # a request is in flight and the requester keeps sending: stop reading the tunnel
+    peer.feed(b"x" * (64 * 1024))
+    assert peer.transport.producerState == "paused"
 
 
-def test_host_answers_an_error_when_the_local_llama_server_is_unreachable():
+def test_a_request_for_a_model_no_longer_served_hangs_up_unanswered():
+    peer, _, local, server = host()
+    peer.feed(tunnel_frame({"model": "m1"}))
+    peer.sent()
+    server.api.router.served.clear()  # the model was stopped meanwhile
+    peer.feed(http_request())
+    assert peer.sent() == b""  # no 503 to relay: the requester retries on a fresh tunnel
+    assert peer.transport.disconnecting and local.protocols == []
+
+
+def test_an_unreachable_llama_server_hangs_up_unanswered():
     class Refusing:
         def connect(self, factory):
             return defer.fail(ConnectionRefusedError("refused"))
 
-    peer, _, _ = host(lambda model: Refusing())
+    peer, _, _, server = host()
+    server.api.router.local = Refusing()
     peer.feed(tunnel_frame({"model": "m1"}))
-    (answer,) = frames(peer.sent())
-    assert "cannot reach this node's llama-server for m1" in answer.json()["error"]
+    peer.sent()
+    peer.feed(http_request())
+    assert peer.sent() == b"" and peer.transport.disconnecting
+
+
+def test_llama_server_failing_mid_stream_ends_the_stream_with_an_error_and_the_tunnel():
+    peer, _, local, _ = host()
+    peer.feed(tunnel_frame({"model": "m1"}) + http_request())
+    (llama,) = local.protocols
+    llama.dataReceived(SSE_HEAD + sse_chunk(0))
+    llama.connectionLost(Failure(ConnectionDone()))
+    out = peer.sent()
+    assert b"event: error" in out and out.endswith(b"0\r\n\r\n")
     assert peer.transport.disconnecting
 
 
-def test_llama_server_closing_closes_the_tunnel():
-    peer, splice, local = host()
-    peer.feed(tunnel_frame({"model": "m1"}))
-    (proto,) = local.protocols
-    proto.connectionLost(Failure(ConnectionError("closed")))
-    assert peer.transport.disconnecting and peer.transport.producer is None
-    assert splice.state == HostSplice.CLOSED
-
-
 def test_the_tunnel_closing_closes_the_llama_server_connection():
-    server = TunnelServer(lambda model: LocalEndpoint())
-    peer = FakePeer()
-    local = LocalEndpoint()
-    server.lookup = lambda model: local
-    server.handle(peer)
-    peer.feed(tunnel_frame({"model": "m1"}))
-    (proto,) = local.protocols
-    peer.lost()
-    assert proto.transport.disconnecting and proto.transport.producer is None
-    assert server.splices == set()
+    peer, tunnel, local, server = host()
+    peer.feed(tunnel_frame({"model": "m1"}) + http_request())
+    (llama,) = local.protocols
+    llama.dataReceived(SSE_HEAD + sse_chunk(0))
+    peer.lost("connection lost")
+    assert llama.transport.disconnecting
+    assert tunnel.state == HostTunnel.CLOSED and server.tunnels == set()
+    assert server.api.in_flight == 0
 
 
-def test_the_tunnel_closing_while_connecting_cancels_the_local_connect():
-    local = LocalEndpoint(fire=False)
-    peer, splice, _ = host(local=local)
+def test_closing_every_tunnel_aborts_them():
+    peer, _, _, server = host()
     peer.feed(tunnel_frame({"model": "m1"}))
-    peer.lost()
-    (d, _), = local.pending
-    assert d.called  # cancelled: the endpoint aborts the half-made connection
-    assert splice.state == HostSplice.CLOSED
+    server.close_all()
+    assert peer.transport.disconnecting
 
 
 # -- the requesting side -----------------------------------------------------------------------
@@ -388,12 +476,11 @@ def pump(a: FakePeer, b: FakePeer) -> None:
 
 
 def test_an_sse_stream_crosses_the_tunnel_chunk_by_chunk_with_keep_alive():
-    local = LocalEndpoint()
-    server = TunnelServer(lambda model: local)
+    server, local, _ = tunnel_server()
     client_peer, host_peer = FakePeer("node-b"), FakePeer("node-a")
     mesh = FakeMesh()
-    up = Upstream(name="node-b", endpoint=lambda: TunnelEndpoint(mesh, "node-b", "m2"),
-                  pool_key="tunnel:node-b:m2")
+    up = Upstream(name="node-b", endpoint=lambda: TunnelEndpoint(mesh, "node-b", "m1"),
+                  pool_key="tunnel:node-b:m1")
     conn = UpstreamConnection(up, ConnectionPool(Clock()))
     got: list[Any] = []
     up.endpoint().connect(_Fixed(conn)).addBoth(got.append)
@@ -401,27 +488,110 @@ def test_an_sse_stream_crosses_the_tunnel_chunk_by_chunk_with_keep_alive():
     server.handle(host_peer)
     pump(client_peer, host_peer)
     assert got == [conn]
-    (llama,) = local.protocols
-    for _exchange in range(2):  # two exchanges over one tunnel: keep-alive
+    head, _, body = http_request().partition(b"\r\n\r\n")
+    for exchange in range(2):  # two exchanges over one tunnel: keep-alive
         sink = Sink()
-        conn.send(b"POST /v1/chat/completions HTTP/1.1\r\nContent-Length: 2\r\n\r\n", b"{}", sink)
+        conn.send(head + b"\r\n\r\n", body, sink)
         pump(client_peer, host_peer)
-        assert llama.transport.value().endswith(b"\r\n\r\n{}")
-        llama.transport.clear()
-        llama.dataReceived(b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\n"
-                           b"Transfer-Encoding: chunked\r\n\r\n")
+        llama = local.protocols[exchange]
+        assert llama.transport.value().endswith(body)
+        llama.dataReceived(SSE_HEAD)
         pump(client_peer, host_peer)
         for n in range(3):
-            llama.dataReceived(b"9\r\ndata: t%d\n\r\n" % n)
+            llama.dataReceived(sse_chunk(n))
             pump(client_peer, host_peer)
             assert sink.events[-1] == ("data", b"data: t%d\n" % n)  # one chunk, as it came
         llama.dataReceived(b"0\r\n\r\n")
+        llama.connectionLost(Failure(ConnectionDone()))  # llama-server closes after a stream
         pump(client_peer, host_peer)
         assert sink.events[0] == ("head", 200) and sink.events[-1] == ("end",)
+        assert conn.reusable and not client_peer.transport.disconnecting
+    assert server.opened == 1 and len(mesh.dials) == 1
     # the API's client stops reading: the tunnel's socket is paused
-    conn.send(b"POST / HTTP/1.1\r\nContent-Length: 0\r\n\r\n", b"", Sink())
+    conn.send(head + b"\r\n\r\n", body, Sink())
     conn.pauseProducing()
     assert client_peer.transport.producerState == "paused"
+
+
+class TunnelRouter:
+    """The requesting node's router: ``m1`` lives on node-b, through a tunnel."""
+
+    def __init__(self, mesh: FakeMesh):
+        self.upstream = Upstream(name="node-b", pool_key="tunnel:node-b:m1",
+                                 endpoint=lambda: TunnelEndpoint(mesh, "node-b", "m1"))
+        self.failed: list[str] = []
+
+    def models(self):
+        return []
+
+    def upstreams(self, model, client_id):
+        return [self.upstream]
+
+    def upstream_failed(self, upstream, reason):
+        self.failed.append(reason)  # the API would try the next host now
+
+    def request_started(self, upstream):
+        pass
+
+    def request_finished(self, upstream):
+        pass
+
+
+def test_streamed_requests_through_the_requesting_nodes_api_reuse_one_tunnel():
+    server, local, _ = tunnel_server()
+    mesh = FakeMesh()
+    a_router = TunnelRouter(mesh)
+    api = ApiServer(a_router, ApiConfig(), reactor=Clock())
+    client_peer, host_peer = FakePeer("node-b"), FakePeer("node-a")
+    for n in range(2):
+        client = api.site.buildProtocol(None)
+        client.makeConnection(StringTransport())
+        client.dataReceived(http_request())
+        if n == 0:
+            mesh.dials[0][2].callback(client_peer)
+            server.handle(host_peer)
+        pump(client_peer, host_peer)
+        llama_answers_and_closes(local.protocols[n], chunks=3)
+        pump(client_peer, host_peer)
+        out = client.transport.value()
+        assert out.startswith(b"HTTP/1.1 200 OK\r\n") and b"data: t2\n" in out
+        assert out.endswith(b"0\r\n\r\n") and api.in_flight == 0
+    # two streamed requests, two llama-server connections, ONE tunnel
+    assert len(mesh.dials) == 1 and server.opened == 1 and len(local.protocols) == 2
+    assert api.pool.idle_count("tunnel:node-b:m1") == 1 and a_router.failed == []
+
+
+def test_a_stale_pooled_tunnel_is_retried_on_a_fresh_one():
+    server, local, router = tunnel_server()
+    mesh = FakeMesh()
+    a_router = TunnelRouter(mesh)
+    api = ApiServer(a_router, ApiConfig(), reactor=Clock())
+    first = (FakePeer("node-b"), FakePeer("node-a"))
+    client = api.site.buildProtocol(None)
+    client.makeConnection(StringTransport())
+    client.dataReceived(http_request())
+    mesh.dials[0][2].callback(first[0])
+    server.handle(first[1])
+    pump(*first)
+    llama_answers_and_closes(local.protocols[0])
+    pump(*first)
+    # the host stopped serving m1: the pooled tunnel's next request is not answered
+    router.served.clear()
+    client = api.site.buildProtocol(None)
+    client.makeConnection(StringTransport())
+    client.dataReceived(http_request())
+    pump(*first)
+    assert first[1].transport.disconnecting
+    first[1].lost()
+    first[0].lost()
+    # A's pool retries on a fresh tunnel, which the host refuses: a failover, no suspicion
+    second = (FakePeer("node-b"), FakePeer("node-a"))
+    mesh.dials[1][2].callback(second[0])
+    server.handle(second[1])
+    pump(*second)
+    (reason,) = a_router.failed
+    assert "refused a tunnel for m1" in reason and mesh.unreachable == []
+    assert len(local.protocols) == 1  # the request never reached a llama-server again
 
 
 class _Fixed(Factory):
