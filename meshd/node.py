@@ -123,6 +123,8 @@ class Node:
             return placed
         if self.config.node.standby and self.promotion is None:  # promoted: active from now on
             return "standby"
+        if self.passive is not None:  # an idle node assignment gave nothing (meshd.passive)
+            return "standby"
         return "idle"
 
     @property

@@ -31,7 +31,14 @@ every standby listed -- those of the last tables kept for 3 refreshes); the
 default promotes when a model it has on disk and that fits has no host, with
 a deterministic tie-break (VRAM, then node id) among the standbys.  Promotion
 is the daemon's business (``on_promote``): stop this, start llama-server,
-join the gossip.
+join the gossip.  When a full round of check-ins failed (every active node of
+the last table and every token refused a dial since the last answer), it asks
+the same hook with that table's active nodes taken as dead: the only host of a
+model and the only active node may die together.
+
+An active node that joined without a model and that assignment gives nothing
+becomes a standby (:func:`stand_by`, the reverse of :func:`promote`): it
+leaves the gossip and checks in here, with its identity and the mesh secret.
 
 The active side is :class:`RouteServer`: it builds the table once per
 membership change and answers every request with the same encoded bytes.
@@ -40,6 +47,7 @@ membership change and answers every request with the same encoded bytes.
 from __future__ import annotations
 
 import base64
+import dataclasses
 import logging
 import random as _random
 import time
@@ -304,6 +312,7 @@ class RouteClient:
                  known: list[KnownNode] | None = None,
                  on_table: Callable[[RouteTable], None] = lambda t: None,
                  on_mesh: Callable[[MeshState], None] = lambda m: None,
+                 on_unreachable: Callable[[str], None] = lambda why: None,
                  connect_fn: Callable[..., defer.Deferred[PeerProtocol]] | None = None,
                  random: Callable[[], float] = _random.random):
         self.reactor = reactor
@@ -319,6 +328,7 @@ class RouteClient:
         self.known = list(known or [])
         self.on_table = on_table
         self.on_mesh = on_mesh
+        self.on_unreachable = on_unreachable
         self._random = random
         self.tls = TLSOptions(identity)
         self._connect = connect_fn or self._dial
@@ -330,6 +340,7 @@ class RouteClient:
         self.requests = 0
         self._round: list[Target] = []
         self._failed: set[str] = set()
+        self._unreached: set[str] = set()  # failed to connect since the last answer
         self._connecting = False
         self._waiting: Any = None  # the answer timer of the request in flight
         self._refresh_call: Any = None
@@ -425,6 +436,17 @@ class RouteClient:
         delay = self._backoff.next_delay()
         log.warning("no active node answered (%s); trying again in %.1f s", why, delay)
         self._retry_call = self.reactor.callLater(delay, self._retry)
+        if self.all_unreachable():
+            self.on_unreachable(why)  # may promote, and stop this
+
+    def all_unreachable(self) -> bool:
+        """A full round failed: every active node of the last table and every token's issuer
+        refused or timed out a connection since the last answer (a lost connection alone
+        does not count: the node it went to is dialled once more first)."""
+        if self.table is None:
+            return False
+        needed = set(self.table.active_ids()) | {t.issuer for t in self.tokens}
+        return needed <= self._unreached
 
     def _retry(self) -> None:
         self._retry_call = None
@@ -446,6 +468,7 @@ class RouteClient:
             return
         self.conn = conn
         self.via = target.node_id
+        self._unreached.discard(target.node_id)
         self._note(f"checking in with {target.node_id}" + (" (token)" if target.token else ""))
         log.info("checking in with active node %s at %s", target.node_id, conn.peer_address)
         self._request()
@@ -454,6 +477,7 @@ class RouteClient:
         self._connecting = False
         reason = failure.value.reason if failure.check(PeerClosed) else failure.getErrorMessage()
         log.info("cannot check in with %s: %s", target.node_id, reason)
+        self._unreached.add(target.node_id)
         self._try_next(f"{target.node_id}: {reason}")
 
     # -- requests and answers ---------------------------------------------------------------------
@@ -502,6 +526,7 @@ class RouteClient:
         self._waiting = None
         now = self.reactor.seconds()
         self._backoff.reset()
+        self._unreached.clear()
         if body.get("same") is True and self.table is not None and body.get("etag") == self.table.etag:
             self.table_at = now
             return
@@ -672,6 +697,7 @@ class PassiveNode(service.Service):
         self.kind = "client" if config.node.client else "standby"
         self.on_promote = on_promote
         self.promotion: dict[str, Any] | None = None
+        self.reason: str | None = None  # why an active node became this standby
         cfg = config.mesh
         self.memory = StandbyMemory(keep_s=PRESENT_REFRESHES * cfg.refresh_s)
         tokens = []
@@ -692,7 +718,8 @@ class PassiveNode(service.Service):
                           max_frame_bytes=cfg.max_frame_bytes),
             refresh_s=cfg.refresh_s, answer_timeout_s=cfg.connect_timeout_s,
             rejoin_max_s=cfg.rejoin_s, mesh=mesh, tokens=tokens, known=known,
-            on_table=self._on_table, on_mesh=self._on_mesh, connect_fn=connect_fn, random=random)
+            on_table=self._on_table, on_mesh=self._on_mesh, on_unreachable=self._on_unreachable,
+            connect_fn=connect_fn, random=random)
         dialer = self.client.dialer()
         if endpoint_for is None:
             from meshd.tunnel import TunnelEndpoint
@@ -748,11 +775,26 @@ class PassiveNode(service.Service):
                 log.warning("cannot save the active nodes: %s", e)
         self.consider_promotion(table)
 
-    def consider_promotion(self, table: RouteTable) -> placement.Promotion | None:
+    def _on_unreachable(self, why: str) -> None:
+        """Every active node of the last table and every token failed: decide from the last
+        table with its active nodes (and so its hosts) dead, among the standbys it listed --
+        the same tie-break the other standbys compute, so only one of them promotes."""
+        last = self.client.table
+        if self.kind != "standby" or last is None or self.promotion is not None:
+            return
+        dead = RouteTable(etag=last.etag, mesh_id=last.mesh_id, source=last.source,
+                          standby=last.standby)
+        log.warning("standby: no active node of the last table (%s: %s) nor any token answers "
+                    "(%s): deciding from that table with its hosts dead", last.etag,
+                    ", ".join(last.active_ids()) or "none", why)
+        self.consider_promotion(dead, because="every active node is unreachable")
+
+    def consider_promotion(self, table: RouteTable,
+                           because: str = "") -> placement.Promotion | None:
         if self.promotion is not None or self.on_promote is None:
             return None
         now = self.reactor.seconds()
-        me = self.node.node_view()
+        me = _without_dropped(self.node)
         standby = self.memory.update(table, now)
         view = table_view(table, me, standby, max_rtt_ms=self.config.models.max_rtt_ms)
         decision = placement.should_promote(me, view, policy=self.policy)
@@ -761,8 +803,10 @@ class PassiveNode(service.Service):
         self.promotion = {"model": decision.model, "reason": decision.reason,
                           "table": table.etag, "table_at": self.client.table_at,
                           "decided_at": now}
-        log.info("standby promoting to serve %s: %s (table %s from %s)", decision.model,
-                 decision.reason, table.etag, table.source)
+        if because:
+            self.promotion["because"] = because
+        log.info("standby promoting to serve %s: %s (table %s from %s%s)", decision.model,
+                 decision.reason, table.etag, table.source, f"; {because}" if because else "")
         self.on_promote(decision.model, decision.reason)
         return decision
 
@@ -773,6 +817,7 @@ class PassiveNode(service.Service):
         now = self.reactor.seconds()
         return {
             "kind": self.kind,
+            **({"reason": self.reason} if self.reason else {}),
             "via": c.via if c.conn is not None else None,
             "table": c.table.etag if c.table else None,
             "table_age_s": round(now - c.table_at, 3) if c.table_at is not None else None,
@@ -795,6 +840,17 @@ class PassiveNode(service.Service):
         return out
 
 
+def _without_dropped(node: Any) -> NodeView:
+    """The node's own view without the models dropped mesh-wide (``meshctl drop``): a node
+    whose model was dropped must not stand by for it, nor promote to serve it again."""
+    me = node.node_view()
+    dropped = getattr(node, "dropped", None)
+    if not dropped:
+        return me
+    return dataclasses.replace(me, available_models=tuple(
+        m for m in me.available_models if m.name not in dropped))
+
+
 # -- in the daemon ------------------------------------------------------------------------------------
 
 
@@ -804,19 +860,81 @@ async def run_passive(top: Any, identity: Any, state: StateDir) -> None:
     check in.  No gossip, no mesh listener."""
     node = top.node
     cfg = top.config
-    passive = PassiveNode(cfg, node, identity, state if cfg.node.standby else None,
-                          reactor=top.reactor, policy=node.policy,
-                          on_promote=(lambda model, reason: promote(top, identity, state, model,
-                                                                    reason))
-                          if cfg.node.standby else None)
-    node.passive = passive
     await top._listen_api()
-    top.api.router = passive.router
-    passive.setServiceParent(top)
+    start_passive(top, identity, state)
     node.state = "running"
     line = f"{node.role} (passive), API on {cfg.api.listen}"
     top.notifier.ready(line)
     log.info("ready: %s", line)
+
+
+def start_passive(top: Any, identity: Any, state: StateDir,
+                  reason: str | None = None) -> PassiveNode:
+    """Check in as a passive node from now on: the API serves the table's router; a standby
+    promotes (:func:`promote`) when the promotion hook says so."""
+    node = top.node
+    cfg = top.config
+    client = cfg.node.client
+    passive = PassiveNode(cfg, node, identity, None if client else state,
+                          reactor=top.reactor, policy=node.policy,
+                          on_promote=None if client else (
+                              lambda model, reason: promote(top, identity, state, model, reason)))
+    passive.reason = reason
+    node.passive = passive
+    if top.api is not None:
+        top.api.router = passive.router
+    passive.setServiceParent(top)
+    return passive
+
+
+def standby_reason(node: Any, assignment: str) -> str | None:
+    """Why an active node that assignment gave nothing becomes a standby, or None to stay
+    idle: it must have VRAM and models on disk, and some other member must be set to serve
+    a model (it stays active: the mesh keeps an active node to check in with)."""
+    mesh = node.mesh
+    if node.config.node.client or node.passive is not None or mesh is None or node.served:
+        return None
+    me = _without_dropped(node)
+    if me.vram_bytes <= 0 or not me.available_models:
+        return None
+    if not any(tuple(p.serving) + tuple(getattr(p, "loading", ())) + tuple(getattr(p, "waiting", ()))
+               for p in mesh.peers()):
+        return None
+    return f"assignment gave it nothing: {assignment}"
+
+
+def stand_by(top: Any, assignment: str) -> bool:
+    """Active idle node -> standby, the reverse of :func:`promote`: leave the gossip
+    (LEAVING, as ``MeshService.leave``), stop answering passive nodes, and check in on the
+    routing table with the same identity and mesh secret.  False: it stays idle (why not:
+    :func:`standby_reason`)."""
+    node = top.node
+    reason = standby_reason(node, assignment)
+    if reason is None:
+        return False
+    mesh, route_server = node.mesh, node.route_server
+    identity, state = mesh.identity, mesh.state
+    log.info("becoming a standby: %s; leaving the gossip, checking in on the routing table "
+             "from now on", reason)
+    node.mesh = node.route_server = None
+    node.promotion = None
+    if top.tunnels is not None:
+        top.tunnels.close_all()
+    if top.rebalancer is not None:
+        top.rebalancer.stop()
+    left = defer.DeferredList([defer.maybeDeferred(s.disownServiceParent)
+                               for s in (route_server, mesh) if s is not None],
+                              consumeErrors=True)  # the mesh's stop sends LEAVING
+
+    def passive(_: Any) -> None:
+        if not top.running or node.state == "stopping":
+            return
+        start_passive(top, identity, state, reason)
+        node.status_changed()
+        top.notifier.status(f"{node.role} (passive), API on {top.config.api.listen}")
+
+    left.addCallback(passive)
+    return True
 
 
 def promote(top: Any, identity: Any, state: StateDir, model: str, reason: str) -> None:

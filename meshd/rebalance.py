@@ -162,6 +162,7 @@ class Rebalancer:
         start_split: Callable[[str, tuple[tuple[str, float], ...]], Any] | None = None,
         changed: Callable[[], Any] | None = None,
         settle_s: float = 2.0,
+        unassigned: Callable[[str], Any] | None = None,
     ):
         self.node = node
         self.reactor = reactor
@@ -169,6 +170,7 @@ class Rebalancer:
         self._stop = stop
         self._start_split = start_split
         self._changed = changed or (lambda: None)
+        self._unassigned = unassigned or (lambda reason: None)
         self.settle_s = settle_s
         self.target: str | None = None
         self.decision: Decision | None = None
@@ -369,6 +371,7 @@ class Rebalancer:
         view, me = self._spare_view()
         decision = placement.assign_model(me, view, policy=self.node.policy)
         if decision.model is None:
+            self._unassigned(decision.reason)  # the daemon may make it a standby
             return None
         return self._take(decision.model, download=decision.download, what="assigned")
 

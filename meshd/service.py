@@ -232,10 +232,17 @@ class MeshdService(service.MultiService):
             node.add_status_listener(self.router.invalidate)
             self.rebalancer = node.rebalancer = Rebalancer(
                 node, reactor=self.reactor, start=self._spawn, stop=node.stop_serving,
-                changed=self._placement_changed, settle_s=self.config.models.assign_settle_s)
+                changed=self._placement_changed, settle_s=self.config.models.assign_settle_s,
+                unassigned=self._unassigned)
         if self.api is not None:
             self.api.router = self.router
         return self.router
+
+    def _unassigned(self, reason: str) -> None:
+        """Assignment gave this idle node nothing: a standby from now on, when it may be one."""
+        from meshd.passive import stand_by
+
+        stand_by(self, reason)
 
     def _placement_changed(self) -> None:
         self.router.invalidate()

@@ -19,7 +19,6 @@ from meshd.peer import PeerClosed, PeerState, Timing
 from meshd.routetable import (
     Answers,
     CheckIn,
-    HostEntry,
     NodeEntry,
     PassiveRegistry,
     RouteTable,

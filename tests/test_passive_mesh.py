@@ -190,6 +190,71 @@ def test_a_standby_promotes_when_the_only_host_of_a_model_is_killed(
     b.wait_for(lambda n: any(x["serving"] == MODEL for x in n.status()["peers"]), "s in b's peers", 20)
 
 
+SPARES_WAIT = """
+def meshd_assign_model(node, mesh):
+    return None, "spares wait as standbys"
+"""
+
+
+def test_an_unassigned_node_stands_by_and_promotes_when_the_only_active_node_dies(
+        tmp_path, procs):
+    """b joins active, assignment gives it nothing (a plugin): it leaves the gossip and
+    checks in as a standby.  kill -9 a (the only active node and host): b decides from its
+    last table, promotes, and is an active node of the same mesh that a rejoins."""
+    fake = fake_bin(tmp_path)
+    from tests.conftest import find_model
+
+    for name in ("a", "b"):
+        models = tmp_path / name / "models"
+        models.mkdir(parents=True)
+        os.symlink(find_model() or __file__, models / "m1.gguf")
+    a = Meshd(tmp_path / "a", {"models": {"serve": ["m1"]}, "llama": {"bin_dir": fake},
+                               "mesh": dict(FAST)}, name="a").start()
+    procs.append(a)
+    a.wait_model_warm("m1", 30)
+    plugins = tmp_path / "plugins"
+    plugins.mkdir()
+    (plugins / "spares_wait.py").write_text(SPARES_WAIT)
+    b = Meshd(tmp_path / "b", {"llama": {"bin_dir": fake}, "policy": {"plugins_dir": str(plugins)},
+                               "models": {"assign_settle_s": 0.3},
+                               "mesh": {"join": [token_of(a)], "refresh_s": 30.0, **FAST}},
+              name="b").start()
+    procs.append(b)
+    st = b.wait_for(lambda n: (n.status()["role"] == "standby" and table_of(n)),
+                    "b a standby with a table", 30)
+    assert "spares wait as standbys" in st["route"]["reason"] and st["peers"] == []
+    assert st["mesh_id"] == a.status()["mesh_id"]
+    a.wait_for(lambda n: n.status()["peers"] == [] and n.status()["passive"]["standby"] == 1,
+               "a: b left the gossip and checks in as a standby", 10)
+    assert "becoming a standby" in b.log()
+    t_kill = time.time()
+    a.kill()
+    first_ok = None
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        try:
+            if chat(b, "m1", max_tokens=2):
+                first_ok = time.time()
+                break
+        except openai.APIError:
+            pass
+        time.sleep(0.2)
+    assert first_ok is not None, b.log()[-3000:]
+    st = b.status()
+    p = st["promotion"]
+    assert st["role"] == "host" and p["model"] == "m1"
+    assert p["because"] == "every active node is unreachable"
+    print(f"only active node killed: b decided {p['decided_at'] - t_kill:.2f} s after kill -9, "
+          f"m1 answered again after {first_ok - t_kill:.2f} s")
+    assert "deciding from that table with its hosts dead" in b.log()
+    # an active node of the same mesh: it issues tokens, and a (restarted) rejoins it
+    assert token_of(b)
+    a.start()
+    b.wait_for(lambda n: [x["node_id"] for x in n.status()["peers"]] == [a.status()["node_id"]],
+               "a rejoined b", 30)
+    assert b.status()["mesh_id"] == a.status()["mesh_id"]
+
+
 def _cpu_s(pid: int) -> float:
     with open(f"/proc/{pid}/stat") as f:
         fields = f.read().rsplit(")", 1)[1].split()
