@@ -41,7 +41,6 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.ERROR, stream=sys.stderr)
     token = tokens.decode(args.token)
     clients: list[RouteClient] = []
-    connects = {"n": 0}
 
     def make(i: int) -> None:
         c = RouteClient(reactor=reactor, identity=identity.ephemeral(), kind="client",
