@@ -327,6 +327,11 @@ class Node:
                         else {"clients": 0, "standby": 0}),
             "models": self.model_status(),
             "downloads": self.downloader.downloads.to_status() if self.downloader else [],
+            # gated or failed downloads stay visible, with the numbers and the reason
+            "downloads_refused": (
+                self.downloader.downloads.refused_status() if self.downloader else []
+            ),
+            "downloads_failed": self.downloader.downloads.failed_status() if self.downloader else [],
         }
 
     def peers(self) -> list[dict[str, Any]]:

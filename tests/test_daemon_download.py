@@ -100,6 +100,8 @@ def test_meshctl_download_too_big_is_refused_without_asking_the_hub(hub, tmp_pat
         r = n.ctl("download", "llama-3.1-8b-instruct-q4_k_m", check=False)
         assert r.returncode == 3, r.stdout + r.stderr
         assert "not downloading" in r.stderr and "needs" in r.stderr
+        (refused,) = n.status()["downloads_refused"]
+        assert refused["name"] == "llama-3.1-8b-instruct-q4_k_m" and "needs" in refused["reason"]
         assert hub.requests() == []
     finally:
         n.stop()
