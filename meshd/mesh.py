@@ -59,7 +59,8 @@ from meshd.peer import (
     PeerState,
     Timing,
     TLSOptions,
-    connect,
+    dial_any,
+    dial_order,
     server_factory,
 )
 from meshd.statedir import KnownNode, MeshState, StateDir
@@ -350,31 +351,14 @@ class MeshService(service.Service):
     def _dial_addrs(self, addrs: list[str], auth: ClientAuth, *,
                     purpose: str = "control") -> defer.Deferred[PeerProtocol]:
         """Try each address in turn; fails with JoinFailed listing every address and why."""
-        tried: list[str] = []
-        result: defer.Deferred[PeerProtocol] = defer.Deferred()
+        d = dial_any(self.reactor, addrs, self.tls, self._build_client(auth, purpose),
+                     self.cfg.connect_timeout_s)
 
-        def attempt(i: int) -> None:
-            if i >= len(addrs):
-                result.errback(JoinFailed("tried " + "; ".join(tried) if tried else "no address"))
-                return
-            try:
-                host, port = parse_address(addrs[i])
-            except ValueError as e:
-                tried.append(f"{addrs[i]} ({e})")
-                attempt(i + 1)
-                return
-            d = connect(self.reactor, (host, port), self.tls, self._build_client(auth, purpose),
-                        timeout_s=self.cfg.connect_timeout_s)
+        def failed(f: Failure) -> Failure:
+            f.trap(PeerClosed)
+            raise JoinFailed(f.value.reason)
 
-            def failed(f: Failure) -> None:
-                reason = f.value.reason if f.check(PeerClosed) else f.getErrorMessage()
-                tried.append(f"{addrs[i]} ({reason})")
-                attempt(i + 1)
-
-            d.addCallbacks(result.callback, failed)
-
-        attempt(0)
-        return result
+        return d.addErrback(failed)
 
     def _dial(self, node_id: str, addrs: tuple[str, ...], why: str) -> None:
         """Open a control connection to a known node, unless one exists or is being made."""
@@ -845,19 +829,6 @@ def host_addresses() -> list[str]:
         pass
     return sorted(set(v4), key=lambda a: (is_loopback(a), a)) + sorted(
         set(v6), key=lambda a: (is_loopback(a), a))
-
-
-def dial_order(addrs: tuple[str, ...] | list[str]) -> list[str]:
-    """A peer's addresses to try: its loopback ones only when it has no other
-    (another host's loopback address is our own host)."""
-    def loop(a: str) -> bool:
-        try:
-            return is_loopback(parse_address(a)[0])
-        except ValueError:
-            return False
-
-    others = [a for a in addrs if not loop(a)]
-    return others or list(addrs)
 
 
 def advertise_addresses(configured: list[str], listen_host: str, port: int) -> list[str]:

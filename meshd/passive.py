@@ -61,9 +61,18 @@ from twisted.python.failure import Failure
 
 from meshd import placement, routing, wire
 from meshd import tokens as tokensmod
-from meshd.config import Config, parse_address
+from meshd.config import Config
 from meshd.membership import Backoff
-from meshd.peer import ClientAuth, PeerClosed, PeerProtocol, PeerState, Timing, TLSOptions, connect
+from meshd.peer import (
+    ClientAuth,
+    PeerClosed,
+    PeerProtocol,
+    PeerState,
+    Timing,
+    TLSOptions,
+    dial_any,
+    dial_order,
+)
 from meshd.routetable import (
     PRESENT_REFRESHES,
     Answers,
@@ -85,12 +94,6 @@ log = logging.getLogger("meshd.passive")
 
 PURPOSE = "route"
 REFRESH_JITTER = 0.1  # refreshes are spread +-10 % so many clients do not tick together
-
-
-def _dial_order(addrs: tuple[str, ...] | list[str]) -> list[str]:
-    from meshd.mesh import dial_order
-
-    return dial_order(addrs)
 
 
 # -- the active side --------------------------------------------------------------------------
@@ -268,35 +271,6 @@ class _NoDelegate:
         pass
 
 
-def dial_any(reactor: Any, addrs: list[str], tls: TLSOptions,
-             build: Callable[[], PeerProtocol], timeout_s: float) -> defer.Deferred[PeerProtocol]:
-    """Try each address in turn; fails with PeerClosed naming every address and why."""
-    result: defer.Deferred[PeerProtocol] = defer.Deferred()
-    tried: list[str] = []
-
-    def attempt(i: int) -> None:
-        if i >= len(addrs):
-            result.errback(PeerClosed("tried " + "; ".join(tried) if tried else "no address"))
-            return
-        try:
-            host, port = parse_address(addrs[i])
-        except ValueError as e:
-            tried.append(f"{addrs[i]} ({e})")
-            attempt(i + 1)
-            return
-
-        def failed(f: Failure) -> None:
-            reason = f.value.reason if f.check(PeerClosed) else f.getErrorMessage()
-            tried.append(f"{addrs[i]} ({reason})")
-            attempt(i + 1)
-
-        connect(reactor, (host, port), tls, build, timeout_s=timeout_s).addCallbacks(
-            result.callback, failed)
-
-    attempt(0)
-    return result
-
-
 class RouteClient:
     """The passive side of the route protocol: which active node, when to ask, failover.
 
@@ -458,7 +432,7 @@ class RouteClient:
                                 clock=self.reactor, timing=self.timing, client=auth,
                                 purpose=PURPOSE)
 
-        return dial_any(self.reactor, _dial_order(target.addrs), self.tls, build,
+        return dial_any(self.reactor, dial_order(target.addrs), self.tls, build,
                         self.timing.handshake_timeout_s)
 
     def _connected(self, conn: PeerProtocol, target: Target) -> None:
@@ -583,7 +557,7 @@ class PassiveDialer:
             return PeerProtocol(identity=c.identity, incarnation=lambda: 0, delegate=_NoDelegate(),
                                 clock=c.reactor, timing=c.timing, client=auth, purpose=purpose)
 
-        return dial_any(c.reactor, _dial_order(addrs), c.tls, build, c.timing.handshake_timeout_s)
+        return dial_any(c.reactor, dial_order(addrs), c.tls, build, c.timing.handshake_timeout_s)
 
     def peer_unreachable(self, node_id: str, reason: str) -> None:
         self.client.refresh_now(f"tunnel to {node_id} failed: {reason}")

@@ -60,6 +60,7 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from meshd import wire
+from meshd.config import is_loopback, parse_address
 from meshd.identity import Identity, check_peer_certificate
 from meshd.membership import Heartbeat
 from meshd.wire import FrameType
@@ -706,3 +707,45 @@ def _connect_error(f: Failure) -> str:
     if f.check(error.NoRouteError):
         return "no route to host"
     return f.getErrorMessage().splitlines()[0][:200] if f.getErrorMessage() else str(f.type)
+
+
+def dial_order(addrs: tuple[str, ...] | list[str]) -> list[str]:
+    """A peer's addresses to try: its loopback ones only when it has no other
+    (another host's loopback address is our own host)."""
+    def loop(a: str) -> bool:
+        try:
+            return is_loopback(parse_address(a)[0])
+        except ValueError:
+            return False
+
+    others = [a for a in addrs if not loop(a)]
+    return others or list(addrs)
+
+
+def dial_any(reactor: Any, addrs: list[str], tls: TLSOptions,
+             build: Callable[[], PeerProtocol], timeout_s: float) -> defer.Deferred[PeerProtocol]:
+    """Try each address in turn; fails with PeerClosed naming every address and why."""
+    result: defer.Deferred[PeerProtocol] = defer.Deferred()
+    tried: list[str] = []
+
+    def attempt(i: int) -> None:
+        if i >= len(addrs):
+            result.errback(PeerClosed("tried " + "; ".join(tried) if tried else "no address"))
+            return
+        try:
+            host, port = parse_address(addrs[i])
+        except ValueError as e:
+            tried.append(f"{addrs[i]} ({e})")
+            attempt(i + 1)
+            return
+
+        def failed(f: Failure) -> None:
+            reason = f.value.reason if f.check(PeerClosed) else f.getErrorMessage()
+            tried.append(f"{addrs[i]} ({reason})")
+            attempt(i + 1)
+
+        connect(reactor, (host, port), tls, build, timeout_s=timeout_s).addCallbacks(
+            result.callback, failed)
+
+    attempt(0)
+    return result

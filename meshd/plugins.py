@@ -301,8 +301,8 @@ class PolicyManager:
     ) -> Callable[..., Any]:
         """``fn`` wrapped to take all the hook's arguments and never raise.
 
-        pluggy passes the wrapper every argument of the spec (its signature
-        says so); it picks the ones ``fn`` asked for, puts this plugin's own
+        pluggy passes the wrapper every argument of the spec (it has exactly
+        the spec's parameters); it picks the ones ``fn`` asked for, puts this plugin's own
         settings in place of ``settings``, times the call, and checks the
         answer with ``hookspecs.RESULT_CHECKS``.
         """
@@ -311,7 +311,7 @@ class PolicyManager:
         timer = self._timer
         slow_s = self.slow_call_s
 
-        def guarded(*call_args: Any) -> Any:
+        def inner(call_args: tuple[Any, ...]) -> Any:
             mine = [settings if i is None else call_args[i] for i in picks]
             start = timer()
             try:
@@ -337,7 +337,7 @@ class PolicyManager:
             self.last_answer = plugin
             return result
 
-        guarded.__name__ = hook
+        guarded = _with_parameters(hook, spec_args, inner)
         guarded.__qualname__ = f"{plugin}.{hook}"
         guarded.__signature__ = self._specs[hook]  # type: ignore[attr-defined]
         setattr(
@@ -570,6 +570,24 @@ def parse_disable(entries: Iterable[str]) -> tuple[set[str], dict[str, list[str]
 
 
 # -- helpers ----------------------------------------------------------------------
+
+
+def _with_parameters(
+    name: str, params: tuple[str, ...], inner: Callable[[tuple[Any, ...]], Any]
+) -> Callable[..., Any]:
+    """A function named ``name`` taking exactly ``params`` that calls ``inner(params)``.
+
+    pluggy learns which arguments a hook function wants from its code object
+    (``co_varnames``, pluggy >= 1.7) or its signature (older ones), so the
+    wrapper must really have the spec's parameters; ``*args`` would get none.
+    The names come from our own hookspecs, never from a plugin.
+    """
+    assert all(p.isidentifier() for p in params), params
+    args = ", ".join(params)
+    namespace: dict[str, Any] = {"_inner": inner}
+    exec(f"def {name}({args}):\n    return _inner(({args}{',' if len(params) == 1 else ''}))\n",
+         namespace)  # noqa: S102 - fixed text built from hookspec names
+    return namespace[name]
 
 
 def _hook_name(text: str) -> str:
