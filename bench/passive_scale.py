@@ -36,7 +36,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from tests.conftest import DEFAULT_MODEL_NAME, find_llama_bin_dir, find_model  # noqa: E402
-from tests.daemon import Meshd  # noqa: E402
+from tests.daemon import Meshd, fake_llama_bin_dir  # noqa: E402
 
 FAST = {"heartbeat_s": 0.5, "heartbeat_timeout_s": 1.5, "verify_timeout_s": 0.5}
 
@@ -47,22 +47,13 @@ def cpu_s(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
-def fake_bin(base: Path) -> str:
-    d = base / "fakebin"
-    d.mkdir(parents=True, exist_ok=True)
-    script = d / "llama-server"
-    script.write_text(f"#!/bin/sh\nexec {sys.executable} {ROOT}/tests/fakebackend.py \"$@\"\n")
-    script.chmod(0o755)
-    return str(d)
-
-
 def active_node(base: Path) -> Meshd:
     models = base / "a" / "models"
     models.mkdir(parents=True, exist_ok=True)
     link = models / "m1.gguf"
     if not link.exists():
         os.symlink(find_model(), link)
-    a = Meshd(base / "a", {"models": {"serve": ["m1"]}, "llama": {"bin_dir": fake_bin(base)},
+    a = Meshd(base / "a", {"models": {"serve": ["m1"]}, "llama": {"bin_dir": fake_llama_bin_dir(base)},
                            "log": {"level": "info"}}, name="active").start()
     a.wait_model_warm("m1", 60)
     return a
@@ -152,7 +143,7 @@ def bench_promotion(base: Path, run: int) -> dict:
         tok = a.ctl("token").stdout.strip().splitlines()[-1]
         (d / "b" / "models").mkdir(parents=True)
         os.symlink(model, d / "b" / "models" / "other.gguf")
-        b = Meshd(d / "b", {"models": {"serve": ["other"]}, "llama": {"bin_dir": fake_bin(d)},
+        b = Meshd(d / "b", {"models": {"serve": ["other"]}, "llama": {"bin_dir": fake_llama_bin_dir(d)},
                             "mesh": {"join": [tok], **FAST}}, name="b").start()
         started.append(b)
         b.wait_model_warm("other", 60)

@@ -37,7 +37,7 @@ sys.path.insert(0, str(ROOT / "bench"))
 from proxy_overhead import Stream, cpu_seconds, measure, stream_request  # noqa: E402
 
 from tests.conftest import find_llama_bin_dir, find_model  # noqa: E402
-from tests.daemon import Meshd  # noqa: E402
+from tests.daemon import Meshd, fake_llama_bin_dir  # noqa: E402
 
 
 def pair(base: Path, bin_dir: str, gguf: str, model: str, extra_args: list[str]) -> tuple[Meshd, Meshd]:
@@ -59,21 +59,12 @@ def pair(base: Path, bin_dir: str, gguf: str, model: str, extra_args: list[str])
     return a, b
 
 
-def fake_bin_dir(base: Path) -> str:
-    d = base / "fakebin"
-    d.mkdir()
-    script = d / "llama-server"
-    script.write_text(f"#!/bin/sh\nexec {sys.executable} {ROOT / 'tests/fakebackend.py'} \"$@\"\n")
-    script.chmod(0o755)
-    return str(d)
-
-
 def part_a(args, base: Path) -> None:
     gguf = find_model()
     if not gguf:
         print("Part A skipped: no model file to stand in as a GGUF")
         return
-    a, b = pair(base / "a", fake_bin_dir(base), gguf, "fake", ["--chunks", str(args.chunks)])
+    a, b = pair(base / "a", fake_llama_bin_dir(base), gguf, "fake", ["--chunks", str(args.chunks)])
     try:
         request = stream_request("/v1/chat/completions", "fake", None)
         expect = args.chunks + 1

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import shlex
 import signal
 import subprocess
 import sys
@@ -174,6 +175,23 @@ class Meshd:
             self.proc.wait(10)
         if self.proc is not None:
             self._log.close()
+
+
+def fake_llama_bin_dir(base: Path, *flags: str) -> str:
+    """A ``[llama] bin_dir`` whose ``llama-server`` is ``tests/fakebackend.py`` with ``flags``.
+
+    The fake accepts llama-server's own flags, so the daemon runs it unchanged:
+    tests about routing, the mesh or downloads stay light.
+    """
+    d = Path(base) / "fakebin"
+    d.mkdir(parents=True, exist_ok=True)
+    script = d / "llama-server"
+    extra = "".join(f" {shlex.quote(f)}" for f in flags)
+    script.write_text(
+        f'#!/bin/sh\nexec {sys.executable} {ROOT / "tests/fakebackend.py"}{extra} "$@"\n'
+    )
+    script.chmod(0o755)
+    return str(d)
 
 
 def pid_alive(pid: int) -> bool:

@@ -13,15 +13,14 @@ from __future__ import annotations
 
 import os
 import signal
-import sys
 from urllib.parse import urlencode
 
 import pytest
 
 from tests.browser import Chromium, find_chromium
 from tests.conftest import DEFAULT_MODEL_NAME as MODEL
-from tests.conftest import ROOT, free_port
-from tests.daemon import Meshd
+from tests.conftest import free_port
+from tests.daemon import Meshd, fake_llama_bin_dir
 
 
 @pytest.fixture
@@ -32,16 +31,6 @@ def chromium_bin() -> str:
             pytest.skip("no chromium and MESHD_SKIP_BROWSER=1")
         pytest.fail("no chromium: apt-get install chromium (./dev test installs it)")
     return found
-
-
-def fake_llama_bin_dir(tmp_path):
-    bin_dir = tmp_path / "bin"
-    bin_dir.mkdir()
-    wrapper = bin_dir / "llama-server"
-    wrapper.write_text(
-        f'#!/bin/sh\nexec {sys.executable} {ROOT / "tests/fakebackend.py"} --chunks 12 "$@"\n')
-    wrapper.chmod(0o755)
-    return str(bin_dir)
 
 
 def js_string(text: str) -> str:
@@ -55,7 +44,7 @@ def test_console_page_in_a_real_browser(tmp_path, gemma_model_path, chromium_bin
     console_port = free_port()
     node = Meshd(tmp_path / "node", {
         "models": {"serve": [gemma_model_path]},
-        "llama": {"bin_dir": fake_llama_bin_dir(tmp_path), "restart_min_s": 3.0},
+        "llama": {"bin_dir": fake_llama_bin_dir(tmp_path, "--chunks", "12"), "restart_min_s": 3.0},
         "console": {"enabled": True, "listen": f"127.0.0.1:{console_port}"},
     })
     node.start()

@@ -7,26 +7,15 @@ backend, so the test is about the download, not about inference.
 from __future__ import annotations
 
 import json
-import sys
 
 import pytest
 
-from tests.conftest import ROOT
-from tests.daemon import Meshd
+from tests.daemon import Meshd, fake_llama_bin_dir
 from tests.test_download import FILE, REPO, MiB, big_gguf, files_in, hub  # noqa: F401 - fixture
 
 pytestmark = pytest.mark.e2e
 ENTRY = f"hf:{REPO}/{FILE}"
 NAME = FILE.removesuffix(".gguf")
-
-
-def fake_llama_bin_dir(tmp_path) -> str:
-    bin_dir = tmp_path / "bin"
-    bin_dir.mkdir(exist_ok=True)
-    wrapper = bin_dir / "llama-server"
-    wrapper.write_text(f'#!/bin/sh\nexec {sys.executable} {ROOT / "tests/fakebackend.py"} "$@"\n')
-    wrapper.chmod(0o755)
-    return str(bin_dir)
 
 
 def node(tmp_path, **models) -> Meshd:

@@ -23,7 +23,7 @@ import pytest
 
 from tests.conftest import DEFAULT_MODEL_NAME as MODEL
 from tests.conftest import ROOT
-from tests.daemon import Meshd
+from tests.daemon import Meshd, fake_llama_bin_dir
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(300)]
 
@@ -37,15 +37,6 @@ def gemma_node(base: Path, name: str, bin_dir: str, model_path: str, **extra) ->
     for section, values in extra.items():
         config.setdefault(section, {}).update(values)
     return Meshd(base / name, config, name=name)
-
-
-def fake_bin(base: Path) -> str:
-    d = base / "fakebin"
-    d.mkdir(parents=True, exist_ok=True)
-    script = d / "llama-server"
-    script.write_text(f"#!/bin/sh\nexec {sys.executable} {ROOT}/tests/fakebackend.py \"$@\"\n")
-    script.chmod(0o755)
-    return str(d)
 
 
 def token_of(node: Meshd) -> str:
@@ -139,7 +130,7 @@ def test_a_client_switches_when_its_active_node_dies_and_keeps_answering(
 
 def test_a_standby_promotes_when_the_only_host_of_a_model_is_killed(
         tmp_path, procs, llama_bin_dir, gemma_model_path):
-    fake = fake_bin(tmp_path)
+    fake = fake_llama_bin_dir(tmp_path)
     a = gemma_node(tmp_path, "a", llama_bin_dir, gemma_model_path).start()
     procs.append(a)
     a.wait_model_warm(MODEL)
@@ -201,7 +192,7 @@ def test_an_unassigned_node_stands_by_and_promotes_when_the_only_active_node_die
     """b joins active, assignment gives it nothing (a plugin): it leaves the gossip and
     checks in as a standby.  kill -9 a (the only active node and host): b decides from its
     last table, promotes, and is an active node of the same mesh that a rejoins."""
-    fake = fake_bin(tmp_path)
+    fake = fake_llama_bin_dir(tmp_path)
     from tests.conftest import find_model
 
     for name in ("a", "b"):
@@ -263,7 +254,7 @@ def _cpu_s(pid: int) -> float:
 
 def test_one_active_node_keeps_answering_500_passive_clients_refreshing_every_second(
         tmp_path, procs):
-    fake = fake_bin(tmp_path)
+    fake = fake_llama_bin_dir(tmp_path)
     models = tmp_path / "a" / "models"
     models.mkdir(parents=True)
     from tests.conftest import find_model

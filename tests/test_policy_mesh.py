@@ -16,14 +16,12 @@ from __future__ import annotations
 import concurrent.futures
 import json
 import os
-import sys
 import urllib.request
 from pathlib import Path
 
 import pytest
 
-from tests.conftest import ROOT
-from tests.daemon import Meshd
+from tests.daemon import Meshd, fake_llama_bin_dir
 from tests.test_download import hub  # noqa: F401 - the local hub fixture (HF_ENDPOINT)
 
 pytestmark = pytest.mark.e2e
@@ -36,15 +34,10 @@ CHUNK_DELAY_MS = 60  # ~2 s per stream: every request of a burst is in flight at
 
 def fake_llama(base: Path) -> tuple[str, Path]:
     """A ``[llama] bin_dir`` whose llama-server is the slow fake, logging its requests."""
-    bin_dir = base / "bin"
-    bin_dir.mkdir(parents=True, exist_ok=True)
     requests_log = base / "requests.log"
-    wrapper = bin_dir / "llama-server"
-    wrapper.write_text(
-        f'#!/bin/sh\nexec {sys.executable} {ROOT / "tests/fakebackend.py"} --chunks {CHUNKS} '
-        f'--chunk-delay-ms {CHUNK_DELAY_MS} --request-log {requests_log} "$@"\n')
-    wrapper.chmod(0o755)
-    return str(bin_dir), requests_log
+    bin_dir = fake_llama_bin_dir(base, "--chunks", str(CHUNKS), "--chunk-delay-ms",
+                                 str(CHUNK_DELAY_MS), "--request-log", str(requests_log))
+    return bin_dir, requests_log
 
 
 def node(tmp_path: Path, name: str, gguf: str, *, disk=(), serve=(), plugins=(),
