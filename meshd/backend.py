@@ -584,9 +584,11 @@ class LlamaServer(Supervised):
         rpc_workers: Sequence[str] = (),
         tensor_split: Sequence[float] = (),
         extra_env: Mapping[str, str] | None = None,
+        chat_template: str | None = None,
         **seams: Any,
     ):
         self.model_path = model_path
+        self.chat_template = chat_template
         self.bin_dir = bin_dir
         self.rpc_workers = list(rpc_workers)
         self.tensor_split = list(tensor_split)
@@ -606,6 +608,9 @@ class LlamaServer(Supervised):
             argv += ["--rpc", ",".join(self.rpc_workers)]
         if self.tensor_split:
             argv += ["--tensor-split", ",".join(f"{share:g}" for share in self.tensor_split)]
+        if self.chat_template:
+            # before extra_args, so an operator's own --chat-template wins
+            argv += ["--chat-template", self.chat_template]
         return argv + list(llama.extra_args)
 
     def _default_probe(self) -> Probe:

@@ -202,6 +202,28 @@ def _quant_name(file_type: Any, tensor_types: dict[int, int]) -> str | None:
     return None
 
 
+# llama.cpp's built-in chat templates for architectures whose GGUFs often ship
+# without one: without it llama-server falls back to ChatML, which these models
+# answer with template tokens instead of text
+BUILTIN_CHAT_TEMPLATES = {"gemma": "gemma", "gemma2": "gemma", "gemma3": "gemma"}
+
+
+def fallback_chat_template(path: str) -> str | None:
+    """The built-in template llama-server should use for ``path``, or None.
+
+    None when the file carries its own template (``tokenizer.chat_template``),
+    when its architecture has no known built-in, or when the header is unreadable
+    (the scan reports that already).
+    """
+    try:
+        kv = read_header(path)[0]
+    except (GGUFError, OSError):
+        return None
+    if "tokenizer.chat_template" in kv:
+        return None
+    return BUILTIN_CHAT_TEMPLATES.get(str(kv.get("general.architecture", "")))
+
+
 def read_header(path: str) -> tuple[dict[str, Any], int, dict[int, int]]:
     """(scalar key/values, total tensor elements, elements per tensor type) of one GGUF file.
 

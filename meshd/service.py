@@ -177,6 +177,7 @@ class MeshdService(service.MultiService):
         """Start a llama-server for ``name`` and publish it as served."""
         from meshd import backend
         from meshd import node as nodemod
+        from meshd.models import fallback_chat_template
 
         files = self._model_files.get(name)
         if files is None:  # assigned by the election: from this node's disk
@@ -198,6 +199,7 @@ class MeshdService(service.MultiService):
             bin_dir=bin_dir,
             reactor=self.reactor,
             extra_env={"CUDA_VISIBLE_DEVICES": visible} if visible is not None else None,
+            chat_template=fallback_chat_template(path),
         )
         self.node.add_served(nodemod.ServedModel(name, path, size_bytes, server))
         server.add_listener(lambda state, n=name: self._backend_state(n, state))

@@ -414,6 +414,22 @@ def test_llama_server_command_line():
     assert argv[-1] == "--no-webui"
 
 
+def test_fallback_chat_template_comes_before_the_operators_extra_args():
+    h = Harness(llama=LlamaConfig(extra_args=["--chat-template", "chatml"]), chat_template="gemma")
+    h.server.start()
+    argv = h.children[-1][1]
+    first = argv.index("--chat-template")
+    assert argv[first + 1] == "gemma"
+    # the operator's own choice comes later on the command line, so it wins
+    assert argv[first + 2:] == ["--chat-template", "chatml"]
+
+
+def test_no_chat_template_flag_without_a_fallback():
+    h = Harness()
+    h.server.start()
+    assert "--chat-template" not in h.children[-1][1]
+
+
 def test_llama_server_leaves_threads_to_llama_cpp_by_default():
     h = Harness()
     h.server.start()

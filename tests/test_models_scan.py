@@ -314,3 +314,23 @@ def test_unknown_name_is_an_error_that_suggests_close_names():
 def test_empty_entry_is_an_error():
     with pytest.raises(ModelError, match="empty"):
         resolve("  ", scan([]), CATALOG)
+
+
+def test_gemma_without_a_chat_template_falls_back_to_the_builtin_one(tmp_path):
+    from meshd.models import fallback_chat_template
+
+    bare = tmp_path / "g.gguf"
+    bare.write_bytes(gguf_bytes("gemma3"))
+    assert fallback_chat_template(str(bare)) == "gemma"
+
+
+def test_a_model_with_its_own_chat_template_keeps_it(tmp_path):
+    from meshd.models import fallback_chat_template
+
+    own = tmp_path / "g.gguf"
+    own.write_bytes(gguf_bytes("gemma3", extra={"tokenizer.chat_template": "{{ messages }}"}))
+    assert fallback_chat_template(str(own)) is None
+    other = tmp_path / "l.gguf"
+    other.write_bytes(gguf_bytes("llama"))
+    assert fallback_chat_template(str(other)) is None
+    assert fallback_chat_template(str(tmp_path / "missing.gguf")) is None
