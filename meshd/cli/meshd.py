@@ -57,7 +57,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--split",
         action="store_true",
-        help="split the model across peers even when it fits here ([models] split)",
+        help="treat the model as split even when it fits here ([models] split): its group "
+        "elects one host and the others become workers; running the split itself "
+        "(rpc-server workers) is not built yet, so the host waits and says so",
     )
     p.add_argument(
         "--check-config",
