@@ -37,6 +37,8 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tests"))
 
+from meshd.proxy import ChunkedDecoder  # noqa: E402
+
 TICKS = os.sysconf("SC_CLK_TCK")
 
 
@@ -83,7 +85,11 @@ def stop(proc: subprocess.Popen) -> None:
 
 
 class Stream(asyncio.Protocol):
-    """One streamed request on its own connection (Connection: close); counts SSE events."""
+    """One streamed request on its own connection (Connection: close); counts SSE events.
+
+    Events are counted in the de-chunked body: a proxy may place its HTTP chunk
+    boundaries anywhere, even inside ``data: ``, so counting raw bytes miscounts.
+    """
 
     def __init__(self, request: bytes, done: asyncio.Future):
         self.request = request
@@ -93,11 +99,25 @@ class Stream(asyncio.Protocol):
         self.t_last = 0.0
         self.events = 0
         self.tail = b""
+        self.head = b""
+        self.decoder: ChunkedDecoder | None = None
+        self.in_body = False
 
     def connection_made(self, transport) -> None:
         transport.write(self.request)
 
     def data_received(self, data: bytes) -> None:
+        if not self.in_body:
+            self.head += data
+            end = self.head.find(b"\r\n\r\n")
+            if end < 0:
+                return
+            head, data = self.head[:end].lower(), self.head[end + 4:]
+            self.in_body = True
+            if b"transfer-encoding: chunked" in head:
+                self.decoder = ChunkedDecoder()
+        if self.decoder is not None:
+            data = self.decoder.feed(data)
         buf = self.tail + data
         n = buf.count(b"data: ")
         if n:
@@ -106,7 +126,7 @@ class Stream(asyncio.Protocol):
                 self.t_first = now
             self.t_last = now
             self.events += n
-        self.tail = data[-5:]
+        self.tail = buf[-5:]
 
     def connection_lost(self, exc) -> None:
         if not self.done.done():

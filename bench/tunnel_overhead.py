@@ -82,9 +82,9 @@ def part_a(args, base: Path) -> None:
                 tunnel.append(r)
             for path, runs in (("direct", direct), ("tunnel", tunnel)):
                 bad = [s.events for r in runs for s in r["streams"] if s.events != expect]
-                if bad:
-                    print(f"  WARNING {path}: {len(bad)} stream(s) with the wrong number of "
-                          f"events (expected {expect}): {bad[:5]}")
+                if bad:  # a lost or duplicated event is a bug, not noise
+                    raise SystemExit(f"{path}: {len(bad)} stream(s) with the wrong number of "
+                                     f"events (expected {expect}): {bad[:5]}")
             d_rate = statistics.median(r["rate"] for r in direct)
             t_rate = statistics.median(r["rate"] for r in tunnel)
             d_req = statistics.median(len(r["streams"]) / r["wall"] for r in direct)
