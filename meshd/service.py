@@ -19,7 +19,7 @@ from pathlib import Path
 
 from twisted.application import service
 from twisted.internet import defer, endpoints
-from twisted.internet.error import CannotListenError
+from twisted.internet.error import CannotListenError, ReactorNotRunning
 from twisted.python.failure import Failure
 
 from meshd import config as configmod
@@ -88,6 +88,11 @@ class MeshdService(service.MultiService):
         d.addErrback(self._start_failed)
 
     def _start_failed(self, failure: Failure) -> None:
+        if self._stopping is not None:
+            # asked to stop while starting (Ctrl-C during the model load): the
+            # interrupted start is the stop's doing, not a failure
+            log.info("stopped before start-up finished (%s)", failure.getErrorMessage())
+            return
         if failure.check(StartupError):
             log.error("cannot start: %s", failure.value)
         else:
@@ -362,8 +367,10 @@ class MeshdService(service.MultiService):
 
     def shutdown(self) -> None:
         """Ask the reactor to stop; stopService does the orderly part."""
-        if self.reactor.running:
+        try:
             self.reactor.stop()
+        except ReactorNotRunning:  # already stopping
+            pass
 
     def stopService(self) -> defer.Deferred:
         if self._stopping is None:

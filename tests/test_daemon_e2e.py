@@ -252,3 +252,27 @@ def test_notify_protocol_ready_after_model_loaded_and_stopping(tmp_path, llama_b
     finally:
         n.stop()
         sock.close()
+
+
+def test_stop_while_the_model_is_still_loading_exits_0(tmp_path, gemma_model_path):
+    """Ctrl-C or SIGTERM during start-up is a clean stop, not a failed start."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    never_ready = bin_dir / "llama-server"
+    never_ready.write_text("#!/bin/sh\nexec sleep 300\n")  # never answers /health
+    never_ready.chmod(0o755)
+    n = Meshd(tmp_path / "node", {"models": {"serve": [gemma_model_path]},
+                                  "llama": {"bin_dir": str(bin_dir)}}, name="node")
+    n.start()
+    try:
+        status = n.wait_for(
+            lambda m: (s := m.status())["models"] and s["models"][0].get("backend", {}).get("pid")
+            and s, "llama-server started", timeout=60)
+        child = status["models"][0]["backend"]["pid"]
+        assert status["models"][0]["state"] == "loading"
+        n.signal(signal.SIGINT)
+        assert n.proc.wait(60) == 0
+        assert "cannot start" not in n.log() and "Traceback" not in n.log()
+        assert not pid_alive(child)
+    finally:
+        n.stop()
