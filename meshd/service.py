@@ -42,7 +42,9 @@ def preflight(config: Config) -> list[str]:
         catalog = load_catalog()
     except Exception as e:  # a broken shipped catalog is a bug, but say so plainly
         return [f"catalog: {e}"]
-    scan = modelsmod.scan(model_dirs(config))
+    # a models directory that does not exist yet is made at start; the start-up
+    # scan reports missing extra_dirs in the log, once logging is set up
+    scan = modelsmod.scan([d for d in model_dirs(config) if Path(d).is_dir()])
     for i, entry in enumerate(config.models.serve):
         try:
             modelsmod.resolve(entry, scan, catalog)
