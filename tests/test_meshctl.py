@@ -331,6 +331,18 @@ def test_status_without_peers_or_models_says_none():
     assert text.count("(none)") == 2
 
 
+def test_status_says_why_a_download_was_refused_or_failed():
+    lines = meshctl.format_status({
+        "node_id": "n", "role": "idle", "serving": None, "peers": [], "models": [],
+        "downloads_refused": [{"name": "big", "reason": "model big (47.0 GB) needs 51.7 GB, "
+                               "node has 24.0 GB: not downloading"}],
+        "downloads_failed": [{"name": "gone", "error": "404 from the hub"}],
+    })
+    text = "\n".join(lines)
+    assert "download refused: model big (47.0 GB) needs 51.7 GB" in text
+    assert "download failed: gone: 404 from the hub" in text
+
+
 def test_cli_process_unreachable_prints_one_line_no_traceback(tmp_path):
     path = str(tmp_path / "nope.sock")
     env = dict(os.environ, MESHD_CONFIG="")

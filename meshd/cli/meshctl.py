@@ -352,6 +352,11 @@ def format_status(s: dict) -> list[str]:
     downloads = s.get("downloads") or []
     if downloads:
         lines += section("DOWNLOADS", _download_rows(downloads), DOWNLOAD_COLUMNS)
+    # why a model is not arriving: gated or failed downloads, with their reasons
+    for d in s.get("downloads_refused") or []:
+        lines.append(f"download refused: {d.get('reason') or d.get('name')}")
+    for d in s.get("downloads_failed") or []:
+        lines.append(f"download failed: {d.get('name')}: {d.get('error')}")
     return lines
 
 
