@@ -133,6 +133,23 @@ class Stream(asyncio.Protocol):
             self.done.set_result(self)
 
 
+def alternate(base_port: int, via_port: int, request: bytes, n: int) -> tuple[float, ...]:
+    """``n`` single streams to each port, alternated; medians of tokens/s and of time
+    to first token: ``(base_tps, via_tps, base_ttft_s, via_ttft_s)``."""
+    base: list[Stream] = []
+    via: list[Stream] = []
+    for _ in range(n):
+        base.append(measure(base_port, request, 1, 1)["streams"][0])
+        via.append(measure(via_port, request, 1, 1)["streams"][0])
+
+    def tps(s: Stream) -> float:
+        return s.events / (s.t_last - s.t0)
+
+    return (statistics.median(map(tps, base)), statistics.median(map(tps, via)),
+            statistics.median(s.t_first - s.t0 for s in base),
+            statistics.median(s.t_first - s.t0 for s in via))
+
+
 def stream_request(path: str, model: str, max_tokens: int | None, extra: str = "") -> bytes:
     tokens = f', "max_tokens": {max_tokens}' if max_tokens else ""
     body = (f'{{"model": "{model}", "stream": true{tokens}{extra}, '
@@ -251,18 +268,7 @@ def part_b(args) -> None:
                 break
             time.sleep(1)
         measure(proxy_port, request, 1, 1)
-        direct, proxied = [], []
-        for _ in range(args.real_requests):
-            direct.append(measure(llama_port, request, 1, 1)["streams"][0])
-            proxied.append(measure(proxy_port, request, 1, 1)["streams"][0])
-
-        def tps(s: Stream) -> float:
-            return s.events / (s.t_last - s.t0)
-
-        d_tps = statistics.median(map(tps, direct))
-        p_tps = statistics.median(map(tps, proxied))
-        d_t = statistics.median(s.t_first - s.t0 for s in direct)
-        p_t = statistics.median(s.t_first - s.t0 for s in proxied)
+        d_tps, p_tps, d_t, p_t = alternate(llama_port, proxy_port, request, args.real_requests)
         print(f"\nPart B: llama-server + {Path(model).name}, {args.real_requests} streamed requests "
               f"each way alternated, max_tokens {args.max_tokens}, medians")
         print(f"  tokens/s: direct {d_tps:.1f}, via proxy {p_tps:.1f}, ratio {p_tps / d_tps:.3f}")

@@ -34,7 +34,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
-from proxy_overhead import Stream, cpu_seconds, measure, stream_request  # noqa: E402
+from proxy_overhead import alternate, cpu_seconds, measure, stream_request  # noqa: E402
 
 from tests.conftest import find_llama_bin_dir, find_model  # noqa: E402
 from tests.daemon import Meshd, fake_llama_bin_dir  # noqa: E402
@@ -117,19 +117,7 @@ def part_b(args, base: Path) -> None:
                                  ', "temperature": 0, "seed": 1, "ignore_eos": true')
         measure(a.api_port, request, 1, 1)
         measure(b.api_port, request, 1, 1)
-        direct: list[Stream] = []
-        tunnel: list[Stream] = []
-        for _ in range(args.real_requests):
-            direct.append(measure(b.api_port, request, 1, 1)["streams"][0])
-            tunnel.append(measure(a.api_port, request, 1, 1)["streams"][0])
-
-        def tps(s: Stream) -> float:
-            return s.events / (s.t_last - s.t0)
-
-        d_tps = statistics.median(map(tps, direct))
-        t_tps = statistics.median(map(tps, tunnel))
-        d_t = statistics.median(s.t_first - s.t0 for s in direct)
-        t_t = statistics.median(s.t_first - s.t0 for s in tunnel)
+        d_tps, t_tps, d_t, t_t = alternate(b.api_port, a.api_port, request, args.real_requests)
         print(f"\nPart B: llama-server + {Path(gguf).name} on B, {args.real_requests} streamed "
               f"requests each way alternated, max_tokens {args.max_tokens}, medians")
         print(f"  tokens/s: B's API {d_tps:.1f}, A's API through the tunnel {t_tps:.1f}, "

@@ -322,7 +322,7 @@ class Node:
             "api": self.config.api.listen,
             "uptime_s": round(self.reactor.seconds() - self.started_at, 3),
             "vram_bytes": self.vram_bytes,
-            "peers": self.mesh.status_peers() if self.mesh is not None else [],
+            "peers": self.peers(),
             "passive": (self.route_server.counts() if self.route_server is not None
                         else {"clients": 0, "standby": 0}),
             "models": self.model_status(),
@@ -335,7 +335,7 @@ class Node:
         }
 
     def peers(self) -> list[dict[str, Any]]:
-        return self.status()["peers"]
+        return self.mesh.status_peers() if self.mesh is not None else []
 
     def model_table(self, catalog: bool = False) -> dict[str, Any]:
         """``meshctl models``: the mesh's models, what is on this disk, and the catalog."""
