@@ -1,7 +1,7 @@
 """Per-request cost of choosing a host through the plugin hooks vs a direct call.
 
 Every request for a model with several hosts goes through
-``meshd.placement.choose_host``, which asks the plugins (pluggy, a guard per
+``meshd.placement.rules.choose_host``, which asks the plugins (pluggy, a guard per
 hook function that times the call and checks the answer) before the default
 decides.  This measures what that path adds over calling the default's
 function directly, with the default plugin alone and with an operator plugin
@@ -20,10 +20,10 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from meshd import placement, plugins  # noqa: E402
 from meshd.config import Config  # noqa: E402
-from meshd.policies import default  # noqa: E402
-from meshd.snapshot import GB, MeshView, NodeView  # noqa: E402
+from meshd.placement import default, plugins  # noqa: E402
+from meshd.placement import rules as placement  # noqa: E402
+from meshd.placement.snapshot import GB, MeshView, NodeView  # noqa: E402
 
 
 def per_call_us(fn, calls: int, repeat: int) -> float:

@@ -43,7 +43,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from tests.meshnodes import (  # noqa: E402
+from tests.harness.meshnodes import (  # noqa: E402
     Cluster,
     Namespaces,
     can_netns,

@@ -36,7 +36,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from tests.conftest import DEFAULT_MODEL_NAME, find_llama_bin_dir, find_model  # noqa: E402
-from tests.daemon import Meshd, fake_llama_bin_dir  # noqa: E402
+from tests.harness.daemon import Meshd, fake_llama_bin_dir  # noqa: E402
 
 FAST = {"heartbeat_s": 0.5, "heartbeat_timeout_s": 1.5, "verify_timeout_s": 0.5}
 

@@ -1,12 +1,12 @@
 """Many passive clients in one process: each its own fresh identity, its own TLS
-connection and route client (``meshd.passive.RouteClient``, the code a ``--client``
+connection and route client (``meshd.passive.node.RouteClient``, the code a ``--client``
 runs), checking in with the mesh every ``--refresh-s``.
 
     python3 bench/passive_swarm.py --token TOKEN --count 250 --refresh-s 1 --seconds 20
 
 Joins are spread over ``--ramp-s``.  Prints one JSON line at the end (and writes it to
 ``--out``): how many clients held a table, requests sent, tables and "same" answers
-received, reconnects.  Used by ``tests/test_passive_mesh.py`` (scale) and
+received, reconnects.  Used by ``tests/passive/test_passive_mesh.py`` (scale) and
 ``bench/passive_scale.py``; it only ever connects to the addresses in the token.
 """
 
@@ -33,10 +33,10 @@ def main(argv: list[str] | None = None) -> int:
 
     from twisted.internet import reactor
 
-    from meshd import identity, tokens
-    from meshd.passive import RouteClient
-    from meshd.peer import Timing
-    from meshd.routetable import CheckIn
+    from meshd.mesh import identity, tokens
+    from meshd.mesh.peer import Timing
+    from meshd.passive.node import RouteClient
+    from meshd.serving.routetable import CheckIn
 
     logging.basicConfig(level=logging.ERROR, stream=sys.stderr)
     token = tokens.decode(args.token)

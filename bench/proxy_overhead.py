@@ -5,7 +5,7 @@ Every figure is a ratio against a baseline measured in the same run, against
 the same backend, with direct and proxied runs alternated so drift on a shared
 machine hits both alike.
 
-Part A, fast fake backend (tests/fakebackend.py, 500 SSE chunks per stream):
+Part A, fast fake backend (tests/harness/fakebackend.py, 500 SSE chunks per stream):
 chunks/s direct vs through the proxy at concurrency 1 and 32, the added median
 time to first chunk at concurrency 1, and the proxy process's CPU seconds per
 1,000 chunks (from /proc/PID/stat).
@@ -37,7 +37,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tests"))
 
-from meshd.proxy import ChunkedDecoder  # noqa: E402
+from meshd.serving.proxy import ChunkedDecoder  # noqa: E402
 
 TICKS = os.sysconf("SC_CLK_TCK")
 
@@ -194,9 +194,9 @@ def measure(port: int, request: bytes, total: int, concurrency: int) -> dict:
 
 def part_a(args) -> None:
     fake_port, proxy_port = free_port(), free_port()
-    fake = start([sys.executable, "tests/fakebackend.py", "--port", str(fake_port),
+    fake = start([sys.executable, "tests/harness/fakebackend.py", "--port", str(fake_port),
                   "--chunks", str(args.chunks)], fake_port)
-    proxy = start([sys.executable, "-m", "meshd.api", "--static", f"fake=127.0.0.1:{fake_port}",
+    proxy = start([sys.executable, "-m", "meshd.serving.api", "--static", f"fake=127.0.0.1:{fake_port}",
                    "--listen", f"127.0.0.1:{proxy_port}"], proxy_port)
     try:
         request = stream_request("/v1/chat/completions", "fake", None)
@@ -257,7 +257,7 @@ def part_b(args) -> None:
     llama = start([f"{bin_dir}/llama-server", "-m", model, "--host", "127.0.0.1",
                    "--port", str(llama_port), "--ctx-size", "2048", "--alias", "gemma"],
                   llama_port, timeout_s=120)
-    proxy = start([sys.executable, "-m", "meshd.api", "--static", f"gemma=127.0.0.1:{llama_port}",
+    proxy = start([sys.executable, "-m", "meshd.serving.api", "--static", f"gemma=127.0.0.1:{llama_port}",
                    "--listen", f"127.0.0.1:{proxy_port}"], proxy_port)
     try:
         request = stream_request("/v1/chat/completions", "gemma", args.max_tokens,

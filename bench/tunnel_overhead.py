@@ -7,7 +7,7 @@ llama-server.  The baseline is the same request sent straight to B's API in
 the same run, alternated, so the ratio isolates the tunnel (both paths go
 through one meshd API proxy).
 
-Part A, fast fake backend (tests/fakebackend.py stands in for llama-server
+Part A, fast fake backend (tests/harness/fakebackend.py stands in for llama-server
 through a ``[llama] bin_dir`` holding a wrapper): chunks/s and requests/s
 through the tunnel vs direct, at concurrency 1 and 8, and the added median
 time to first chunk.
@@ -37,7 +37,7 @@ sys.path.insert(0, str(ROOT / "bench"))
 from proxy_overhead import alternate, cpu_seconds, measure, stream_request  # noqa: E402
 
 from tests.conftest import find_llama_bin_dir, find_model  # noqa: E402
-from tests.daemon import Meshd, fake_llama_bin_dir  # noqa: E402
+from tests.harness.daemon import Meshd, fake_llama_bin_dir  # noqa: E402
 
 
 def pair(base: Path, bin_dir: str, gguf: str, model: str, extra_args: list[str]) -> tuple[Meshd, Meshd]:

@@ -20,8 +20,8 @@ from __future__ import annotations
 
 import pluggy
 
-from meshd.policies.default import stable_index
-from meshd.snapshot import NodeView
+from meshd.placement.default import stable_index
+from meshd.placement.snapshot import NodeView
 
 hookimpl = pluggy.HookimplMarker("meshd")
 

@@ -17,8 +17,8 @@ from __future__ import annotations
 
 import pluggy
 
-from meshd.policies.default import choose_assignment
-from meshd.snapshot import MeshView, NodeView
+from meshd.placement.default import choose_assignment
+from meshd.placement.snapshot import MeshView, NodeView
 
 hookimpl = pluggy.HookimplMarker("meshd")
 

@@ -30,8 +30,8 @@ from typing import Any
 
 import pluggy
 
-from meshd.policies.default import choose_assignment, promotion_winners, stable_index
-from meshd.snapshot import MeshView, NodeView
+from meshd.placement.default import choose_assignment, promotion_winners, stable_index
+from meshd.placement.snapshot import MeshView, NodeView
 
 hookimpl = pluggy.HookimplMarker("meshd")
 

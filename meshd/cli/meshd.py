@@ -90,7 +90,7 @@ def effective_config(args: argparse.Namespace) -> configmod.Config:
 
 def check(config: configmod.Config) -> list[str]:
     """Problems that need more than the schema: model files, plugins."""
-    from meshd import service
+    from meshd.daemon import service
 
     return service.preflight(config)
 
@@ -116,7 +116,8 @@ def main(argv: list[str] | None = None) -> int:
             print(f"meshd: {problem}", file=sys.stderr)
         return EXIT_CONFIG
 
-    from meshd import logs, service
+    from meshd import logs
+    from meshd.daemon import service
 
     logs.setup(config.log.level)
     return service.run(config)

@@ -1,0 +1,1 @@
+"""Backends: supervised llama-server and rpc-server processes."""

@@ -1,0 +1,1 @@
+"""The web console: status, events and a chat box for a browser."""

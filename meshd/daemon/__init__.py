@@ -1,0 +1,1 @@
+"""The daemon: the service tree, the node's state, the control socket, systemd notification."""

@@ -1,0 +1,411 @@
+"""The node: what this daemon serves, and the one place status is assembled from.
+
+The API, the control socket and the console all read the node; none of them
+reaches into the backends or the mesh directly.  This keeps ``meshctl status
+--json``, ``/api/status`` and ``/v1/models`` telling the same story.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from twisted.internet import defer
+
+from meshd import __version__
+from meshd.config import Config
+from meshd.placement.snapshot import MeshView, ModelFile, NodeView
+
+log = logging.getLogger("meshd.daemon.node")
+
+# backend process state -> the model state operators see
+MODEL_STATES = {
+    "stopped": "cold",
+    "starting": "loading",
+    "loading": "loading",
+    "ready": "warm",
+    "restarting": "restarting",
+    "stopping": "draining",
+    "failed": "failed",
+}
+
+
+@dataclass
+class ServedModel:
+    """A model this node serves with its own llama-server."""
+
+    name: str
+    path: str
+    size_bytes: int
+    backend: Any  # meshd.backends.supervisor.LlamaServer
+
+    @property
+    def state(self) -> str:
+        return MODEL_STATES.get(self.backend.state, self.backend.state)
+
+
+class Node:
+    """This daemon's runtime state and the control socket's target (the API's router is ``meshd.serving.router``)."""
+
+    def __init__(
+        self,
+        config: Config,
+        *,
+        reactor,
+        node_id: str,
+        vram_bytes: int,
+        gpu_report: Any = None,
+        shutdown: Callable[[], None] | None = None,
+    ):
+        self.config = config
+        self.reactor = reactor
+        self.node_id = node_id
+        self.vram_bytes = vram_bytes
+        self.gpu_report = gpu_report
+        self.started_at = reactor.seconds()
+        self.state = "starting"
+        self.served: dict[str, ServedModel] = {}
+        self.wanted: list[str] = []
+        self.mesh = None  # meshd.mesh.gossip.MeshService
+        self.router = None  # meshd.serving.router.MeshRouter: the API's router on an active node
+        self.rebalancer = None  # meshd.placement.election.Rebalancer: this node's model, election, assignment
+        # models dropped mesh-wide (meshctl drop): not served, not routed, not assigned again
+        self.dropped: set[str] = set()
+        self.route_server = None  # meshd.passive.node.RouteServer: answers passive nodes (active side)
+        self.passive = None  # meshd.passive.node.PassiveNode while this node is passive
+        self.promotion = None  # what a standby's promotion decided, and when (status)
+        self.policy = None  # meshd.placement.plugins.PolicyManager
+        self.downloader = None  # meshd.models.download.Downloader
+        self.scan = None  # meshd.models.scan.ScanResult
+        self._shutdown = shutdown or (lambda: None)
+        self._status_listeners: list[Callable[[], None]] = []
+
+    # -- telling the console ----------------------------------------------------
+
+    def add_status_listener(self, cb: Callable[[], None]) -> None:
+        """``cb()`` whenever ``status()`` may read differently (models, backends, scans).
+
+        Membership and downloads have listeners of their own (``mesh.add_listener``,
+        ``downloader.downloads.listeners``).
+        """
+        self._status_listeners.append(cb)
+
+    def status_changed(self) -> None:
+        for cb in list(self._status_listeners):
+            try:
+                cb()
+            except Exception:
+                log.exception("status listener %r failed", cb)
+
+    # -- what we serve ------------------------------------------------------
+
+    def add_served(self, model: ServedModel) -> None:
+        self.served[model.name] = model
+        model.backend.add_listener(lambda state, name=model.name: self._backend_changed(name, state))
+        self.status_changed()
+
+    def _backend_changed(self, name: str, state: str) -> None:
+        log.debug("model %s backend is %s", name, state)
+        if self.mesh is not None:
+            self.mesh.local_changed()
+        self.status_changed()
+
+    @property
+    def role(self) -> str:
+        if self.config.node.client:
+            return "client"
+        if self.served:
+            return "host"
+        placed = self.rebalancer.role if self.rebalancer is not None else None
+        if placed is not None:  # set to serve a model it cannot run yet: host or worker
+            return placed
+        if self.config.node.standby and self.promotion is None:  # promoted: active from now on
+            return "standby"
+        if self.passive is not None:  # an idle node assignment gave nothing (meshd.passive.node)
+            return "standby"
+        return "idle"
+
+    @property
+    def serving(self) -> str | None:
+        return next(iter(self.served), None)
+
+    # -- what the mesh is told about us ------------------------------------------
+
+    def local_info(self) -> dict[str, Any]:
+        """This node's announce fields (the mesh adds identity and addresses)."""
+        scan = self.scan
+        return {
+            "role": self.role,
+            "vram_bytes": self.vram_bytes,
+            "serving": [name for name, m in self.served.items() if m.state == "warm"],
+            "loading": [name for name, m in self.served.items() if m.state == "loading"],
+            "waiting": self.waiting_models(),
+            "available_models": [
+                {"name": m.name, "size_bytes": m.size_bytes}
+                for m in (scan.models.values() if scan else ())
+            ],
+            "requested_models": [m for m in self.wanted if m not in self.dropped],
+            "versions": {"meshd": __version__},
+            "api": self.config.api.listen,
+        }
+
+    # -- views for placement --------------------------------------------------
+
+    def node_view(self) -> NodeView:
+        scan = self.scan
+        return NodeView(
+            node_id=self.node_id,
+            role=self.role,
+            vram_bytes=self.vram_bytes,
+            serving=tuple(self.served),
+            available_models=tuple(
+                ModelFile(m.name, m.size_bytes) for m in (scan.models.values() if scan else ())
+            ),
+            requested_models=tuple(m for m in self.wanted if m not in self.dropped),
+            rtt_ms=0.0,
+            load=self.router.load_of(self.node_id) if self.router is not None else 0,
+        )
+
+    def mesh_view(self) -> MeshView:
+        nodes = [self.node_view()]
+        if self.mesh is not None:
+            for p in self.mesh.peers():
+                nodes.append(
+                    NodeView(
+                        node_id=p.node_id,
+                        role=p.role,
+                        vram_bytes=p.vram_bytes,
+                        serving=tuple(p.serving),
+                        available_models=tuple(
+                            ModelFile(m.name, m.size_bytes) for m in p.available_models
+                        ),
+                        requested_models=tuple(p.requested_models),
+                        rtt_ms=p.rtt_ms,
+                        addrs=tuple(p.addrs),
+                    )
+                )
+        if self.route_server is not None:  # standbys checked in with us (for promotion ties)
+            known = {n.node_id for n in nodes}
+            nodes += [v for v in self.route_server.standby_views() if v.node_id not in known]
+        return MeshView(
+            self_id=self.node_id, nodes=tuple(nodes), max_rtt_ms=self.config.models.max_rtt_ms
+        )
+
+    # -- status and control ----------------------------------------------------
+
+    def waiting_models(self) -> list[str]:
+        """Models this node is set to serve but does not run (short of VRAM, a split worker)."""
+        return self.rebalancer.waiting_models() if self.rebalancer is not None else []
+
+    def model_status(self) -> list[dict[str, Any]]:
+        """``models`` of ``meshctl status``: every model of the mesh once there is a router."""
+        if self.router is not None:
+            return self._mesh_model_status()
+        out = []
+        for m in self.served.values():
+            b = m.backend
+            out.append(
+                {
+                    "name": m.name,
+                    "state": m.state,
+                    "hosts": [self.node_id],
+                    "size_bytes": m.size_bytes,
+                    "split": None,
+                    "backend": {
+                        "state": b.state,
+                        "pid": b.pid,
+                        "port": b.port,
+                        "restarts": b.restarts,
+                    },
+                }
+            )
+        for name in self.wanted:
+            if name not in self.served:
+                out.append(
+                    {"name": name, "state": "cold", "hosts": [], "size_bytes": None, "split": None}
+                )
+        return out
+
+    def _mesh_model_status(self) -> list[dict[str, Any]]:
+        snap = self.router.snapshot()
+        decision = self.rebalancer.decision if self.rebalancer is not None else None
+        out = []
+        for m in snap.models.values():
+            entry: dict[str, Any] = {
+                "name": m.name, "state": m.state, "hosts": list(m.hosts),
+                "size_bytes": m.size_bytes,
+                "split": decision.split_status() if decision and decision.model == m.name else None,
+                "loading": list(m.loading), "waiting": list(m.waiting), "reason": m.reason,
+            }
+            if decision is not None and decision.model == m.name and m.name not in self.served:
+                entry["local"] = {"state": decision.state, "reason": decision.reason}
+            served = self.served.get(m.name)
+            if served is not None:
+                b = served.backend
+                entry["local"] = {"state": served.state}
+                entry["backend"] = {"state": b.state, "pid": b.pid, "port": b.port,
+                                    "restarts": b.restarts}
+            out.append(entry)
+        return out
+
+    # -- drop -------------------------------------------------------------------------
+
+    def drop(self, model: str) -> dict[str, Any]:
+        """``meshctl drop MODEL``: stop serving ``model`` here and on every node of the mesh."""
+        from meshd.daemon.control import Refused
+
+        known = model in self.served or model in self.wanted
+        if self.router is not None:
+            entry = self.router.snapshot().models.get(model)
+            known = known or (entry is not None and entry.reason != "on disk, not served")
+        if not known:
+            raise Refused(f"model {model!r} is not served in this mesh")
+        self.drop_local(model, origin=self.node_id)
+        peers = 0
+        if self.mesh is not None:
+            peers = len(self.mesh.conns)
+            self.mesh.drop_model(model)
+        return {"dropped": model, "told_peers": peers}
+
+    def drop_local(self, model: str, origin: str) -> None:
+        """Stop serving ``model`` on this node and remember the drop (DROP from ``origin``)."""
+        first = model not in self.dropped
+        self.dropped.add(model)
+        if self.rebalancer is not None:
+            self.rebalancer.forget(model)
+        if model in self.served:
+            self.stop_serving(model)
+        if first:
+            who = "this node" if origin == self.node_id else f"node {origin}"
+            log.info("model %s dropped mesh-wide by %s: not serving, routing or assigning it",
+                     model, who)
+        if self.router is not None:
+            self.router.invalidate()
+        if self.mesh is not None:
+            self.mesh.local_changed()
+        self.status_changed()
+        if self.rebalancer is not None:
+            self.rebalancer.on_event()  # an idle node may take another model
+
+    def stop_serving(self, model: str) -> Any:
+        """Stop this node's llama-server for ``model`` and forget it; fires once it is gone."""
+        served = self.served.pop(model, None)
+        if served is None:
+            return defer.succeed(None)
+        log.info("stopping llama-server for %s", model)
+        if self.router is not None:
+            self.router.invalidate()
+        if self.mesh is not None:
+            self.mesh.local_changed()
+        self.status_changed()
+        return served.backend.stop()
+
+    def status(self) -> dict[str, Any]:
+        out = self._status()
+        if self.passive is not None:  # no mesh of its own: the routing table it lives on
+            out["mesh_id"] = self.passive.mesh_id
+            out["models"] = self.passive.model_status()
+            out["route"] = self.passive.status()
+        if self.promotion is not None:
+            out["promotion"] = self.promotion
+        return out
+
+    def _status(self) -> dict[str, Any]:
+        return {
+            "node_id": self.node_id,
+            "mesh_id": getattr(self.mesh, "mesh_id", None),
+            "role": self.role,
+            "serving": self.serving,
+            "state": self.state,
+            "api": self.config.api.listen,
+            "uptime_s": round(self.reactor.seconds() - self.started_at, 3),
+            "vram_bytes": self.vram_bytes,
+            "peers": self.peers(),
+            "passive": (self.route_server.counts() if self.route_server is not None
+                        else {"clients": 0, "standby": 0}),
+            "models": self.model_status(),
+            "downloads": self.downloader.downloads.to_status() if self.downloader else [],
+            # gated or failed downloads stay visible, with the numbers and the reason
+            "downloads_refused": (
+                self.downloader.downloads.refused_status() if self.downloader else []
+            ),
+            "downloads_failed": self.downloader.downloads.failed_status() if self.downloader else [],
+        }
+
+    def peers(self) -> list[dict[str, Any]]:
+        return self.mesh.status_peers() if self.mesh is not None else []
+
+    def model_table(self, catalog: bool = False) -> dict[str, Any]:
+        """``meshctl models``: the mesh's models, what is on this disk, and the catalog."""
+        from meshd.models.catalog import catalog_listing, load_catalog
+
+        scan = self.scan
+        table: dict[str, Any] = {
+            "mesh": self.model_status(),
+            "disk": [m.to_dict() for m in scan.models.values()] if scan else [],
+            "problems": list(scan.problems) if scan else [],
+        }
+        if catalog:
+            table["catalog"] = catalog_listing(load_catalog(), scan) if scan else []
+        return table
+
+    def download(self, name: str) -> dict[str, Any]:
+        """Start a download by hand; gated like any other.  Progress shows in status."""
+        from meshd.daemon.control import Refused
+
+        if self.downloader is None:
+            raise Refused("downloads are not available on this node")
+        d = self.downloader.download(name)
+        failure: list[Any] = []
+        d.addErrback(failure.append)
+        if failure:  # refused or unknown before any transfer began
+            raise Refused(failure[0].getErrorMessage())
+        d.addCallback(self._downloaded)
+        d.addErrback(lambda f: log.error("download of %s failed: %s", name, f.getErrorMessage()))
+        return {"name": name, "state": "downloading"}
+
+    def _downloaded(self, model: Any) -> None:
+        log.info("downloaded %s (%s)", model.name, model.path)
+        self.rescan()
+
+    def rescan(self) -> None:
+        """Scan the model directories again (after a download, on SIGHUP) and re-gossip."""
+        from meshd.models import scan as modelsmod
+
+        self.scan = modelsmod.scan([self.config.node.models_dir, *self.config.models.extra_dirs])
+        if self.mesh is not None:
+            self.mesh.local_changed()
+        self.status_changed()
+
+    def reload(self) -> dict[str, Any]:
+        self.rescan()
+        return {"reloaded": True, "models_on_disk": len(self.scan.models)}
+
+    def gpus(self) -> dict[str, Any]:
+        if self.gpu_report is None:
+            return {}
+        return self.gpu_report.to_dict()
+
+    def make_token(self, ttl_s: float = 86400, once: bool = False) -> dict[str, Any]:
+        return self._mesh().make_token(ttl_s=ttl_s, once=once)
+
+    def revoke_token(self, token_id: str) -> dict[str, Any]:
+        return self._mesh().revoke_token(token_id)
+
+    def join(self, token: str) -> defer.Deferred:
+        return self._mesh().join(token)
+
+    def _mesh(self):
+        from meshd.daemon.control import Refused
+
+        if self.mesh is None:
+            raise Refused("the mesh is not started yet")
+        return self.mesh
+
+    def leave(self) -> defer.Deferred:
+        """Answer the caller first, then shut down as SIGTERM would."""
+        log.info("leave requested over the control socket")
+        self.reactor.callLater(0.05, self._shutdown)
+        return defer.succeed({"leaving": True})

@@ -1,0 +1,1 @@
+"""The peer protocol and membership: identity, tokens, TLS peer connections, frames, gossip."""

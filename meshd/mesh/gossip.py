@@ -1,0 +1,849 @@
+"""The mesh service: listens for peers, dials them, gossips, and keeps membership true.
+
+Wiring only: ``meshd.mesh.peer`` authenticates connections and runs their
+heartbeats, ``meshd.mesh.membership`` decides who is alive, ``meshd.mesh.tokens`` gates
+joins; this module does the I/O they ask for.
+
+Gossip, in short (``docs/protocol.md`` has the frames):
+
+- On every new control connection each side sends its ANNOUNCE (what it is)
+  and a MEMBERS digest (id, incarnation and addresses of every node it is
+  connected to).  A node that learns of one it is not connected to dials it:
+  a chain A-B-C converges into a full mesh.
+- A local change (``local_changed``) sends the new ANNOUNCE at once to every
+  peer -- only when it actually changed.  A new member is passed on as a
+  one-entry MEMBERS digest; nothing is sent periodically but the heartbeat.
+- A lost connection or heartbeat removes the peer here and sends PEER_DOWN to
+  every other peer; each verifies with a probe of its own before believing it.
+  A node reported dead that still answers is told so and refutes with a higher
+  incarnation.
+- LEAVING removes the sender at once everywhere.
+- A node with no peer left retries its bootstrap and known nodes with back-off
+  (1 s doubling up to ``[mesh] rejoin_s``); with peers, every ``rejoin_s`` it
+  re-dials nodes others are connected to but it is not (a healed link).
+"""
+
+from __future__ import annotations
+
+import base64
+import fcntl
+import ipaddress
+import logging
+import os
+import socket
+import struct
+from collections.abc import Callable
+from typing import Any
+
+from twisted.application import service
+from twisted.internet import defer
+from twisted.python.failure import Failure
+
+from meshd.config import Config, format_address, is_loopback, parse_address
+from meshd.mesh import tokens as tokensmod
+from meshd.mesh.identity import Identity
+from meshd.mesh.membership import (
+    Backoff,
+    Event,
+    Membership,
+    PeerView,
+    Verdict,
+    view_from_announce,
+)
+from meshd.mesh.peer import (
+    AuthRefused,
+    ClientAuth,
+    Hello,
+    PeerClosed,
+    PeerProtocol,
+    PeerState,
+    Timing,
+    TLSOptions,
+    dial_any,
+    dial_order,
+    server_factory,
+)
+from meshd.mesh.wire import Frame, FrameError, FrameType
+from meshd.statedir import KnownNode, MeshState, StateDir
+
+log = logging.getLogger("meshd.mesh.gossip")
+
+LEAVE_BOUND_S = 1.0  # leave() fires after this long even if a peer does not take our LEAVING
+# the CLOSE reason for the loser of a simultaneous dial pair
+DUPLICATE = "duplicate connection"
+RUMOR_ATTEMPTS = 5  # dial a node others report this many times before forgetting it
+DROPS_REMEMBERED = 1024  # DROP ids kept to forward each drop once
+
+try:
+    from meshd.daemon.control import Refused
+except ImportError:  # pragma: no cover - the control module is the lead's
+
+    class Refused(Exception):  # type: ignore[no-redef]
+        def __init__(self, reason: str):
+            super().__init__(reason)
+            self.reason = reason
+
+
+class JoinFailed(Refused):
+    """No address in a token answered, or the issuer refused; the reason says which."""
+
+
+class MeshService(service.Service):
+    name = "mesh"
+
+    def __init__(
+        self,
+        config: Config,
+        state: StateDir,
+        identity: Identity,
+        *,
+        reactor: Any,
+        local_info: Callable[[], dict[str, Any]],
+    ):
+        self.config = config
+        self.cfg = config.mesh
+        self.state = state
+        self.identity = identity
+        self.reactor = reactor
+        self.local_info = local_info
+        self.node_id = identity.node_id
+        self.mesh: MeshState | None = state.load_mesh()
+        self.incarnation = 0
+        self.table = Membership(self.node_id, reactor)
+        self.conns: dict[str, PeerProtocol] = {}
+        self.book = tokensmod.TokenBook(state, now=reactor.seconds)
+        self.tls = TLSOptions(identity)
+        self.timing = Timing(
+            heartbeat_s=self.cfg.heartbeat_s,
+            heartbeat_timeout_s=self.cfg.heartbeat_timeout_s,
+            handshake_timeout_s=self.cfg.connect_timeout_s,
+            max_frame_bytes=self.cfg.max_frame_bytes,
+        )
+        self.advertise: list[str] = []
+        self.listening: tuple[str, int] | None = None
+        self._port: Any = None
+        self._seq = 0
+        self._last_announce: dict[str, Any] | None = None
+        self._dialing: set[str] = set()
+        self._rumor_tries: dict[str, int] = {}
+        self._backoff = Backoff(min(1.0, self.cfg.rejoin_s), self.cfg.rejoin_s)
+        self._rejoin_call: Any = None
+        self._tend_call: Any = None
+        self._leaving: defer.Deferred[None] | None = None
+        self._joins: dict[int, defer.Deferred[dict[str, Any]]] = {}
+        self._purposes: dict[str, Callable[[PeerProtocol], None]] = {}
+        self._drop_listeners: list[Callable[[str, str], None]] = []
+        self._drops_seen: dict[str, None] = {}  # DROP ids, oldest first (bounded)
+        self._token_purposes: set[str] = set()  # purposes an invite token may open (passive joins)
+        self._local_listeners: list[Callable[[], None]] = []
+        self.table.add_listener(self._membership_event)
+
+    # -- the contract ---------------------------------------------------------------------
+
+    @property
+    def mesh_id(self) -> str | None:
+        return self.mesh.mesh_id if self.mesh else None
+
+    def add_listener(self, cb: Callable[[Event], None]) -> None:
+        """``cb(event)`` for every membership change (PeerUp/PeerChanged/PeerDown/PeerLeft)."""
+        self.table.add_listener(cb)
+
+    def peers(self) -> list[PeerView]:
+        out = []
+        for node_id, view in sorted(self.table.members.items()):
+            conn = self.conns.get(node_id)
+            out.append(view if conn is None else _with_rtt(view, conn.rtt_ms))
+        return out
+
+    def status_peers(self) -> list[dict[str, Any]]:
+        """The ``peers`` list of ``meshctl status --json``."""
+        return [
+            {
+                "node_id": v.node_id,
+                "addr": v.addrs[0] if v.addrs else self._conn_addr(v.node_id),
+                "role": v.role,
+                "serving": v.serving[0] if v.serving else None,
+                "vram_bytes": v.vram_bytes,
+                "rtt_ms": v.rtt_ms,
+                "state": v.state,
+            }
+            for v in self.peers()
+        ]
+
+    def local_changed(self) -> None:
+        """This node's state changed: re-gossip at once, if the announce really changed."""
+        self._announce_all()
+        for cb in list(self._local_listeners):
+            cb()
+
+    def add_local_listener(self, cb: Callable[[], None]) -> None:
+        """``cb()`` whenever ``local_changed`` is called (e.g. the passive routing table)."""
+        self._local_listeners.append(cb)
+
+    def make_token(self, ttl_s: float = 86400, once: bool = False) -> dict[str, Any]:
+        if self.mesh is None:
+            raise Refused("this node is not in a mesh yet (it is still joining)")
+        if not self.advertise:
+            raise Refused("no address to put in a token: set [mesh] advertise")
+        try:
+            token = self.book.issue(mesh_id=self.mesh.mesh_id, issuer=self.node_id,
+                                    pin=self.identity.spki_sha256, addrs=self.advertise,
+                                    ttl_s=ttl_s, once=once)
+        except ValueError as e:
+            raise Refused(str(e)) from None
+        log.info("issued invite token %s (expires in %s s%s, addresses %s)", token.token_id,
+                 int(ttl_s), ", one use" if once else "", ", ".join(self.advertise))
+        return {"id": token.token_id, "token": tokensmod.encode(token),
+                "expires_at": token.expires_at}
+
+    def revoke_token(self, token_id: str) -> dict[str, Any]:
+        try:
+            self.book.revoke(token_id)
+        except tokensmod.TokenError as e:
+            raise Refused(str(e)) from None
+        log.info("revoked invite token %s", token_id)
+        return {"id": token_id, "revoked": True}
+
+    def join(self, token: str) -> defer.Deferred[dict[str, Any]]:
+        """Join the mesh a token invites to (at run time); Refused says why not."""
+        try:
+            parsed = tokensmod.decode(token, now=self.reactor.seconds())
+        except tokensmod.TokenError as e:
+            return defer.fail(Refused(f"cannot use this token: {e}"))
+        if self.mesh is not None and parsed.mesh_id != self.mesh.mesh_id and self.table.members:
+            return defer.fail(Refused(
+                f"this node is in mesh {self.mesh.mesh_id} with {len(self.table.members)} "
+                f"peers; the token is for mesh {parsed.mesh_id}: leave first"))
+        return self._join_token(parsed)
+
+    def leave(self) -> defer.Deferred[None]:
+        """Tell every peer we are leaving; fires once they have it, or after a short bound."""
+        if self._leaving is not None:
+            return self._leaving
+        self._leaving = defer.Deferred()
+        self._cancel_timers()
+        conns = list(self.conns.values())
+        log.info("leaving the mesh: telling %d peer(s)", len(conns))
+        self.conns.clear()
+        waits = []
+        for conn in conns:
+            conn.send_json(FrameType.LEAVING, {"incarnation": self.incarnation})
+            waits.append(conn.closed)
+            conn.close("left the mesh", notify=False)
+        done = self._leaving
+        if not waits:
+            done.callback(None)
+            return done
+        all_closed = defer.DeferredList(waits, consumeErrors=True)
+        bound = self.reactor.callLater(LEAVE_BOUND_S, _fire, done)
+        all_closed.addCallback(lambda _: (bound.cancel() if bound.active() else None,
+                                          _fire(done)))
+        return done
+
+    def register_purpose(self, purpose: str, handler: Callable[[PeerProtocol], None], *,
+                         token_join: bool = False) -> None:
+        """Incoming authenticated connections with this ``purpose`` go to ``handler``
+        (which calls ``peer.take_over(...)``): the seam for tunnels.
+
+        ``token_join``: an invite token may open such a connection (a passive node
+        joining: it gets the WELCOME with the mesh secret first, and never becomes
+        a gossip member); other purposes need the mesh secret."""
+        self._purposes[purpose] = handler
+        if token_join:
+            self._token_purposes.add(purpose)
+
+    def connect_peer(self, node_id: str, purpose: str) -> defer.Deferred[PeerProtocol]:
+        """An authenticated connection to member ``node_id`` for ``purpose`` (not control)."""
+        view = self.table.members.get(node_id)
+        if view is None or self.mesh is None:
+            return defer.fail(Refused(f"node {node_id} is not a member"))
+        auth = ClientAuth(self.mesh.mesh_id, self.mesh.secret, expect_node_id=node_id)
+        return self._dial_addrs(list(view.addrs), auth, purpose=purpose)
+
+    def drop_model(self, model: str) -> str:
+        """Tell every node to stop serving ``model`` (a DROP, forwarded once by each)."""
+        drop_id = os.urandom(8).hex()
+        self._seen_drop(drop_id)
+        log.info("dropping model %s mesh-wide: telling %d peer(s)", model, len(self.conns))
+        self._broadcast(FrameType.DROP, {"model": model, "id": drop_id, "origin": self.node_id})
+        return drop_id
+
+    def add_drop_listener(self, cb: Callable[[str, str], None]) -> None:
+        """``cb(model, origin_node_id)`` when another node drops a model mesh-wide."""
+        self._drop_listeners.append(cb)
+
+    def peer_unreachable(self, node_id: str, reason: str) -> None:
+        """Another part (a tunnel) could not reach ``node_id``: check the control
+        connection at once and remove the node if it does not answer either."""
+        conn = self.conns.get(node_id)
+        if conn is None:
+            return
+        d = conn.probe(self.cfg.verify_timeout_s)
+        d.addCallback(lambda rtt: None if rtt is not None else conn.close(
+            f"{reason}; no answer to a probe within {self.cfg.verify_timeout_s:g} s",
+            notify=False, abort=True))
+
+    # -- service ------------------------------------------------------------------------------
+
+    def startService(self) -> None:  # noqa: N802
+        super().startService()
+        self.state.ensure()
+        self.incarnation = self.state.next_incarnation()
+        self._listen()
+        tokens = []
+        for text in self.cfg.join:
+            try:
+                tokens.append(tokensmod.decode(text, now=self.reactor.seconds()))
+            except tokensmod.TokenError as e:
+                log.error("[mesh] join: cannot use a token: %s", e)
+        if self.mesh is None and tokens:
+            self._join_tokens_at_start(tokens)
+        elif self.mesh is None:
+            self.mesh = self.state.new_mesh()
+            log.info("created a new mesh %s (this node %s is its first member)",
+                     self.mesh.mesh_id, self.node_id)
+        else:
+            for t in tokens:
+                if t.mesh_id != self.mesh.mesh_id:
+                    log.warning("[mesh] join: ignoring a token for mesh %s: this node belongs to "
+                                "mesh %s (remove %s to switch)", t.mesh_id, self.mesh.mesh_id,
+                                self.state.path / "mesh.json")
+                else:
+                    self._add_bootstrap(t)
+            self._rejoin(first=True)
+        self._tend_call = self.reactor.callLater(self.cfg.rejoin_s, self._tend)
+
+    def stopService(self) -> defer.Deferred[None]:  # noqa: N802
+        super().stopService()
+        d = self.leave()
+
+        def stop_listening(_: Any) -> Any:
+            if self._port is not None:
+                port, self._port = self._port, None
+                return port.stopListening()
+            return None
+
+        d.addCallback(stop_listening)
+        return d
+
+    def _listen(self) -> None:
+        host, port = parse_address(self.cfg.listen)
+        factory = server_factory(self.tls, self._build_server, self.reactor)
+        self._port = self.reactor.listenTCP(port, factory, interface=host)
+        bound = self._port.getHost()
+        self.listening = (host, bound.port)
+        self.advertise = advertise_addresses(self.cfg.advertise, host, bound.port)
+        log.info("listening for peers on %s (advertised as %s)",
+                 format_address(host, bound.port), ", ".join(self.advertise) or "nothing")
+
+    # -- building connections -------------------------------------------------------------------
+
+    def _build_server(self) -> PeerProtocol:
+        return PeerProtocol(identity=self.identity, incarnation=lambda: self.incarnation,
+                            delegate=self, clock=self.reactor, timing=self.timing,
+                            gate=_Gate(self))
+
+    def _build_client(self, auth: ClientAuth, purpose: str = "control") -> Callable[[], PeerProtocol]:
+        return lambda: PeerProtocol(identity=self.identity, incarnation=lambda: self.incarnation,
+                                    delegate=self, clock=self.reactor, timing=self.timing,
+                                    client=auth, purpose=purpose)
+
+    def _dial_addrs(self, addrs: list[str], auth: ClientAuth, *,
+                    purpose: str = "control") -> defer.Deferred[PeerProtocol]:
+        """Try each address in turn; fails with JoinFailed listing every address and why."""
+        d = dial_any(self.reactor, addrs, self.tls, self._build_client(auth, purpose),
+                     self.cfg.connect_timeout_s)
+
+        def failed(f: Failure) -> Failure:
+            f.trap(PeerClosed)
+            raise JoinFailed(f.value.reason)
+
+        return d.addErrback(failed)
+
+    def _dial(self, node_id: str, addrs: tuple[str, ...], why: str) -> None:
+        """Open a control connection to a known node, unless one exists or is being made."""
+        if (node_id in self.conns or node_id in self._dialing or node_id == self.node_id
+                or self.mesh is None or self._leaving is not None or not addrs):
+            return
+        self._dialing.add(node_id)
+        auth = ClientAuth(self.mesh.mesh_id, self.mesh.secret, expect_node_id=node_id)
+        d = self._dial_addrs(dial_order(addrs), auth)
+
+        def done(result: Any) -> None:
+            self._dialing.discard(node_id)
+            if isinstance(result, Failure):
+                log.info("cannot reach node %s (%s): %s", node_id, why, result.value)
+                if node_id in self.table.rumors:
+                    tries = self._rumor_tries.get(node_id, 0) + 1
+                    self._rumor_tries[node_id] = tries
+                    if tries >= RUMOR_ATTEMPTS:
+                        self.table.forget_rumor(node_id)
+                        self._rumor_tries.pop(node_id, None)
+
+        d.addBoth(done)
+
+    # -- joining ------------------------------------------------------------------------------
+
+    def _join_token(self, token: tokensmod.Token) -> defer.Deferred[dict[str, Any]]:
+        if self.mesh is not None and token.mesh_id == self.mesh.mesh_id:
+            # already in that mesh: just connect to the issuer with the mesh secret
+            auth = ClientAuth(self.mesh.mesh_id, self.mesh.secret, expect_node_id=token.issuer,
+                              pin=token.pin)
+        else:
+            auth = ClientAuth(token.mesh_id, token.key, token_id=token.token_id,
+                              expect_node_id=token.issuer, pin=token.pin)
+        log.info("joining mesh %s via node %s (token %s, trying %s)", token.mesh_id,
+                 token.issuer, token.token_id, ", ".join(token.addrs))
+        d = self._dial_addrs(list(token.addrs), auth)
+        done: defer.Deferred[dict[str, Any]] = defer.Deferred()
+
+        def opened(conn: PeerProtocol) -> None:
+            self._add_bootstrap(token)
+            if auth.token_id is None:
+                done.callback({"mesh_id": token.mesh_id, "via": token.issuer})
+            else:  # the mesh secret comes in the issuer's WELCOME
+                self._joins[id(conn)] = done
+                conn.closed.addCallback(lambda reason: self._join_lost(conn, reason))
+
+        def failed(f: Failure) -> None:
+            reason = str(f.value)
+            log.error("cannot join mesh %s: %s", token.mesh_id, reason)
+            done.errback(JoinFailed(f"cannot join mesh {token.mesh_id}: {reason}"))
+
+        d.addCallbacks(opened, failed)
+        return done
+
+    def _join_lost(self, conn: PeerProtocol, reason: str) -> None:
+        d = self._joins.pop(id(conn), None)
+        if d is not None:
+            d.errback(JoinFailed(f"the issuer closed the connection before welcoming us: {reason}"))
+
+    def _join_tokens_at_start(self, tokens: list[tokensmod.Token]) -> None:
+        """``[mesh] join``: the first token that works wins; retry with back-off if none does."""
+        def attempt(i: int) -> None:
+            if self.mesh is not None or self._leaving is not None:
+                return
+            if i >= len(tokens):
+                delay = self._backoff.next_delay()
+                log.warning("no [mesh] join token worked; trying again in %.0f s", delay)
+                self._rejoin_call = self.reactor.callLater(delay, attempt, 0)
+                return
+            d = self._join_token(tokens[i])
+            d.addCallbacks(lambda _: self._backoff.reset(), lambda f: _final(f, i))
+
+        def _final(f: Failure, i: int) -> None:
+            text = str(f.value)
+            if any(w in text for w in ("revoked", "expired", "one use", "not issued by")):
+                log.error("token %s refused for good: %s", tokens[i].token_id, text)
+                if i + 1 < len(tokens):
+                    attempt(i + 1)
+                return
+            attempt(i + 1)
+
+        attempt(0)
+
+    def _add_bootstrap(self, token: tokensmod.Token) -> None:
+        boot, known = self.state.load_peers()
+        boot = [b for b in boot if b.node_id != token.issuer]
+        boot.append(KnownNode(token.issuer, token.addrs))
+        self.state.save_peers(boot, known)
+
+    # -- delegate: what connections tell us ------------------------------------------------------
+
+    def peer_open(self, conn: PeerProtocol) -> None:
+        if conn.purpose != "control":
+            handler = self._purposes.get(conn.purpose)
+            if handler is None or conn.is_client:
+                if handler is None and not conn.is_client:
+                    conn.close(f"this node does not serve connections for {conn.purpose!r}")
+                return
+            if conn.hello is not None and conn.hello.auth == "token":
+                if conn.purpose not in self._token_purposes or self.mesh is None:
+                    conn.close(f"an invite token cannot open a {conn.purpose!r} connection")
+                    return
+                conn.send_json(FrameType.WELCOME, {
+                    "mesh_id": self.mesh.mesh_id,
+                    "secret": base64.b64encode(self.mesh.secret).decode()})
+            handler(conn)
+            return
+        if self._leaving is not None:
+            conn.close("this node is leaving the mesh")
+            return
+        node_id = conn.node_id
+        assert node_id is not None and conn.hello is not None
+        existing = self.conns.get(node_id)
+        if existing is not None and existing is not conn:
+            keep = _preferred(existing, conn, self.node_id)
+            drop = conn if keep is existing else existing
+            self.conns[node_id] = keep
+            drop.close(f"{DUPLICATE} (the other one is kept)")
+            if keep is existing:
+                return
+        self.conns[node_id] = conn
+        conn.start_heartbeat(active=conn.is_client)
+        self._backoff.reset()
+        if self._rejoin_call is not None and self._rejoin_call.active():
+            self._rejoin_call.cancel()
+        if not conn.is_client and conn.hello.auth == "token" and self.mesh is not None:
+            conn.send_json(FrameType.WELCOME, {"mesh_id": self.mesh.mesh_id,
+                                               "secret": base64.b64encode(self.mesh.secret).decode()})
+        conn.send_json(FrameType.ANNOUNCE, self._announce_body(force=False))
+        digest = self._digest(exclude=node_id)
+        if digest:
+            conn.send_json(FrameType.MEMBERS, {"members": digest})
+
+    def peer_frame(self, conn: PeerProtocol, frame: Frame) -> None:
+        if self.conns.get(conn.node_id or "") is not conn:
+            return  # a superseded or leaving connection's late frame
+        try:
+            if frame.type == FrameType.ANNOUNCE:
+                self._on_announce(conn, frame.json())
+            elif frame.type == FrameType.MEMBERS:
+                self._on_members(conn, frame.json())
+            elif frame.type == FrameType.PEER_DOWN:
+                self._on_peer_down(conn, frame.json())
+            elif frame.type == FrameType.LEAVING:
+                self._on_leaving(conn, frame.json())
+            elif frame.type == FrameType.DROP:
+                self._on_drop(conn, frame.json())
+            elif frame.type == FrameType.WELCOME:
+                self._on_welcome(conn, frame.json())
+            else:
+                log.debug("ignoring frame type %d from %s (newer protocol?)", frame.type, conn.who)
+        except (FrameError, ValueError, KeyError, TypeError) as e:
+            conn.close(f"bad {_frame_name(frame.type)} frame: {e}", abort=True)
+
+    def peer_closed(self, conn: PeerProtocol, reason: str) -> None:
+        node_id = conn.node_id
+        if node_id is None or self.conns.get(node_id) is not conn:
+            return
+        del self.conns[node_id]
+        if DUPLICATE in reason:
+            # the peer kept the other connection of a simultaneous dial pair, which
+            # may not be open on this side yet: a loss only if it never arrives
+            self.reactor.callLater(self.cfg.connect_timeout_s, self._lost_unless_back,
+                                   node_id, reason)
+            return
+        self._lost(node_id, reason)
+
+    def _lost_unless_back(self, node_id: str, reason: str) -> None:
+        if node_id not in self.conns and self._leaving is None:
+            self._lost(node_id, f"{reason}, and the other connection never opened")
+
+    def _lost(self, node_id: str, reason: str) -> None:
+        if self.table.lost(node_id, reason):
+            incarnation = self.table.dead[node_id].incarnation
+            self._broadcast(FrameType.PEER_DOWN, {"node_id": node_id, "incarnation": incarnation,
+                                                  "reason": reason})
+        self._after_loss()
+
+    # -- frames -------------------------------------------------------------------------------------
+
+    def _on_announce(self, conn: PeerProtocol, body: dict[str, Any]) -> None:
+        view = view_from_announce(body)
+        if view.node_id != conn.node_id:
+            raise ValueError(f"announce for {view.node_id} on {conn.node_id}'s connection")
+        old = self.table.members.get(view.node_id)
+        self.table.announced(view)
+        if old is None or view.incarnation > old.incarnation:
+            self._broadcast(FrameType.MEMBERS, {"members": [_digest_entry(view)]},
+                            exclude=view.node_id)
+
+    def _on_members(self, conn: PeerProtocol, body: dict[str, Any]) -> None:
+        members = body.get("members")
+        if not isinstance(members, list):
+            raise ValueError("members is not a list")
+        for entry in members:
+            node_id, inc, addrs = entry["node_id"], int(entry["incarnation"]), entry["addrs"]
+            if not isinstance(node_id, str) or not isinstance(addrs, list):
+                raise ValueError("bad member entry")
+            addrs = tuple(str(a) for a in addrs)
+            if self.table.rumor(node_id, inc, addrs, via=conn.node_id or "?"):
+                self._dial(node_id, addrs, f"{conn.node_id} is connected to it")
+
+    def _on_peer_down(self, conn: PeerProtocol, body: dict[str, Any]) -> None:
+        node_id, inc, reason = body["node_id"], int(body["incarnation"]), str(body.get("reason"))
+        verdict = self.table.reported(node_id, inc, conn.node_id or "?", reason)
+        if verdict is Verdict.REFUTE:
+            self._refute(inc)
+        elif verdict is Verdict.VERIFY:
+            self._verify(node_id, inc, conn.node_id or "?", reason)
+        elif node_id not in self.table.members:
+            self.table.forget_rumor(node_id)
+
+    def _seen_drop(self, drop_id: str) -> bool:
+        """Remember ``drop_id``; True when it was already known (a forwarded copy)."""
+        if drop_id in self._drops_seen:
+            return True
+        self._drops_seen[drop_id] = None
+        while len(self._drops_seen) > DROPS_REMEMBERED:
+            del self._drops_seen[next(iter(self._drops_seen))]
+        return False
+
+    def _on_drop(self, conn: PeerProtocol, body: dict[str, Any]) -> None:
+        model, drop_id, origin = body["model"], body["id"], body.get("origin", "?")
+        if not isinstance(model, str) or not isinstance(drop_id, str) or not model:
+            raise ValueError("DROP needs a model and an id")
+        if self._seen_drop(drop_id):
+            return
+        log.info("node %s dropped model %s mesh-wide (heard from %s)", origin, model, conn.node_id)
+        self._broadcast(FrameType.DROP, body, exclude=conn.node_id)
+        for cb in list(self._drop_listeners):
+            try:
+                cb(model, str(origin))
+            except Exception:  # a listener's bug must not break the peer connection
+                log.exception("drop listener %r failed for %s", cb, model)
+
+    def _verify(self, node_id: str, inc: int, reporter: str, reason: str) -> None:
+        target = self.conns.get(node_id)
+        if target is None:
+            self.table.verified(node_id, False, f"reported dead by {reporter} ({reason})")
+            return
+        timeout = self.cfg.verify_timeout_s
+
+        def checked(rtt: float | None) -> None:
+            if rtt is not None:
+                self.table.verified(node_id, True, f"it answered in {rtt * 1000:.1f} ms")
+                # tell it, so it refutes with a higher incarnation everywhere
+                target.send_json(FrameType.PEER_DOWN, {"node_id": node_id, "incarnation": inc,
+                                                       "reason": f"{reporter}: {reason}"})
+                return
+            why = f"reported dead by {reporter} ({reason}); no answer to our probe within {timeout:g} s"
+            if self.conns.get(node_id) is target:
+                del self.conns[node_id]
+            self.table.verified(node_id, False, why)
+            target.close(why, notify=False, abort=True)
+            self._after_loss()
+
+        target.probe(timeout).addCallback(checked)
+
+    def _refute(self, reported_inc: int) -> None:
+        self.incarnation = self.state.store_incarnation(max(self.incarnation, reported_inc) + 1)
+        log.info("refuting a death report: now incarnation %d", self.incarnation)
+        self._announce_all(force=True)
+
+    def _on_leaving(self, conn: PeerProtocol, body: dict[str, Any]) -> None:
+        node_id = conn.node_id
+        assert node_id is not None
+        del self.conns[node_id]
+        self.table.left(node_id, int(body.get("incarnation", 0)))
+        conn.close("peer left", notify=False)
+        self._after_loss()
+
+    def _on_welcome(self, conn: PeerProtocol, body: dict[str, Any]) -> None:
+        d = self._joins.pop(id(conn), None)
+        if d is None:
+            return  # not joining through this connection: nothing to learn
+        mesh = MeshState(str(body["mesh_id"]), base64.b64decode(body["secret"]))
+        self.mesh = mesh
+        self.state.save_mesh(mesh)
+        # the connection was authenticated with the token key; from now on the mesh secret
+        conn.client = ClientAuth(mesh.mesh_id, mesh.secret, expect_node_id=conn.node_id)
+        log.info("joined mesh %s via node %s at %s", mesh.mesh_id, conn.node_id, conn.peer_address)
+        d.callback({"mesh_id": mesh.mesh_id, "via": conn.node_id})
+
+    # -- sending ------------------------------------------------------------------------------------
+
+    def _announce_body(self, *, force: bool) -> dict[str, Any]:
+        info = dict(self.local_info())
+        for key in ("node_id", "incarnation", "seq", "addrs"):
+            info.pop(key, None)
+        body = {"node_id": self.node_id, "incarnation": self.incarnation,
+                "addrs": list(self.advertise), **info}
+        last = self._last_announce
+        if force or last is None or {k: v for k, v in last.items() if k != "seq"} != body:
+            self._seq += 1
+        body["seq"] = self._seq
+        self._last_announce = body
+        return body
+
+    def _announce_all(self, force: bool = False) -> None:
+        before = self._last_announce
+        body = self._announce_body(force=force)
+        if before is not None and before == body:
+            return
+        self._broadcast(FrameType.ANNOUNCE, body)
+
+    def _broadcast(self, frame_type: int, body: dict[str, Any], *, exclude: str | None = None) -> None:
+        for node_id, conn in list(self.conns.items()):
+            if node_id != exclude and conn.state is PeerState.OPEN:
+                conn.send_json(frame_type, body)
+
+    def _digest(self, *, exclude: str) -> list[dict[str, Any]]:
+        return [_digest_entry(v) for k, v in self.table.members.items() if k != exclude]
+
+    # -- membership events and rejoining ------------------------------------------------------------
+
+    def _membership_event(self, event: Event) -> None:
+        self._save_known()
+
+    def _save_known(self) -> None:
+        boot, known = self.state.load_peers()
+        merged = {k.node_id: k for k in known}
+        for view in self.table.members.values():
+            merged[view.node_id] = KnownNode(view.node_id, view.addrs)
+        # keep the 64 most recent: members first
+        ordered = [merged[k] for k in self.table.members] + [
+            v for k, v in merged.items() if k not in self.table.members]
+        try:
+            self.state.save_peers(boot, ordered[:64])
+        except Exception as e:  # noqa: BLE001 - a full disk must not break membership
+            log.warning("cannot save known peers: %s", e)
+
+    def _after_loss(self) -> None:
+        if not self.conns and self._leaving is None and self.running:
+            self._schedule_rejoin()
+
+    def _schedule_rejoin(self) -> None:
+        if self._rejoin_call is not None and self._rejoin_call.active():
+            return
+        delay = self._backoff.next_delay()
+        log.info("no peers left; retrying known nodes in %.1f s", delay)
+        self._rejoin_call = self.reactor.callLater(delay, self._rejoin)
+
+    def _rejoin(self, first: bool = False) -> None:
+        self._rejoin_call = None
+        if self.conns or self._leaving is not None:
+            return
+        boot, known = self.state.load_peers()
+        targets = {k.node_id: k.addrs for k in boot + known}
+        for node_id, rumor in self.table.rumors.items():
+            targets.setdefault(node_id, rumor.addrs)
+        targets.pop(self.node_id, None)
+        if targets:
+            log.info("%s: dialling %d known node(s)", "rejoining" if first else "retrying",
+                     len(targets))
+        for node_id, addrs in targets.items():
+            self._dial(node_id, addrs, "rejoin")
+        if not first or targets:
+            self._schedule_rejoin()
+
+    def _tend(self) -> None:
+        """Every rejoin_s: with peers, re-dial nodes others are connected to and we are not."""
+        self._tend_call = self.reactor.callLater(self.cfg.rejoin_s, self._tend)
+        if not self.conns:
+            return
+        for node_id, rumor in list(self.table.rumors.items()):
+            self._dial(node_id, rumor.addrs, f"{rumor.via} is connected to it")
+
+    def _cancel_timers(self) -> None:
+        for call in (self._rejoin_call, self._tend_call):
+            if call is not None and call.active():
+                call.cancel()
+        self._rejoin_call = self._tend_call = None
+
+    def _conn_addr(self, node_id: str) -> str:
+        conn = self.conns.get(node_id)
+        return conn.peer_address if conn else "?"
+
+
+class _Gate:
+    """The listening side's rules: the mesh secret, or a token this node issued."""
+
+    def __init__(self, mesh: MeshService):
+        self._mesh = mesh
+
+    def mesh_id(self) -> str | None:
+        return self._mesh.mesh_id
+
+    def key_for(self, hello: Hello) -> bytes:
+        mesh = self._mesh
+        if mesh._leaving is not None:
+            raise AuthRefused("this node is leaving the mesh")
+        assert mesh.mesh is not None
+        if hello.auth == "mesh":
+            return mesh.mesh.secret
+        try:
+            return mesh.book.check(hello.token_id or "", mesh.mesh.mesh_id)
+        except tokensmod.TokenError as e:
+            raise AuthRefused(str(e)) from None
+
+    def authenticated(self, hello: Hello) -> None:
+        if hello.auth == "token" and hello.token_id:
+            self._mesh.book.mark_used(hello.token_id)
+            log.info("node %s presented invite token %s", hello.node_id, hello.token_id)
+
+
+def _preferred(a: PeerProtocol, b: PeerProtocol, self_id: str) -> PeerProtocol:
+    """Of two control connections to one node, the one both ends keep.
+
+    A newer incarnation of the peer wins (it restarted); between equals, the
+    connection dialled by the smaller node id, so both ends choose the same one.
+    """
+    ia, ib = a.hello.incarnation, b.hello.incarnation  # type: ignore[union-attr]
+    if ia != ib:
+        return a if ia > ib else b
+
+    def rank(c: PeerProtocol) -> tuple[str, bytes]:
+        return (self_id if c.is_client else (c.node_id or "")), c.session_id
+
+    return a if rank(a) <= rank(b) else b
+
+
+def _digest_entry(view: PeerView) -> dict[str, Any]:
+    return {"node_id": view.node_id, "incarnation": view.incarnation, "addrs": list(view.addrs)}
+
+
+def _with_rtt(view: PeerView, rtt_ms: float | None) -> PeerView:
+    from dataclasses import replace
+
+    return replace(view, rtt_ms=rtt_ms)
+
+
+def _fire(d: defer.Deferred[None]) -> None:
+    if not d.called:
+        d.callback(None)
+
+
+def _frame_name(frame_type: int) -> str:
+    try:
+        return FrameType(frame_type).name
+    except ValueError:
+        return str(frame_type)
+
+
+# -- addresses ---------------------------------------------------------------------------------------
+
+
+def host_addresses() -> list[str]:
+    """Every address of this host's interfaces (IPv4 via ioctl, IPv6 from /proc), loopback last."""
+    v4: list[str] = []
+    siocgifaddr = 0x8915
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        for _, name in socket.if_nameindex():
+            try:
+                req = struct.pack("256s", name.encode()[:15])
+                res = fcntl.ioctl(s.fileno(), siocgifaddr, req)
+                v4.append(socket.inet_ntoa(res[20:24]))
+            except OSError:
+                continue
+    v6: list[str] = []
+    try:
+        with open("/proc/net/if_inet6") as f:
+            for line in f:
+                raw = line.split()[0]
+                addr = ipaddress.IPv6Address(int(raw, 16))
+                if not addr.is_link_local:
+                    v6.append(str(addr))
+    except OSError:
+        pass
+    return sorted(set(v4), key=lambda a: (is_loopback(a), a)) + sorted(
+        set(v6), key=lambda a: (is_loopback(a), a))
+
+
+def advertise_addresses(configured: list[str], listen_host: str, port: int) -> list[str]:
+    """What tokens and gossip carry: ``[mesh] advertise`` (``:0`` or no port = the
+    listening port), else every usable address we listen on, loopback last."""
+    if configured:
+        out = []
+        for text in configured:
+            host, p = parse_address(text, default_port=0)
+            out.append(format_address(host, p or port))
+        return out
+    if listen_host in ("0.0.0.0", "::", ""):
+        addrs = host_addresses()
+        if listen_host != "::":
+            addrs = [a for a in addrs if ":" not in a]
+    else:
+        addrs = [listen_host]
+    return [format_address(a, port) for a in addrs]

@@ -1,0 +1,751 @@
+"""One peer connection: TLS 1.3 with certificates both ways, then HELLO, then frames.
+
+The connection is an explicit state machine (``PeerState``; the allowed moves
+are in ``_MOVES``, on one screen)::
+
+    HANDSHAKING --TLS done--> HELLO --peer's HELLO verified--> OPEN (client)
+                                    \\--client's HELLO verified--> CONFIRM --READY--> OPEN (server)
+    any state --close / connection lost--> CLOSED
+
+Authentication, all of it before a single gossip frame is accepted:
+
+1. TLS 1.3, both sides present their self-signed certificate.  TLS itself
+   accepts any certificate; the checks that matter come next, in the app.
+2. The client sends HELLO (versions, mesh id, its node id, incarnation,
+   purpose, which key it proves: the mesh secret or an invite token's key,
+   and the proof).  The server checks: protocol versions overlap; the mesh id
+   is its own; the certificate's key hashes to the claimed node id and names it
+   in subjectAltName (service-identity); the proof is right.  Then it answers
+   with its own HELLO and proof; the client checks the same, plus the node id
+   or key hash it expected (pinned from a token, or the known peer it dialled),
+   and sends READY.  The server opens only on READY, so neither side ever
+   counts a peer as up that the other side refused.
+3. The proof is ``HMAC-SHA256(key, "meshd-proof-v1" | side | mesh id | node id
+   | EKM)`` where EKM is 32 bytes of TLS exported keying material (RFC 8446
+   section 7.5) for this very session: a proof cannot be replayed on another
+   connection or relayed through a man in the middle (whose two sessions have
+   different EKMs), and the side label stops reflection.
+
+A failure closes the connection with a CLOSE frame carrying the reason (so the
+other operator reads why) and one log line; never a traceback.
+
+This module knows nothing of gossip: after OPEN it hands frames to its
+``delegate`` (``meshd.mesh.gossip``); PING/PONG and the heartbeat it handles itself.
+The same class authenticates any later kind of connection (``purpose``, e.g.
+a tunnel), and ``take_over()`` hands the raw byte stream to someone else.
+"""
+
+from __future__ import annotations
+
+import enum
+import hashlib
+import hmac
+import logging
+import struct
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+from cryptography import x509
+from OpenSSL import SSL
+from twisted.internet import defer, endpoints, protocol
+from twisted.internet.interfaces import (
+    IHandshakeListener,
+    IOpenSSLClientConnectionCreator,
+    IOpenSSLServerConnectionCreator,
+    IReactorTime,
+)
+from twisted.protocols.tls import TLSMemoryBIOFactory
+from twisted.python.failure import Failure
+from zope.interface import implementer
+
+from meshd.config import is_loopback, parse_address
+from meshd.mesh import wire
+from meshd.mesh.identity import Identity, check_peer_certificate
+from meshd.mesh.membership import Heartbeat
+from meshd.mesh.wire import FrameType
+
+log = logging.getLogger("meshd.mesh.peer")
+
+EKM_LABEL = b"EXPORTER-meshd-auth-v1"
+PROOF_LABEL = b"meshd-proof-v1"
+PING2 = struct.Struct(">II")  # seq, the sender's last measured RTT in microseconds
+
+
+class AuthRefused(Exception):
+    """A peer failed authentication; ``str()`` is the reason for the log and CLOSE."""
+
+
+class PeerClosed(Exception):
+    """A connection closed before it was open; ``reason`` says why."""
+
+    def __init__(self, reason: str):
+        super().__init__(reason)
+        self.reason = reason
+
+
+# -- TLS ------------------------------------------------------------------------
+
+
+@implementer(IOpenSSLClientConnectionCreator, IOpenSSLServerConnectionCreator)
+class TLSOptions:
+    """TLS 1.3 only, this node's certificate on both sides, any peer certificate accepted
+    at the TLS layer (the peer's identity is checked after the handshake, against the
+    id it claims and the pin we hold)."""
+
+    def __init__(self, identity: Identity):
+        ctx = SSL.Context(SSL.TLS_METHOD)
+        ctx.set_min_proto_version(SSL.TLS1_3_VERSION)
+        ctx.use_certificate(identity.cert)
+        ctx.use_privatekey(identity.key)
+        ctx.check_privatekey()
+        ctx.set_verify(SSL.VERIFY_PEER | SSL.VERIFY_FAIL_IF_NO_PEER_CERT, lambda *args: True)
+        ctx.set_options(SSL.OP_NO_TICKET)  # no session resumption: every session proves anew
+        self._ctx = ctx
+
+    def clientConnectionForTLS(self, tlsProtocol: Any) -> SSL.Connection:  # noqa: N802
+        conn = SSL.Connection(self._ctx, None)
+        conn.set_app_data(tlsProtocol)
+        conn.set_connect_state()
+        return conn
+
+    def serverConnectionForTLS(self, tlsProtocol: Any) -> SSL.Connection:  # noqa: N802
+        conn = SSL.Connection(self._ctx, None)
+        conn.set_app_data(tlsProtocol)
+        conn.set_accept_state()
+        return conn
+
+
+# -- credentials --------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Hello:
+    """A peer's HELLO, validated for shape (not yet for truth)."""
+
+    proto: int
+    min_proto: int
+    mesh_id: str
+    node_id: str
+    incarnation: int
+    purpose: str
+    auth: str  # "mesh" or "token"
+    token_id: str | None
+    proof: bytes
+    extra: dict[str, Any]
+
+    @classmethod
+    def parse(cls, body: dict[str, Any]) -> Hello:
+        def get(key: str, kind: type) -> Any:
+            value = body.get(key)
+            if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+                raise AuthRefused(f"HELLO field {key!r} missing or not a {kind.__name__}")
+            return value
+
+        try:
+            proof = bytes.fromhex(get("proof", str))
+        except ValueError:
+            raise AuthRefused("HELLO proof is not hex") from None
+        auth = get("auth", str)
+        if auth not in ("mesh", "token"):
+            raise AuthRefused(f"HELLO auth {auth!r} is not 'mesh' or 'token'")
+        token_id = body.get("token_id") if auth == "token" else None
+        if auth == "token" and not isinstance(token_id, str):
+            raise AuthRefused("HELLO with token auth names no token_id")
+        return cls(
+            proto=get("proto", int),
+            min_proto=get("min_proto", int),
+            mesh_id=get("mesh_id", str),
+            node_id=get("node_id", str),
+            incarnation=get("incarnation", int),
+            purpose=get("purpose", str),
+            auth=auth,
+            token_id=token_id,
+            proof=proof,
+            extra={k: v for k, v in body.items() if k not in _HELLO_KEYS},
+        )
+
+
+_HELLO_KEYS = {"proto", "min_proto", "mesh_id", "node_id", "incarnation", "purpose", "auth",
+               "token_id", "proof"}
+
+
+@dataclass(frozen=True)
+class ClientAuth:
+    """What the dialling side proves and expects."""
+
+    mesh_id: str
+    key: bytes  # the mesh secret, or the token's join key
+    token_id: str | None = None  # set: prove the token key (joining)
+    expect_node_id: str | None = None  # the known peer we dialled
+    pin: bytes | None = None  # SHA-256 of the issuer's SPKI, from the token
+
+
+class ServerGate(Protocol):
+    """The listening side's policy: which key a HELLO must prove, and what follows."""
+
+    def mesh_id(self) -> str | None: ...
+
+    def key_for(self, hello: Hello) -> bytes:
+        """The key this HELLO must prove; AuthRefused(reason) when none will do."""
+
+    def authenticated(self, hello: Hello) -> None:
+        """The proof was right (e.g. mark a one-use token used)."""
+
+
+def proof(key: bytes, side: bytes, mesh_id: str, node_id: str, ekm: bytes) -> bytes:
+    msg = b"|".join([PROOF_LABEL, side, mesh_id.encode(), node_id.encode(), ekm])
+    return hmac.new(key, msg, hashlib.sha256).digest()
+
+
+def versions_overlap(hello: Hello) -> int:
+    """The protocol version both sides speak; AuthRefused when there is none."""
+    agreed = min(hello.proto, wire.PROTOCOL_VERSION)
+    if agreed < max(hello.min_proto, wire.MIN_PROTOCOL_VERSION):
+        raise AuthRefused(
+            f"no common protocol version (peer speaks {hello.min_proto}..{hello.proto}, "
+            f"we speak {wire.MIN_PROTOCOL_VERSION}..{wire.PROTOCOL_VERSION})"
+        )
+    return agreed
+
+
+# -- the connection -------------------------------------------------------------------
+
+
+class PeerState(enum.Enum):
+    HANDSHAKING = "handshaking"
+    HELLO = "hello"
+    CONFIRM = "confirm"
+    OPEN = "open"
+    CLOSED = "closed"
+
+
+_MOVES: dict[PeerState, set[PeerState]] = {
+    PeerState.HANDSHAKING: {PeerState.HELLO, PeerState.CLOSED},
+    PeerState.HELLO: {PeerState.OPEN, PeerState.CONFIRM, PeerState.CLOSED},
+    PeerState.CONFIRM: {PeerState.OPEN, PeerState.CLOSED},
+    PeerState.OPEN: {PeerState.CLOSED},
+    PeerState.CLOSED: set(),
+}
+
+
+class PeerDelegate(Protocol):
+    """Who receives an authenticated connection's life (``meshd.mesh.gossip``)."""
+
+    def peer_open(self, peer: PeerProtocol) -> None: ...
+
+    def peer_frame(self, peer: PeerProtocol, frame: wire.Frame) -> None: ...
+
+    def peer_closed(self, peer: PeerProtocol, reason: str) -> None: ...
+
+
+@dataclass(frozen=True)
+class Timing:
+    heartbeat_s: float = 2.0
+    heartbeat_timeout_s: float = 6.0
+    handshake_timeout_s: float = 5.0  # TCP connected to HELLO verified
+    max_frame_bytes: int = wire.DEFAULT_MAX_FRAME_BYTES
+
+
+@implementer(IHandshakeListener)
+class PeerProtocol(protocol.Protocol):
+    """One connection; wrapped in TLS by TLSMemoryBIOFactory (``self.transport`` is TLS)."""
+
+    def __init__(
+        self,
+        *,
+        identity: Identity,
+        incarnation: Callable[[], int],
+        delegate: PeerDelegate,
+        clock: IReactorTime,
+        timing: Timing,
+        client: ClientAuth | None = None,
+        gate: ServerGate | None = None,
+        purpose: str = "control",
+    ):
+        assert (client is None) != (gate is None), "a connection is either a client or a server"
+        self.identity = identity
+        self._incarnation = incarnation
+        self.delegate = delegate
+        self.clock = clock
+        self.timing = timing
+        self.client = client
+        self.gate = gate
+        self.purpose = purpose
+        self.state = PeerState.HANDSHAKING
+        self.hello: Hello | None = None  # the peer's, once verified
+        self.peer_cert: x509.Certificate | None = None
+        self.close_reason: str | None = None
+        self.rtt_ms: float | None = None
+        self._open_waiters: list[defer.Deferred[PeerProtocol]] = []
+        self._peer_addr = "?"
+        self.closed: defer.Deferred[str] = defer.Deferred()
+        self.bytes_in = 0
+        self.bytes_out = 0
+        self._decoder = wire.Decoder(timing.max_frame_bytes)
+        self._timer: Any = None
+        self._heartbeat: Heartbeat | None = None
+        self._ping_seq = 0
+        self._ping_sent: dict[int, float] = {}
+        self._probes: dict[int, defer.Deferred[float | None]] = {}
+        self._raw: Callable[[bytes], None] | None = None
+        self._pinging = False
+        self.session_id = b""
+
+    # -- what others read ------------------------------------------------------
+
+    @property
+    def is_client(self) -> bool:
+        return self.client is not None
+
+    @property
+    def node_id(self) -> str | None:
+        return self.hello.node_id if self.hello else None
+
+    @property
+    def peer_address(self) -> str:
+        return self._peer_addr
+
+    @property
+    def who(self) -> str:
+        """For log lines: the node id when known, and the address."""
+        return f"node {self.node_id} at {self._peer_addr}" if self.node_id else self._peer_addr
+
+    def when_opened(self) -> defer.Deferred[PeerProtocol]:
+        """Fires with this connection once OPEN; fails with PeerClosed(reason) if it never is."""
+        d: defer.Deferred[PeerProtocol] = defer.Deferred()
+        if self.state is PeerState.OPEN:
+            d.callback(self)
+        elif self.state is PeerState.CLOSED:
+            d.errback(PeerClosed(self.close_reason or "closed"))
+        else:
+            self._open_waiters.append(d)
+        return d
+
+    def __repr__(self) -> str:
+        who = self.node_id or "unauthenticated"
+        return f"<Peer {who} {self.peer_address} {self.state.value}>"
+
+    # -- state ------------------------------------------------------------------
+
+    def _move(self, new: PeerState) -> None:
+        if new not in _MOVES[self.state]:
+            raise AssertionError(f"peer connection cannot go from {self.state} to {new}")
+        self.state = new
+
+    # -- Twisted's side ---------------------------------------------------------------
+
+    def connectionMade(self) -> None:  # noqa: N802
+        try:
+            addr = self.transport.getPeer()
+            self._peer_addr = f"{addr.host}:{addr.port}"
+        except (AttributeError, NotImplementedError):
+            pass
+        self._timer = self.clock.callLater(self.timing.handshake_timeout_s, self._handshake_timeout)
+
+    def handshakeCompleted(self) -> None:  # noqa: N802
+        if self.state is not PeerState.HANDSHAKING:
+            return
+        self._move(PeerState.HELLO)
+        self.peer_cert = self.transport.getHandle().get_peer_certificate(as_cryptography=True)
+        self.session_id = self._ekm()[:8]  # the same on both ends: a shared tie-breaker
+        if self.client is not None:
+            self._send_hello(self.client.mesh_id, self.client.key, b"client",
+                             auth="token" if self.client.token_id else "mesh",
+                             token_id=self.client.token_id)
+
+    def dataReceived(self, data: bytes) -> None:  # noqa: N802
+        self.bytes_in += len(data)
+        if self._raw is not None:
+            self._raw(data)
+            return
+        try:
+            for frame in self._decoder.feed(data):
+                if self.state is PeerState.CLOSED:
+                    return
+                self._frame(frame)
+                if self._raw is not None:  # taken over mid-buffer
+                    rest = self._decoder.take_buffer()
+                    if rest:
+                        self._raw(rest)
+                    return
+        except wire.FrameError as e:
+            self.close(f"bad frame: {e}", notify=False, abort=True)
+
+    def connectionLost(self, reason: Failure = protocol.connectionDone) -> None:  # noqa: N802
+        if self.close_reason is None:
+            if self.state is PeerState.HANDSHAKING:
+                self.close_reason = f"TLS handshake failed: {_failure_text(reason)}"
+                log.info("peer connection with %s: %s", self.who, self.close_reason)
+            else:
+                self.close_reason = "connection closed by the peer"
+        was_open = self.state is PeerState.OPEN
+        if self.state is not PeerState.CLOSED:
+            self._move(PeerState.CLOSED)
+        self._stop_timers()
+        for d in list(self._probes.values()):
+            d.callback(None)
+        self._probes.clear()
+        waiters, self._open_waiters = self._open_waiters, []
+        for d in waiters:
+            d.errback(Failure(PeerClosed(self.close_reason)))
+        if was_open:
+            self.delegate.peer_closed(self, self.close_reason)
+        self.closed.callback(self.close_reason)
+
+    # -- frames ------------------------------------------------------------------------
+
+    def _frame(self, frame: wire.Frame) -> None:
+        if self._heartbeat is not None:
+            self._heartbeat.traffic_seen()
+        if frame.type == FrameType.CLOSE:
+            reason = _close_reason(frame)
+            if self.state is not PeerState.OPEN:
+                log.warning("%s refused the connection: %s", self.who, reason)
+            self.close(f"peer closed: {reason}", notify=False)
+            return
+        if self.state is PeerState.HELLO:
+            if frame.type != FrameType.HELLO:
+                self.close(f"expected HELLO, got frame type {frame.type}", abort=True)
+                return
+            try:
+                self._hello(Hello.parse(frame.json()))
+            except (AuthRefused, wire.FrameError) as e:
+                self.close(f"refused: {e}")
+            return
+        if self.state is PeerState.CONFIRM:
+            if frame.type != FrameType.READY:
+                self.close(f"expected READY, got frame type {frame.type}", abort=True)
+                return
+            self._open()
+            return
+        if self.state is not PeerState.OPEN:
+            self.close(f"frame type {frame.type} before the TLS handshake finished", abort=True)
+            return
+        if frame.type == FrameType.PING:
+            self._got_ping(frame.payload)
+        elif frame.type == FrameType.PONG:
+            self._got_pong(frame.payload)
+        elif frame.type == FrameType.HELLO:
+            self.close("second HELLO on an open connection", abort=True)
+        else:
+            self.delegate.peer_frame(self, frame)
+
+    def _hello(self, hello: Hello) -> None:
+        versions_overlap(hello)
+        if hello.node_id == self.identity.node_id:
+            raise AuthRefused("connected to itself")
+        try:
+            check_peer_certificate(
+                self.peer_cert,
+                hello.node_id,
+                pin_spki_sha256=self.client.pin if self.client else None,
+            )
+        except ValueError as e:
+            raise AuthRefused(str(e)) from None
+        ekm = self._ekm()
+        if self.client is not None:
+            if self.client.expect_node_id and hello.node_id != self.client.expect_node_id:
+                raise AuthRefused(
+                    f"dialled node {self.client.expect_node_id} but {hello.node_id} answered"
+                )
+            if hello.mesh_id != self.client.mesh_id:
+                raise AuthRefused(f"peer is in mesh {hello.mesh_id}, not {self.client.mesh_id}")
+            key = self.client.key
+            side = b"server"
+        else:
+            assert self.gate is not None
+            ours = self.gate.mesh_id()
+            if ours is None:
+                raise AuthRefused("this node has not joined a mesh yet")
+            if hello.mesh_id != ours:
+                raise AuthRefused(f"peer is in mesh {hello.mesh_id}, not {ours}")
+            key = self.gate.key_for(hello)
+            side = b"client"
+        expected = proof(key, side, hello.mesh_id, hello.node_id, ekm)
+        if not hmac.compare_digest(expected, hello.proof):
+            what = "invite token key" if hello.auth == "token" or (
+                self.client and self.client.token_id) else "mesh secret"
+            raise AuthRefused(f"wrong proof of the {what} (a different secret?)")
+        self.hello = hello
+        if self.gate is not None:
+            self.gate.authenticated(hello)
+            self.purpose = hello.purpose
+            self._send_hello(hello.mesh_id, key, b"server", auth=hello.auth,
+                             token_id=hello.token_id)
+            self._move(PeerState.CONFIRM)
+        else:
+            self.send(FrameType.READY)
+            self._open()
+
+    def _send_hello(self, mesh_id: str, key: bytes, side: bytes, *, auth: str,
+                    token_id: str | None) -> None:
+        body: dict[str, Any] = {
+            "proto": wire.PROTOCOL_VERSION,
+            "min_proto": wire.MIN_PROTOCOL_VERSION,
+            "mesh_id": mesh_id,
+            "node_id": self.identity.node_id,
+            "incarnation": self._incarnation(),
+            "purpose": self.purpose,
+            "auth": auth,
+            "proof": proof(key, side, mesh_id, self.identity.node_id, self._ekm()).hex(),
+        }
+        if token_id:
+            body["token_id"] = token_id
+        self.send_json(FrameType.HELLO, body)
+
+    def _ekm(self) -> bytes:
+        return self.transport.getHandle().export_keying_material(EKM_LABEL, 32, None)
+
+    def _open(self) -> None:
+        self._move(PeerState.OPEN)
+        if self._timer is not None and self._timer.active():
+            self._timer.cancel()
+        self._timer = None
+        waiters, self._open_waiters = self._open_waiters, []
+        for d in waiters:
+            d.callback(self)
+        self.delegate.peer_open(self)
+
+    # -- heartbeat -----------------------------------------------------------------------
+
+    def start_heartbeat(self, *, active: bool) -> None:
+        """Watch this connection: ``active`` pings every heartbeat_s; both sides time out."""
+        self._pinging = active
+        self._heartbeat = Heartbeat(
+            self.clock,
+            self.timing.heartbeat_s,
+            self.timing.heartbeat_timeout_s,
+            on_timeout=self._heartbeat_timeout,
+            send_ping=self._send_ping if active else None,
+        )
+        self._heartbeat.start()
+
+    def _send_ping(self) -> int:
+        self._ping_seq = (self._ping_seq + 1) & 0xFFFFFFFF
+        self._ping_sent[self._ping_seq] = self.clock.seconds()
+        if len(self._ping_sent) > 16:  # unanswered pings: keep the newest few
+            for seq in sorted(self._ping_sent)[:-16]:
+                del self._ping_sent[seq]
+        rtt_us = int((self.rtt_ms or 0) * 1000) & 0xFFFFFFFF
+        self.send(FrameType.PING, PING2.pack(self._ping_seq, rtt_us))
+        return self._ping_seq
+
+    def _got_ping(self, payload: bytes) -> None:
+        try:
+            seq = wire.decode_ping(payload)
+        except wire.FrameError as e:
+            self.close(f"bad PING: {e}", abort=True)
+            return
+        if not self._pinging and len(payload) >= PING2.size:
+            rtt_us = PING2.unpack_from(payload)[1]
+            if rtt_us:
+                self.rtt_ms = rtt_us / 1000.0  # the pinging side measured it for both
+        self.send(FrameType.PONG, wire.PING_BODY.pack(seq))
+
+    def _got_pong(self, payload: bytes) -> None:
+        try:
+            seq = wire.decode_ping(payload)
+        except wire.FrameError as e:
+            self.close(f"bad PONG: {e}", abort=True)
+            return
+        sent = self._ping_sent.pop(seq, None)
+        if sent is not None:
+            rtt = self.clock.seconds() - sent
+            self.rtt_ms = round(rtt * 1000.0, 3)
+            probe = self._probes.pop(seq, None)
+            if probe is not None:
+                probe.callback(rtt)
+
+    def probe(self, timeout_s: float) -> defer.Deferred[float | None]:
+        """Ping now; fires with the RTT in seconds, or None if no PONG within ``timeout_s``."""
+        d: defer.Deferred[float | None] = defer.Deferred()
+        if self.state is not PeerState.OPEN:
+            d.callback(None)
+            return d
+        seq = self._send_ping()
+        self._probes[seq] = d
+        call = self.clock.callLater(timeout_s, self._probe_timeout, seq)
+        d.addBoth(lambda r: (call.cancel() if call.active() else None, r)[1])
+        return d
+
+    def _probe_timeout(self, seq: int) -> None:
+        d = self._probes.pop(seq, None)
+        if d is not None:
+            d.callback(None)
+
+    def _heartbeat_timeout(self, silent_s: float) -> None:
+        self.close(f"no heartbeat for {silent_s:.1f} s", notify=False, abort=True)
+
+    def _handshake_timeout(self) -> None:
+        self._timer = None
+        what = "TLS handshake" if self.state is PeerState.HANDSHAKING else "HELLO"
+        self.close(f"{what} not done within {self.timing.handshake_timeout_s:g} s", abort=True)
+
+    # -- sending and closing -----------------------------------------------------------------
+
+    def send(self, frame_type: int, payload: bytes = b"") -> None:
+        if self.state is PeerState.CLOSED or self.transport is None:
+            return
+        data = wire.encode(frame_type, payload, max_frame_bytes=self.timing.max_frame_bytes)
+        self.bytes_out += len(data)
+        self.transport.write(data)
+
+    def send_json(self, frame_type: int, body: dict[str, Any]) -> None:
+        self.send(frame_type, wire.dump_json(body))
+
+    def close(self, reason: str, *, notify: bool = True, abort: bool = False) -> None:
+        """Close with ``reason`` (logged once; sent to the peer in a CLOSE frame if ``notify``).
+
+        ``abort`` drops the TCP connection at once (a dead or hostile peer would
+        never acknowledge a graceful TLS close).
+        """
+        if self.close_reason is not None or self.state is PeerState.CLOSED:
+            return
+        self.close_reason = reason
+        if self.state is not PeerState.OPEN and not reason.startswith("peer closed"):
+            log.warning("peer connection with %s closed before it opened: %s", self.who, reason)
+        self._stop_timers()
+        if notify and self.state in (PeerState.HELLO, PeerState.CONFIRM, PeerState.OPEN):
+            try:
+                self.send_json(FrameType.CLOSE, {"reason": reason[:500]})
+            except wire.FrameError:
+                pass
+        if self.transport is None:
+            return
+        if abort:
+            self.transport.abortConnection()
+        else:
+            self.transport.loseConnection()
+
+    def take_over(self, receiver: Callable[[bytes], None]) -> None:
+        """From now on every byte goes to ``receiver`` (a tunnel); frames and heartbeat stop."""
+        self._stop_timers()
+        self._raw = receiver
+
+    def _stop_timers(self) -> None:
+        if self._timer is not None and self._timer.active():
+            self._timer.cancel()
+        self._timer = None
+        if self._heartbeat is not None:
+            self._heartbeat.stop()
+
+
+def _close_reason(frame: wire.Frame) -> str:
+    try:
+        reason = frame.json().get("reason")
+    except wire.FrameError:
+        return "(unreadable reason)"
+    return str(reason)[:500] if reason else "(no reason given)"
+
+
+def _failure_text(reason: Failure) -> str:
+    value = reason.value
+    if isinstance(value, SSL.Error):
+        return str(value.args[0] if value.args else value)[:300]
+    return reason.getErrorMessage()[:300]
+
+
+# -- factories and endpoints -------------------------------------------------------------
+
+
+class PeerFactory(protocol.Factory):
+    """Builds PeerProtocols (wrap in ``TLSMemoryBIOFactory``, see ``server_factory``)."""
+
+    def __init__(self, build: Callable[[], PeerProtocol]):
+        self._build = build
+
+    def buildProtocol(self, addr: Any) -> PeerProtocol:  # noqa: N802
+        p = self._build()
+        p.factory = self
+        return p
+
+
+def server_factory(tls: TLSOptions, build: Callable[[], PeerProtocol], clock: IReactorTime | None = None) -> TLSMemoryBIOFactory:
+    return TLSMemoryBIOFactory(tls, False, PeerFactory(build), clock)
+
+
+def connect(
+    reactor: Any,
+    address: tuple[str, int],
+    tls: TLSOptions,
+    build: Callable[[], PeerProtocol],
+    *,
+    timeout_s: float,
+) -> defer.Deferred[PeerProtocol]:
+    """Dial ``address``; fires with the OPEN connection, or fails with PeerClosed(reason)."""
+    host, port = address
+    endpoint = endpoints.wrapClientTLS(
+        tls, endpoints.HostnameEndpoint(reactor, host, port, timeout=timeout_s)
+    )
+    result: defer.Deferred[PeerProtocol] = defer.Deferred()
+
+    def connected(p: PeerProtocol) -> defer.Deferred[PeerProtocol]:
+        return p.when_opened()
+
+    def failed(f: Failure) -> Failure:
+        if f.check(PeerClosed):
+            return f
+        return Failure(PeerClosed(_connect_error(f)))
+
+    d = endpoint.connect(PeerFactory(build))
+    d.addCallback(connected)
+    d.addErrback(failed)
+    d.chainDeferred(result)
+    return result
+
+
+def _connect_error(f: Failure) -> str:
+    from twisted.internet import error
+
+    if f.check(error.ConnectionRefusedError):
+        return "connection refused"
+    if f.check(error.TimeoutError, defer.TimeoutError):
+        return "timed out"
+    if f.check(error.DNSLookupError):
+        return "name not found"
+    if f.check(error.NoRouteError):
+        return "no route to host"
+    return f.getErrorMessage().splitlines()[0][:200] if f.getErrorMessage() else str(f.type)
+
+
+def dial_order(addrs: tuple[str, ...] | list[str]) -> list[str]:
+    """A peer's addresses to try: its loopback ones only when it has no other
+    (another host's loopback address is our own host)."""
+    def loop(a: str) -> bool:
+        try:
+            return is_loopback(parse_address(a)[0])
+        except ValueError:
+            return False
+
+    others = [a for a in addrs if not loop(a)]
+    return others or list(addrs)
+
+
+def dial_any(reactor: Any, addrs: list[str], tls: TLSOptions,
+             build: Callable[[], PeerProtocol], timeout_s: float) -> defer.Deferred[PeerProtocol]:
+    """Try each address in turn; fails with PeerClosed naming every address and why."""
+    result: defer.Deferred[PeerProtocol] = defer.Deferred()
+    tried: list[str] = []
+
+    def attempt(i: int) -> None:
+        if i >= len(addrs):
+            result.errback(PeerClosed("tried " + "; ".join(tried) if tried else "no address"))
+            return
+        try:
+            host, port = parse_address(addrs[i])
+        except ValueError as e:
+            tried.append(f"{addrs[i]} ({e})")
+            attempt(i + 1)
+            return
+
+        def failed(f: Failure) -> None:
+            reason = f.value.reason if f.check(PeerClosed) else f.getErrorMessage()
+            tried.append(f"{addrs[i]} ({reason})")
+            attempt(i + 1)
+
+        connect(reactor, (host, port), tls, build, timeout_s=timeout_s).addCallbacks(
+            result.callback, failed)
+
+    attempt(0)
+    return result

@@ -1,0 +1,1 @@
+"""Models: the disk scan, the catalog, downloads and GPU detection."""

@@ -1,0 +1,1 @@
+"""Passive nodes (clients, standbys): the route server on active nodes and the route client."""

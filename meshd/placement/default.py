@@ -1,0 +1,255 @@
+"""meshd's own placement decisions, as an ordinary plugin.
+
+This is DESIGN.md's placement table.  It is registered under the name
+``default`` through the same manager as operator plugins, after them and
+marked ``trylast``, so an operator plugin that answers a hook wins, and a
+plugin that has no opinion (returns ``None``), fails or is disabled leaves
+the decision here.  ``[policy] disable = ["default:select_host"]`` takes one
+of these out.
+
+The helpers without the ``meshd_`` prefix (``stable_index``,
+``choose_assignment``, ``promotion_winners``, ``fits``) are meant for other
+plugins to reuse: import this module and call them.  Importing a ``meshd_``
+function into your own plugin module would not make it yours (only
+functions defined in the plugin module count as its hooks).
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Callable, Mapping
+from typing import Any
+
+from meshd.placement.hookspecs import hookimpl
+from meshd.placement.snapshot import MeshView, ModelInfo, NodeView, SplitPlan, gb
+
+NAME = "default"
+
+# a model fits a node when its VRAM is at least the model's size times this:
+# the rest is the KV cache and compute buffers
+FIT_FACTOR = 1.1
+
+# roles that may promote or be assigned a model: not clients, not busy nodes
+SPARE_ROLES = ("standby", "idle")
+
+
+def need_bytes(size_bytes: int) -> int:
+    """The VRAM a model of ``size_bytes`` needs."""
+    return int(size_bytes * FIT_FACTOR + 0.5)
+
+
+def fits(vram_bytes: int, size_bytes: int | None) -> bool:
+    return size_bytes is not None and vram_bytes >= size_bytes * FIT_FACTOR
+
+
+def stable_index(client_id: str, model: str, n: int) -> int:
+    """``hash(client_id + model) % n`` with a hash that is the same on every machine.
+
+    Python's ``hash()`` of a str is salted per process, so two nodes (or two
+    runs) would disagree; the first 8 bytes of SHA-256 do not.
+    """
+    digest = hashlib.sha256((client_id + model).encode()).digest()
+    return int.from_bytes(digest[:8], "big") % n
+
+
+@hookimpl(trylast=True)
+def meshd_select_host(model: str, client_id: str, hosts: tuple[NodeView, ...]) -> str:
+    ordered = sorted(hosts, key=_by_id)
+    return ordered[stable_index(client_id, model, len(ordered))].node_id
+
+
+# -- assignment ---------------------------------------------------------------
+
+Eligible = Callable[[NodeView, str], bool]
+
+
+def choose_assignment(
+    node: NodeView,
+    mesh: MeshView,
+    *,
+    on_disk_only: bool = False,
+    eligible: Eligible | None = None,
+) -> tuple[str | None, str]:
+    """The default assignment, with knobs for plugins that narrow it.
+
+    ``on_disk_only`` leaves out models the node would have to download;
+    ``eligible(node, model)`` leaves out models a plugin forbids.  Among
+    models of equal rank, the one most nodes ask for wins, then the name.
+    Only models that fit the node count, so a size must be known.
+    """
+    local: list[tuple[ModelInfo, int]] = []
+    remote: list[ModelInfo] = []
+    for info in mesh.models:
+        if eligible is not None and not eligible(node, info.name):
+            continue
+        size = node.size_of(info.name)
+        if size is not None:
+            if fits(node.vram_bytes, size):
+                local.append((info, size))
+        elif not on_disk_only and fits(node.vram_bytes, info.size_bytes):
+            remote.append(info)
+
+    def hosts_elsewhere(info: ModelInfo) -> int:
+        return sum(1 for h in info.hosts if h != node.node_id)
+
+    def rank(info: ModelInfo) -> tuple[int, str]:
+        return (-len(info.requested_by), info.name)
+
+    unserved_local = [i for i, _ in local if hosts_elsewhere(i) == 0]
+    if unserved_local:
+        pick = min(unserved_local, key=rank)
+        return pick.name, "unserved model on disk"
+    unserved_remote = [i for i in remote if hosts_elsewhere(i) == 0]
+    if unserved_remote:
+        pick = min(unserved_remote, key=rank)
+        return pick.name, f"unserved model, not on disk: download {gb(pick.size_bytes or 0)}"
+    if local:
+        pick = min((i for i, _ in local), key=lambda i: (hosts_elsewhere(i), *rank(i)))
+        return pick.name, f"least-served model on disk ({_hosts_text(hosts_elsewhere(pick))})"
+    if remote:
+        pick = min(remote, key=lambda i: (hosts_elsewhere(i), *rank(i)))
+        return pick.name, (
+            f"least-served model ({_hosts_text(hosts_elsewhere(pick))}), "
+            f"not on disk: download {gb(pick.size_bytes or 0)}"
+        )
+    if not mesh.models:
+        return None, "the mesh has no models yet"
+    where = "on disk " if on_disk_only else ""
+    return None, f"no model {where}fits this node ({gb(node.vram_bytes)} of VRAM)"
+
+
+def _hosts_text(n: int) -> str:
+    return "1 host" if n == 1 else f"{n} hosts"
+
+
+@hookimpl(trylast=True)
+def meshd_assign_model(node: NodeView, mesh: MeshView) -> tuple[str | None, str]:
+    return choose_assignment(node, mesh)
+
+
+# -- promotion ----------------------------------------------------------------
+
+
+def promotion_winners(mesh: MeshView, eligible: Eligible | None = None) -> dict[str, str]:
+    """Which spare node promotes for which orphaned model: ``{node_id: model}``.
+
+    An orphaned model has no host.  Orphans are taken in order (most
+    requested first, then by name); each goes to the spare node with the most
+    VRAM (then the lowest node id) that has it on disk, fits it and has not
+    taken another.  Every node computes this from the same table and gets the
+    same answer, so two standbys never promote for the same model together.
+    """
+    spares = sorted(
+        (n for n in mesh.nodes if n.role in SPARE_ROLES and n.vram_bytes > 0),
+        key=lambda n: (-n.vram_bytes, n.node_id),
+    )
+    orphans = sorted(
+        (m for m in mesh.models if not m.hosts),
+        key=lambda m: (-len(m.requested_by), m.name),
+    )
+    winners: dict[str, str] = {}
+    for info in orphans:
+        for n in spares:
+            if n.node_id in winners:
+                continue
+            if not fits(n.vram_bytes, n.size_of(info.name)):
+                continue
+            if eligible is not None and not eligible(n, info.name):
+                continue
+            winners[n.node_id] = info.name
+            break
+    return winners
+
+
+@hookimpl(trylast=True)
+def meshd_promote(node: NodeView, mesh: MeshView) -> str | bool:
+    return promotion_winners(mesh).get(node.node_id, False)
+
+
+# -- split groups ---------------------------------------------------------------
+
+
+def elect(group: tuple[NodeView, ...]) -> str:
+    """The most VRAM, ties broken by the lowest node id."""
+    return min(group, key=lambda n: (-n.vram_bytes, n.node_id)).node_id
+
+
+@hookimpl(trylast=True)
+def meshd_elect_host(group: tuple[NodeView, ...]) -> str:
+    return elect(group)
+
+
+def plan(
+    size_bytes: int,
+    host: str,
+    group: tuple[NodeView, ...],
+    mesh: MeshView,
+    force_split: bool,
+) -> SplitPlan:
+    """Solo when the model fits (and split is not forced), else split or wait."""
+    need = need_bytes(size_bytes)
+    fitting = tuple(n.node_id for n in sorted(group, key=_by_id) if fits(n.vram_bytes, size_bytes))
+    if fitting and not force_split:
+        return SplitPlan(
+            mode="solo", solo=fitting, need_bytes=need,
+            reason=f"fits {len(fitting)} of {len(group)} node(s): no split",
+        )
+    by_id = {n.node_id: n for n in group}
+    host_node = by_id[host]
+    near: list[NodeView] = [host_node]
+    skipped: list[str] = []
+    for n in sorted(group, key=_by_id):
+        if n.node_id == host:
+            continue
+        if n.rtt_ms is not None and n.rtt_ms > mesh.max_rtt_ms:
+            skipped.append(f"{n.node_id} ({n.rtt_ms:.0f} ms > {mesh.max_rtt_ms:.0f} ms)")
+            continue
+        near.append(n)
+    skip_text = f"; skipped {', '.join(skipped)}" if skipped else ""
+    if len(near) == 1 and fits(host_node.vram_bytes, size_bytes):
+        return SplitPlan(
+            mode="solo", solo=(host,), need_bytes=need,
+            reason=f"split forced but no peer within {mesh.max_rtt_ms:.0f} ms: solo{skip_text}",
+        )
+    have = sum(n.vram_bytes for n in near)
+    if have < need:
+        return SplitPlan(
+            mode="wait", host=host, need_bytes=need, have_bytes=have,
+            reason=f"need {gb(need)}, have {gb(have)}{skip_text}",
+        )
+    shares = tuple((n.node_id, n.vram_bytes / have) for n in near)
+    why = "split forced" if fitting else "fits no single node"
+    return SplitPlan(
+        mode="split", host=host, shares=shares, need_bytes=need, have_bytes=have,
+        reason=f"{why}: split over {len(near)} nodes{skip_text}",
+    )
+
+
+@hookimpl(trylast=True)
+def meshd_plan_split(
+    size_bytes: int, host: str, group: tuple[NodeView, ...], mesh: MeshView, force_split: bool
+) -> SplitPlan:
+    return plan(size_bytes, host, group, mesh, force_split)
+
+
+# -- downloads -------------------------------------------------------------------
+
+
+@hookimpl(trylast=True)
+def meshd_allow_download(size_bytes: int, node: NodeView, split_peers_available: bool) -> bool:
+    return fits(node.vram_bytes, size_bytes) or split_peers_available
+
+
+def _by_id(n: NodeView) -> str:
+    return n.node_id
+
+
+# the hook functions by hook name, for meshd.placement.rules's last-resort fallback
+HOOKS: Mapping[str, Callable[..., Any]] = {
+    "meshd_select_host": meshd_select_host,
+    "meshd_assign_model": meshd_assign_model,
+    "meshd_promote": meshd_promote,
+    "meshd_elect_host": meshd_elect_host,
+    "meshd_plan_split": meshd_plan_split,
+    "meshd_allow_download": meshd_allow_download,
+}

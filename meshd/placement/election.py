@@ -1,0 +1,462 @@
+"""Per-model election and model assignment, re-decided on every mesh event (no polling).
+
+Nodes set to serve the same model form its *group* (a peer is in the group
+of every model it announces as serving, loading or waiting for).  On every
+membership event, and when this node's own model changes, this node asks
+``placement.plan_split`` about its model's group and acts on the answer:
+
+- **solo** (the model fits, VRAM >= size x 1.1, and split is not forced):
+  every node of the group that fits runs its own llama-server; one that does
+  not fit waits ("need X GB, have Y GB").
+- **wait** (the group together has too little VRAM): the elected host (most
+  VRAM, tie by node id, ``placement.elect_host``) waits with "need X GB, have
+  Y GB"; the others are its workers (``role: worker``), waiting too.
+- **split** (enough VRAM together): the host runs llama-server over its
+  workers' rpc-servers, the others are workers.  Wiring the rpc-servers is
+  the split issue's work: here the host reports ``waiting-for-split`` and the
+  worker set is tracked, so that once wired llama-server restarts only when
+  that set really changes (no restart storm on unrelated events).
+
+A node that is in the mesh with nothing to serve (and is neither a client
+nor a standby: those are the passive path's) asks ``placement.assign_model``
+once the mesh view has settled after it joined (``[models]
+assign_settle_s`` after the last membership event, at most three times
+that after the first), logs the choice and its reason, and serves it --
+through the gated downloader first when it is not on disk.  A model the
+mesh dropped (``meshctl drop``) is never assigned again automatically.
+
+Such an idle node also reacts at once to a peer's death, departure or
+drop, and to a peer that stops hosting a model: it asks
+``placement.should_promote`` (the promotion hook, with the default's
+deterministic tie-break among spare nodes, so two idle nodes never promote
+for one orphan) and, when told to, serves the orphaned model the same way
+as an assignment.  Standbys do the same on their routing table
+(``meshd.passive.node``).
+
+``decide`` is pure; :class:`Rebalancer` holds the state and does what the
+decisions say through three callables (start, stop, start a split), so it is
+tested with a ``Clock`` and fakes.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from meshd.mesh.membership import PeerChanged, PeerDown, PeerLeft
+from meshd.placement import rules as placement
+from meshd.placement.snapshot import MeshView, NodeView, gb
+
+log = logging.getLogger("meshd.placement.election")
+
+RUN, WAIT, WORKER = "run", "wait", "worker"
+# the model state operators see for a node that is set to run a model but does not yet
+STATE_WAITING = "waiting-for-vram"
+STATE_SPLIT = "waiting-for-split"
+STATE_WORKER = "worker"
+# the assignment settles at most this many settle periods after the first event
+SETTLE_CAP = 3
+
+
+@dataclass(frozen=True)
+class Decision:
+    """What this node does about one model, from one plan."""
+
+    model: str
+    action: str  # RUN: llama-server (solo, or split host over ``workers``); WAIT; WORKER
+    mode: str = "solo"  # the plan's mode: solo | split | wait
+    host: str | None = None
+    workers: tuple[tuple[str, float], ...] = ()  # (node id, share), the host left out
+    reason: str = ""
+    need_bytes: int = 0
+    have_bytes: int = 0
+
+    @property
+    def worker_ids(self) -> frozenset[str]:
+        return frozenset(n for n, _ in self.workers)
+
+    @property
+    def state(self) -> str:
+        """The local model state for status when no llama-server of ours runs it."""
+        if self.action == WORKER:
+            return STATE_WORKER
+        if self.action == RUN and self.mode == "split":
+            return STATE_SPLIT
+        return STATE_WAITING
+
+    def split_status(self) -> dict[str, Any] | None:
+        """``meshctl status`` ``split``: ``{host, workers: [{node_id, share}]}`` or None (solo)."""
+        if self.mode == "solo" or self.host is None:
+            return None
+        return {"host": self.host,
+                "workers": [{"node_id": n, "share": round(s, 4)} for n, s in self.workers]}
+
+
+def group_of(model: str, view: MeshView, targets: dict[str, tuple[str, ...]]) -> tuple[NodeView, ...]:
+    """The active nodes set to serve ``model``: ``targets`` maps node id -> its models
+    (serving, loading or waiting); passive nodes (clients, standbys) are left out."""
+    return tuple(sorted(
+        (n for n in view.nodes if model in targets.get(n.node_id, ()) and not n.passive),
+        key=lambda n: n.node_id))
+
+
+def decide(
+    model: str,
+    size_bytes: int,
+    self_id: str,
+    group: tuple[NodeView, ...],
+    view: MeshView,
+    *,
+    force_split: bool = False,
+    policy: Any = None,
+) -> Decision:
+    """This node's part in running ``model`` over ``group`` (which includes this node)."""
+    plan = placement.plan_split(model, size_bytes, group, view, force_split=force_split,
+                                policy=policy)
+    me = next(n for n in group if n.node_id == self_id)
+    if plan.mode == "solo":
+        if self_id in plan.solo:
+            return Decision(model, RUN, "solo", reason=plan.reason, need_bytes=plan.need_bytes)
+        need = plan.need_bytes or int(size_bytes * 1.1)
+        return Decision(model, WAIT, "solo", need_bytes=need, have_bytes=me.vram_bytes,
+                        reason=f"need {gb(need)}, have {gb(me.vram_bytes)} "
+                               f"(it runs solo on {len(plan.solo)} other node(s))")
+    if plan.mode == "wait":
+        if plan.host == self_id:
+            return Decision(model, WAIT, "wait", host=plan.host, reason=plan.reason,
+                            need_bytes=plan.need_bytes, have_bytes=plan.have_bytes,
+                            workers=tuple((n.node_id, 0.0) for n in group if n.node_id != self_id))
+        return Decision(model, WORKER, "wait", host=plan.host,
+                        reason=f"worker of host {plan.host}: {plan.reason}",
+                        need_bytes=plan.need_bytes, have_bytes=plan.have_bytes)
+    if plan.host == self_id:
+        return Decision(model, RUN, "split", host=plan.host, workers=plan.workers,
+                        reason=plan.reason, need_bytes=plan.need_bytes,
+                        have_bytes=plan.have_bytes)
+    return Decision(model, WORKER, "split", host=plan.host, workers=plan.workers,
+                    reason=f"worker of host {plan.host}: {plan.reason}",
+                    need_bytes=plan.need_bytes, have_bytes=plan.have_bytes)
+
+
+class Rebalancer:
+    """This node's model: its decision, re-made on every event, and assignment after joining.
+
+    ``node`` supplies ``node_id``, ``config``, ``policy``, ``scan``,
+    ``node_view()``, ``mesh_view()``, ``mesh`` (``peers()``), ``dropped`` and
+    ``downloader``.  ``start(model)`` starts the llama-server for the model
+    (solo), ``stop(model)`` stops it, ``start_split(model, workers)`` runs it
+    as a split host (the split issue).  ``changed()`` is called whenever this
+    node's announce may differ (role, waiting models).
+    """
+
+    def __init__(
+        self,
+        node: Any,
+        *,
+        reactor: Any,
+        start: Callable[[str], Any],
+        stop: Callable[[str], Any],
+        start_split: Callable[[str, tuple[tuple[str, float], ...]], Any] | None = None,
+        changed: Callable[[], Any] | None = None,
+        settle_s: float = 2.0,
+        unassigned: Callable[[str], Any] | None = None,
+    ):
+        self.node = node
+        self.reactor = reactor
+        self._start = start
+        self._stop = stop
+        self._start_split = start_split
+        self._changed = changed or (lambda: None)
+        self._unassigned = unassigned or (lambda reason: None)
+        self.settle_s = settle_s
+        self.target: str | None = None
+        self.decision: Decision | None = None
+        # the worker set llama-server runs with; None: not running (by our decision)
+        self.running: frozenset[str] | None = None
+        self.assigning = False
+        self._assign_call: Any = None
+        self._assign_deadline: float | None = None
+        self.decisions = 0  # plans made, for tests and status
+
+    # -- this node's model ----------------------------------------------------------------
+
+    def serve(self, model: str) -> None:
+        """This node is to serve ``model`` ([models] serve, or an assignment)."""
+        self.target = model
+        self._cancel_assign()
+        self.evaluate(f"serving {model}")
+
+    def forget(self, model: str) -> None:
+        """``model`` was dropped: stop it (if ours) and become free for another assignment."""
+        if self.target != model:
+            return
+        self.target = None
+        self.decision = None
+        if self.running is not None:
+            self.running = None
+            self._stop(model)
+        self._changed()
+
+    def waiting_models(self) -> list[str]:
+        """Models this node is set to serve without a llama-server of its own running them."""
+        d = self.decision
+        if d is None or (d.action == RUN and d.mode == "solo"):
+            return []
+        if d.action == RUN and self.running is not None and d.mode == "split" \
+                and self._start_split is not None:
+            return []
+        return [d.model]
+
+    @property
+    def role(self) -> str | None:
+        """``worker`` or ``host`` from the decision; None when the node decides by its backends."""
+        d = self.decision
+        if d is None:
+            return None
+        return "worker" if d.action == WORKER else "host"
+
+    # -- deciding -----------------------------------------------------------------------------
+
+    def targets(self) -> dict[str, tuple[str, ...]]:
+        """node id -> models it is set to serve (serving, loading, waiting), this node included."""
+        out: dict[str, tuple[str, ...]] = {}
+        mesh = self.node.mesh
+        if mesh is not None:
+            for p in mesh.peers():
+                out[p.node_id] = (tuple(p.serving) + tuple(getattr(p, "loading", ()))
+                                  + tuple(getattr(p, "waiting", ())))
+        if self.target is not None:
+            out[self.node.node_id] = (self.target,)
+        return out
+
+    def size_of(self, model: str, view: MeshView) -> int:
+        scan = self.node.scan
+        local = scan.models.get(model) if scan is not None else None
+        if local is not None:
+            return local.size_bytes
+        return view.size_of(model) or 0
+
+    def evaluate(self, why: str = "") -> Decision | None:
+        """Decide again for this node's model and act only on a real change."""
+        model = self.target
+        if model is None:
+            return None
+        view = self.node.mesh_view()
+        me = self.node.node_view()
+        view = view.with_node(me)
+        group = group_of(model, view, self.targets())
+        if not any(n.node_id == me.node_id for n in group):  # a passive node never decides
+            return None
+        d = decide(model, self.size_of(model, view), me.node_id, group, view,
+                   force_split=self.node.config.models.split, policy=self.node.policy)
+        self.decisions += 1
+        old, self.decision = self.decision, d
+        self._act(old, d)
+        if old is None or (old.action, old.mode, old.host, old.reason) != (
+                d.action, d.mode, d.host, d.reason):
+            self._log(d, why)
+            self._changed()
+        return d
+
+    def _act(self, old: Decision | None, d: Decision) -> None:
+        if d.action == RUN and d.mode == "solo":
+            if self.running != frozenset():
+                if self.running is not None:
+                    self._stop(d.model)
+                self.running = frozenset()
+                self._start(d.model)
+        elif d.action == RUN:  # split host
+            if self._start_split is None:
+                if self.running is not None:
+                    self._stop(d.model)
+                    self.running = None
+                return
+            workers = d.worker_ids
+            if self.running != workers:
+                if self.running is not None:
+                    log.info("%s: worker set changed (%s -> %s): restarting llama-server", d.model,
+                             _ids(self.running), _ids(workers))
+                    self._stop(d.model)
+                self.running = workers
+                self._start_split(d.model, d.workers)
+        elif self.running is not None:  # WAIT or WORKER: nothing of ours runs the model
+            self.running = None
+            self._stop(d.model)
+
+    def _log(self, d: Decision, why: str) -> None:
+        because = f" ({why})" if why else ""
+        if d.action == RUN and d.mode == "solo":
+            log.info("model %s: running solo: %s%s", d.model, d.reason, because)
+        elif d.action == RUN:
+            if self._start_split is None:
+                log.warning("model %s: elected split host over %s: %s; the rpc-server split is "
+                            "not wired yet, waiting%s", d.model, _ids(d.worker_ids), d.reason,
+                            because)
+            else:
+                log.info("model %s: split host over %s: %s%s", d.model, _ids(d.worker_ids),
+                         d.reason, because)
+        elif d.action == WAIT:
+            log.warning("model %s: waiting for VRAM: %s%s", d.model, d.reason, because)
+        else:
+            log.info("model %s: %s%s", d.model, d.reason, because)
+
+    # -- mesh events ----------------------------------------------------------------------------
+
+    def on_event(self, event: Any = None) -> None:
+        """A membership event: decide again; an idle node may promote, else (re)starts its
+        settle timer.  ``event`` None: a model was dropped."""
+        if self.target is not None:
+            self.evaluate(type(event).__name__ if event is not None else "")
+            return
+        why = _orphaning(event)
+        # a lone node promotes when its last peer died, not for its own drop
+        alone = event is None and not (self.node.mesh is not None and self.node.mesh.peers())
+        if why is not None and not alone and self._may_promote() and self.promote(why) is not None:
+            return
+        if self._may_assign():
+            self._schedule_assign()
+
+    def _may_promote(self) -> bool:
+        node = self.node
+        if node.config.node.client or self.assigning or self.target is not None:
+            return False
+        return node.mesh is not None and node.role == "idle"
+
+    def promote(self, why: str = "") -> str | None:
+        """Ask the promotion hook whether this idle node serves an orphaned model now."""
+        view, me = self._spare_view()
+        decision = placement.should_promote(me, view, policy=self.node.policy)
+        because = f" ({why})" if why else ""
+        if not decision.promote or decision.model is None:
+            log.debug("idle, not promoting: %s%s", decision.reason, because)
+            return None
+        log.info("idle node promoting to serve %s: %s (decided by %s)%s", decision.model,
+                 decision.reason, decision.decided_by or placement.BUILT_IN, because)
+        self._cancel_assign()
+        return self._take(decision.model, download=not me.has(decision.model),
+                          what="promoted to")
+
+    def _may_assign(self) -> bool:
+        node = self.node
+        cfg = node.config.node
+        if cfg.client or cfg.standby or self.assigning or self.target is not None:
+            return False
+        return node.mesh is not None and bool(node.mesh.peers())
+
+    def _schedule_assign(self) -> None:
+        now = self.reactor.seconds()
+        if self._assign_deadline is None:
+            self._assign_deadline = now + SETTLE_CAP * self.settle_s
+        delay = max(0.0, min(self.settle_s, self._assign_deadline - now))
+        if self._assign_call is not None and self._assign_call.active():
+            self._assign_call.reset(delay)
+        else:
+            self._assign_call = self.reactor.callLater(delay, self.assign)
+
+    def _cancel_assign(self) -> None:
+        if self._assign_call is not None and self._assign_call.active():
+            self._assign_call.cancel()
+        self._assign_call = None
+        self._assign_deadline = None
+
+    def assign(self) -> str | None:
+        """Ask the assignment hook what to serve, now; serve it (downloading first if needed)."""
+        self._assign_call = None
+        self._assign_deadline = None
+        if not self._may_assign():
+            return None
+        view, me = self._spare_view()
+        decision = placement.assign_model(me, view, policy=self.node.policy)
+        if decision.model is None:
+            self._unassigned(decision.reason)  # the daemon may make it a standby
+            return None
+        return self._take(decision.model, download=decision.download, what="assigned")
+
+    def _spare_view(self) -> tuple[MeshView, NodeView]:
+        """The mesh and this node as assignment and promotion see them: dropped models left
+        out, and a model a peer is loading or waiting for counted as served."""
+        dropped = frozenset(getattr(self.node, "dropped", ()))
+        targets = self.targets()
+        mesh_view = self.node.mesh_view()
+        view = without_models(MeshView(
+            self_id=mesh_view.self_id, catalog=mesh_view.catalog, max_rtt_ms=mesh_view.max_rtt_ms,
+            nodes=tuple(dataclasses.replace(n, serving=tuple(dict.fromkeys(
+                n.serving + targets.get(n.node_id, ())))) for n in mesh_view.nodes)), dropped)
+        me = without_models(MeshView(self_id=self.node.node_id, nodes=(self.node.node_view(),)),
+                            dropped).nodes[0]
+        return view, me
+
+    def _take(self, model: str, *, download: bool, what: str) -> str | None:
+        """Serve ``model`` (assigned or promoted): through the gated downloader first when it
+        is not on disk."""
+        if model in getattr(self.node, "dropped", ()):
+            return None
+        if not download:
+            self.serve(model)
+            return model
+        downloader = getattr(self.node, "downloader", None)
+        if downloader is None:
+            log.warning("%s %s, but this node cannot download", what, model)
+            return None
+        self.assigning = True
+        d = downloader.download(model)
+
+        def done(_: Any) -> None:
+            self.assigning = False
+            if hasattr(self.node, "rescan"):
+                self.node.rescan()
+            if model not in getattr(self.node, "dropped", ()):
+                self.serve(model)
+
+        def failed(f: Any) -> None:
+            self.assigning = False
+            log.error("%s %s, but its download failed: %s", what, model, f.getErrorMessage())
+
+        d.addCallbacks(done, failed)
+        return model
+
+    def stop(self) -> None:
+        self._cancel_assign()
+
+
+def _orphaning(event: Any) -> str | None:
+    """Why ``event`` may have left a model without a host (None: it cannot have)."""
+    if event is None:
+        return "a model was dropped"
+    if isinstance(event, PeerDown):
+        return f"peer {event.node_id} down: {event.reason}"
+    if isinstance(event, PeerLeft):
+        return f"peer {event.node_id} left"
+    if isinstance(event, PeerChanged):
+        lost = sorted(set(event.old.serving) - set(event.node.serving))
+        if lost:
+            return f"peer {event.node.node_id} stopped serving {', '.join(lost)}"
+    return None
+
+
+def without_models(view: MeshView, names: frozenset[str]) -> MeshView:
+    """``view`` as if no node had, served or asked for the models in ``names``."""
+    if not names:
+        return view
+
+    def strip(n: NodeView) -> NodeView:
+        return NodeView(
+            node_id=n.node_id, role=n.role, vram_bytes=n.vram_bytes,
+            serving=tuple(m for m in n.serving if m not in names),
+            available_models=tuple(f for f in n.available_models if f.name not in names),
+            requested_models=tuple(m for m in n.requested_models if m not in names),
+            rtt_ms=n.rtt_ms, load=n.load, addrs=n.addrs)
+
+    return MeshView(self_id=view.self_id, nodes=tuple(strip(n) for n in view.nodes),
+                    catalog=tuple(f for f in view.catalog if f.name not in names),
+                    max_rtt_ms=view.max_rtt_ms)
+
+
+def _ids(ids: frozenset[str] | None) -> str:
+    if not ids:
+        return "no workers"
+    return ", ".join(sorted(ids))
+

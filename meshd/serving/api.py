@@ -1,0 +1,713 @@
+"""The OpenAI-compatible HTTP API: routes each request by its ``model`` to an upstream.
+
+What a reader needs to know:
+
+- The body is read whole (bounded by ``[api] max_body_bytes``: 413 as soon as
+  Content-Length or the bytes read so far pass it, never buffered first), parsed
+  for ``model``, and the :class:`~meshd.serving.routing.Router` names the upstreams.
+- The client id handed to the router (host selection is sticky per client) is
+  the body's OpenAI ``user`` field when it is a string, else the client's IP
+  address.  The API key is not used: every client shares the same one.
+- Failover: the request goes to the first upstream; if connecting fails or the
+  upstream closes before sending any response byte, the router hears
+  ``upstream_failed`` and the same body goes once to the next upstream.  Once
+  an upstream has sent a byte the request is never sent again.  When every try
+  failed before a byte: 503 + Retry-After if no upstream could be reached
+  (nothing is serving right now), 502 if one accepted the request and then
+  failed (a backend fault).
+- Responses: ``text/event-stream`` is passed through as it arrives, with the
+  upstream connection registered as the producer of our client's connection (a
+  client that stops reading pauses the upstream socket; one that goes away
+  closes it).  Any other response is held until it ends (up to
+  ``HOLD_BYTES``) so a backend that dies mid-way becomes a clean 502; longer
+  ones are passed through after that.  A stream that breaks after its first
+  byte ends with an SSE ``error`` event and the connection closes.
+- Drain (SIGTERM): :meth:`ApiServer.drain` refuses new requests with 503 and
+  fires once every in-flight request ended or the timeout passed.
+- A ``relay`` server is the far end of tunnels (``meshd.serving.tunnel``): where the
+  API would answer 503 or 502 before any upstream byte (draining, the model not
+  served here, its llama-server down), it hangs up instead, so the requesting
+  node's API sees "closed before any response" and fails over or retries on a
+  fresh tunnel, as it would for a dead host, rather than relaying an error.
+
+``python -m meshd.serving.api --static MODEL=HOST:PORT --listen HOST:PORT`` runs the
+API alone in front of fixed upstreams (benchmarks, debugging).
+"""
+
+from __future__ import annotations
+
+import hmac
+import io
+import json
+import logging
+import time
+from typing import Any
+
+from twisted.internet import defer
+from twisted.internet.interfaces import IReactorTime
+from twisted.python.failure import Failure
+from twisted.web import http, resource, server
+
+from meshd.config import ApiConfig
+from meshd.serving.proxy import ConnectionPool, UpstreamConnection, request_head
+from meshd.serving.routing import NotReady, Router, UnknownModel, Upstream
+
+log = logging.getLogger("meshd.serving.api")
+
+FORWARDED_PATHS = frozenset({b"/v1/chat/completions", b"/v1/completions", b"/v1/embeddings"})
+# request headers passed on to the upstream (the rest are ours: auth, hop-by-hop)
+FORWARDED_HEADERS = (b"content-type", b"accept")
+# non-streamed responses up to this size are held until complete (clean 502 on failure)
+HOLD_BYTES = 4 * 1024 * 1024
+# after a 413 the rest of the body is read and thrown away for at most this
+# long, so the client gets to read the answer instead of a connection reset
+LINGER_S = 5.0
+# attempts per request: the first upstream and one failover
+MAX_ATTEMPTS = 2
+
+
+# -- errors -------------------------------------------------------------------
+
+
+def error_body(message: str, type_: str, code: str | None) -> bytes:
+    return json.dumps({"error": {"message": message, "type": type_, "code": code}}).encode()
+
+
+def send_error(request: server.Request, status: int, message: str, type_: str,
+               code: str | None, headers: dict[bytes, bytes] | None = None) -> None:
+    body = error_body(message, type_, code)
+    request.setResponseCode(status)
+    request.setHeader(b"Content-Type", b"application/json")
+    request.setHeader(b"Content-Length", b"%d" % len(body))
+    for name, value in (headers or {}).items():
+        request.setHeader(name, value)
+    request.write(body)
+    request.finish()
+
+
+def send_json(request: server.Request, status: int, doc: Any) -> None:
+    body = json.dumps(doc).encode()
+    request.setResponseCode(status)
+    request.setHeader(b"Content-Type", b"application/json")
+    request.setHeader(b"Content-Length", b"%d" % len(body))
+    request.write(body)
+    request.finish()
+
+
+# -- metrics ------------------------------------------------------------------
+
+
+class Metrics:
+    """Counters for ``/metrics``; a model label only for models the router knew."""
+
+    def __init__(self) -> None:
+        self.requests: dict[tuple[str, int], int] = {}
+        self.response_bytes = 0
+        self.upstream_errors: dict[str, int] = {}
+        self.failovers = 0
+
+    def request_done(self, model: str, status: int, nbytes: int) -> None:
+        key = (model, status)
+        self.requests[key] = self.requests.get(key, 0) + 1
+        self.response_bytes += nbytes
+
+    def upstream_error(self, upstream: str) -> None:
+        self.upstream_errors[upstream] = self.upstream_errors.get(upstream, 0) + 1
+
+    def render(self, in_flight: int) -> bytes:
+        out = [
+            "# HELP meshd_api_requests_total API requests by model and response status.",
+            "# TYPE meshd_api_requests_total counter",
+        ]
+        for (model, status), n in sorted(self.requests.items()):
+            out.append(f'meshd_api_requests_total{{model="{_label(model)}",status="{status}"}} {n}')
+        out += [
+            "# HELP meshd_api_in_flight Requests being answered now.",
+            "# TYPE meshd_api_in_flight gauge",
+            f"meshd_api_in_flight {in_flight}",
+            "# HELP meshd_api_response_bytes_total Response body bytes sent for routed requests.",
+            "# TYPE meshd_api_response_bytes_total counter",
+            f"meshd_api_response_bytes_total {self.response_bytes}",
+            "# HELP meshd_api_upstream_errors_total Upstream failures by upstream.",
+            "# TYPE meshd_api_upstream_errors_total counter",
+        ]
+        for name, n in sorted(self.upstream_errors.items()):
+            out.append(f'meshd_api_upstream_errors_total{{upstream="{_label(name)}"}} {n}')
+        out += [
+            "# HELP meshd_api_failovers_total Requests retried on another upstream.",
+            "# TYPE meshd_api_failovers_total counter",
+            f"meshd_api_failovers_total {self.failovers}",
+        ]
+        return ("\n".join(out) + "\n").encode()
+
+
+def _label(value: str) -> str:
+    return value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
+
+
+# -- the HTTP server side ------------------------------------------------------
+
+
+class ApiRequest(server.Request):
+    """A request whose body is kept in memory up to ``max_body_bytes``, else refused with 413."""
+
+    _too_large = False
+    _received = 0
+
+    def gotLength(self, length: int | None) -> None:
+        # never a temporary file (twisted.web's default above 100 kB): the limit bounds memory
+        self.content = io.BytesIO()
+        limit = self.channel.site.api.config.max_body_bytes
+        if length is not None and length > limit:
+            self._refuse_too_large(f"Content-Length {length}")
+
+    def handleContentChunk(self, data: bytes) -> None:
+        if self._too_large:
+            return
+        self._received += len(data)
+        if self._received > self.channel.site.api.config.max_body_bytes:
+            self.content = io.BytesIO()
+            self._refuse_too_large("body")
+            return
+        self.content.write(data)
+
+    def _refuse_too_large(self, what: str) -> None:
+        """Answer 413 at once, discard the rest of the body, then close the connection."""
+        self._too_large = True
+        api = self.channel.site.api
+        limit = api.config.max_body_bytes
+        body = error_body(
+            f"request body too large ({what} exceeds [api] max_body_bytes = {limit})",
+            "invalid_request_error", "request_too_large",
+        )
+        transport = self.channel.transport
+        transport.write(
+            b"HTTP/1.1 413 Request Entity Too Large\r\nContent-Type: application/json\r\n"
+            b"Connection: close\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body)
+        )
+        api.metrics.request_done("", 413, 0)
+        log.warning("refused a request body over %d bytes from %s", limit, _peer_host(self))
+        api.reactor.callLater(LINGER_S, transport.loseConnection)
+
+    def requestReceived(self, command: bytes, path: bytes, version: bytes) -> None:
+        if self._too_large:
+            self.channel.transport.loseConnection()
+            return
+        super().requestReceived(command, path, version)
+
+
+class ApiChannel(http.HTTPChannel):
+    def _send100Continue(self) -> None:
+        # a body we already refused must not be invited (the 413 is on the wire)
+        if self.requests and getattr(self.requests[-1], "_too_large", False):
+            return
+        super()._send100Continue()
+
+
+class ApiSite(server.Site):
+    requestFactory = ApiRequest
+    protocol = ApiChannel
+    noisy = False
+
+    def __init__(self, root: resource.Resource, api: ApiServer, reactor):
+        super().__init__(root, reactor=reactor)
+        self.api = api
+
+    def log(self, request: server.Request) -> None:
+        """Access lines come from the API itself (``meshd.serving.api`` at debug level)."""
+
+
+class _Root(resource.Resource):
+    isLeaf = True
+
+    def __init__(self, api: ApiServer):
+        super().__init__()
+        self.api = api
+
+    def render(self, request: server.Request):
+        return self.api.handle(request)
+
+
+class ApiServer:
+    """The API: ``site`` to listen with, ``in_flight`` and ``drain()`` for shutdown.
+
+    ``relay``: the far end of tunnels (see the module docstring), whose
+    channels ``meshd.serving.tunnel`` builds from ``site`` over each tunnel.
+    """
+
+    def __init__(self, router: Router, config: ApiConfig, *, reactor: IReactorTime | None = None,
+                 pool: ConnectionPool | None = None, relay: bool = False):
+        if reactor is None:
+            from twisted.internet import reactor
+        self.router = router
+        self.config = config
+        self.reactor = reactor
+        self.pool = pool or ConnectionPool(reactor, config.connect_timeout_s)
+        self.metrics = Metrics()
+        self.forwards: set[Forward] = set()
+        self.relay = relay
+        self.draining = False
+        self._drain_waiters: list[defer.Deferred] = []
+        self._api_key = config.api_key.encode()
+        self.site = ApiSite(_Root(self), self, reactor)
+
+    @property
+    def in_flight(self) -> int:
+        return len(self.forwards)
+
+    # -- shutdown --------------------------------------------------------------
+
+    def drain(self, timeout_s: float) -> defer.Deferred:
+        """Refuse new requests; fire with the number still running once none is, or at the timeout."""
+        self.draining = True
+        if not self.forwards:
+            self.pool.close()
+            return defer.succeed(0)
+        d = defer.Deferred()
+        self._drain_waiters.append(d)
+        call = self.reactor.callLater(timeout_s, self._drain_timeout, d)
+        d.addBoth(_cancel_call, call)
+        return d
+
+    def _drain_timeout(self, d: defer.Deferred) -> None:
+        if d in self._drain_waiters:
+            self._drain_waiters.remove(d)
+            log.warning("drain timeout: %d request(s) still running", len(self.forwards))
+            d.callback(len(self.forwards))
+
+    def forward_done(self, fwd: Forward) -> None:
+        self.forwards.discard(fwd)
+        if not self.forwards and self._drain_waiters:
+            waiters, self._drain_waiters = self._drain_waiters, []
+            self.pool.close()
+            for d in waiters:
+                d.callback(0)
+
+    # -- requests --------------------------------------------------------------
+
+    def handle(self, request: server.Request):
+        path = request.path
+        if path == b"/health":
+            return self._json(request, 200, {"status": "draining" if self.draining else "ok"})
+        if self._api_key and not self._authorized(request):
+            return self._error(request, 401, "missing or wrong API key (Authorization: Bearer ...)",
+                               "invalid_request_error", "invalid_api_key",
+                               {b"WWW-Authenticate": b"Bearer"})
+        method = request.method
+        if path in FORWARDED_PATHS:
+            if method != b"POST":
+                return self._error(request, 405, f"{path.decode()} takes POST",
+                                   "invalid_request_error", "method_not_allowed")
+            return self._forward(request)
+        if path == b"/v1/models" and method == b"GET":
+            return self._json(request, 200, {"object": "list", "data": self.router.models()})
+        if path == b"/metrics" and method == b"GET":
+            request.setHeader(b"Content-Type", b"text/plain; version=0.0.4")
+            return self.metrics.render(len(self.forwards))
+        self.metrics.request_done("", 404, 0)
+        return self._error(request, 404,
+                           f"Invalid URL ({method.decode(errors='replace')} "
+                           f"{request.uri.decode(errors='replace')})",
+                           "invalid_request_error", "not_found")
+
+    def _authorized(self, request: server.Request) -> bool:
+        auth = request.getHeader(b"authorization") or b""
+        scheme, _, key = auth.partition(b" ")
+        return scheme.lower() == b"bearer" and hmac.compare_digest(key.strip(), self._api_key)
+
+    def _json(self, request: server.Request, status: int, doc: Any) -> bytes:
+        request.setResponseCode(status)
+        request.setHeader(b"Content-Type", b"application/json")
+        return json.dumps(doc).encode()
+
+    def _error(self, request: server.Request, status: int, message: str, type_: str,
+               code: str | None, headers: dict[bytes, bytes] | None = None) -> bytes:
+        request.setResponseCode(status)
+        request.setHeader(b"Content-Type", b"application/json")
+        for name, value in (headers or {}).items():
+            request.setHeader(name, value)
+        return error_body(message, type_, code)
+
+    def hang_up(self, request: server.Request, model: str, status: int, reason: str):
+        """A relay's answer to a request it cannot serve: close the connection unanswered."""
+        log.info("not relaying a request for %s (%s): closing the tunnel", model or "?", reason)
+        self.metrics.request_done(model, status, 0)
+        request.channel.loseConnection()
+        return server.NOT_DONE_YET
+
+    def _forward(self, request: server.Request):
+        if self.draining:
+            if self.relay:
+                return self.hang_up(request, "", 503, "this node is shutting down")
+            request.setHeader(b"Connection", b"close")
+            self.metrics.request_done("", 503, 0)
+            return self._error(request, 503, "this node is shutting down", "server_error",
+                               "shutting_down", {b"Retry-After": b"1"})
+        body = request.content.getvalue()
+        try:
+            doc = json.loads(body)
+        except ValueError as e:
+            self.metrics.request_done("", 400, 0)
+            return self._error(request, 400, f"request body is not valid JSON: {e}",
+                               "invalid_request_error", "invalid_json")
+        model = doc.get("model") if isinstance(doc, dict) else None
+        if not isinstance(doc, dict) or not isinstance(model, str) or not model:
+            self.metrics.request_done("", 400, 0)
+            what = "a JSON object" if not isinstance(doc, dict) else "a JSON object with a string 'model'"
+            return self._error(request, 400, f"request body must be {what}",
+                               "invalid_request_error", "missing_model")
+        user = doc.get("user")
+        client_id = user if isinstance(user, str) and user else _peer_host(request)
+        try:
+            upstreams = self.router.upstreams(model, client_id)
+        except UnknownModel as e:
+            if self.relay:
+                return self.hang_up(request, "", 404, str(e))
+            self.metrics.request_done("", 404, 0)
+            return self._error(request, 404, str(e), e.type, e.code)
+        except NotReady as e:
+            if self.relay:
+                return self.hang_up(request, model, 503, str(e))
+            self.metrics.request_done(model, 503, 0)
+            return self._error(request, 503, str(e), e.type, e.code,
+                               {b"Retry-After": b"%d" % e.retry_after_s})
+        if not upstreams:
+            if self.relay:
+                return self.hang_up(request, model, 503, "no host ready")
+            self.metrics.request_done(model, 503, 0)
+            return self._error(request, 503, f"model {model!r} has no host ready", "server_error",
+                               "model_not_ready", {b"Retry-After": b"5"})
+        headers = []
+        for name in FORWARDED_HEADERS:
+            value = request.getHeader(name)
+            if value:
+                headers.append((name, value))
+        if not request.getHeader(b"content-type"):
+            headers.append((b"content-type", b"application/json"))
+        head = request_head(b"POST", request.uri, headers, len(body))
+        fwd = Forward(self, request, model, head, body, upstreams[:MAX_ATTEMPTS])
+        self.forwards.add(fwd)
+        fwd.start()
+        return server.NOT_DONE_YET
+
+
+def _cancel_call(result, call):
+    if call.active():
+        call.cancel()
+    return result
+
+
+def _peer_host(request: server.Request) -> str:
+    peer = request.getClientAddress()
+    return getattr(peer, "host", None) or str(peer)
+
+
+# -- one forwarded request --------------------------------------------------------
+
+
+class Forward:
+    """One routed request: tries upstreams, then relays the response (a ResponseSink)."""
+
+    def __init__(self, api: ApiServer, request: server.Request, model: str, head: bytes,
+                 body: bytes, upstreams: list[Upstream]):
+        self.api = api
+        self.request = request
+        self.model = model
+        self.head = head
+        self.body = body
+        self.upstreams = upstreams
+        self.index = -1
+        self.upstream: Upstream | None = None
+        self.conn: UpstreamConnection | None = None
+        self.reused = False
+        self.connecting: defer.Deferred | None = None
+        self.reached_any = False  # some upstream accepted the connection
+        self.status = 0
+        self.stream = False
+        self.head_sent = False
+        self.hold: list[bytes] | None = None
+        self.hold_size = 0
+        self.length: int | None = None
+        self.nbytes = 0
+        self.done = False
+        self.started_at = time.monotonic()
+        request.notifyFinish().addErrback(self._client_lost)
+
+    def start(self) -> None:
+        self._try_next()
+
+    # -- upstream attempts --------------------------------------------------------
+
+    def _try_next(self) -> None:
+        self.index += 1
+        self.upstream = self.upstreams[self.index]
+        self.api.router.request_started(self.upstream)
+        self._connect(fresh=False)
+
+    def _connect(self, fresh: bool) -> None:
+        pool = self.api.pool
+        d = pool.connect(self.upstream).addCallback(lambda c: (c, False)) if fresh \
+            else pool.acquire(self.upstream)
+        self.connecting = d
+        d.addCallbacks(self._connected, self._connect_failed)
+
+    def _connected(self, result) -> None:
+        self.connecting = None
+        conn, self.reused = result
+        self.reached_any = True
+        if self.done:
+            conn.abort()
+            return
+        self.conn = conn
+        conn.send(self.head, self.body, self)
+
+    def _connect_failed(self, failure: Failure) -> None:
+        self.connecting = None
+        if self.done:
+            return
+        if failure.check(defer.TimeoutError, defer.CancelledError):
+            reason = f"no connection within {self.api.pool.connect_timeout_s:g} s"
+        else:
+            reason = failure.getErrorMessage()
+        self._upstream_down(f"cannot connect: {reason}")
+
+    def _upstream_down(self, reason: str) -> None:
+        up = self.upstream
+        self.api.router.request_finished(up)
+        self.api.router.upstream_failed(up, reason)
+        self.api.metrics.upstream_error(up.name)
+        if self.index + 1 < len(self.upstreams):
+            log.warning("upstream %s for %s failed before responding (%s); trying %s",
+                        up.name, self.model, reason, self.upstreams[self.index + 1].name)
+            self.api.metrics.failovers += 1
+            self._try_next()
+            return
+        log.warning("upstream %s for %s failed before responding: %s", up.name, self.model, reason)
+        if self.api.relay:
+            self._finished(502 if self.reached_any else 503, upstream_done=True)
+            self.request.channel.loseConnection()
+            return
+        if self.reached_any:
+            self._fail_before_head(502, f"the backend for {self.model!r} failed: {reason}",
+                                   "upstream_error")
+        else:
+            self._fail_before_head(503, f"no host for {self.model!r} is reachable: {reason}",
+                                   "model_not_ready", {b"Retry-After": b"5"})
+
+    # -- ResponseSink ---------------------------------------------------------------
+
+    def response_head(self, status: int, headers: dict[bytes, bytes], length: int | None) -> None:
+        self.status = status
+        self.length = length
+        ctype = headers.get(b"content-type", b"application/octet-stream")
+        request = self.request
+        request.setResponseCode(status)
+        request.setHeader(b"Content-Type", ctype)
+        if ctype.startswith(b"text/event-stream"):
+            self.stream = True
+            request.setHeader(b"Cache-Control", b"no-cache")
+            self._send_head()
+            request.write(b"")  # the head goes out now: clients wait for it
+        else:
+            self.hold = []
+
+    def _send_head(self) -> None:
+        self.head_sent = True
+        if self.length is not None:
+            self.request.setHeader(b"Content-Length", b"%d" % self.length)
+        # the upstream connection produces for our client's connection: when
+        # our client's socket buffer fills, twisted.web pauses it
+        self.request.registerProducer(self.conn, True)
+
+    def response_data(self, data: bytes) -> None:
+        if self.hold is None:
+            self.nbytes += len(data)
+            self.request.write(data)
+            return
+        self.hold.append(data)
+        self.hold_size += len(data)
+        if self.hold_size > HOLD_BYTES:
+            held, self.hold = self.hold, None
+            self._send_head()
+            self.response_data(b"".join(held))
+
+    def response_end(self) -> None:
+        request = self.request
+        if self.hold is not None:
+            body, self.hold = b"".join(self.hold), None
+            self.length = len(body)
+            self._send_head()
+            self.nbytes += len(body)
+            request.write(body)
+        self.conn = None
+        request.unregisterProducer()
+        request.finish()
+        self._finished(self.status)
+
+    def response_failed(self, reason: str, started: bool) -> None:
+        self.conn = None
+        if self.done:
+            return
+        if not started:
+            if self.reused:
+                # a pooled keep-alive connection the upstream had closed: not
+                # the upstream's fault, and it never saw the request
+                log.debug("stale pooled connection to %s: %s", self.upstream.name, reason)
+                self._connect(fresh=True)
+                return
+            self._upstream_down(reason)
+            return
+        up = self.upstream
+        self.api.router.request_finished(up)
+        self.api.metrics.upstream_error(up.name)
+        log.warning("upstream %s for %s failed mid-response: %s", up.name, self.model, reason)
+        request = self.request
+        if not self.head_sent:
+            self.hold = None
+            self._respond_error(502, f"the backend for {self.model!r} failed mid-response: {reason}",
+                                "server_error", "upstream_error")
+            self._finished(502, upstream_done=True)
+            return
+        request.unregisterProducer()
+        if self.stream:
+            event = json.dumps({"error": {"message": f"the backend failed mid-stream: {reason}",
+                                          "type": "server_error", "code": "upstream_error"}})
+            request.write(b"\n\nevent: error\ndata: " + event.encode() + b"\n\n")
+            request.channel.persistent = False
+            request.finish()
+        else:
+            request.loseConnection()
+        self._finished(502, upstream_done=True)
+
+    # -- endings ----------------------------------------------------------------------
+
+    def _fail_before_head(self, status: int, message: str, code: str,
+                          headers: dict[bytes, bytes] | None = None) -> None:
+        self._respond_error(status, message, "server_error", code, headers)
+        self._finished(status, upstream_done=True)
+
+    def _respond_error(self, status: int, message: str, type_: str, code: str,
+                       headers: dict[bytes, bytes] | None = None) -> None:
+        request = self.request
+        # headers set from the upstream's head must not leak into the error
+        request.responseHeaders.removeHeader(b"Content-Length")
+        send_error(request, status, message, type_, code, headers)
+
+    def _client_lost(self, failure: Failure) -> None:
+        if self.done:
+            return
+        log.info("client of %s went away; closing the upstream %s", self.model,
+                 self.upstream.name if self.upstream else "-")
+        if self.connecting is not None:
+            self.connecting.cancel()
+        if self.conn is not None:
+            conn, self.conn = self.conn, None
+            conn.abort()
+        self._finished(499)
+
+    def _finished(self, status: int, upstream_done: bool = False) -> None:
+        """Account for the end of this request; ``upstream_done``: request_finished already said."""
+        if self.done:
+            return
+        self.done = True
+        if self.upstream is not None and not upstream_done:
+            self.api.router.request_finished(self.upstream)
+        self.api.metrics.request_done(self.model, status, self.nbytes)
+        log.debug("%s %s model=%s upstream=%s status=%d %.1f ms %d bytes",
+                  self.request.method.decode(), self.request.uri.decode(errors="replace"),
+                  self.model, self.upstream.name if self.upstream else "-", status,
+                  (time.monotonic() - self.started_at) * 1000, self.nbytes)
+        self.api.forward_done(self)
+
+
+def make_site(router: Router, api: ApiConfig, *, reactor=None) -> server.Site:
+    """The API's twisted.web Site (``.api`` is its :class:`ApiServer`)."""
+    return ApiServer(router, api, reactor=reactor).site
+
+
+# -- a fixed router, for benchmarks and tests ---------------------------------------------
+
+
+class StaticRouter:
+    """Each model served by fixed ``host:port`` upstreams, tried in order."""
+
+    def __init__(self, table: dict[str, list[str]]):
+        from twisted.internet import endpoints
+        from twisted.internet import reactor as default_reactor
+
+        from meshd.config import parse_address
+
+        self.table: dict[str, list[Upstream]] = {}
+        self.failed: list[tuple[str, str]] = []
+        self.active: dict[str, int] = {}
+        for model, addrs in table.items():
+            ups = []
+            for addr in addrs:
+                host, port = parse_address(addr)
+                ups.append(Upstream(
+                    name=addr,
+                    endpoint=lambda h=host, p=port: endpoints.TCP4ClientEndpoint(default_reactor, h, p),
+                    pool_key=addr,
+                ))
+            self.table[model] = ups
+
+    def models(self) -> list[dict[str, Any]]:
+        return [{"id": m, "object": "model", "owned_by": "meshd"} for m in sorted(self.table)]
+
+    def upstreams(self, model: str, client_id: str) -> list[Upstream]:
+        if model not in self.table:
+            raise UnknownModel(model, list(self.table))
+        return list(self.table[model])
+
+    def upstream_failed(self, upstream: Upstream, reason: str) -> None:
+        self.failed.append((upstream.name, reason))
+
+    def request_started(self, upstream: Upstream) -> None:
+        self.active[upstream.name] = self.active.get(upstream.name, 0) + 1
+
+    def request_finished(self, upstream: Upstream) -> None:
+        self.active[upstream.name] -= 1
+
+
+def main(argv: list[str] | None = None) -> int:
+    import argparse
+    import sys
+
+    from twisted.internet import endpoints, reactor
+
+    from meshd.config import tcp_endpoint
+
+    parser = argparse.ArgumentParser(prog="python -m meshd.serving.api",
+                                     description="The meshd API alone, in front of fixed upstreams.")
+    parser.add_argument("--static", action="append", default=[], metavar="MODEL=HOST:PORT",
+                        help="serve MODEL from HOST:PORT (repeat for more upstreams or models)")
+    parser.add_argument("--listen", default="127.0.0.1:9337")
+    parser.add_argument("--api-key", default="")
+    args = parser.parse_args(argv)
+    table: dict[str, list[str]] = {}
+    for item in args.static:
+        model, sep, addr = item.partition("=")
+        if not sep:
+            parser.error(f"--static {item!r}: expected MODEL=HOST:PORT")
+        table.setdefault(model, []).append(addr)
+    logging.basicConfig(level=logging.INFO, stream=sys.stderr,
+                        format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    api = ApiServer(StaticRouter(table), ApiConfig(listen=args.listen, api_key=args.api_key),
+                    reactor=reactor)
+    ep = endpoints.serverFromString(reactor, tcp_endpoint(args.listen))
+    d = ep.listen(api.site)
+
+    def listening(port):
+        print(f"listening on {args.listen}", flush=True)
+
+    def failed(f):
+        print(f"cannot listen on {args.listen}: {f.getErrorMessage()}", file=sys.stderr)
+        reactor.stop()
+
+    d.addCallbacks(listening, failed)
+    reactor.run()
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

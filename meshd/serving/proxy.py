@@ -1,0 +1,431 @@
+"""The upstream half of the data path: a small HTTP/1.1 client and its connection pool.
+
+Why not ``twisted.web.client.Agent``: the proxy must pass an SSE stream
+through byte for byte with the least work per chunk, pause the upstream socket
+when our client stops reading, and know exactly whether the upstream had sent
+*any* response byte when it failed (the failover rule: retry only before the
+first byte).  A raw :class:`~twisted.internet.protocol.Protocol` does all three
+in a few lines; each upstream read costs one framing step and one call into the
+sink.
+
+One :class:`UpstreamConnection` carries one exchange at a time.  The caller
+gives it the request bytes and a :class:`ResponseSink`; the connection calls
+the sink with the response head, each piece of body as it arrives (never
+buffered, never re-split), and the end or the failure.  Clean keep-alive
+connections go back to the :class:`ConnectionPool` under the upstream's
+``pool_key``.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from typing import Protocol as TypingProtocol
+
+from twisted.internet import defer, endpoints
+from twisted.internet.interfaces import IReactorTime
+from twisted.internet.protocol import Protocol
+from twisted.python.failure import Failure
+
+from meshd.serving.routing import Upstream
+
+log = logging.getLogger("meshd.serving.api")
+
+# a response head larger than this is not an llama-server talking
+MAX_HEAD_BYTES = 64 * 1024
+# idle keep-alive connections kept per pool key; llama-server closes idle
+# connections after 5 s, so ours are dropped a little before that
+MAX_IDLE_PER_KEY = 16
+IDLE_TIMEOUT_S = 4.0
+
+
+class ResponseSink(TypingProtocol):
+    """Where an upstream response goes (the API's per-request forwarder)."""
+
+    def response_head(self, status: int, headers: dict[bytes, bytes], length: int | None) -> None:
+        """Status line and headers arrived; ``length`` is the Content-Length, if any."""
+
+    def response_data(self, data: bytes) -> None:
+        """A piece of the (de-chunked) body, exactly as it arrived."""
+
+    def response_end(self) -> None:
+        """The body ended cleanly."""
+
+    def response_failed(self, reason: str, started: bool) -> None:
+        """The exchange failed; ``started``: the upstream had sent at least one response byte."""
+
+
+class UpstreamError(Exception):
+    """The upstream broke the HTTP protocol (bad head, bad chunk framing)."""
+
+
+class ChunkedDecoder:
+    """``Transfer-Encoding: chunked`` to payload, incrementally, with no copy of whole chunks.
+
+    ``feed`` returns the payload bytes contained in ``data`` (joined, possibly
+    empty) and whether the terminating chunk and trailers were seen.  A
+    partial chunk's payload is returned at once, not held back.
+    """
+
+    __slots__ = ("_left", "_crlf", "_line", "_trailers", "done")
+
+    def __init__(self) -> None:
+        self._left = 0  # payload bytes still to come in the current chunk
+        self._crlf = 0  # bytes of the CRLF after a chunk's payload still to skip
+        self._line = b""  # a partial size or trailer line
+        self._trailers = False
+        self.done = False
+
+    def feed(self, data: bytes) -> bytes:
+        out = []
+        pos = 0
+        end = len(data)
+        while pos < end:
+            if self._left:
+                take = min(self._left, end - pos)
+                out.append(data if take == end else data[pos : pos + take])
+                pos += take
+                self._left -= take
+                if not self._left:
+                    self._crlf = 2
+                continue
+            if self._crlf:
+                take = min(self._crlf, end - pos)
+                pos += take
+                self._crlf -= take
+                continue
+            nl = data.find(b"\n", pos)
+            if nl < 0:
+                self._line += data[pos:]
+                if len(self._line) > 4096:
+                    raise UpstreamError("chunk size line too long")
+                break
+            line = (self._line + data[pos:nl]).rstrip(b"\r")
+            self._line = b""
+            pos = nl + 1
+            if self._trailers:
+                if not line:
+                    self.done = True
+                    if pos < end:
+                        raise UpstreamError("data after the end of a chunked body")
+                    break
+                continue
+            size_text = line.split(b";", 1)[0].strip()
+            try:
+                size = int(size_text, 16)
+            except ValueError:
+                raise UpstreamError(f"bad chunk size {size_text[:20]!r}") from None
+            if size < 0:
+                raise UpstreamError("negative chunk size")
+            if size == 0:
+                self._trailers = True
+            else:
+                self._left = size
+        if len(out) == 1:
+            return out[0]
+        return b"".join(out)
+
+
+def parse_head(head: bytes) -> tuple[int, dict[bytes, bytes], bool]:
+    """Status, headers (lower-cased names, last one wins) and whether it is HTTP/1.1."""
+    lines = head.split(b"\r\n")
+    parts = lines[0].split(b" ", 2)
+    if len(parts) < 2 or not parts[0].startswith(b"HTTP/1.") or not parts[1].isdigit():
+        raise UpstreamError(f"bad status line {lines[0][:60]!r}")
+    headers: dict[bytes, bytes] = {}
+    for line in lines[1:]:
+        if not line:
+            continue
+        name, sep, value = line.partition(b":")
+        if not sep:
+            raise UpstreamError(f"bad header line {line[:60]!r}")
+        headers[name.strip().lower()] = value.strip()
+    return int(parts[1]), headers, parts[0] == b"HTTP/1.1"
+
+
+# connection states
+_IDLE, _HEAD, _BODY, _CLOSED = range(4)
+# body framings
+_LENGTH, _CHUNKED, _UNTIL_CLOSE = range(3)
+
+
+class UpstreamConnection(Protocol):
+    """One HTTP/1.1 connection to an upstream; one exchange at a time."""
+
+    def __init__(self, upstream: Upstream, pool: ConnectionPool | None = None):
+        self.upstream = upstream
+        self.pool = pool
+        self.sink: ResponseSink | None = None
+        self.state = _IDLE
+        self.started = False  # any response byte seen in the current exchange
+        self.reusable = False
+        self.exchanges = 0  # how many requests this connection has carried
+        self.paused = False
+        self._buf = b""
+        self._framing = _LENGTH
+        self._left = 0
+        self._decoder: ChunkedDecoder | None = None
+        self._idle_call = None
+
+    def connectionMade(self) -> None:
+        # a request written on a reused connection must not wait for a delayed ACK
+        if hasattr(self.transport, "setTcpNoDelay"):
+            self.transport.setTcpNoDelay(True)
+
+    # -- driving an exchange -------------------------------------------------
+
+    def send(self, head: bytes, body: bytes, sink: ResponseSink) -> None:
+        """Write one request; the response goes to ``sink``."""
+        self.sink = sink
+        self.state = _HEAD
+        self.started = False
+        self.exchanges += 1
+        self._buf = b""
+        if body:
+            self.transport.writeSequence((head, body))
+        else:
+            self.transport.write(head)
+
+    def abort(self) -> None:
+        """Drop the exchange and the connection (our client went away)."""
+        self.sink = None
+        self.reusable = False
+        if self.state != _CLOSED and self.transport is not None:
+            self.state = _CLOSED
+            self.transport.abortConnection()
+
+    # IPushProducer, registered with the API's request: the client's socket
+    # buffer fills -> we stop reading the upstream socket, and the upstream
+    # (llama-server) blocks in send() in turn.
+    def pauseProducing(self) -> None:
+        if not self.paused and self.state != _CLOSED:
+            self.paused = True
+            self.transport.pauseProducing()
+
+    def resumeProducing(self) -> None:
+        if self.paused and self.state != _CLOSED:
+            self.paused = False
+            self.transport.resumeProducing()
+
+    def stopProducing(self) -> None:
+        self.abort()
+
+    # -- the response --------------------------------------------------------
+
+    def dataReceived(self, data: bytes) -> None:
+        # the per-chunk path: keep it short
+        if self.state == _BODY:
+            framing = self._framing
+            if framing == _CHUNKED:
+                try:
+                    payload = self._decoder.feed(data)
+                except UpstreamError as e:
+                    self._fail(str(e))
+                    return
+                if payload:
+                    self.sink.response_data(payload)
+                if self._decoder.done and self.sink is not None:
+                    self._finish()
+            elif framing == _LENGTH:
+                if len(data) > self._left:
+                    self._fail("upstream sent more than its Content-Length")
+                    return
+                self._left -= len(data)
+                self.sink.response_data(data)
+                if not self._left and self.sink is not None:
+                    self._finish()
+            else:
+                self.sink.response_data(data)
+            return
+        if self.state == _HEAD:
+            self.started = True
+            self._head_received(data)
+        elif self.state == _IDLE:
+            # a keep-alive connection must be silent between exchanges
+            self.reusable = False
+            self.transport.loseConnection()
+
+    def _head_received(self, data: bytes) -> None:
+        buf = self._buf + data
+        while True:
+            end = buf.find(b"\r\n\r\n")
+            if end < 0:
+                if len(buf) > MAX_HEAD_BYTES:
+                    self._fail("response head too large")
+                else:
+                    self._buf = buf
+                return
+            try:
+                status, headers, http11 = parse_head(buf[:end])
+            except UpstreamError as e:
+                self._fail(str(e))
+                return
+            buf = buf[end + 4 :]
+            if 100 <= status < 200:
+                continue  # 100 Continue and friends: the real head follows
+            break
+        self._buf = b""
+        connection = headers.get(b"connection", b"").lower()
+        self.reusable = (b"close" not in connection) if http11 else (b"keep-alive" in connection)
+        length: int | None = None
+        if b"chunked" in headers.get(b"transfer-encoding", b"").lower():
+            self._framing = _CHUNKED
+            self._decoder = ChunkedDecoder()
+        elif b"content-length" in headers:
+            try:
+                length = int(headers[b"content-length"])
+            except ValueError:
+                self._fail("bad Content-Length")
+                return
+            self._framing = _LENGTH
+            self._left = length
+        elif status in (204, 304):
+            self._framing = _LENGTH
+            self._left = length = 0
+        else:
+            self._framing = _UNTIL_CLOSE
+            self.reusable = False
+        self.state = _BODY
+        sink = self.sink
+        sink.response_head(status, headers, length)
+        if self.sink is not sink or self.state != _BODY:
+            return  # the sink gave up during the head
+        if self._framing == _LENGTH and not self._left:
+            self._finish()
+            if buf:
+                self.reusable = False
+        elif buf:
+            self.dataReceived(buf)
+
+    def _finish(self) -> None:
+        sink = self.sink
+        self.sink = None
+        self.state = _IDLE
+        self._decoder = None
+        if self.paused:
+            self.paused = False
+            self.transport.resumeProducing()
+        sink.response_end()
+        if self.pool is not None and self.reusable and self.state == _IDLE:
+            self.pool.release(self)
+        elif self.state != _CLOSED:
+            self.transport.loseConnection()
+
+    def _fail(self, reason: str) -> None:
+        sink = self.sink
+        self.sink = None
+        self.reusable = False
+        if self.state != _CLOSED:
+            self.state = _CLOSED
+            self.transport.abortConnection()
+        if sink is not None:
+            sink.response_failed(reason, self.started)
+
+    def connectionLost(self, reason: Failure = None) -> None:
+        state = self.state
+        self.state = _CLOSED
+        if self.pool is not None:
+            self.pool.forget(self)
+        sink = self.sink
+        if sink is None:
+            return
+        self.sink = None
+        if state == _BODY and self._framing == _UNTIL_CLOSE:
+            sink.response_end()
+            return
+        what = reason.getErrorMessage() if reason is not None else "connection closed"
+        if state == _HEAD and not self.started:
+            sink.response_failed(f"connection closed before any response ({what})", False)
+        else:
+            sink.response_failed(f"connection lost mid-response ({what})", True)
+
+
+class _Idle:
+    __slots__ = ("conn", "call")
+
+    def __init__(self, conn: UpstreamConnection, call):
+        self.conn = conn
+        self.call = call
+
+
+class ConnectionPool:
+    """Fresh or idle keep-alive connections per ``Upstream.pool_key``.
+
+    An empty ``pool_key`` means "never share" (e.g. a tunnel that carries one
+    exchange): each request gets a fresh connection, closed afterwards.
+    """
+
+    def __init__(self, reactor: IReactorTime, connect_timeout_s: float = 10.0,
+                 *, max_idle_per_key: int = MAX_IDLE_PER_KEY,
+                 idle_timeout_s: float = IDLE_TIMEOUT_S):
+        self.reactor = reactor
+        self.connect_timeout_s = connect_timeout_s
+        self.max_idle_per_key = max_idle_per_key
+        self.idle_timeout_s = idle_timeout_s
+        self._idle: dict[str, list[_Idle]] = {}
+
+    def acquire(self, upstream: Upstream) -> defer.Deferred:
+        """Fires with ``(connection, reused)``; a reused one may turn out stale."""
+        idle = self._idle.get(upstream.pool_key) if upstream.pool_key else None
+        while idle:
+            entry = idle.pop()
+            if entry.call.active():
+                entry.call.cancel()
+            if entry.conn.state == _IDLE:
+                return defer.succeed((entry.conn, True))
+        return self.connect(upstream).addCallback(lambda conn: (conn, False))
+
+    def connect(self, upstream: Upstream) -> defer.Deferred:
+        conn = UpstreamConnection(upstream, self if upstream.pool_key else None)
+        d = endpoints.connectProtocol(upstream.endpoint(), conn)
+        d.addTimeout(self.connect_timeout_s, self.reactor)
+        return d
+
+    def release(self, conn: UpstreamConnection) -> None:
+        idle = self._idle.setdefault(conn.upstream.pool_key, [])
+        if len(idle) >= self.max_idle_per_key:
+            conn.transport.loseConnection()
+            return
+        call = self.reactor.callLater(self.idle_timeout_s, self._expire, conn)
+        idle.append(_Idle(conn, call))
+
+    def _expire(self, conn: UpstreamConnection) -> None:
+        self.forget(conn)
+        conn.transport.loseConnection()
+
+    def forget(self, conn: UpstreamConnection) -> None:
+        idle = self._idle.get(conn.upstream.pool_key)
+        if not idle:
+            return
+        for entry in idle:
+            if entry.conn is conn:
+                idle.remove(entry)
+                if entry.call.active():
+                    entry.call.cancel()
+                break
+
+    def idle_count(self, pool_key: str) -> int:
+        return len(self._idle.get(pool_key, ()))
+
+    def close(self) -> None:
+        """Close every idle connection (shutdown)."""
+        for idle in list(self._idle.values()):
+            for entry in list(idle):
+                if entry.call.active():
+                    entry.call.cancel()
+                entry.conn.transport.loseConnection()
+        self._idle.clear()
+
+
+def request_head(method: bytes, path: bytes, headers: list[tuple[bytes, bytes]],
+                 body_length: int) -> bytes:
+    """The request line and headers of an upstream request."""
+    lines = [method, b" ", path, b" HTTP/1.1\r\nHost: localhost\r\nContent-Length: ",
+             b"%d" % body_length, b"\r\n"]
+    for name, value in headers:
+        lines += [name, b": ", value, b"\r\n"]
+    lines.append(b"\r\n")
+    return b"".join(lines)
+
+
+Connector = Callable[[Upstream], defer.Deferred]

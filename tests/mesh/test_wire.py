@@ -1,0 +1,102 @@
+"""The frame parser alone: round trips, limits, and garbage that never escapes as anything
+but FrameError."""
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from meshd.mesh import wire
+
+
+def feed_all(decoder, chunks):
+    frames = []
+    for chunk in chunks:
+        frames.extend(decoder.feed(chunk))
+    return frames
+
+
+def test_one_frame_round_trips():
+    data = wire.encode(wire.FrameType.ANNOUNCE, b'{"a":1}')
+    assert feed_all(wire.Decoder(), [data]) == [wire.Frame(wire.FrameType.ANNOUNCE, b'{"a":1}')]
+
+
+def test_frame_split_across_reads_is_reassembled():
+    data = wire.encode(7, b"x" * 100)
+    frames = feed_all(wire.Decoder(), [data[i : i + 1] for i in range(len(data))])
+    assert frames == [wire.Frame(7, b"x" * 100)]
+
+
+def test_oversized_announced_length_is_refused_before_buffering():
+    decoder = wire.Decoder(max_frame_bytes=4096)
+    with pytest.raises(wire.FrameTooLarge):
+        list(decoder.feed(wire.LENGTH.pack(4097)))
+    assert decoder.buffered == 4
+
+
+def test_zero_length_frame_is_an_error():
+    with pytest.raises(wire.FrameError):
+        list(wire.Decoder().feed(b"\0\0\0\0"))
+
+
+def test_decoder_stays_poisoned_after_an_error():
+    decoder = wire.Decoder(max_frame_bytes=4096)
+    with pytest.raises(wire.FrameError):
+        list(decoder.feed(b"\xff\xff\xff\xff"))
+    with pytest.raises(wire.FrameError):
+        list(decoder.feed(wire.encode(1, b"ok")))
+
+
+def test_encode_refuses_a_frame_over_the_limit():
+    with pytest.raises(wire.FrameTooLarge):
+        wire.encode(1, b"x" * 4096, max_frame_bytes=4096)
+
+
+def test_json_payload_that_is_not_an_object_is_a_frame_error():
+    with pytest.raises(wire.FrameError):
+        wire.decode_json(b"[1,2]")
+    with pytest.raises(wire.FrameError):
+        wire.decode_json(b"\xff\xfe")
+
+
+def test_ping_round_trips_and_ignores_trailing_bytes():
+    frame = feed_all(wire.Decoder(), [wire.encode_ping(wire.FrameType.PING, 12345) + b""])[0]
+    assert wire.decode_ping(frame.payload) == 12345
+    assert wire.decode_ping(frame.payload + b"future") == 12345
+    with pytest.raises(wire.FrameError):
+        wire.decode_ping(b"\x01")
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.binary(max_size=64), max_size=20))
+def test_random_bytes_never_raise_anything_but_frame_error(chunks):
+    decoder = wire.Decoder(max_frame_bytes=4096)
+    try:
+        for chunk in chunks:
+            for frame in decoder.feed(chunk):
+                assert isinstance(frame, wire.Frame)
+                try:
+                    frame.json()
+                except wire.FrameError:
+                    pass
+    except wire.FrameError:
+        pass
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    st.lists(st.tuples(st.integers(0, 255), st.binary(max_size=300)), max_size=10),
+    st.integers(1, 50),
+)
+def test_any_frame_sequence_round_trips_under_any_chunking(frames, step):
+    data = b"".join(wire.encode(t, p) for t, p in frames)
+    chunks = [data[i : i + step] for i in range(0, len(data), step)]
+    decoded = feed_all(wire.Decoder(), chunks)
+    assert [(f.type, f.payload) for f in decoded] == frames
+
+
+@settings(max_examples=100, deadline=None)
+@given(st.dictionaries(st.text(max_size=10), st.one_of(st.integers(), st.text(), st.booleans())))
+def test_json_frames_round_trip(body):
+    data = wire.encode_json(wire.FrameType.ANNOUNCE, body)
+    (frame,) = feed_all(wire.Decoder(), [data])
+    assert frame.json() == body

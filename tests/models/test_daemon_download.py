@@ -1,0 +1,96 @@
+"""Downloads through the real daemon: resume after kill -9, and ``meshctl download``.
+
+The hub is the local test hub (``HF_ENDPOINT``); llama-server is the fast fake
+backend, so the test is about the download, not about inference.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from tests.harness.daemon import Meshd, fake_llama_bin_dir
+from tests.models.test_download import FILE, REPO, MiB, big_gguf, files_in, hub  # noqa: F401 - fixture
+
+pytestmark = pytest.mark.e2e
+ENTRY = f"hf:{REPO}/{FILE}"
+NAME = FILE.removesuffix(".gguf")
+
+
+def node(tmp_path, **models) -> Meshd:
+    return Meshd(
+        tmp_path / "node",
+        {"llama": {"bin_dir": fake_llama_bin_dir(tmp_path)}, "models": {"min_free_gb": 0.0, **models}},
+        name="node",
+    )
+
+
+def on_disk(n: Meshd) -> bool:
+    table = json.loads(n.ctl("models", "--json").stdout)
+    return any(m["name"] == NAME for m in table["disk"])
+
+
+def downloading(n: Meshd) -> int:
+    rows = [d for d in n.status()["downloads"] if d["name"] == NAME]
+    return rows[0]["bytes"] if rows and rows[0]["bytes"] > 0 else 0
+
+
+def test_daemon_killed_mid_download_resumes_after_restart(hub, tmp_path):  # noqa: F811
+    data = big_gguf()
+    hub.add(REPO, FILE, data)
+    reached, release = hub.hold_next_get(FILE, 11 * MiB)
+    n = node(tmp_path, serve=[ENTRY])
+    n.start()
+    try:
+        n.wait_for(downloading, "download progress in meshctl status", timeout=60)
+        n.kill()
+    finally:
+        release.set()
+    assert reached.is_set()
+    models_dir = tmp_path / "node" / "models"
+    assert files_in(models_dir) == []  # nothing half-written in the models directory
+    partials = list((tmp_path / "node" / "state").rglob("*.part"))
+    assert len(partials) == 1
+    kept = partials[0].stat().st_size
+    assert kept > 0
+
+    n.start()
+    try:
+        n.wait_model_warm(NAME, timeout=120)
+        assert (models_dir / FILE).read_bytes() == data
+        assert hub.requests(method="GET")[-1].range == f"bytes={kept}-"
+    finally:
+        n.stop()
+
+
+def test_meshctl_download_fetches_a_model_and_the_scan_offers_it(hub, tmp_path):  # noqa: F811
+    data = big_gguf(1)
+    hub.add(REPO, FILE, data)
+    n = node(tmp_path)
+    n.start()
+    try:
+        n.wait_running()
+        r = n.ctl("download", ENTRY)
+        assert r.returncode == 0
+        n.wait_for(on_disk, "the downloaded model in meshctl models", timeout=60)
+        assert (tmp_path / "node" / "models" / FILE).read_bytes() == data
+    finally:
+        n.stop()
+
+
+def test_meshctl_download_too_big_is_refused_without_asking_the_hub(hub, tmp_path):  # noqa: F811
+    n = node(tmp_path)
+    n.config["node"]["vram_gb"] = 0.5
+    n.start()
+    try:
+        n.wait_running()
+        # a catalog model of several GB: the gate answers before any request
+        r = n.ctl("download", "llama-3.1-8b-instruct-q4_k_m", check=False)
+        assert r.returncode == 3, r.stdout + r.stderr
+        assert "not downloading" in r.stderr and "needs" in r.stderr
+        (refused,) = n.status()["downloads_refused"]
+        assert refused["name"] == "llama-3.1-8b-instruct-q4_k_m" and "needs" in refused["reason"]
+        assert hub.requests() == []
+    finally:
+        n.stop()

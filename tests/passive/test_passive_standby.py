@@ -1,0 +1,255 @@
+"""Standbys, deterministic (Clock, fakes): an idle active node that assignment gives nothing
+becomes a standby (leaving the gossip), and a standby whose every active node is gone
+decides from its last table."""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+from typing import Any
+
+from twisted.application import service
+from twisted.internet.task import Clock
+
+from meshd.config import Config
+from meshd.daemon.node import Node
+from meshd.mesh import identity as identitymod
+from meshd.passive import node as passivemod
+from meshd.placement.election import Rebalancer
+from meshd.placement.snapshot import GB
+from meshd.statedir import KnownNode, MeshState, StateDir
+from tests.passive.test_passive import IDS, Dialer, M, StandbyNode, entry, make_token, node, table
+
+# -- a standby whose every active node is gone --------------------------------------------------
+
+
+def checked_in(i: int, vram_gb: float, promoted: list, last):
+    """Standby ``IDS[i]`` checked in with the token's issuer (IDS[0]) and holds ``last``."""
+    dialer = Dialer()
+    cfg = Config().replace("node", standby=True)
+    p = passivemod.PassiveNode(cfg, StandbyNode(IDS[i], vram_gb), identitymod.ephemeral(), None,
+                               reactor=Clock(), endpoint_for=lambda d, nid, m: None,
+                               on_promote=lambda model, why: promoted.append((IDS[i], model)),
+                               connect_fn=dialer, random=lambda: 0.5)  # no jitter
+    c = p.client
+    c.mesh = MeshState("mesh1", b"s" * 32)
+    c.tokens = [make_token(IDS[0])]
+    c.start()
+    conn = dialer.succeed(c)
+    conn.answer(last.to_body())
+    return p, c, dialer, conn
+
+
+def fail_round(dialer: Dialer) -> list[str]:
+    tried = []
+    while dialer.attempts and not dialer.attempts[-1][2].called and len(tried) < 10:
+        tried.append(dialer.attempts[-1][0].node_id)
+        dialer.fail()
+    return tried
+
+
+def test_a_standby_whose_only_active_node_died_promotes_from_its_last_table():
+    promoted: list = []
+    last = table(node(0, serving=["m1"]), standby=[entry(1, 16), entry(2, 24)])
+    runs = [checked_in(i, gb, promoted, last) for i, gb in ((1, 16), (2, 24))]
+    assert promoted == []  # m1 has a host
+    for _, c, dialer, conn in runs:
+        conn.close("connection lost")  # the host (the only active node) was killed
+        # the lost node is not tried again in this round, and nothing else is left: a lost
+        # connection alone is no proof, so nobody decides yet
+        assert fail_round(dialer) == [] and c.all_unreachable() is False
+    assert promoted == []
+    for _, c, dialer, _conn in runs:
+        c.reactor.advance(1.01)  # the back-off: a new round, the host dialled again
+        assert fail_round(dialer) == [IDS[0]]
+        assert c.all_unreachable() is True
+    # both decided from the same last table: only the one with more VRAM promotes
+    assert promoted == [(IDS[2], "m1")]
+    winner, loser = runs[1][0], runs[0][0]
+    assert winner.promotion["because"] == "every active node is unreachable"
+    assert winner.promotion["table"] == last.etag and loser.promotion is None
+    # the loser keeps trying (the winner is active now) and never promotes for m1 too
+    c, dialer = runs[0][1], runs[0][2]
+    for _ in range(3):
+        c.reactor.advance(60.0)
+        fail_round(dialer)
+    assert promoted == [(IDS[2], "m1")]
+
+
+def test_no_decision_from_the_last_table_while_another_active_node_answers():
+    promoted: list = []
+    last = table(node(0, serving=["m1"]), node(3), standby=[entry(1, 16)])
+    p, c, dialer, conn = checked_in(1, 16, promoted, last)
+    conn.close("connection lost")
+    assert fail_round(dialer) == [IDS[3]]  # the other active node refused too ...
+    c.reactor.advance(1.01)
+    assert dialer.attempts[-1][0].node_id == IDS[0]
+    dialer.fail()  # ... the host as well, but then the other active node answers
+    nxt = dialer.succeed(c)
+    assert c.all_unreachable() is False and promoted == []
+    # its table says m1 is served elsewhere: the check-ins go on, the failures forgotten
+    nxt.answer(table(node(3, serving=["m1"]), standby=[entry(1, 16)], etag="t.2").to_body())
+    assert c._unreached == set() and promoted == []
+
+
+def test_a_client_never_decides_anything_when_every_active_node_is_gone():
+    cfg = Config().replace("node", client=True)
+    p = passivemod.PassiveNode(cfg, None, identitymod.ephemeral(), None, reactor=Clock(),
+                               endpoint_for=lambda d, nid, m: None, connect_fn=Dialer())
+    p.client.table = table(node(0, serving=["m1"]))
+    p._on_unreachable("all gone")
+    assert p.promotion is None
+
+
+def test_the_token_issuer_counts_in_the_full_round():
+    promoted: list = []
+    last = table(node(0, serving=["m1"]), standby=[entry(1, 16)])
+    p, c, dialer, conn = checked_in(1, 16, promoted, last)
+    c.tokens.append(make_token(IDS[7]))  # a second bootstrap token, of another node
+    conn.close("connection lost")
+    assert fail_round(dialer) == [IDS[7]]
+    assert promoted == []
+    c.reactor.advance(1.01)
+    assert fail_round(dialer) == [IDS[0], IDS[7]]
+    assert promoted == [(IDS[1], "m1")]
+
+
+# -- an idle active node that assignment gives nothing becomes a standby ------------------------
+
+
+class FakeMeshService(service.Service):
+    """What stand_by reads of ``meshd.mesh.gossip.MeshService``; stopping it is leaving."""
+
+    name = "mesh"
+
+    def __init__(self, identity: Any, state: StateDir, peers: list[Any]):
+        self.identity = identity
+        self.state = state
+        self.node_id = identity.node_id
+        self.mesh_id = "mesh1"
+        self._peers = peers
+        self.left = False
+
+    def peers(self) -> list[Any]:
+        return list(self._peers)
+
+    def local_changed(self) -> None:
+        pass
+
+    def stopService(self):  # noqa: N802
+        super().stopService()
+        self.left = True  # MeshService.stopService sends LEAVING to every peer
+
+
+def peer(i: int, serving=(), loading=(), waiting=()) -> Any:
+    return SimpleNamespace(node_id=IDS[i], role="host" if serving else "idle",
+                           vram_bytes=8 * GB, serving=list(serving), loading=list(loading),
+                           waiting=list(waiting), available_models=[], requested_models=[],
+                           rtt_ms=1.0, addrs=[f"127.0.0.1:{7000 + i}"])
+
+
+class Top(service.MultiService):
+    """The parts of ``meshd.daemon.service.MeshdService`` stand_by touches."""
+
+    def __init__(self, node: Node, clock: Clock):
+        super().__init__()
+        self.config = node.config
+        self.reactor = clock
+        self.node = node
+        self.api = SimpleNamespace(router="the mesh router")
+        self.tunnels = SimpleNamespace(closed=False)
+        self.tunnels.close_all = lambda: setattr(self.tunnels, "closed", True)
+        self.rebalancer = None
+        self.statuses: list[str] = []
+        self.notifier = SimpleNamespace(status=self.statuses.append)
+
+
+def active_idle(tmp_path, *, vram_gb=8.0, models=(M,), peers=()):
+    clock = Clock()
+    cfg = Config().replace("node", state_dir=str(tmp_path))
+    ident = identitymod.ephemeral()
+    n = Node(cfg, reactor=clock, node_id=ident.node_id, vram_bytes=int(vram_gb * GB))
+    n.scan = SimpleNamespace(models={m.name: m for m in models}, problems=[])
+    state = StateDir(tmp_path)
+    state.ensure()
+    state.save_mesh(MeshState("mesh1", b"s" * 32))
+    state.save_peers([], [KnownNode(p.node_id, tuple(p.addrs)) for p in peers])
+    top = Top(n, clock)
+    mesh = FakeMeshService(ident, state, list(peers))
+    mesh.setServiceParent(top)
+    n.mesh = mesh
+    top.rebalancer = n.rebalancer = Rebalancer(
+        n, reactor=clock, start=lambda m: None, stop=lambda m: None,
+        unassigned=lambda reason: passivemod.stand_by(top, reason))
+    top.startService()
+    return top, n, mesh, clock
+
+
+def test_an_idle_node_assignment_gives_nothing_leaves_the_gossip_and_checks_in(tmp_path,
+                                                                              monkeypatch):
+    dialer = Dialer()
+    monkeypatch.setattr(passivemod.RouteClient, "_dial", lambda self, t, a: dialer(t, a))
+    # every model it has is too big for it (1 GB x 1.1 > 1 GB): nothing fits
+    top, n, mesh, clock = active_idle(tmp_path, vram_gb=1.0, peers=[peer(0, serving=["m1"])])
+    assert n.role == "idle"
+    assert n.rebalancer.assign() is None
+    assert mesh.left and n.mesh is None and n.route_server is None and top.tunnels.closed
+    p = n.passive
+    assert isinstance(p, passivemod.PassiveNode) and p.kind == "standby" and p.running
+    assert n.role == "standby" and n.status()["role"] == "standby"
+    assert "assignment gave it nothing" in n.status()["route"]["reason"]
+    assert top.api.router is p.router
+    # same identity and mesh secret; the peers it knew are where it checks in
+    assert p.client.node_id == n.node_id and p.client.mesh == MeshState("mesh1", b"s" * 32)
+    assert [t.node_id for t in p.client.targets()] == [IDS[0]]
+    (target, auth, _), = dialer.attempts
+    assert target.node_id == IDS[0] and auth.token_id is None and auth.key == b"s" * 32
+    conn = dialer.succeed(p.client)
+    assert conn.sent[0][1]["kind"] == "standby" and conn.sent[0][1]["vram_bytes"] == GB
+    assert p.on_promote is not None  # it promotes when a model on its disk loses its host
+    assert top.statuses and top.statuses[-1].startswith("standby (passive)")
+    # a later assignment round does nothing: it is no longer in the gossip
+    assert n.rebalancer.assign() is None and n.passive is p
+    top.stopService()
+    clock.advance(120)
+
+
+def test_an_idle_node_stays_active_when_it_cannot_be_a_standby(tmp_path):
+    cases = {
+        "no other member serves anything (someone must stay active)":
+            dict(vram_gb=1.0, peers=[peer(0)]),
+        "no VRAM": dict(vram_gb=0.0, peers=[peer(0, serving=["m1"])]),
+        "no models on disk": dict(vram_gb=1.0, models=(), peers=[peer(0, serving=["m1"])]),
+    }
+    for i, (why, kw) in enumerate(cases.items()):
+        top, n, mesh, clock = active_idle(tmp_path / str(i), **kw)
+        assert n.rebalancer.assign() is None, why
+        assert not mesh.left and n.passive is None and n.role == "idle", why
+        top.stopService()
+
+
+def test_an_idle_node_assignment_gives_a_model_serves_it_as_today(tmp_path):
+    top, n, mesh, clock = active_idle(tmp_path, vram_gb=8.0, peers=[peer(0, serving=["m1"])])
+    assert n.rebalancer.assign() == "m1"  # least-served model on disk
+    assert not mesh.left and n.passive is None
+    top.stopService()
+
+
+def test_a_node_whose_model_was_dropped_neither_stands_by_nor_promotes_for_it(tmp_path):
+    top, n, mesh, clock = active_idle(tmp_path, vram_gb=8.0, peers=[peer(0, serving=["m2"])])
+    n.dropped.add("m1")  # meshctl drop m1: its only model on disk
+    assert n.rebalancer.assign() is None
+    assert not mesh.left and n.passive is None and n.role == "idle"
+    top.stopService()
+    promoted: list = []
+    p, c, dialer, conn = checked_in(1, 16, promoted, table(node(0, serving=["m1"]),
+                                                           standby=[entry(1, 16)]))
+    p.node.dropped = {"m1"}  # then m1 is dropped mesh-wide: its host stops it
+    conn.answer(table(node(0, "idle"), standby=[entry(1, 16)], etag="t.2").to_body())
+    assert promoted == []  # m1 has no host, but it was dropped
+
+
+def test_a_peer_loading_or_waiting_counts_as_staying_active(tmp_path):
+    for i, kw in enumerate(({"loading": ["m9"]}, {"waiting": ["m9"]})):
+        top, n, mesh, clock = active_idle(tmp_path / str(i), vram_gb=1.0, peers=[peer(0, **kw)])
+        assert passivemod.standby_reason(n, "nothing fits") is not None
+        top.stopService()
