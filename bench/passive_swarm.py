@@ -1,5 +1,5 @@
 """Many passive clients in one process: each its own fresh identity, its own TLS
-connection and route client (``meshd.passive.node.RouteClient``, the code a ``--client``
+connection and route client (``meshd.passive.client.RouteClient``, the code a ``--client``
 runs), checking in with the mesh every ``--refresh-s``.
 
     python3 bench/passive_swarm.py --token TOKEN --count 250 --refresh-s 1 --seconds 20
@@ -35,7 +35,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from meshd.mesh import identity, tokens
     from meshd.mesh.peer import Timing
-    from meshd.passive.node import RouteClient
+    from meshd.passive.client import RouteClient
     from meshd.serving.routetable import CheckIn
 
     logging.basicConfig(level=logging.ERROR, stream=sys.stderr)

@@ -37,6 +37,8 @@ from twisted.python.failure import Failure
 from twisted.web import server
 from twisted.web.resource import Resource
 
+from meshd.errors import BadRequest, Refused  # noqa: F401 - re-exported for the control target
+
 log = logging.getLogger("meshd.daemon.control")
 
 SOCKET_MODE = 0o660
@@ -46,18 +48,6 @@ MAX_BODY_BYTES = 64 * 1024
 DEFAULT_TOKEN_TTL_S = 24 * 3600.0
 # calls whose first argument goes into the log line
 LOGGED_ARGS = {"drop", "download", "revoke_token"}
-
-
-class Refused(Exception):
-    """The node will not do what was asked; ``reason`` is one line for the operator."""
-
-    def __init__(self, reason: str):
-        super().__init__(reason)
-        self.reason = reason
-
-
-class BadRequest(Exception):
-    """The request's arguments are wrong (HTTP 400, meshctl exit 2)."""
 
 
 class ControlSocketError(Exception):

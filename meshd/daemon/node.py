@@ -254,7 +254,7 @@ class Node:
 
     def drop(self, model: str) -> dict[str, Any]:
         """``meshctl drop MODEL``: stop serving ``model`` here and on every node of the mesh."""
-        from meshd.daemon.control import Refused
+        from meshd.errors import Refused
 
         known = model in self.served or model in self.wanted
         if self.router is not None:
@@ -353,7 +353,7 @@ class Node:
 
     def download(self, name: str) -> dict[str, Any]:
         """Start a download by hand; gated like any other.  Progress shows in status."""
-        from meshd.daemon.control import Refused
+        from meshd.errors import Refused
 
         if self.downloader is None:
             raise Refused("downloads are not available on this node")
@@ -398,7 +398,7 @@ class Node:
         return self._mesh().join(token)
 
     def _mesh(self):
-        from meshd.daemon.control import Refused
+        from meshd.errors import Refused
 
         if self.mesh is None:
             raise Refused("the mesh is not started yet")

@@ -24,12 +24,9 @@ from twisted.python.failure import Failure
 
 from meshd import config as configmod
 from meshd.config import Config
+from meshd.errors import StartupError
 
 log = logging.getLogger("meshd")
-
-
-class StartupError(Exception):
-    """An expected reason the daemon cannot start (port in use, missing binary)."""
 
 
 def preflight(config: Config) -> list[str]:
@@ -223,7 +220,7 @@ class MeshdService(service.MultiService):
             mesh.setServiceParent(self)
         except CannotListenError as e:
             raise StartupError(f"[mesh] listen {self.config.mesh.listen}: {_reason(e)}") from None
-        from meshd.passive.node import RouteServer  # answers passive nodes (clients, standbys)
+        from meshd.passive.server import RouteServer  # answers passive nodes (clients, standbys)
 
         self.node.route_server = RouteServer(mesh, self.node, clock=self.reactor,
                                              refresh_s=self.config.mesh.refresh_s)

@@ -40,6 +40,7 @@ from twisted.internet import defer
 from twisted.python.failure import Failure
 
 from meshd.config import Config, format_address, is_loopback, parse_address
+from meshd.errors import Refused
 from meshd.mesh import tokens as tokensmod
 from meshd.mesh.identity import Identity
 from meshd.mesh.membership import (
@@ -73,15 +74,6 @@ LEAVE_BOUND_S = 1.0  # leave() fires after this long even if a peer does not tak
 DUPLICATE = "duplicate connection"
 RUMOR_ATTEMPTS = 5  # dial a node others report this many times before forgetting it
 DROPS_REMEMBERED = 1024  # DROP ids kept to forward each drop once
-
-try:
-    from meshd.daemon.control import Refused
-except ImportError:  # pragma: no cover - the control module is the lead's
-
-    class Refused(Exception):  # type: ignore[no-redef]
-        def __init__(self, reason: str):
-            super().__init__(reason)
-            self.reason = reason
 
 
 class JoinFailed(Refused):

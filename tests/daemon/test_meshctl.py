@@ -14,7 +14,8 @@ from twisted.internet import defer
 from twisted.internet.threads import deferToThread
 
 from meshd.cli import meshctl
-from meshd.daemon.control import Refused, listen_control
+from meshd.daemon.control import listen_control
+from meshd.errors import Refused
 
 STATUS = {
     "node_id": "a1b2c3d4e5f6a7b8c9d0",

@@ -16,7 +16,10 @@ from meshd.mesh import identity as identitymod
 from meshd.mesh import tokens, wire
 from meshd.mesh.peer import PeerClosed, PeerState, Timing
 from meshd.mesh.wire import FrameType
-from meshd.passive.node import PassiveNode, PassiveRouter, RouteClient, RouteServer, Target
+from meshd.passive.client import RouteClient, Target
+from meshd.passive.node import PassiveNode
+from meshd.passive.router import PassiveRouter
+from meshd.passive.server import RouteServer
 from meshd.placement.snapshot import GB, ModelFile, NodeView
 from meshd.serving import routing
 from meshd.serving.routetable import (
