@@ -27,3 +27,24 @@ class Refused(MeshdError):
 
 class BadRequest(MeshdError):
     """A control-socket call whose arguments are wrong (``meshctl`` exit 2)."""
+
+
+# -- configuration and state files ----------------------------------------------
+
+
+# -- mesh: identity, tokens, peers, gossip ------------------------------------------
+
+
+# -- placement: plugins and hooks ---------------------------------------------------
+
+
+# -- serving: routing, upstreams, tunnels -------------------------------------------
+
+
+# -- models: scan, catalog, downloads -----------------------------------------------
+
+
+# -- backends: llama-server, rpc-server ---------------------------------------------
+
+
+# -- daemon: service tree, control socket -------------------------------------------
