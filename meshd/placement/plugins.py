@@ -26,6 +26,7 @@ plugin, so pluggy moves on to the next plugin and in the end to the default.
 from __future__ import annotations
 
 import difflib
+import functools
 import glob
 import importlib
 import importlib.metadata
@@ -37,13 +38,14 @@ import sys
 import time
 import traceback
 import types
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
 import pluggy
+from pluggy import HookImpl
 
 from meshd.config import Config
 from meshd.placement import hookspecs
@@ -60,7 +62,6 @@ SLOW_CALL_S = 0.05
 # the same complaint about the same plugin and hook at most this often
 REPORT_EVERY_S = 60.0
 
-_MARKER = hookspecs.PROJECT + "_impl"
 _EMPTY: Mapping[str, Any] = freeze({})
 _SOURCE_CHECKOUT_PLUGINS = Path(__file__).resolve().parents[2] / "plugins"
 
@@ -174,7 +175,7 @@ class PolicyManager:
         proxy = types.SimpleNamespace()
         hooks: list[str] = []
         configure = None
-        found = _hook_functions(obj)
+        found = _hook_functions(self.pm, obj)
         if not found:
             problems.append(f"{label}: defines no meshd_ hook functions")
         for attr, fn, opts in found:
@@ -301,8 +302,8 @@ class PolicyManager:
     ) -> Callable[..., Any]:
         """``fn`` wrapped to take all the hook's arguments and never raise.
 
-        pluggy passes the wrapper every argument of the spec (it has exactly
-        the spec's parameters); it picks the ones ``fn`` asked for, puts this plugin's own
+        pluggy passes the wrapper every argument of the spec (it wraps the
+        spec's function); it picks the ones ``fn`` asked for, puts this plugin's own
         settings in place of ``settings``, times the call, and checks the
         answer with ``hookspecs.RESULT_CHECKS``.
         """
@@ -337,14 +338,18 @@ class PolicyManager:
             self.last_answer = plugin
             return result
 
-        guarded = _with_parameters(hook, spec_args, inner)
+        # pluggy reads which arguments an implementation takes from the code
+        # of ``inspect.unwrap(function)``; wrapping the hookspec's own function
+        # makes it pass this guard every argument of the spec, in the spec's
+        # order, without the guard having to spell the parameters out.
+        @functools.wraps(getattr(hookspecs, hook))
+        def guarded(*call_args: Any) -> Any:
+            return inner(call_args)
+
         guarded.__qualname__ = f"{plugin}.{hook}"
-        guarded.__signature__ = self._specs[hook]  # type: ignore[attr-defined]
-        setattr(
-            guarded, _MARKER,
-            {"tryfirst": bool(opts.get("tryfirst")), "trylast": bool(opts.get("trylast"))},
-        )
-        return guarded
+        return hookspecs.hookimpl(
+            tryfirst=bool(opts.get("tryfirst")), trylast=bool(opts.get("trylast"))
+        )(guarded)
 
     def _report(self, plugin: str, hook: str, kind: str, msg: str, *args: Any) -> None:
         suppressed = self._limiter.allow((plugin, hook, kind))
@@ -371,12 +376,14 @@ class PolicyManager:
             plugin, hook, elapsed * 1000, self.slow_call_s * 1000,
         )
 
-    def _trace_before(self, hook: str, impls: list[Any], kwargs: Mapping[str, Any]) -> None:
+    def _trace_before(self, hook: str, impls: Sequence[HookImpl], kwargs: Mapping[str, Any]) -> None:
         args = ", ".join(f"{k}={_short(v)}" for k, v in kwargs.items() if k != "settings")
         order = ", ".join(i.plugin_name for i in reversed(impls))
         log.info("trace: %s(%s) asking %s", hook, args, order)
 
-    def _trace_after(self, outcome: Any, hook: str, impls: list[Any], kwargs: Mapping[str, Any]) -> None:
+    def _trace_after(
+        self, outcome: pluggy.Result[Any], hook: str, impls: Sequence[HookImpl], kwargs: Mapping[str, Any]
+    ) -> None:
         if outcome.exception is not None:
             log.info("trace: %s raised %s", hook, outcome.exception)
             return
@@ -572,24 +579,6 @@ def parse_disable(entries: Iterable[str]) -> tuple[set[str], dict[str, list[str]
 # -- helpers ----------------------------------------------------------------------
 
 
-def _with_parameters(
-    name: str, params: tuple[str, ...], inner: Callable[[tuple[Any, ...]], Any]
-) -> Callable[..., Any]:
-    """A function named ``name`` taking exactly ``params`` that calls ``inner(params)``.
-
-    pluggy learns which arguments a hook function wants from its code object
-    (``co_varnames``, pluggy >= 1.7) or its signature (older ones), so the
-    wrapper must really have the spec's parameters; ``*args`` would get none.
-    The names come from our own hookspecs, never from a plugin.
-    """
-    assert all(p.isidentifier() for p in params), params
-    args = ", ".join(params)
-    namespace: dict[str, Any] = {"_inner": inner}
-    exec(f"def {name}({args}):\n    return _inner(({args}{',' if len(params) == 1 else ''}))\n",
-         namespace)  # noqa: S102 - fixed text built from hookspec names
-    return namespace[name]
-
-
 def _hook_name(text: str) -> str:
     return text if text.startswith("meshd_") else "meshd_" + text
 
@@ -603,7 +592,9 @@ def _looks_like_path(entry: str) -> bool:
     return "/" in entry or entry.endswith(".py") or glob.has_magic(entry) or entry.startswith("~")
 
 
-def _hook_functions(obj: object) -> list[tuple[str, Callable[..., Any], Mapping[str, Any]]]:
+def _hook_functions(
+    pm: pluggy.PluginManager, obj: object
+) -> list[tuple[str, Callable[..., Any], Mapping[str, Any]]]:
     """``(attribute, function, hookimpl options)`` for each hook function of ``obj``.
 
     A function counts when its name starts with ``meshd_`` (marked or not,
@@ -612,20 +603,23 @@ def _hook_functions(obj: object) -> list[tuple[str, Callable[..., Any], Mapping[
     imports ``meshd_select_host`` from another does not implement it.
     """
     module_name = obj.__name__ if isinstance(obj, types.ModuleType) else None
-    out = []
+    out: list[tuple[str, Callable[..., Any], Mapping[str, Any]]] = []
     for attr in sorted(dir(obj)):
         try:
             value = getattr(obj, attr)
         except Exception:
             continue
-        opts = getattr(value, _MARKER, None)
-        if not attr.startswith("meshd_") and not isinstance(opts, dict):
+        try:
+            opts = pm.parse_hookimpl_opts(obj, attr)
+        except Exception:
+            opts = None
+        if not attr.startswith("meshd_") and opts is None:
             continue
         if not callable(value) or inspect.isclass(value) or isinstance(value, types.ModuleType):
             continue
         if module_name is not None and getattr(value, "__module__", module_name) != module_name:
             continue
-        out.append((attr, value, opts if isinstance(opts, dict) else {}))
+        out.append((attr, value, dict(opts) if opts is not None else {}))
     return out
 
 
@@ -657,8 +651,10 @@ def _error_location(e: BaseException, fn: Callable[..., Any]) -> str:
     frames = traceback.extract_tb(e.__traceback__)
     plugin_file = _where(fn).rpartition(":")[0]
     mine = [f for f in frames if f.filename == plugin_file]
-    frame = (mine or frames or [None])[-1]
-    return f"{Path(frame.filename).name}:{frame.lineno}" if frame else "?"
+    chosen = mine or list(frames)
+    if not chosen:
+        return "?"
+    return f"{Path(chosen[-1].filename).name}:{chosen[-1].lineno}"
 
 
 def _origin_of(obj: object) -> str:
