@@ -10,7 +10,22 @@ so the machine fits on one screen.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from enum import StrEnum
+from typing import TypeVar
+
+
+class IllegalMove(AssertionError):
+    """A state machine was asked for a move its table does not allow: a bug in meshd."""
+
+
+_S = TypeVar("_S", bound=StrEnum)
+
+
+def check_move(what: str, moves: Mapping[_S, frozenset[_S]], old: _S, new: _S) -> None:
+    """Raise :class:`IllegalMove` unless ``old -> new`` is in ``moves`` (``what`` names the machine)."""
+    if new not in moves[old]:
+        raise IllegalMove(f"{what} cannot go from {old} to {new}")
 
 
 class Role(StrEnum):
@@ -55,8 +70,9 @@ BACKEND_MOVES: dict[BackendState, frozenset[BackendState]] = {
                                      BackendState.STOPPING, BackendState.FAILED}),
     BackendState.READY: frozenset({BackendState.LOADING, BackendState.RESTARTING,
                                    BackendState.STOPPING, BackendState.FAILED}),
-    BackendState.RESTARTING: frozenset({BackendState.STARTING, BackendState.STOPPING,
-                                        BackendState.FAILED}),
+    # stop() while waiting out the back-off: nothing runs, so straight to stopped
+    BackendState.RESTARTING: frozenset({BackendState.STARTING, BackendState.STOPPED,
+                                        BackendState.STOPPING, BackendState.FAILED}),
     BackendState.STOPPING: frozenset({BackendState.STOPPED}),
     BackendState.FAILED: frozenset({BackendState.STARTING, BackendState.STOPPING,
                                     BackendState.STOPPED}),
@@ -89,8 +105,91 @@ MODEL_STATE_OF_BACKEND: dict[BackendState, ModelState] = {
 }
 
 
+class ModelAction(StrEnum):
+    """What this node does about its model, from one election (``meshd.placement.election``)."""
+
+    RUN = "run"  # llama-server: solo, or as a split host over its workers
+    WAIT = "wait"  # short of VRAM: nothing runs
+    WORKER = "worker"  # lends VRAM (rpc-server) to another node's split host
+
+
+class PlanMode(StrEnum):
+    """``SplitPlan.mode``, the split-planning hook's answer; plugins may return the plain words."""
+
+    SOLO = "solo"  # every fitting node runs the whole model
+    SPLIT = "split"  # one host over the rpc-servers of its workers
+    WAIT = "wait"  # the group together has too little VRAM
+
+
+class DownloadState(StrEnum):
+    """One model download in progress (``downloads[].state``)."""
+
+    DOWNLOADING = "downloading"
+    VERIFYING = "verifying"  # all bytes here; checking size and sha256
+
+
 class MemberState(StrEnum):
     """A peer in the membership table (``peers[].state``)."""
 
     ALIVE = "alive"
     VERIFYING = "verifying"  # reported dead by another node; we are checking ourselves
+
+
+class PeerState(StrEnum):
+    """One mTLS peer connection (``meshd.mesh.peer``)."""
+
+    HANDSHAKING = "handshaking"  # TLS in progress
+    HELLO = "hello"  # TLS done; HELLOs being exchanged and verified
+    CONFIRM = "confirm"  # server: the client's HELLO verified, waiting for READY
+    OPEN = "open"
+    CLOSED = "closed"
+
+
+PEER_MOVES: dict[PeerState, frozenset[PeerState]] = {
+    PeerState.HANDSHAKING: frozenset({PeerState.HELLO, PeerState.CLOSED}),
+    PeerState.HELLO: frozenset({PeerState.OPEN, PeerState.CONFIRM, PeerState.CLOSED}),
+    PeerState.CONFIRM: frozenset({PeerState.OPEN, PeerState.CLOSED}),
+    PeerState.OPEN: frozenset({PeerState.CLOSED}),
+    PeerState.CLOSED: frozenset(),
+}
+
+
+class TunnelState(StrEnum):
+    """The far end of one tunnel (``meshd.serving.tunnel``)."""
+
+    HEADER = "header"  # reading the TUNNEL header line
+    OPEN = "open"  # carrying bytes
+    CLOSED = "closed"
+
+
+TUNNEL_MOVES: dict[TunnelState, frozenset[TunnelState]] = {
+    TunnelState.HEADER: frozenset({TunnelState.OPEN, TunnelState.CLOSED}),
+    TunnelState.OPEN: frozenset({TunnelState.CLOSED}),
+    TunnelState.CLOSED: frozenset(),
+}
+
+
+class ForwardState(StrEnum):
+    """One request the API forwards (``meshd.serving.api.Forward``).
+
+    ``connecting`` and ``sent`` repeat for each upstream tried; once the
+    response head arrives the request is never sent again.
+    """
+
+    CONNECTING = "connecting"  # waiting for a connection to the current upstream
+    SENT = "sent"  # the request is on the wire, no response byte yet
+    HOLDING = "holding"  # a non-streamed response, held until it ends (clean 502)
+    RELAYING = "relaying"  # our client has the response head; bytes pass through
+    DONE = "done"  # answered, failed, or the client went away
+
+
+FORWARD_MOVES: dict[ForwardState, frozenset[ForwardState]] = {
+    ForwardState.CONNECTING: frozenset({ForwardState.SENT, ForwardState.CONNECTING,
+                                        ForwardState.DONE}),
+    # back to connecting: failover, or a stale pooled connection retried fresh
+    ForwardState.SENT: frozenset({ForwardState.CONNECTING, ForwardState.HOLDING,
+                                  ForwardState.RELAYING, ForwardState.DONE}),
+    ForwardState.HOLDING: frozenset({ForwardState.RELAYING, ForwardState.DONE}),
+    ForwardState.RELAYING: frozenset({ForwardState.DONE}),
+    ForwardState.DONE: frozenset(),
+}

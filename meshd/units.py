@@ -29,3 +29,8 @@ def human_bytes(n_bytes: float) -> str:
         if abs(n_bytes) >= size:
             return f"{n_bytes / size:.1f} {unit}"
     return f"{int(n_bytes)} B"
+
+
+def mib(n_bytes: float) -> str:
+    """``"253.4 MiB"``: download progress, where a fixed unit reads better than a changing one."""
+    return f"{n_bytes / MIB:.1f} MiB"

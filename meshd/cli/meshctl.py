@@ -21,6 +21,8 @@ import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
+from meshd import units
+
 EXIT_OK = 0
 EXIT_UNREACHABLE = 1
 EXIT_USAGE = 2
@@ -187,12 +189,8 @@ def human_duration(seconds: float | None) -> str:
 
 
 def human_bytes(n: float | None) -> str:
-    if n is None:
-        return "-"
-    for unit, size in (("TB", 1e12), ("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
-        if abs(n) >= size:
-            return f"{n / size:.1f} {unit}"
-    return f"{int(n)} B"
+    """A size as everywhere in meshd (binary units, ``meshd.units``); ``-`` when unknown."""
+    return "-" if n is None else units.human_bytes(n)
 
 
 def short_id(node_id: Any) -> str:

@@ -16,6 +16,9 @@ from typing import Any, NamedTuple
 
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
 
+from meshd.states import MemberState
+from meshd.units import gib
+
 log = logging.getLogger("meshd.mesh.gossip")
 
 
@@ -100,7 +103,7 @@ class PeerView:
     available_models: tuple[DiskModel, ...]
     requested_models: tuple[str, ...]
     rtt_ms: float | None
-    state: str  # "alive", or "verifying" while a death report about it is checked
+    state: MemberState  # ALIVE, or VERIFYING while a death report about it is checked
     incarnation: int
     api: str
     versions: dict[str, Any] = field(default_factory=dict, compare=False, hash=False)
@@ -116,7 +119,8 @@ class PeerView:
                 self.loading, self.waiting)
 
 
-def view_from_announce(body: dict[str, Any], *, state: str = "alive") -> PeerView:
+def view_from_announce(body: dict[str, Any], *,
+                       state: MemberState = MemberState.ALIVE) -> PeerView:
     """A PeerView from an ANNOUNCE body; ValueError names the bad field."""
 
     def get(key: str, kind: type, default: Any = None) -> Any:
@@ -252,7 +256,7 @@ class Membership:
             self.members[node_id] = view
             why = f"was removed: {dead.reason}" if dead else "new"
             log.info("peer %s up (%s): role %s, serving %s, %s VRAM, at %s", node_id, why,
-                     view.role, ", ".join(view.serving) or "nothing", _gb(view.vram_bytes),
+                     view.role, ", ".join(view.serving) or "nothing", gib(view.vram_bytes),
                      ", ".join(view.addrs) or "?")
             event: Event = PeerUp(view)
         else:
@@ -295,9 +299,9 @@ class Membership:
             log.info("%s reported us dead (%s); refuting with a higher incarnation", reporter, reason)
             return Verdict.REFUTE
         view = self.members.get(node_id)
-        if view is None or incarnation < view.incarnation or view.state == "verifying":
+        if view is None or incarnation < view.incarnation or view.state == MemberState.VERIFYING:
             return Verdict.IGNORE
-        self.members[node_id] = replace(view, state="verifying")
+        self.members[node_id] = replace(view, state=MemberState.VERIFYING)
         log.info("peer %s reported dead by %s (%s); verifying", node_id, reporter, reason)
         return Verdict.VERIFY
 
@@ -307,7 +311,7 @@ class Membership:
         if view is None:
             return False
         if alive:
-            self.members[node_id] = replace(view, state="alive")
+            self.members[node_id] = replace(view, state=MemberState.ALIVE)
             log.info("peer %s was reported dead but answers us (%s); keeping it", node_id, reason)
             return False
         return self.lost(node_id, reason)
@@ -363,10 +367,6 @@ class Backoff:
 
     def reset(self) -> None:
         self._next = self.initial_s
-
-
-def _gb(n: int) -> str:
-    return f"{n / 1e9:.1f} GB"
 
 
 def _diff(old: PeerView, new: PeerView) -> str:

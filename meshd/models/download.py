@@ -13,11 +13,12 @@ refusals.  ``python -m meshd.models.download NAME`` runs one download from a she
 The order of things, and why:
 
 1. **Gate first.**  The download decision (VRAM must be at least size x 1.1,
-   unless peers will share the model in a split) runs before any request for
-   the file, at exactly one call site (``Downloader._gate``), which calls the
-   ``gate`` the daemon hands in: ``meshd.placement.rules.allow_download``, i.e. the
-   ``meshd_allow_download`` hook.  Without one, the built-in
-   ``allow_download(size, vram, split_peers)`` below decides on
+   unless peers will share the model in a split: ``meshd.placement.fit``) runs
+   before any request for the file, at exactly one call site
+   (``Downloader._gate``), which calls the ``gate`` the daemon hands in: a
+   closure over ``meshd.placement.rules.allow_download``, i.e. the
+   ``meshd_allow_download`` hook.  Without one, the same
+   ``placement.allow_download`` decides with the default policy on
    ``vram_bytes()``.  Catalog models carry their size, so a model
    that cannot fit is never asked for; for an ``hf:`` entry the size is only
    known from the hub's HEAD answer, so the gate runs after the HEAD and before
@@ -69,13 +70,13 @@ from meshd.config import Config
 from meshd.models import scan as models
 from meshd.models.catalog import Catalog, CatalogEntry, load_catalog
 from meshd.models.scan import LocalModel, ModelError
+from meshd.placement import rules as placement
+from meshd.placement.snapshot import NodeView
+from meshd.states import DownloadState
+from meshd.units import GIB, bytes_of_gib, gib, mib
 
 log = logging.getLogger("meshd.models.download")
 
-# a "GB" is 2**30 bytes, as meshd.models.gpu counts VRAM, so the numbers compare
-GB = 1024**3
-# a model needs this much more memory than its file size (KV cache, buffers)
-FIT_FACTOR = 1.1
 # progress log lines: at every PROGRESS_LOG_STEP of the total, or every PROGRESS_LOG_S
 PROGRESS_LOG_STEP = 0.10
 PROGRESS_LOG_S = 5.0
@@ -97,32 +98,7 @@ class DownloadCancelled(DownloadError):
     """The daemon is stopping; the partial file stays for the next start."""
 
 
-def gb(n: float) -> str:
-    return f"{n / GB:.1f} GB"
-
-
-# -- the gate ------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class Decision:
-    allowed: bool
-    reason: str
-
-
-def allow_download(model_size_bytes: int, vram_bytes: int, split_peers_available: bool) -> Decision:
-    """Whether this node may download a model of this size ("don't download what won't fit").
-
-    Allowed when the node's VRAM is at least the model size x 1.1, or when
-    split peers exist to share the model (each then holds only a share).
-    """
-    needs = model_size_bytes * FIT_FACTOR
-    numbers = f"model {gb(model_size_bytes)} needs {gb(needs)}, node has {gb(vram_bytes)}"
-    if vram_bytes >= needs:
-        return Decision(True, f"{numbers}: fits")
-    if split_peers_available:
-        return Decision(True, f"{numbers}: split peers will share it")
-    return Decision(False, f"{numbers}: not downloading")
+# -- the disk check --------------------------------------------------------------------
 
 
 def check_disk(needed_bytes: int, free_bytes: int, min_free_bytes: int, where: str) -> str | None:
@@ -131,9 +107,9 @@ def check_disk(needed_bytes: int, free_bytes: int, min_free_bytes: int, where: s
     if left >= min_free_bytes:
         return None
     return (
-        f"download needs {gb(needed_bytes)} on {where}, which has {gb(free_bytes)} free: "
-        f"{gb(max(left, 0))} would be left, less than [models] min_free_gb = "
-        f"{min_free_bytes / GB:g}: not downloading"
+        f"download needs {gib(needed_bytes)} on {where}, which has {gib(free_bytes)} free: "
+        f"{gib(max(left, 0))} would be left, less than [models] min_free_gb = "
+        f"{min_free_bytes / GIB:g} GiB: not downloading"
     )
 
 
@@ -147,7 +123,7 @@ class Progress:
     bytes: int
     started: float
     start_bytes: int
-    state: str = "downloading"
+    state: DownloadState = DownloadState.DOWNLOADING
     last_log_at: float = 0.0
     last_log_fraction: float = 0.0
 
@@ -191,7 +167,7 @@ class Downloads:
                                      last_log_fraction=have_bytes / total_bytes if total_bytes else 0)
         self._changed(name)
 
-    def update(self, name: str, done_bytes: int, state: str = "downloading") -> None:
+    def update(self, name: str, done_bytes: int, state: DownloadState = DownloadState.DOWNLOADING) -> None:
         p = self.active.get(name)
         if p is None:
             return
@@ -203,9 +179,9 @@ class Downloads:
             p.last_log_at, p.last_log_fraction = now, fraction
             eta = p.eta_s(now)
             log.info(
-                "download %s: %s of %s (%d%%), %.1f MB/s, ETA %s",
-                name, _mb(done_bytes), _mb(p.total_bytes), int(fraction * 100),
-                p.rate_bps(now) / 1e6, f"{eta:.0f} s" if eta is not None else "unknown",
+                "download %s: %s of %s (%d%%), %s/s, ETA %s",
+                name, mib(done_bytes), mib(p.total_bytes), int(fraction * 100),
+                mib(p.rate_bps(now)), f"{eta:.0f} s" if eta is not None else "unknown",
             )
         self._changed(name)
 
@@ -249,10 +225,6 @@ class Downloads:
     def _changed(self, name: str) -> None:
         for listener in list(self.listeners):
             listener(name)
-
-
-def _mb(n: int) -> str:
-    return f"{n / 1e6:.1f} MB"
 
 
 # -- what to fetch ---------------------------------------------------------------------
@@ -565,11 +537,11 @@ class _Job:
             if have:
                 _sha256_file(partial, hasher)
         if have:
-            log.info("download %s: resuming %s at %s of %s", self.plan.name, rf.file, _mb(have),
-                     _mb(head.size))
+            log.info("download %s: resuming %s at %s of %s", self.plan.name, rf.file, mib(have),
+                     mib(head.size))
         else:
             log.info("download %s: fetching %s/%s (%s)", self.plan.name, rf.repo, rf.file,
-                     _mb(head.size))
+                     mib(head.size))
         name, downloads = self.plan.name, self.d.downloads
 
         def on_bytes(done: int) -> None:
@@ -586,7 +558,7 @@ class _Job:
                 raise
             except Exception as e:  # noqa: BLE001 - mapped to one line for the operator
                 if self.cancelled.is_set():
-                    raise DownloadCancelled(f"{name}: stopped; {_mb(sink.done)} kept for resume") from None
+                    raise DownloadCancelled(f"{name}: stopped; {mib(sink.done)} kept for resume") from None
                 raise _hub_error(rf, _endpoint(), e) from None
             hasher = sink.hasher
         size = os.path.getsize(partial)
@@ -595,7 +567,7 @@ class _Job:
                 f"{rf.file}: got {size} bytes, the hub announced {head.size}; kept for resume"
             )
         if expected_sha:
-            self._from_thread(downloads.update, name, before + size, "verifying")
+            self._from_thread(downloads.update, name, before + size, DownloadState.VERIFYING)
             got = hasher.hexdigest() if hasher is not None else _sha256_file(partial)
             if got != expected_sha:
                 os.unlink(partial)
@@ -644,11 +616,11 @@ class Downloader:
 
     ``gate(model, size_bytes, split_peers_available)`` makes the download
     decision and returns something with ``.allowed`` and ``.reason`` (a
-    ``Decision``, or ``meshd.placement.rules.DownloadDecision``): the daemon passes
-    a closure over ``placement.allow_download`` with its node view, mesh view
-    and policy manager.  Without a gate, the built-in ``allow_download``
-    decides on ``vram_bytes()``, called at decision time (the GPU module's
-    current figure).
+    ``meshd.placement.rules.DownloadDecision``): the daemon passes a closure
+    over ``placement.allow_download`` with its node view, mesh view and policy
+    manager.  Without a gate, ``placement.allow_download`` decides with the
+    default policy on ``vram_bytes()``, called at decision time (the GPU
+    module's current figure).
     ``disk_usage`` is a test seam (``shutil.disk_usage``).
     """
 
@@ -682,9 +654,12 @@ class Downloader:
         self.disk_usage = disk_usage
         self._jobs: dict[str, tuple[_Job, list[defer.Deferred[LocalModel]]]] = {}
 
-    def _built_in_gate(self, name: str, size_bytes: int, split_peers_available: bool) -> Decision:
+    def _built_in_gate(self, name: str, size_bytes: int,
+                       split_peers_available: bool) -> placement.DownloadDecision:
         assert self.vram_bytes is not None
-        return allow_download(size_bytes, self.vram_bytes(), split_peers_available)
+        node = NodeView(node_id="this node", vram_bytes=self.vram_bytes())
+        return placement.allow_download(name, size_bytes, node,
+                                        split_peers_available=split_peers_available)
 
     # the one call site of the download decision
     def _gate(self, name: str, size_bytes: int, split_peers_available: bool) -> None:
@@ -697,7 +672,7 @@ class Downloader:
 
     def _check_disk(self, name: str, total: int, have: int) -> None:
         """Refuse when the download would leave less than ``[models] min_free_gb`` free."""
-        min_free = int(self.config.models.min_free_gb * GB)
+        min_free = bytes_of_gib(self.config.models.min_free_gb)
         checks: list[tuple[str, int]] = []
         same_fs = _device(self.models_dir) == _device(self.cache_dir)
         if same_fs:
@@ -784,7 +759,7 @@ class Downloader:
                 log.error("download %s failed unexpectedly", name, exc_info=result.value)
         else:
             self.downloads.finish(name)
-            log.info("download %s: done, %s at %s", name, _mb(result.size_bytes), result.path)
+            log.info("download %s: done, %s at %s", name, mib(result.size_bytes), result.path)
         for w in waiters:
             if isinstance(result, Failure):
                 w.errback(result)
@@ -846,7 +821,7 @@ def main(argv: list[str] | None = None) -> int:
 
     def run(reactor: Any) -> defer.Deferred[None]:
         downloader = Downloader(
-            cfg, reactor=reactor, vram_bytes=lambda: int(vram_gb * GB),
+            cfg, reactor=reactor, vram_bytes=lambda: bytes_of_gib(vram_gb),
             models_dir=args.models_dir, cache_dir=args.cache_dir, catalog=catalog,
         )
         if args.progress_json:

@@ -12,8 +12,8 @@ Order of decision, as documented in etc/meshd.toml:
    /proc/meminfo (source ``"system-ram"``), leaving a quarter to the system,
    meshd and the page cache.
 
-``[node] max_vram_gb`` then caps the advertised figure.  A "GB" here is 2**30
-bytes, as GPU memory is counted.
+``[node] max_vram_gb`` then caps the advertised figure.  Every ``_gb`` setting is
+GiB (2**30 bytes, ``meshd.units``), as GPU memory is counted.
 
 Which GPUs are chosen (mesh-llm issue #1755 advertised a GPU that
 ``CUDA_VISIBLE_DEVICES`` hid): NVML numbers every GPU of the machine in PCI bus
@@ -41,10 +41,10 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from meshd.config import NodeConfig
+from meshd.units import bytes_of_gib
 
 log = logging.getLogger("meshd.models.gpu")
 
-GB = 1024**3
 # share of MemTotal offered for CPU inference when there is no NVIDIA GPU
 SYSTEM_RAM_SHARE = 0.75
 
@@ -218,7 +218,7 @@ def detect(
     used = [g for g in gpus if g.used]
     free: int | None = None
     if node.vram_gb is not None:
-        source, detected = SOURCE_CONFIG, int(node.vram_gb * GB)
+        source, detected = SOURCE_CONFIG, bytes_of_gib(node.vram_gb)
     elif used:
         source = SOURCE_NVIDIA
         detected = sum(g.total_bytes for g in used)
@@ -234,7 +234,7 @@ def detect(
         detected = int(total * SYSTEM_RAM_SHARE)
     vram = detected
     if node.max_vram_gb is not None:
-        vram = min(vram, int(node.max_vram_gb * GB))
+        vram = min(vram, bytes_of_gib(node.max_vram_gb))
     for note in notes:
         log.warning("GPU detection: %s", note)
     if why:

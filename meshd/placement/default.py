@@ -20,26 +20,22 @@ import hashlib
 from collections.abc import Callable, Mapping
 from typing import Any
 
+from meshd.placement.fit import download_allowed, fits, needed_bytes
 from meshd.placement.hookspecs import hookimpl
-from meshd.placement.snapshot import MeshView, ModelInfo, NodeView, SplitPlan, gb
+from meshd.placement.snapshot import MeshView, ModelInfo, NodeView, SplitPlan
+from meshd.states import PlanMode, Role
+from meshd.units import gib
 
 NAME = "default"
 
-# a model fits a node when its VRAM is at least the model's size times this:
-# the rest is the KV cache and compute buffers
-FIT_FACTOR = 1.1
+# ``fits`` and ``need_bytes`` are meshd.placement.fit's rule (VRAM >= size x FIT_FACTOR),
+# here for plugins that reuse the default's helpers
 
 # roles that may promote or be assigned a model: not clients, not busy nodes
-SPARE_ROLES = ("standby", "idle")
+SPARE_ROLES = frozenset({Role.STANDBY, Role.IDLE})
 
-
-def need_bytes(size_bytes: int) -> int:
-    """The VRAM a model of ``size_bytes`` needs."""
-    return int(size_bytes * FIT_FACTOR + 0.5)
-
-
-def fits(vram_bytes: int, size_bytes: int | None) -> bool:
-    return size_bytes is not None and vram_bytes >= size_bytes * FIT_FACTOR
+# the VRAM a model needs: the fit rule's, under the name plugins know
+need_bytes = needed_bytes
 
 
 def stable_index(client_id: str, model: str, n: int) -> int:
@@ -102,7 +98,7 @@ def choose_assignment(
     unserved_remote = [i for i in remote if hosts_elsewhere(i) == 0]
     if unserved_remote:
         pick = min(unserved_remote, key=rank)
-        return pick.name, f"unserved model, not on disk: download {gb(pick.size_bytes or 0)}"
+        return pick.name, f"unserved model, not on disk: download {gib(pick.size_bytes or 0)}"
     if local:
         pick = min((i for i, _ in local), key=lambda i: (hosts_elsewhere(i), *rank(i)))
         return pick.name, f"least-served model on disk ({_hosts_text(hosts_elsewhere(pick))})"
@@ -110,12 +106,12 @@ def choose_assignment(
         pick = min(remote, key=lambda i: (hosts_elsewhere(i), *rank(i)))
         return pick.name, (
             f"least-served model ({_hosts_text(hosts_elsewhere(pick))}), "
-            f"not on disk: download {gb(pick.size_bytes or 0)}"
+            f"not on disk: download {gib(pick.size_bytes or 0)}"
         )
     if not mesh.models:
         return None, "the mesh has no models yet"
     where = "on disk " if on_disk_only else ""
-    return None, f"no model {where}fits this node ({gb(node.vram_bytes)} of VRAM)"
+    return None, f"no model {where}fits this node ({gib(node.vram_bytes)} of VRAM)"
 
 
 def _hosts_text(n: int) -> str:
@@ -191,7 +187,7 @@ def plan(
     fitting = tuple(n.node_id for n in sorted(group, key=_by_id) if fits(n.vram_bytes, size_bytes))
     if fitting and not force_split:
         return SplitPlan(
-            mode="solo", solo=fitting, need_bytes=need,
+            mode=PlanMode.SOLO, solo=fitting, need_bytes=need,
             reason=f"fits {len(fitting)} of {len(group)} node(s): no split",
         )
     by_id = {n.node_id: n for n in group}
@@ -208,19 +204,19 @@ def plan(
     skip_text = f"; skipped {', '.join(skipped)}" if skipped else ""
     if len(near) == 1 and fits(host_node.vram_bytes, size_bytes):
         return SplitPlan(
-            mode="solo", solo=(host,), need_bytes=need,
+            mode=PlanMode.SOLO, solo=(host,), need_bytes=need,
             reason=f"split forced but no peer within {mesh.max_rtt_ms:.0f} ms: solo{skip_text}",
         )
     have = sum(n.vram_bytes for n in near)
     if have < need:
         return SplitPlan(
-            mode="wait", host=host, need_bytes=need, have_bytes=have,
-            reason=f"need {gb(need)}, have {gb(have)}{skip_text}",
+            mode=PlanMode.WAIT, host=host, need_bytes=need, have_bytes=have,
+            reason=f"need {gib(need)}, have {gib(have)}{skip_text}",
         )
     shares = tuple((n.node_id, n.vram_bytes / have) for n in near)
     why = "split forced" if fitting else "fits no single node"
     return SplitPlan(
-        mode="split", host=host, shares=shares, need_bytes=need, have_bytes=have,
+        mode=PlanMode.SPLIT, host=host, shares=shares, need_bytes=need, have_bytes=have,
         reason=f"{why}: split over {len(near)} nodes{skip_text}",
     )
 
@@ -237,7 +233,7 @@ def meshd_plan_split(
 
 @hookimpl(trylast=True)
 def meshd_allow_download(size_bytes: int, node: NodeView, split_peers_available: bool) -> bool:
-    return fits(node.vram_bytes, size_bytes) or split_peers_available
+    return download_allowed(size_bytes, node.vram_bytes, split_peers_available)
 
 
 def _by_id(n: NodeView) -> str:

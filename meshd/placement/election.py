@@ -7,10 +7,10 @@ membership event, and when this node's own model changes, this node asks
 
 - **solo** (the model fits, VRAM >= size x 1.1, and split is not forced):
   every node of the group that fits runs its own llama-server; one that does
-  not fit waits ("need X GB, have Y GB").
+  not fit waits ("need X GiB, have Y GiB").
 - **wait** (the group together has too little VRAM): the elected host (most
-  VRAM, tie by node id, ``placement.elect_host``) waits with "need X GB, have
-  Y GB"; the others are its workers (``role: worker``), waiting too.
+  VRAM, tie by node id, ``placement.elect_host``) waits with "need X GiB, have
+  Y GiB"; the others are its workers (``role: worker``), waiting too.
 - **split** (enough VRAM together): the host runs llama-server over its
   workers' rpc-servers, the others are workers.  Wiring the rpc-servers is
   the split issue's work: here the host reports ``waiting-for-split`` and the
@@ -48,15 +48,15 @@ from typing import Any
 
 from meshd.mesh.membership import PeerChanged, PeerDown, PeerLeft
 from meshd.placement import rules as placement
-from meshd.placement.snapshot import MeshView, NodeView, gb
+from meshd.placement.fit import needed_bytes
+from meshd.placement.snapshot import MeshView, NodeView
+from meshd.states import ModelAction, ModelState, PlanMode, Role
+from meshd.units import gib
 
 log = logging.getLogger("meshd.placement.election")
 
-RUN, WAIT, WORKER = "run", "wait", "worker"
-# the model state operators see for a node that is set to run a model but does not yet
-STATE_WAITING = "waiting-for-vram"
-STATE_SPLIT = "waiting-for-split"
-STATE_WORKER = "worker"
+# short names for the actions (meshd.states.ModelAction)
+RUN, WAIT, WORKER = ModelAction.RUN, ModelAction.WAIT, ModelAction.WORKER
 # the assignment settles at most this many settle periods after the first event
 SETTLE_CAP = 3
 
@@ -66,8 +66,8 @@ class Decision:
     """What this node does about one model, from one plan."""
 
     model: str
-    action: str  # RUN: llama-server (solo, or split host over ``workers``); WAIT; WORKER
-    mode: str = "solo"  # the plan's mode: solo | split | wait
+    action: ModelAction  # RUN: llama-server (solo, or split host over ``workers``); WAIT; WORKER
+    mode: str = PlanMode.SOLO  # the plan's mode (a PlanMode)
     host: str | None = None
     workers: tuple[tuple[str, float], ...] = ()  # (node id, share), the host left out
     reason: str = ""
@@ -79,17 +79,17 @@ class Decision:
         return frozenset(n for n, _ in self.workers)
 
     @property
-    def state(self) -> str:
+    def state(self) -> ModelState:
         """The local model state for status when no llama-server of ours runs it."""
         if self.action == WORKER:
-            return STATE_WORKER
-        if self.action == RUN and self.mode == "split":
-            return STATE_SPLIT
-        return STATE_WAITING
+            return ModelState.WORKER
+        if self.action == RUN and self.mode == PlanMode.SPLIT:
+            return ModelState.WAITING_SPLIT
+        return ModelState.WAITING
 
     def split_status(self) -> dict[str, Any] | None:
         """``meshctl status`` ``split``: ``{host, workers: [{node_id, share}]}`` or None (solo)."""
-        if self.mode == "solo" or self.host is None:
+        if self.mode == PlanMode.SOLO or self.host is None:
             return None
         return {"host": self.host,
                 "workers": [{"node_id": n, "share": round(s, 4)} for n, s in self.workers]}
@@ -117,26 +117,27 @@ def decide(
     plan = placement.plan_split(model, size_bytes, group, view, force_split=force_split,
                                 policy=policy)
     me = next(n for n in group if n.node_id == self_id)
-    if plan.mode == "solo":
+    if plan.mode == PlanMode.SOLO:
         if self_id in plan.solo:
-            return Decision(model, RUN, "solo", reason=plan.reason, need_bytes=plan.need_bytes)
-        need = plan.need_bytes or int(size_bytes * 1.1)
-        return Decision(model, WAIT, "solo", need_bytes=need, have_bytes=me.vram_bytes,
-                        reason=f"need {gb(need)}, have {gb(me.vram_bytes)} "
+            return Decision(model, RUN, PlanMode.SOLO, reason=plan.reason,
+                            need_bytes=plan.need_bytes)
+        need = plan.need_bytes or needed_bytes(size_bytes)
+        return Decision(model, WAIT, PlanMode.SOLO, need_bytes=need, have_bytes=me.vram_bytes,
+                        reason=f"need {gib(need)}, have {gib(me.vram_bytes)} "
                                f"(it runs solo on {len(plan.solo)} other node(s))")
-    if plan.mode == "wait":
+    if plan.mode == PlanMode.WAIT:
         if plan.host == self_id:
-            return Decision(model, WAIT, "wait", host=plan.host, reason=plan.reason,
+            return Decision(model, WAIT, PlanMode.WAIT, host=plan.host, reason=plan.reason,
                             need_bytes=plan.need_bytes, have_bytes=plan.have_bytes,
                             workers=tuple((n.node_id, 0.0) for n in group if n.node_id != self_id))
-        return Decision(model, WORKER, "wait", host=plan.host,
+        return Decision(model, WORKER, PlanMode.WAIT, host=plan.host,
                         reason=f"worker of host {plan.host}: {plan.reason}",
                         need_bytes=plan.need_bytes, have_bytes=plan.have_bytes)
     if plan.host == self_id:
-        return Decision(model, RUN, "split", host=plan.host, workers=plan.workers,
+        return Decision(model, RUN, PlanMode.SPLIT, host=plan.host, workers=plan.workers,
                         reason=plan.reason, need_bytes=plan.need_bytes,
                         have_bytes=plan.have_bytes)
-    return Decision(model, WORKER, "split", host=plan.host, workers=plan.workers,
+    return Decision(model, WORKER, PlanMode.SPLIT, host=plan.host, workers=plan.workers,
                     reason=f"worker of host {plan.host}: {plan.reason}",
                     need_bytes=plan.need_bytes, have_bytes=plan.have_bytes)
 
@@ -203,20 +204,20 @@ class Rebalancer:
     def waiting_models(self) -> list[str]:
         """Models this node is set to serve without a llama-server of its own running them."""
         d = self.decision
-        if d is None or (d.action == RUN and d.mode == "solo"):
+        if d is None or (d.action == RUN and d.mode == PlanMode.SOLO):
             return []
-        if d.action == RUN and self.running is not None and d.mode == "split" \
+        if d.action == RUN and self.running is not None and d.mode == PlanMode.SPLIT \
                 and self._start_split is not None:
             return []
         return [d.model]
 
     @property
-    def role(self) -> str | None:
+    def role(self) -> Role | None:
         """``worker`` or ``host`` from the decision; None when the node decides by its backends."""
         d = self.decision
         if d is None:
             return None
-        return "worker" if d.action == WORKER else "host"
+        return Role.WORKER if d.action == WORKER else Role.HOST
 
     # -- deciding -----------------------------------------------------------------------------
 
@@ -262,7 +263,7 @@ class Rebalancer:
         return d
 
     def _act(self, old: Decision | None, d: Decision) -> None:
-        if d.action == RUN and d.mode == "solo":
+        if d.action == RUN and d.mode == PlanMode.SOLO:
             if self.running != frozenset():
                 if self.running is not None:
                     self._stop(d.model)
@@ -288,7 +289,7 @@ class Rebalancer:
 
     def _log(self, d: Decision, why: str) -> None:
         because = f" ({why})" if why else ""
-        if d.action == RUN and d.mode == "solo":
+        if d.action == RUN and d.mode == PlanMode.SOLO:
             log.info("model %s: running solo: %s%s", d.model, d.reason, because)
         elif d.action == RUN:
             if self._start_split is None:
@@ -323,7 +324,7 @@ class Rebalancer:
         node = self.node
         if node.config.node.client or self.assigning or self.target is not None:
             return False
-        return node.mesh is not None and node.role == "idle"
+        return node.mesh is not None and node.role == Role.IDLE
 
     def promote(self, why: str = "") -> str | None:
         """Ask the promotion hook whether this idle node serves an orphaned model now."""

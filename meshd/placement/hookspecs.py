@@ -41,6 +41,7 @@ from typing import Any
 import pluggy
 
 from meshd.placement.snapshot import MeshView, NodeView, SplitPlan
+from meshd.states import PlanMode
 
 PROJECT = "meshd"
 
@@ -191,7 +192,8 @@ def meshd_plan_split(
     Default: solo on every node with VRAM >= size x 1.1 unless split is
     forced; otherwise split over the host and the peers within
     ``max_rtt_ms``, shares proportional to VRAM; ``"wait"`` with
-    "need X GB, have Y GB" while they hold less than size x 1.1.
+    "need X GiB, have Y GiB" while they hold less than size x 1.1
+    (``meshd.placement.fit``).
     """
 
 
@@ -269,18 +271,18 @@ def _check_plan(result: Any, kwargs: Mapping[str, Any]) -> str | None:
     if not isinstance(result, SplitPlan):
         return f"expected a meshd.placement.snapshot.SplitPlan, got {_describe(result)}"
     ids = {n.node_id for n in kwargs["group"]}
-    if result.mode == "solo":
+    if result.mode == PlanMode.SOLO:
         if not result.solo:
             return "a solo plan must name at least one node in solo"
         stray = [i for i in result.solo if i not in ids]
         if stray:
             return f"solo names nodes not in the group: {', '.join(map(str, stray))}"
         return None
-    if result.mode not in ("split", "wait"):
+    if result.mode not in (PlanMode.SPLIT, PlanMode.WAIT):
         return f"mode must be 'solo', 'split' or 'wait', got {result.mode!r}"
     if result.host not in ids:
         return f"host {result.host!r} is not in the group"
-    if result.mode == "wait":
+    if result.mode == PlanMode.WAIT:
         return None if result.reason else "a wait plan needs a reason"
     if not result.shares:
         return "a split plan needs shares"

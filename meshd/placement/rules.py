@@ -33,9 +33,10 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from meshd.placement import default, hookspecs
+from meshd.placement import default, fit, hookspecs
 from meshd.placement.plugins import PolicyManager, default_manager
-from meshd.placement.snapshot import MeshView, NodeView, SplitPlan, gb
+from meshd.placement.snapshot import MeshView, NodeView, SplitPlan
+from meshd.states import PlanMode, Role
 
 log = logging.getLogger("meshd.policy")
 
@@ -176,7 +177,7 @@ def plan_split(
         by = BUILT_IN
 
         def plainest() -> SplitPlan:
-            return SplitPlan(mode="wait", host=host, reason="no usable split plan (see the log)")
+            return SplitPlan(mode=PlanMode.WAIT, host=host, reason="no usable split plan (see the log)")
 
         result = _built_in("meshd_plan_split", plainest, **kwargs)
     log.debug("model %s: plan %s (%s) by %s", model, result.mode, result.reason, by)
@@ -187,7 +188,7 @@ def assign_model(
     node: NodeView, mesh: MeshView, *, policy: PolicyManager | None = None
 ) -> Assignment:
     """What ``node`` (joining without a model, or promoting) should serve."""
-    if node.role == "client":
+    if node.role == Role.CLIENT:
         return Assignment(None, "clients never serve", decided_by=BUILT_IN)
     if mesh.node(node.node_id) is None:
         mesh = mesh.with_node(node)
@@ -213,7 +214,7 @@ def should_promote(
     node: NodeView, mesh: MeshView, *, policy: PolicyManager | None = None
 ) -> Promotion:
     """Whether standby/idle ``node`` starts serving now, and which model."""
-    if node.role == "client":
+    if node.role == Role.CLIENT:
         return Promotion(False, None, "clients never serve", BUILT_IN)
     if mesh.node(node.node_id) is None:
         mesh = mesh.with_node(node)
@@ -254,13 +255,13 @@ def allow_download(
 ) -> DownloadDecision:
     """Whether ``node`` may download ``model`` (``size_bytes``); the reason is for log and status.
 
-    ``split_peers_available``: the split plan puts this node in a group that
-    needs the model.  ``mesh`` may be left out where no view is at hand.
+    The download gate, the only one: the daemon's downloader calls it (through
+    the ``gate`` it is given, or by itself without one).  ``split_peers_available``:
+    the split plan puts this node in a group that needs the model.  ``mesh`` may
+    be left out where no view is at hand.
     """
     if mesh is None:
         mesh = MeshView(self_id=node.node_id, nodes=(node,))
-    need = default.need_bytes(size_bytes)
-    numbers = f"model {model} ({gb(size_bytes)}) needs {gb(need)}, node has {gb(node.vram_bytes)}"
     result, by = _ask(
         policy, "meshd_allow_download", model=model, size_bytes=size_bytes, node=node,
         split_peers_available=split_peers_available, mesh=mesh,
@@ -268,11 +269,8 @@ def allow_download(
     if result is None:
         decision = DownloadDecision(False, f"{model}: no plugin allowed the download: not downloading", BUILT_IN)
     elif by == default.NAME:
-        if result:
-            why = "split peers will share it" if not default.fits(node.vram_bytes, size_bytes) else "it fits"
-            decision = DownloadDecision(True, f"{numbers}: {why}", by)
-        else:
-            decision = DownloadDecision(False, f"{numbers}: not downloading", by)
+        reason = fit.download_reason(model, size_bytes, node.vram_bytes, bool(result))
+        decision = DownloadDecision(bool(result), reason, by)
     else:
         verb = "allowed" if result else "refused"
         decision = DownloadDecision(bool(result), f"{model}: plugin {by} {verb} the download", by or "")

@@ -19,19 +19,17 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from functools import cached_property
 from types import MappingProxyType
-from typing import Any, Literal
+from typing import Any
 
-# The roles a node can have (see DESIGN.md "Roles").
-ROLES = ("host", "worker", "standby", "client", "idle")
-# Roles that do not gossip and take no part in elections.
-PASSIVE_ROLES = ("standby", "client")
+from meshd.states import PASSIVE_ROLES, PlanMode, Role
+from meshd.units import GIB, gib
 
-GB = 1024**3  # as nvidia-smi and meshd.models.gpu count: VRAM is sold in binary units
-
-
-def gb(n_bytes: float) -> str:
-    """Bytes as the "47.0 GB" operators read in logs (GB of 2**30 bytes, like ``[node] vram_gb``)."""
-    return f"{n_bytes / GB:.1f} GB"
+# the roles a node can have (see DESIGN.md "Roles"); passive ones do not gossip or take part
+# in elections
+ROLES = tuple(Role)
+# for plugins: sizes are binary, ``8 * GB`` is 8 GiB (``meshd.units``)
+GB = GIB
+gb = gib
 
 
 @dataclass(frozen=True, slots=True)
@@ -55,7 +53,7 @@ class NodeView:
     """
 
     node_id: str
-    role: str = "idle"
+    role: str = Role.IDLE  # a Role; plain strings from JSON compare equal
     vram_bytes: int = 0
     serving: tuple[str, ...] = ()
     available_models: tuple[ModelFile, ...] = ()
@@ -87,7 +85,7 @@ class NodeView:
 
     def hosts(self, model: str) -> bool:
         """True when this node answers requests for ``model`` (not as a split worker)."""
-        return self.role != "worker" and model in self.serving
+        return self.role != Role.WORKER and model in self.serving
 
 
 @dataclass(frozen=True, slots=True)
@@ -194,7 +192,7 @@ class MeshView:
     def _hosts(self) -> dict[str, tuple[NodeView, ...]]:
         out: dict[str, list[NodeView]] = {}
         for n in sorted(self.nodes, key=_node_key):
-            if n.role == "worker":
+            if n.role == Role.WORKER:
                 continue
             for m in n.serving:
                 out.setdefault(m, []).append(n)
@@ -225,17 +223,19 @@ def _node_key(n: NodeView) -> str:
 class SplitPlan:
     """How a group runs one model: ``meshd_plan_split``'s answer.
 
+    ``mode`` is a :class:`meshd.states.PlanMode` (a plugin may give the plain word):
+
     - ``mode == "solo"``: every node in ``solo`` runs its own llama-server
       with the whole model (no split); ``host`` is None.
     - ``mode == "split"``: ``host`` runs llama-server over the rpc-servers of
       the nodes in ``shares`` (``(node_id, share)``, the host first, shares
       summing to 1).
     - ``mode == "wait"``: the group cannot run the model yet; ``reason``
-      says why ("need 51.7 GB, have 24.0 GB") and ``need_bytes`` /
+      says why ("need 51.7 GiB, have 24.0 GiB") and ``need_bytes`` /
       ``have_bytes`` carry the numbers for status.
     """
 
-    mode: Literal["solo", "split", "wait"]
+    mode: PlanMode | str
     host: str | None = None
     solo: tuple[str, ...] = ()
     shares: tuple[tuple[str, float], ...] = ()

@@ -16,6 +16,7 @@ from twisted.internet.threads import deferToThread
 from meshd.cli import meshctl
 from meshd.daemon.control import listen_control
 from meshd.errors import Refused
+from tests.conftest import ROOT
 
 STATUS = {
     "node_id": "a1b2c3d4e5f6a7b8c9d0",
@@ -31,7 +32,7 @@ STATUS = {
             "addr": "10.0.0.2:7842",
             "role": "standby",
             "serving": None,
-            "vram_bytes": 24_000_000_000,
+            "vram_bytes": 24 * 2**30,
             "rtt_ms": 0.42,
             "state": "alive",
         }
@@ -42,15 +43,15 @@ STATUS = {
             "name": "gemma-3-270m-q4_k_m",
             "state": "warm",
             "hosts": ["a1b2c3d4e5f6a7b8c9d0"],
-            "size_bytes": 253_000_000,
+            "size_bytes": 253 * 2**20,
             "split": None,
         }
     ],
     "downloads": [
         {
             "name": "qwen",
-            "bytes": 500_000_000,
-            "total_bytes": 1_000_000_000,
+            "bytes": 500 * 2**20,
+            "total_bytes": 1000 * 2**20,
             "rate_bps": 5e7,
             "eta_s": 10,
         }
@@ -126,9 +127,9 @@ async def test_status_human_output_has_peer_model_and_download_tables(daemon, ca
     path, _ = daemon
     await run("--socket", path, "status")
     out = capsys.readouterr().out
-    assert "PEERS" in out and "10.0.0.2:7842" in out and "24.0 GB" in out and "0.4 ms" in out
-    assert "MODELS" in out and "253.0 MB" in out
-    assert "DOWNLOADS" in out and "500.0 MB (50%)" in out
+    assert "PEERS" in out and "10.0.0.2:7842" in out and "24.0 GiB" in out and "0.4 ms" in out
+    assert "MODELS" in out and "253.0 MiB" in out
+    assert "DOWNLOADS" in out and "500.0 MiB (50%)" in out
 
 
 @pytest_twisted.ensureDeferred
@@ -335,12 +336,12 @@ def test_status_without_peers_or_models_says_none():
 def test_status_says_why_a_download_was_refused_or_failed():
     lines = meshctl.format_status({
         "node_id": "n", "role": "idle", "serving": None, "peers": [], "models": [],
-        "downloads_refused": [{"name": "big", "reason": "model big (47.0 GB) needs 51.7 GB, "
-                               "node has 24.0 GB: not downloading"}],
+        "downloads_refused": [{"name": "big", "reason": "model big (47.0 GiB) needs 51.7 GiB, "
+                               "node has 24.0 GiB: not downloading"}],
         "downloads_failed": [{"name": "gone", "error": "404 from the hub"}],
     })
     text = "\n".join(lines)
-    assert "download refused: model big (47.0 GB) needs 51.7 GB" in text
+    assert "download refused: model big (47.0 GiB) needs 51.7 GiB" in text
     assert "download failed: gone: 404 from the hub" in text
 
 
@@ -363,3 +364,13 @@ def test_cli_does_not_import_twisted():
     code = "import sys; from meshd.cli import meshctl; print('twisted' in sys.modules)"
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=30)
     assert r.stdout.strip() == "False"
+
+
+def test_a_size_reads_the_same_in_meshctl_logs_and_the_console():
+    """One unit everywhere: binary GiB, labelled "GiB" (the console's page does the same math)."""
+    from meshd.units import gib
+
+    assert gib(8 * 2**30) == "8.0 GiB"
+    assert meshctl.human_bytes(8 * 2**30) == "8.0 GiB"
+    page = (ROOT / "meshd" / "console" / "index.html").read_text()
+    assert "const GIB = 1024 ** 3;" in page and '" GiB"' in page and '" GB"' not in page

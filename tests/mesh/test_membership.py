@@ -84,6 +84,12 @@ def test_first_announce_is_a_peer_up(table):
     assert table.members[B].serving == ("m1",)
 
 
+def test_peer_up_log_line_gives_vram_in_gib(table, caplog):
+    caplog.set_level("INFO", logger="meshd.mesh.gossip")
+    table.announced(view(vram_bytes=8 * 2**30))
+    assert "8.0 GiB VRAM" in caplog.text
+
+
 def test_changed_announce_is_a_peer_changed_with_the_old_view(table):
     table.announced(view())
     table.announced(view(serving=["m2"]))

@@ -27,18 +27,17 @@ from twisted.internet.task import Clock
 from meshd.config import Config
 from meshd.models.catalog import parse_catalog
 from meshd.models.download import (
-    GB,
-    Decision,
     DownloadCancelled,
     Downloader,
     DownloadError,
     DownloadRefused,
     Downloads,
     _place,
-    allow_download,
     check_disk,
 )
 from meshd.models.scan import ModelError
+from meshd.placement.rules import DownloadDecision
+from meshd.units import GIB as GB
 from tests.conftest import ROOT
 from tests.harness.localhub import LocalHub, gguf_bytes
 
@@ -298,18 +297,25 @@ def test_entry_that_names_nothing_downloadable_is_a_model_error(hub, tmp_path):
 # -- the gate and the disk ---------------------------------------------------------------
 
 
-def test_gate_allows_a_model_that_fits_with_ten_percent_to_spare():
-    assert allow_download(10 * GB, 11 * GB, False).allowed
+def gate_of(tmp_path, vram_bytes):
+    """The downloader's own gate (no gate handed in): the placement download rule."""
+    return make_downloader(tmp_path, catalog_for(), vram=vram_bytes).gate
 
 
-def test_gate_refuses_a_model_without_ten_percent_to_spare():
-    decision = allow_download(47 * GB, 24 * GB, False)
+def test_gate_allows_a_model_that_fits_with_ten_percent_to_spare(tmp_path):
+    assert gate_of(tmp_path, 11 * GB)("m", 10 * GB, False).allowed
+
+
+def test_gate_refuses_a_model_without_ten_percent_to_spare(tmp_path):
+    decision = gate_of(tmp_path, 24 * GB)("big", 47 * GB, False)
     assert not decision.allowed
-    assert decision.reason == "model 47.0 GB needs 51.7 GB, node has 24.0 GB: not downloading"
+    assert decision.reason == (
+        "model big (47.0 GiB) needs 51.7 GiB, node has 24.0 GiB: not downloading")
 
 
-def test_gate_allows_a_model_too_big_when_split_peers_share_it():
-    assert allow_download(47 * GB, 24 * GB, True).allowed
+def test_gate_allows_a_model_too_big_when_split_peers_share_it(tmp_path):
+    decision = gate_of(tmp_path, 24 * GB)("big", 47 * GB, True)
+    assert decision.allowed and decision.reason.endswith(": split peers will share it")
 
 
 @pytest_twisted.inlineCallbacks
@@ -321,7 +327,7 @@ def test_model_too_big_for_vram_is_never_requested(hub, tmp_path, caplog):
         with pytest.raises(DownloadRefused):
             yield dl.download("big")
     assert hub.requests() == []
-    assert "model 47.0 GB needs 51.7 GB, node has 24.0 GB: not downloading" in caplog.text
+    assert "model big (47.0 GiB) needs 51.7 GiB, node has 24.0 GiB: not downloading" in caplog.text
     assert [r["name"] for r in dl.downloads.refused_status()] == ["big"]
     assert files_in(tmp_path / "models") == []
 
@@ -353,7 +359,7 @@ def test_the_gate_handed_in_decides_and_is_asked_with_model_size_and_split(hub, 
 
     def gate(model, size_bytes, split_peers_available):
         asked.append((model, size_bytes, split_peers_available))
-        return Decision(False, "plugin says no")
+        return DownloadDecision(False, "plugin says no")
 
     dl = Downloader(Config(), reactor=reactor, gate=gate, catalog=catalog_for(
         tiny={"repo": REPO, "file": FILE, "size_bytes": 1234}),
@@ -374,8 +380,8 @@ def test_download_leaving_less_than_min_free_gb_is_refused_before_any_request(hu
     with pytest.raises(DownloadRefused) as info:
         yield dl.download("mid")
     assert str(info.value) == (
-        f"download needs 2.0 GB on {tmp_path / 'models'}, which has 6.0 GB free: 4.0 GB would "
-        "be left, less than [models] min_free_gb = 5: not downloading"
+        f"download needs 2.0 GiB on {tmp_path / 'models'}, which has 6.0 GiB free: 4.0 GiB "
+        "would be left, less than [models] min_free_gb = 5 GiB: not downloading"
     )
     assert hub.requests() == []
     assert dl.downloads.refused_status()[0]["reason"] == str(info.value)
@@ -419,7 +425,7 @@ def test_progress_is_logged_at_each_tenth(caplog):
         downloads.update("m", 120)  # crossed 10 %: a line
         downloads.update("m", 150)  # still in the same tenth: no line
     lines = [r.getMessage() for r in caplog.records]
-    assert lines == ["download m: 0.0 MB of 0.0 MB (12%), 0.0 MB/s, ETA 7 s"]
+    assert lines == ["download m: 0.0 MiB of 0.0 MiB (12%), 0.0 MiB/s, ETA 7 s"]
 
 
 @pytest_twisted.inlineCallbacks
@@ -481,7 +487,7 @@ def test_command_line_refusal_exits_3_with_the_reason(hub, tmp_path):
     out, err = proc.communicate(timeout=120)
     assert proc.returncode == 3
     assert err.strip().splitlines()[-1] == (
-        "model 2000.0 GB needs 2200.0 GB, node has 1000.0 GB: not downloading")
+        "model big (2000.0 GiB) needs 2200.0 GiB, node has 1000.0 GiB: not downloading")
     assert hub.requests() == []
 
 

@@ -9,8 +9,9 @@ import pytest
 
 from meshd.config import NodeConfig
 from meshd.models import gpu
+from meshd.units import GIB
 
-GB = gpu.GB
+GB = GIB
 UUID0 = "GPU-8932f937-d72c-4106-c12f-20bd9faed9f6"
 UUID1 = "GPU-a1b2c3d4-0000-1111-2222-333344445555"
 
@@ -20,7 +21,7 @@ class FakeNVMLError(Exception):
 
 
 class FakeNVML:
-    """Two GPUs: 24 GB idle, and 8 GB with 6 GB in use by pid 4242 (the "busy" one)."""
+    """Two GPUs: 24 GiB idle, and 8 GiB with 6 GiB in use by pid 4242 (the "busy" one)."""
 
     NVMLError = FakeNVMLError
 

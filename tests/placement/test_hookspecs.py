@@ -181,7 +181,7 @@ GROUP = {"group": (NodeView("a"), NodeView("b"))}
         ("meshd_plan_split", SplitPlan("split", host="a", shares=(("a", 0.5), ("b", 0.6))), GROUP, False),
         ("meshd_plan_split", SplitPlan("split", host="a", shares=(("a", 1.0), ("x", 0.0))), GROUP, False),
         ("meshd_plan_split", SplitPlan("split", host="x", shares=(("x", 1.0),)), GROUP, False),
-        ("meshd_plan_split", SplitPlan("wait", host="a", reason="need 2 GB"), GROUP, True),
+        ("meshd_plan_split", SplitPlan("wait", host="a", reason="need 2 GiB"), GROUP, True),
         ("meshd_plan_split", SplitPlan("wait", host="a"), GROUP, False),
         ("meshd_plan_split", SplitPlan("maybe", host="a"), GROUP, False),
         ("meshd_plan_split", {"mode": "solo"}, GROUP, False),

@@ -137,7 +137,7 @@ def test_assignment_says_why_when_nothing_fits():
     me = node("me", vram_gb=1)
     decision = placement.assign_model(me, mesh_of(me, node("h", "host", serving=["big"], disk={"big": 5})))
     assert decision.model is None
-    assert "no model fits this node (1.0 GB of VRAM)" in decision.reason
+    assert "no model fits this node (1.0 GiB of VRAM)" in decision.reason
 
 
 def test_clients_are_never_assigned_a_model():
@@ -284,7 +284,7 @@ def test_plan_waits_with_need_and_have_when_the_group_is_short():
     group = (node("a", "host", vram_gb=12, rtt_ms=0), node("b", "host", vram_gb=12, rtt_ms=1))
     plan = placement.plan_split("m", 47 * GB, group, mesh_of(*group))
     assert plan.mode == "wait" and plan.host == "a"
-    assert plan.reason == "need 51.7 GB, have 24.0 GB"
+    assert plan.reason == "need 51.7 GiB, have 24.0 GiB"
     assert (plan.need_bytes, plan.have_bytes) == (default.need_bytes(47 * GB), 24 * GB)
     assert abs(plan.need_bytes - 51.7 * GB) < GB / 10
 
@@ -314,7 +314,7 @@ def test_download_refused_when_the_model_does_not_fit_says_the_numbers():
     me = node("me", vram_gb=24)
     decision = placement.allow_download("big", 47 * GB, me, mesh_of(me))
     assert not decision.allowed
-    assert decision.reason == "model big (47.0 GB) needs 51.7 GB, node has 24.0 GB: not downloading"
+    assert decision.reason == "model big (47.0 GiB) needs 51.7 GiB, node has 24.0 GiB: not downloading"
 
 
 def test_download_allowed_when_split_peers_will_share_it():

@@ -35,13 +35,13 @@ def test_a_model_that_fits_runs_solo_on_every_node_of_its_group():
 def test_a_node_too_small_for_a_solo_model_waits_with_the_numbers():
     out = decide_all(10, [nv("a", 8), nv("b", 16)])
     assert out["b"].action == RUN and out["b"].mode == "solo"
-    assert out["a"].action == WAIT and out["a"].reason.startswith("need 11.0 GB, have 8.0 GB")
+    assert out["a"].action == WAIT and out["a"].reason.startswith("need 11.0 GiB, have 8.0 GiB")
 
 
 def test_too_big_for_the_group_elects_the_biggest_host_which_waits_and_others_are_workers():
     out = decide_all(40, [nv("a", 8), nv("b", 16), nv("c", 12)])
     assert out["b"].action == WAIT and out["b"].host == "b"
-    assert out["b"].reason == "need 44.0 GB, have 36.0 GB"
+    assert out["b"].reason == "need 44.0 GiB, have 36.0 GiB"
     assert out["a"].action == WORKER and out["c"].action == WORKER
     assert out["a"].host == out["c"].host == "b"
     assert out["b"].split_status()["host"] == "b"
