@@ -196,7 +196,7 @@ def part_a(args) -> None:
     fake_port, proxy_port = free_port(), free_port()
     fake = start([sys.executable, "tests/harness/fakebackend.py", "--port", str(fake_port),
                   "--chunks", str(args.chunks)], fake_port)
-    proxy = start([sys.executable, "-m", "meshd.serving.api", "--static", f"fake=127.0.0.1:{fake_port}",
+    proxy = start([sys.executable, "-m", "meshd.cli.static_api", "--static", f"fake=127.0.0.1:{fake_port}",
                    "--listen", f"127.0.0.1:{proxy_port}"], proxy_port)
     try:
         request = stream_request("/v1/chat/completions", "fake", None)
@@ -257,7 +257,7 @@ def part_b(args) -> None:
     llama = start([f"{bin_dir}/llama-server", "-m", model, "--host", "127.0.0.1",
                    "--port", str(llama_port), "--ctx-size", "2048", "--alias", "gemma"],
                   llama_port, timeout_s=120)
-    proxy = start([sys.executable, "-m", "meshd.serving.api", "--static", f"gemma=127.0.0.1:{llama_port}",
+    proxy = start([sys.executable, "-m", "meshd.cli.static_api", "--static", f"gemma=127.0.0.1:{llama_port}",
                    "--listen", f"127.0.0.1:{proxy_port}"], proxy_port)
     try:
         request = stream_request("/v1/chat/completions", "gemma", args.max_tokens,

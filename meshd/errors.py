@@ -48,3 +48,17 @@ class BadRequest(MeshdError):
 
 
 # -- daemon: service tree, control socket -------------------------------------------
+
+
+class ServiceStopErrors(MeshdError):
+    """Children of the service tree whose stop failed; the others were still stopped.
+
+    ``errors`` holds ``(service name, Failure)`` in the order the stops ran."""
+
+    def __init__(self, errors: list) -> None:
+        self.errors = list(errors)
+        super().__init__("; ".join(f"{name}: {f.getErrorMessage()}" for name, f in self.errors))
+
+
+class RoleChangeRefused(MeshdError):
+    """A role change the role machine does not allow from the node's current role."""

@@ -280,14 +280,14 @@ class _ChildProtocol(ProcessProtocol):
             rest = b""
         self._buffers[childFD] = rest
         for line in lines:
-            self.owner._child_line(line)
+            self.owner.child_line(line)
 
     def processEnded(self, reason: Failure) -> None:
         for fd, rest in self._buffers.items():
             if rest:
-                self.owner._child_line(rest)
+                self.owner.child_line(rest)
             self._buffers[fd] = b""
-        self.owner._child_ended(self, reason)
+        self.owner.child_ended(self, reason)
 
 
 class Supervised:
@@ -489,12 +489,12 @@ class Supervised:
         except OSError as e:
             log.warning("%s: cannot send SIG%s to pid %s: %s", self.label, name, self.pid, e)
 
-    def _child_line(self, raw: bytes) -> None:
+    def child_line(self, raw: bytes) -> None:
         text = raw.decode("utf-8", "replace").rstrip("\r")
         if text.strip():
             output_log.log(_line_level(text), "%s: %s", self.label, text)
 
-    def _child_ended(self, protocol: _ChildProtocol, reason: Failure) -> None:
+    def child_ended(self, protocol: _ChildProtocol, reason: Failure) -> None:
         if protocol is not self._protocol:
             return
         how = describe_exit(reason)

@@ -45,6 +45,7 @@ from io import BytesIO
 from typing import Any
 from urllib.parse import urlsplit
 
+from twisted.application import service
 from twisted.internet import defer, endpoints
 from twisted.internet.interfaces import IReactorTime
 from twisted.internet.protocol import Protocol
@@ -181,10 +182,9 @@ class StatusFeed:
     def watch(self) -> None:
         """Listen to every place the node's status changes from."""
         node = self.node
-        if hasattr(node, "add_status_listener"):
-            node.add_status_listener(self.changed)
-        if node.mesh is not None:
-            node.mesh.add_listener(lambda _event: self.changed())
+        node.add_status_listener(self.changed)
+        # whichever mesh the node is in, now or after a promotion
+        node.add_membership_listener(lambda _event: self.changed())
         if node.downloader is not None:
             node.downloader.downloads.listeners.append(lambda _name: self.changed())
 
@@ -435,8 +435,11 @@ def load_page() -> bytes:
     return resources.files("meshd.console").joinpath("index.html").read_bytes()
 
 
-class Console:
-    """The console's site; :meth:`listen` binds it, :meth:`stop` ends it."""
+class Console(service.Service):
+    """The console's site, a service of the daemon's tree: started, it listens on
+    ``[console] listen`` (:meth:`listen`); stopped, it ends every stream (:meth:`stop`)."""
+
+    name = "console"  # type: ignore[assignment]  # Twisted declares it None
 
     def __init__(self, node, config: Config, *, reactor, feed: StatusFeed | None = None,
                  agent: Any = None):
@@ -528,6 +531,25 @@ class Console:
         return server.NOT_DONE_YET
 
     # -- running
+
+    def startService(self) -> defer.Deferred[None]:  # noqa: N802 - Twisted's name
+        super().startService()
+        return defer.ensureDeferred(self._start())
+
+    async def _start(self) -> None:
+        from meshd.daemon.tree import first_line
+        from meshd.errors import StartupError
+
+        try:
+            await self.listen()
+        except Exception as e:
+            raise StartupError(
+                f"[console] listen {self.config.console.listen}: {first_line(e)}") from None
+        log.info("console on http://%s", self.config.console.listen)
+
+    def stopService(self) -> defer.Deferred[None]:  # noqa: N802 - Twisted's name
+        super().stopService()
+        return defer.ensureDeferred(self.stop())
 
     async def listen(self):
         ep = endpoints.serverFromString(

@@ -30,6 +30,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Protocol
 
+from twisted.application.service import Service
 from twisted.internet import defer
 from twisted.internet.endpoints import UNIXServerEndpoint
 from twisted.internet.interfaces import IListeningPort
@@ -160,7 +161,7 @@ class ControlResource(Resource):
             return self._error(request, 404, f"no such control endpoint: /{path}")
         try:
             body = self._body(request) if method == b"POST" else {}
-            name, args, kwargs = route(request.args, body)
+            name, args, kwargs = route(request.args or {}, body)
         except BadRequest as e:
             return self._error(request, 400, str(e))
         func = getattr(self.target, name, None)
@@ -310,3 +311,37 @@ def listen_control(path: str, target: ControlTarget, *, reactor) -> defer.Deferr
         return port
 
     return d.addCallback(listening)
+
+
+class ControlService(Service):
+    """The control socket while the daemon runs; stopping it removes the socket file.
+
+    A socket that cannot be set up fails the start with ``StartupError`` naming
+    ``[node] control_socket`` and why, in one line."""
+
+    name = "control"  # type: ignore[assignment]  # Twisted declares it None
+
+    def __init__(self, path: str, target: ControlTarget, *, reactor: Any):
+        self.path = path
+        self.target = target
+        self.reactor = reactor
+        self.port: Any = None  # the IListeningPort
+
+    def startService(self) -> defer.Deferred[None]:  # noqa: N802 - Twisted's name
+        super().startService()
+        return defer.ensureDeferred(self._listen())
+
+    async def _listen(self) -> None:
+        from meshd.daemon.tree import first_line
+        from meshd.errors import StartupError
+
+        try:
+            self.port = await listen_control(self.path, self.target, reactor=self.reactor)
+        except Exception as e:
+            raise StartupError(f"[node] control_socket: {first_line(e)}") from None
+        log.info("control socket on %s", self.path)
+
+    def stopService(self) -> Any:  # noqa: N802 - Twisted's name
+        super().stopService()
+        port, self.port = self.port, None
+        return port.stopListening() if port is not None else None

@@ -3,33 +3,96 @@
 The API, the control socket and the console all read the node; none of them
 reaches into the backends or the mesh directly.  This keeps ``meshctl status
 --json``, ``/api/status`` and ``/v1/models`` telling the same story.
+
+The parts that depend on the node's role (the mesh, the route server, the
+election, the passive node) are the current role group's (``meshd.daemon.roles``):
+the role machine hands them over with :meth:`Node.use`, and the node's role is
+the machine's (:attr:`Node.role`).
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Sized
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 from twisted.internet import defer
 
 from meshd import __version__
 from meshd.config import Config
+from meshd.daemon.roles import RoleMachine, initial_role
 from meshd.placement.snapshot import MeshView, ModelFile, NodeView
+from meshd.states import MODEL_STATE_OF_BACKEND, ModelState, NodeState, Role
+
+if TYPE_CHECKING:
+    from meshd.mesh.membership import PeerView
+    from meshd.models.download import Downloader
+    from meshd.models.gpu import GpuReport
+    from meshd.models.scan import ScanResult
+    from meshd.passive.node import PassiveNode
+    from meshd.passive.server import RouteServer
+    from meshd.placement.election import Rebalancer
+    from meshd.placement.plugins import PolicyManager
+    from meshd.serving.router import MeshRouter
 
 log = logging.getLogger("meshd.daemon.node")
 
-# backend process state -> the model state operators see
-MODEL_STATES = {
-    "stopped": "cold",
-    "starting": "loading",
-    "loading": "loading",
-    "ready": "warm",
-    "restarting": "restarting",
-    "stopping": "draining",
-    "failed": "failed",
-}
+
+class Backend(Protocol):
+    """What the node reads of a supervised llama-server (``meshd.backends.supervisor``)."""
+
+    @property
+    def state(self) -> str: ...
+
+    @property
+    def pid(self) -> int | None: ...
+
+    port: int | None
+    restarts: int
+
+    def add_listener(self, listener: Callable[[str], Any]) -> None: ...
+
+    def when_ready(self) -> defer.Deferred[Any]: ...
+
+    def stop(self) -> defer.Deferred[Any]: ...
+
+
+class NodeMesh(Protocol):
+    """What the node needs of the gossip (``meshd.mesh.gossip.MeshService``)."""
+
+    @property
+    def mesh_id(self) -> str | None: ...
+
+    @property
+    def conns(self) -> Sized: ...
+
+    def peers(self) -> list[PeerView]: ...
+
+    def status_peers(self) -> list[dict[str, Any]]: ...
+
+    def local_changed(self) -> None: ...
+
+    def drop_model(self, model: str) -> str: ...
+
+    def make_token(self, ttl_s: float = ..., once: bool = ...) -> dict[str, Any]: ...
+
+    def revoke_token(self, token_id: str) -> dict[str, Any]: ...
+
+    def join(self, token: str) -> defer.Deferred[dict[str, Any]]: ...
+
+
+@dataclass(frozen=True)
+class RoleParts:
+    """The role-dependent parts the node reads, handed over by the role machine at a
+    role change: an active node has a mesh, a route server and an election; a passive
+    one its passive node.  ``router`` (the mesh-wide router) stays once made."""
+
+    mesh: NodeMesh | None = None
+    route_server: RouteServer | None = None
+    rebalancer: Rebalancer | None = None
+    passive: PassiveNode | None = None
+    router: MeshRouter | None = None
 
 
 @dataclass
@@ -39,11 +102,12 @@ class ServedModel:
     name: str
     path: str
     size_bytes: int
-    backend: Any  # meshd.backends.supervisor.LlamaServer
+    backend: Backend  # meshd.backends.supervisor.LlamaServer
 
     @property
     def state(self) -> str:
-        return MODEL_STATES.get(self.backend.state, self.backend.state)
+        state = self.backend.state
+        return MODEL_STATE_OF_BACKEND.get(state, state)  # type: ignore[call-overload]
 
 
 class Node:
@@ -53,10 +117,10 @@ class Node:
         self,
         config: Config,
         *,
-        reactor,
+        reactor: Any,
         node_id: str,
         vram_bytes: int,
-        gpu_report: Any = None,
+        gpu_report: GpuReport | None = None,
         shutdown: Callable[[], None] | None = None,
     ):
         self.config = config
@@ -64,23 +128,40 @@ class Node:
         self.node_id = node_id
         self.vram_bytes = vram_bytes
         self.gpu_report = gpu_report
-        self.started_at = reactor.seconds()
-        self.state = "starting"
+        self.started_at: float = reactor.seconds()
+        self.state = NodeState.STARTING
         self.served: dict[str, ServedModel] = {}
         self.wanted: list[str] = []
-        self.mesh = None  # meshd.mesh.gossip.MeshService
-        self.router = None  # meshd.serving.router.MeshRouter: the API's router on an active node
-        self.rebalancer = None  # meshd.placement.election.Rebalancer: this node's model, election, assignment
+        # the role: client, standby or active (idle, host, worker from what it serves)
+        self.roles = RoleMachine(initial_role(config.node), serving_role=self._serving_role)
+        # the current role group's parts (Node.use): set by the role machine's outputs
+        self.mesh: NodeMesh | None = None
+        self.router: MeshRouter | None = None  # the API's router on an active node
+        self.rebalancer: Rebalancer | None = None  # this node's model, election, assignment
+        self.route_server: RouteServer | None = None  # answers passive nodes (active side)
+        self.passive: PassiveNode | None = None  # while this node is passive
         # models dropped mesh-wide (meshctl drop): not served, not routed, not assigned again
         self.dropped: set[str] = set()
-        self.route_server = None  # meshd.passive.node.RouteServer: answers passive nodes (active side)
-        self.passive = None  # meshd.passive.node.PassiveNode while this node is passive
-        self.promotion = None  # what a standby's promotion decided, and when (status)
-        self.policy = None  # meshd.placement.plugins.PolicyManager
-        self.downloader = None  # meshd.models.download.Downloader
-        self.scan = None  # meshd.models.scan.ScanResult
+        self.policy: PolicyManager | None = None
+        self.downloader: Downloader | None = None
+        self.scan: ScanResult | None = None
         self._shutdown = shutdown or (lambda: None)
         self._status_listeners: list[Callable[[], None]] = []
+        self._membership_listeners: list[Callable[[Any], None]] = []
+
+    def use(self, parts: RoleParts) -> None:
+        """The role machine's hand-over at a role change (``meshd.daemon.roles``)."""
+        self.mesh = parts.mesh
+        self.route_server = parts.route_server
+        self.rebalancer = parts.rebalancer
+        self.passive = parts.passive
+        if parts.router is not None:
+            self.router = parts.router
+
+    @property
+    def promotion(self) -> dict[str, Any] | None:
+        """What a standby's promotion decided, and when (status)."""
+        return self.roles.promotion
 
     # -- telling the console ----------------------------------------------------
 
@@ -91,6 +172,18 @@ class Node:
         ``downloader.downloads.listeners``).
         """
         self._status_listeners.append(cb)
+
+    def add_membership_listener(self, cb: Callable[[Any], None]) -> None:
+        """``cb(event)`` on every membership event of whichever mesh this node is in
+        (the role machine builds a new mesh at a promotion; listeners stay)."""
+        self._membership_listeners.append(cb)
+
+    def membership_changed(self, event: Any) -> None:
+        for cb in list(self._membership_listeners):
+            try:
+                cb(event)
+            except Exception:
+                log.exception("membership listener %r failed", cb)
 
     def status_changed(self) -> None:
         for cb in list(self._status_listeners):
@@ -103,7 +196,12 @@ class Node:
 
     def add_served(self, model: ServedModel) -> None:
         self.served[model.name] = model
-        model.backend.add_listener(lambda state, name=model.name: self._backend_changed(name, state))
+        name = model.name
+
+        def changed(state: str) -> None:
+            self._backend_changed(name, state)
+
+        model.backend.add_listener(changed)
         self.status_changed()
 
     def _backend_changed(self, name: str, state: str) -> None:
@@ -113,19 +211,21 @@ class Node:
         self.status_changed()
 
     @property
-    def role(self) -> str:
-        if self.config.node.client:
-            return "client"
+    def role(self) -> Role:
+        return self.roles.role
+
+    def _serving_role(self) -> Role:
+        """An active node's role from what it serves: host when a llama-server of its own
+        runs, host or worker when the election set it to serve a model it cannot run yet."""
         if self.served:
-            return "host"
+            return Role.HOST
         placed = self.rebalancer.role if self.rebalancer is not None else None
-        if placed is not None:  # set to serve a model it cannot run yet: host or worker
-            return placed
-        if self.config.node.standby and self.promotion is None:  # promoted: active from now on
-            return "standby"
-        if self.passive is not None:  # an idle node assignment gave nothing (meshd.passive.node)
-            return "standby"
-        return "idle"
+        return Role(placed) if placed is not None else Role.IDLE
+
+    def status_line(self) -> str:
+        """systemd's STATUS= and the ready line."""
+        serving = f"serving {self.serving}" if self.serving else "serving nothing"
+        return f"{self.role}, {serving}, API on {self.config.api.listen}"
 
     @property
     def serving(self) -> str | None:
@@ -139,8 +239,9 @@ class Node:
         return {
             "role": self.role,
             "vram_bytes": self.vram_bytes,
-            "serving": [name for name, m in self.served.items() if m.state == "warm"],
-            "loading": [name for name, m in self.served.items() if m.state == "loading"],
+            "serving": [name for name, m in self.served.items() if m.state == ModelState.WARM],
+            "loading": [name for name, m in self.served.items()
+                        if m.state == ModelState.LOADING],
             "waiting": self.waiting_models(),
             "available_models": [
                 {"name": m.name, "size_bytes": m.size_bytes}
@@ -202,7 +303,7 @@ class Node:
     def model_status(self) -> list[dict[str, Any]]:
         """``models`` of ``meshctl status``: every model of the mesh once there is a router."""
         if self.router is not None:
-            return self._mesh_model_status()
+            return self._mesh_model_status(self.router)
         out = []
         for m in self.served.values():
             b = m.backend
@@ -223,13 +324,12 @@ class Node:
             )
         for name in self.wanted:
             if name not in self.served:
-                out.append(
-                    {"name": name, "state": "cold", "hosts": [], "size_bytes": None, "split": None}
-                )
+                out.append({"name": name, "state": ModelState.COLD, "hosts": [],
+                            "size_bytes": None, "split": None})
         return out
 
-    def _mesh_model_status(self) -> list[dict[str, Any]]:
-        snap = self.router.snapshot()
+    def _mesh_model_status(self, router: MeshRouter) -> list[dict[str, Any]]:
+        snap = router.snapshot()
         decision = self.rebalancer.decision if self.rebalancer is not None else None
         out = []
         for m in snap.models.values():
@@ -289,7 +389,7 @@ class Node:
         if self.rebalancer is not None:
             self.rebalancer.on_event()  # an idle node may take another model
 
-    def stop_serving(self, model: str) -> Any:
+    def stop_serving(self, model: str) -> defer.Deferred[Any]:
         """Stop this node's llama-server for ``model`` and forget it; fires once it is gone."""
         served = self.served.pop(model, None)
         if served is None:
@@ -304,18 +404,20 @@ class Node:
 
     def status(self) -> dict[str, Any]:
         out = self._status()
-        if self.passive is not None:  # no mesh of its own: the routing table it lives on
-            out["mesh_id"] = self.passive.mesh_id
-            out["models"] = self.passive.model_status()
-            out["route"] = self.passive.status()
-        if self.promotion is not None:
-            out["promotion"] = self.promotion
+        passive = self.passive
+        if passive is not None:  # no mesh of its own: the routing table it lives on
+            out["mesh_id"] = passive.mesh_id
+            out["models"] = passive.model_status()
+            out["route"] = passive.status()
+        promotion = self.promotion
+        if promotion is not None:
+            out["promotion"] = promotion
         return out
 
     def _status(self) -> dict[str, Any]:
         return {
             "node_id": self.node_id,
-            "mesh_id": getattr(self.mesh, "mesh_id", None),
+            "mesh_id": self.mesh.mesh_id if self.mesh is not None else None,
             "role": self.role,
             "serving": self.serving,
             "state": self.state,
@@ -381,7 +483,7 @@ class Node:
 
     def reload(self) -> dict[str, Any]:
         self.rescan()
-        return {"reloaded": True, "models_on_disk": len(self.scan.models)}
+        return {"reloaded": True, "models_on_disk": len(self.scan.models) if self.scan else 0}
 
     def gpus(self) -> dict[str, Any]:
         if self.gpu_report is None:
@@ -397,7 +499,7 @@ class Node:
     def join(self, token: str) -> defer.Deferred:
         return self._mesh().join(token)
 
-    def _mesh(self):
+    def _mesh(self) -> NodeMesh:
         from meshd.errors import Refused
 
         if self.mesh is None:

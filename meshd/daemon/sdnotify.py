@@ -126,7 +126,7 @@ class WatchdogService(Service):
     systemd restarts the daemon: exactly what the watchdog is for.
     """
 
-    name = "sd-watchdog"
+    name = "sd-watchdog"  # type: ignore[assignment]  # Twisted declares it None
 
     def __init__(
         self,

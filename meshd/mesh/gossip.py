@@ -277,6 +277,11 @@ class MeshService(service.Service):
 
     # -- service ------------------------------------------------------------------------------
 
+    @property
+    def leaving(self) -> bool:
+        """True once this node has begun to leave the mesh (no new peers from then on)."""
+        return self._leaving is not None
+
     def startService(self) -> None:  # noqa: N802
         super().startService()
         self.state.ensure()
@@ -740,7 +745,7 @@ class _Gate:
 
     def key_for(self, hello: Hello) -> bytes:
         mesh = self._mesh
-        if mesh._leaving is not None:
+        if mesh.leaving:
             raise AuthRefused("this node is leaving the mesh")
         assert mesh.mesh is not None
         if hello.auth == "mesh":

@@ -10,16 +10,14 @@ and a model that cannot fit is never requested.
 from __future__ import annotations
 
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from importlib import resources
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 import toml
 
-from meshd.models.scan import split_name
-
-if TYPE_CHECKING:  # pragma: no cover
-    from meshd.models.scan import ScanResult
+from meshd.models.names import served_name, split_name
 
 SHA256_RE = re.compile(r"^[0-9a-f]{64}$")
 REPO_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*$")
@@ -130,6 +128,7 @@ def _entry(name: str, data: Any, problems: list[str]) -> CatalogEntry | None:
             problems.append(f"{where} {key}: expected a string")
     if len(problems) > before:
         return None
+    assert isinstance(repo, str) and isinstance(size, int)  # checked above
     return CatalogEntry(
         name=name, repo=repo, files=tuple(files), size_bytes=size, size_approx=approx,
         sha256=tuple(s.lower() if s else None for s in shas),
@@ -179,14 +178,28 @@ def load_catalog(path: str | None = None) -> Catalog:
     return parse_catalog(data, path=path)
 
 
-def catalog_listing(catalog: Catalog, scan: ScanResult) -> list[dict[str, Any]]:
+class _OnDiskModel(Protocol):
+    @property
+    def path(self) -> str: ...
+
+
+class _Scan(Protocol):
+    """What the listing needs of a scan (``meshd.models.scan.ScanResult``).
+
+    A protocol rather than an import: the scanner resolves names through the
+    catalog, so the catalog must not depend on the scanner.
+    """
+
+    @property
+    def models(self) -> Mapping[str, _OnDiskModel]: ...
+
+
+def catalog_listing(catalog: Catalog, scan: _Scan) -> list[dict[str, Any]]:
     """Rows for ``meshctl models --catalog``: each catalog model and whether it is on disk.
 
     A model counts as on disk under its catalog name (how meshd stores a
     download) or under the stem of its repo file (a file copied by hand).
     """
-    from meshd.models.scan import served_name
-
     rows = []
     for entry in sorted(catalog.entries.values(), key=lambda e: e.name):
         local = scan.models.get(entry.name) or scan.models.get(served_name(entry.files[0]))

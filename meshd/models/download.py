@@ -8,14 +8,14 @@ let us down; the message is one operator-readable line).  ``entry`` is a
 catalog name or ``hf:OWNER/REPO/FILE.gguf``.  ``Downloader.downloads`` (a
 ``Downloads``) is what ``meshctl status`` shows: ``to_status()`` is the
 ``downloads`` list of ``meshctl status --json``, ``refused_status()`` the
-refusals.  ``python -m meshd.models.download NAME`` runs one download from a shell.
+refusals.  ``python -m meshd.cli.download NAME`` runs one download from a shell.
 
 The order of things, and why:
 
 1. **Gate first.**  The download decision (VRAM must be at least size x 1.1,
    unless peers will share the model in a split: ``meshd.placement.fit``) runs
    before any request for the file, at exactly one call site
-   (``Downloader._gate``), which calls the ``gate`` the daemon hands in: a
+   (``Downloader.admit``), which calls the ``gate`` the daemon hands in: a
    closure over ``meshd.placement.rules.allow_download``, i.e. the
    ``meshd_allow_download`` hook.  Without one, the same
    ``placement.allow_download`` decides with the default policy on
@@ -50,14 +50,11 @@ files for the next start.
 
 from __future__ import annotations
 
-import argparse
 import errno
 import hashlib
-import json
 import logging
 import os
 import shutil
-import sys
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -391,7 +388,7 @@ def _sha256_file(path: str, start_hasher: Any = None) -> str:
 
 
 def _looks_sha256(etag: str | None) -> bool:
-    return bool(etag) and len(etag) == 64 and all(c in "0123456789abcdef" for c in etag)
+    return etag is not None and len(etag) == 64 and all(c in "0123456789abcdef" for c in etag)
 
 
 def _fsync_dir(path: str) -> None:
@@ -462,7 +459,7 @@ class _Job:
         total = sum(h.size for h in heads)
         if plan.size_bytes is None:
             # hf: entries: the size is known only now; the gate runs before any GET
-            self._blocking_in_reactor(self.d._gate, plan.name, total, self.split_peers)
+            self._blocking_in_reactor(self.d.admit, plan.name, total, self.split_peers)
         elif plan.size_exact and total != plan.size_bytes:
             raise DownloadError(
                 f"the hub reports {total} bytes for {plan.name}, the catalog says "
@@ -470,7 +467,7 @@ class _Job:
             )
         partials = [self._partial_path(rf, h) for rf, h in zip(plan.files, heads, strict=True)]
         have = sum(os.path.getsize(p) if os.path.exists(p) else 0 for p in partials)
-        self.d._check_disk_blocking(plan.name, total, have)
+        self._blocking_in_reactor(d.check_space, plan.name, total, have)
         self._from_thread(d.downloads.start, plan.name, total, have)
         before = 0
         for rf, head, partial, target in zip(plan.files, heads, partials, targets, strict=True):
@@ -553,7 +550,7 @@ class _Job:
                 if have < head.size:
                     http_get(head.url, sink, resume_size=have, headers=head.headers,  # type: ignore[arg-type]
                              expected_size=head.size, displayed_filename=rf.target,
-                             tqdm_class=_QuietBar)  # type: ignore[arg-type]
+                             tqdm_class=_QuietBar)
             except DownloadError:
                 raise
             except Exception as e:  # noqa: BLE001 - mapped to one line for the operator
@@ -594,7 +591,7 @@ class _Job:
                     "cache: not downloading"
                 )
             size = os.path.getsize(cached)
-            self.d._check_disk_blocking(self.plan.name, size, 0)
+            self._blocking_in_reactor(self.d.check_space, self.plan.name, size, 0)
             tmp = os.path.join(self.d.cache_dir, f"{rf.target}.offline{PARTIAL_SUFFIX}")
             shutil.copyfile(cached, tmp)
             _place(tmp, target)
@@ -661,8 +658,8 @@ class Downloader:
         return placement.allow_download(name, size_bytes, node,
                                         split_peers_available=split_peers_available)
 
-    # the one call site of the download decision
-    def _gate(self, name: str, size_bytes: int, split_peers_available: bool) -> None:
+    def admit(self, name: str, size_bytes: int, split_peers_available: bool) -> None:
+        """The one call site of the download decision: raise DownloadRefused, recorded, or return."""
         decision = self.gate(name, size_bytes, split_peers_available)
         if not decision.allowed:
             self.downloads.refuse(name, size_bytes, decision.reason)
@@ -670,7 +667,7 @@ class Downloader:
             raise DownloadRefused(decision.reason)
         log.info("download %s allowed: %s", name, decision.reason)
 
-    def _check_disk(self, name: str, total: int, have: int) -> None:
+    def check_space(self, name: str, total: int, have: int) -> None:
         """Refuse when the download would leave less than ``[models] min_free_gb`` free."""
         min_free = bytes_of_gib(self.config.models.min_free_gb)
         checks: list[tuple[str, int]] = []
@@ -702,9 +699,6 @@ class Downloader:
                         pass
         return have
 
-    def _check_disk_blocking(self, name: str, total: int, have: int) -> None:
-        threads.blockingCallFromThread(self.reactor, self._check_disk, name, total, have)
-
     def download(self, entry: str, *, split_peers_available: bool = False) -> defer.Deferred[LocalModel]:
         """Download ``entry`` (catalog name or ``hf:OWNER/REPO/FILE.gguf``) unless on disk.
 
@@ -724,10 +718,10 @@ class Downloader:
         targets = [os.path.join(self.models_dir, rf.target) for rf in plan.files]
         if plan.size_bytes is not None and not all(os.path.exists(t) for t in targets):
             try:
-                self._gate(plan.name, plan.size_bytes, split_peers_available)
+                self.admit(plan.name, plan.size_bytes, split_peers_available)
                 os.makedirs(self.models_dir, exist_ok=True)
                 os.makedirs(self.cache_dir, exist_ok=True)
-                self._check_disk(plan.name, plan.size_bytes, self._partial_bytes(plan))
+                self.check_space(plan.name, plan.size_bytes, self._partial_bytes(plan))
             except DownloadRefused as e:
                 return defer.fail(e)
             except OSError as e:
@@ -780,73 +774,3 @@ def _device(path: str) -> int | None:
         return os.stat(path).st_dev
     except OSError:
         return None
-
-
-# -- python -m meshd.models.download ---------------------------------------------------------
-
-
-def main(argv: list[str] | None = None) -> int:
-    """Download one model from a shell, as the daemon would (gate, disk check, resume)."""
-    from twisted.internet import task
-
-    from meshd import config as config_mod
-
-    p = argparse.ArgumentParser(prog="python -m meshd.models.download", description=main.__doc__)
-    p.add_argument("entry", help="catalog name or hf:OWNER/REPO/FILE.gguf")
-    p.add_argument("--config", help="meshd.toml (default: $MESHD_CONFIG or /etc/meshd.toml)")
-    p.add_argument("--models-dir", help="default: [node] models_dir")
-    p.add_argument("--cache-dir", help="partial downloads (default: [node] state_dir/downloads)")
-    p.add_argument("--vram-gb", type=float, help="VRAM to gate on (default: [node] vram_gb)")
-    p.add_argument("--min-free-gb", type=float, help="default: [models] min_free_gb")
-    p.add_argument("--split-peers", action="store_true", help="peers will share the model")
-    p.add_argument("--catalog", help="catalog file (default: the one shipped with meshd)")
-    p.add_argument("--progress-json", action="store_true",
-                   help="print one JSON line per progress update on stdout")
-    args = p.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s", stream=sys.stderr)
-    try:
-        cfg = config_mod.load(args.config)
-        if args.min_free_gb is not None:
-            cfg = cfg.replace("models", min_free_gb=args.min_free_gb)
-        catalog = load_catalog(args.catalog)
-    except Exception as e:  # noqa: BLE001 - ConfigError / CatalogError: one line each
-        print(str(e), file=sys.stderr)
-        return 2
-    vram_gb = args.vram_gb if args.vram_gb is not None else cfg.node.vram_gb
-    if vram_gb is None:
-        print("give --vram-gb (or [node] vram_gb): GPU detection is the daemon's job",
-              file=sys.stderr)
-        return 2
-    result: dict[str, int] = {}
-
-    def run(reactor: Any) -> defer.Deferred[None]:
-        downloader = Downloader(
-            cfg, reactor=reactor, vram_bytes=lambda: bytes_of_gib(vram_gb),
-            models_dir=args.models_dir, cache_dir=args.cache_dir, catalog=catalog,
-        )
-        if args.progress_json:
-            def show(name: str) -> None:
-                for row in downloader.downloads.to_status():
-                    print(json.dumps(row), flush=True)
-            downloader.downloads.listeners.append(show)
-        d = downloader.download(args.entry, split_peers_available=args.split_peers)
-
-        def ok(model: LocalModel) -> None:
-            print(model.path, flush=True)
-            result["rc"] = 0
-
-        def bad(f: Failure) -> None:
-            print(str(f.value), file=sys.stderr)
-            result["rc"] = 3 if f.check(DownloadRefused) else 2 if f.check(ModelError) else 4
-
-        return d.addCallbacks(ok, bad)
-
-    try:
-        task.react(run)
-    except SystemExit:
-        pass
-    return result.get("rc", 4)
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -104,9 +104,10 @@ def _load_nvml(nvml: Any) -> tuple[Any, str]:
     """The NVML module, initialised, or (None, why not)."""
     if nvml is None:
         try:
-            import pynvml as nvml
+            import pynvml
         except (ImportError, OSError) as e:
             return None, f"NVIDIA bindings not importable: {e}"
+        nvml = pynvml
     try:
         nvml.nvmlInit()
     except (nvml.NVMLError, OSError) as e:

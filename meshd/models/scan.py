@@ -35,15 +35,15 @@ import difflib
 import logging
 import mmap
 import os
-import re
 import stat
 import struct
 import threading
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from gguf import GGMLQuantizationType, GGUFValueType, LlamaFileType
+
+from meshd.models.names import served_name, split_name, split_part_name
 
 if TYPE_CHECKING:  # pragma: no cover
     from meshd.models.catalog import Catalog
@@ -51,7 +51,6 @@ if TYPE_CHECKING:  # pragma: no cover
 log = logging.getLogger("meshd.models.scan")
 
 GGUF_MAGIC = b"GGUF"
-SPLIT_RE = re.compile(r"^(?P<stem>.+)-(?P<index>\d{5})-of-(?P<count>\d{5})\.gguf$", re.IGNORECASE)
 # names the downloader and other tools use for files still being written
 PARTIAL_SUFFIXES = (".part", ".incomplete", ".meshd-tmp", ".tmp", ".download", ".partial")
 # how deep below a models directory the scan looks (publishers put split sets in subfolders)
@@ -332,27 +331,6 @@ def model_from_parts(name: str, parts: list[str]) -> LocalModel:
 # -- scanning ----------------------------------------------------------------------
 
 
-def split_name(filename: str) -> tuple[str, int, int] | None:
-    """``(stem, index, count)`` for ``stem-0000i-of-0000n.gguf``, else None."""
-    m = SPLIT_RE.match(filename)
-    if not m:
-        return None
-    return m["stem"], int(m["index"]), int(m["count"])
-
-
-def split_part_name(stem: str, index: int, count: int) -> str:
-    return f"{stem}-{index:05d}-of-{count:05d}.gguf"
-
-
-def served_name(filename: str) -> str:
-    """The model name a file is served under: its stem, without a split suffix."""
-    base = os.path.basename(filename)
-    parsed = split_name(base)
-    if parsed:
-        return parsed[0]
-    return base[: -len(".gguf")] if base.lower().endswith(".gguf") else Path(base).stem
-
-
 def _is_candidate(filename: str) -> bool:
     lower = filename.lower()
     if filename.startswith(".") or lower.endswith(PARTIAL_SUFFIXES):
@@ -398,10 +376,10 @@ def _groups(files: list[str], problems: list[str]) -> list[tuple[str, list[str]]
     out: list[tuple[str, list[str]]] = []
     for item in order:
         if len(item) == 2:
-            out.append(item)  # type: ignore[arg-type]
+            out.append(item)
             continue
-        directory, stem, count = item  # type: ignore[misc]
-        have = sets[item]  # type: ignore[index]
+        directory, stem, count = item
+        have = sets[item]
         missing = [i for i in range(1, count + 1) if i not in have]
         beyond = sorted(i for i in have if not 1 <= i <= count)
         if missing or beyond:

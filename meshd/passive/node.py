@@ -1,4 +1,9 @@
-"""The passive node (client or standby) as a service, and the daemon's role changes to and from it.
+"""The passive node (client or standby) as a service.
+
+It checks in on the routing table (``meshd.passive.client``), routes the API with
+it (``meshd.passive.router``) and, on a standby, asks the promotion hook on every
+table.  Role changes to and from it are the role machine's (``meshd.daemon.roles``):
+this module only says whether an idle node may stand by (:func:`standby_reason`).
 """
 
 from __future__ import annotations
@@ -6,8 +11,8 @@ from __future__ import annotations
 import dataclasses
 import logging
 import random as _random
-from collections.abc import Callable
-from typing import Any
+from collections.abc import Callable, Collection
+from typing import Any, Protocol
 
 from twisted.application import service
 from twisted.internet import defer
@@ -30,8 +35,18 @@ from meshd.serving.routetable import (
     table_view,
 )
 from meshd.statedir import KnownNode, MeshState, StateDir
+from meshd.states import ModelState, Role
 
 log = logging.getLogger(__name__)
+
+
+class StandbySelf(Protocol):
+    """What the passive node reads of the daemon's node (``meshd.daemon.node.Node``)."""
+
+    @property
+    def dropped(self) -> Collection[str]: ...
+
+    def node_view(self) -> NodeView: ...
 
 # -- the whole passive node ---------------------------------------------------------------------------
 
@@ -39,14 +54,15 @@ log = logging.getLogger(__name__)
 class PassiveNode(service.Service):
     """``run_passive``: the route client, the API's router, and (standby) the promotion check.
 
-    ``node`` is the daemon's :class:`meshd.daemon.node.Node` (status, the standby's
-    own view); ``on_promote(model, reason)`` is called once, when the standby
-    decides to serve.
+    ``node`` is the daemon's :class:`meshd.daemon.node.Node` (the standby's own
+    view, its dropped models; None for a client, which has no view to give);
+    ``on_promote(model, reason)`` is called once, when the standby decides to serve.
     """
 
-    name = "passive"
+    name = "passive"  # type: ignore[assignment]  # Twisted declares it None
 
-    def __init__(self, config: Config, node: Any, identity: Any, state: StateDir | None, *,
+    def __init__(self, config: Config, node: StandbySelf | None, identity: Any,
+                 state: StateDir | None, *,
                  reactor: Any, policy: Any = None,
                  on_promote: Callable[[str, str], None] | None = None,
                  endpoint_for: Callable[[Any, str, str], Any] | None = None,
@@ -57,7 +73,7 @@ class PassiveNode(service.Service):
         self.state = state
         self.reactor = reactor
         self.policy = policy
-        self.kind = "client" if config.node.client else "standby"
+        self.kind = Role.CLIENT if config.node.client else Role.STANDBY
         self.on_promote = on_promote
         self.promotion: dict[str, Any] | None = None
         self.reason: str | None = None  # why an active node became this standby
@@ -69,8 +85,9 @@ class PassiveNode(service.Service):
                 tokens.append(tokensmod.decode(text, now=reactor.seconds()))
             except tokensmod.TokenError as e:
                 log.error("[mesh] join: cannot use a token: %s", e)
-        mesh, known = None, []
-        if self.kind == "standby" and state is not None:
+        mesh: MeshState | None = None
+        known: list[KnownNode] = []
+        if self.kind == Role.STANDBY and state is not None:
             mesh = state.load_mesh()
             boot, known = state.load_peers()
             known = boot + known
@@ -103,10 +120,10 @@ class PassiveNode(service.Service):
 
     def _checkin(self, etag: str | None) -> CheckIn:
         refresh = self.config.mesh.refresh_s
-        if self.kind == "client":
-            return CheckIn("client", etag, refresh)
+        if self.kind == Role.CLIENT or self.node is None:
+            return CheckIn(Role.CLIENT, etag, refresh)
         me = self.node.node_view()
-        return CheckIn("standby", etag, refresh, me.vram_bytes, me.available_models)
+        return CheckIn(Role.STANDBY, etag, refresh, me.vram_bytes, me.available_models)
 
     def startService(self) -> None:  # noqa: N802
         super().startService()
@@ -119,7 +136,7 @@ class PassiveNode(service.Service):
         self.client.stop()
 
     def _on_mesh(self, mesh: MeshState) -> None:
-        if self.kind == "standby" and self.state is not None:
+        if self.kind == Role.STANDBY and self.state is not None:
             self.state.save_mesh(mesh)  # a standby may become active: it must rejoin by itself
 
     def _on_table(self, table: RouteTable) -> None:
@@ -127,7 +144,7 @@ class PassiveNode(service.Service):
         log.debug("routing table %s from %s: %d host(s), %d active node(s), %d standby",
                   table.etag, table.source, len(table.hosts), len(table.active_nodes),
                   len(table.standby))
-        if self.kind != "standby":
+        if self.kind != Role.STANDBY:
             return
         if self.state is not None:
             try:
@@ -143,7 +160,7 @@ class PassiveNode(service.Service):
         table with its active nodes (and so its hosts) dead, among the standbys it listed --
         the same tie-break the other standbys compute, so only one of them promotes."""
         last = self.client.table
-        if self.kind != "standby" or last is None or self.promotion is not None:
+        if self.kind != Role.STANDBY or last is None or self.promotion is not None:
             return
         dead = RouteTable(etag=last.etag, mesh_id=last.mesh_id, source=last.source,
                           standby=last.standby)
@@ -154,10 +171,10 @@ class PassiveNode(service.Service):
 
     def consider_promotion(self, table: RouteTable,
                            because: str = "") -> placement.Promotion | None:
-        if self.promotion is not None or self.on_promote is None:
+        if self.promotion is not None or self.on_promote is None or self.node is None:
             return None
         now = self.reactor.seconds()
-        me = _without_dropped(self.node)
+        me = without_dropped(self.node)
         standby = self.memory.update(table, now)
         view = table_view(table, me, standby, max_rtt_ms=self.config.models.max_rtt_ms)
         decision = placement.should_promote(me, view, policy=self.policy)
@@ -197,140 +214,49 @@ class PassiveNode(service.Service):
         out = []
         for name in table.models():
             every = table.hosts_of(name, state=None)
-            warm = [h.node_id for h in every if h.state == "warm"]
-            out.append({"name": name, "state": "warm" if warm else "loading",
+            warm = [h.node_id for h in every if h.state == ModelState.WARM]
+            out.append({"name": name, "state": ModelState.WARM if warm else ModelState.LOADING,
                         "hosts": warm, "size_bytes": None, "split": None})
         return out
 
 
-def _without_dropped(node: Any) -> NodeView:
+def without_dropped(node: StandbySelf) -> NodeView:
     """The node's own view without the models dropped mesh-wide (``meshctl drop``): a node
     whose model was dropped must not stand by for it, nor promote to serve it again."""
     me = node.node_view()
-    dropped = getattr(node, "dropped", None)
+    dropped = node.dropped
     if not dropped:
         return me
     return dataclasses.replace(me, available_models=tuple(
         m for m in me.available_models if m.name not in dropped))
 
 
-# -- in the daemon ------------------------------------------------------------------------------------
+class IdleSelf(StandbySelf, Protocol):
+    """What :func:`standby_reason` reads of an active node."""
+
+    @property
+    def config(self) -> Config: ...
+
+    @property
+    def served(self) -> Collection[str]: ...
+
+    @property
+    def mesh(self) -> Any: ...
+
+    @property
+    def passive(self) -> Any: ...
 
 
-async def run_passive(top: Any, identity: Any, state: StateDir) -> None:
-    """The daemon's passive path (``meshd.daemon.service.MeshdService`` calls it for ``client`` and
-    ``standby``): control socket and models are up; start the API on the table's router and
-    check in.  No gossip, no mesh listener."""
-    node = top.node
-    cfg = top.config
-    await top._listen_api()
-    start_passive(top, identity, state)
-    node.state = "running"
-    line = f"{node.role} (passive), API on {cfg.api.listen}"
-    top.notifier.ready(line)
-    log.info("ready: %s", line)
-
-
-def start_passive(top: Any, identity: Any, state: StateDir,
-                  reason: str | None = None) -> PassiveNode:
-    """Check in as a passive node from now on: the API serves the table's router; a standby
-    promotes (:func:`promote`) when the promotion hook says so."""
-    node = top.node
-    cfg = top.config
-    client = cfg.node.client
-    passive = PassiveNode(cfg, node, identity, None if client else state,
-                          reactor=top.reactor, policy=node.policy,
-                          on_promote=None if client else (
-                              lambda model, reason: promote(top, identity, state, model, reason)))
-    passive.reason = reason
-    node.passive = passive
-    if top.api is not None:
-        top.api.router = passive.router
-    passive.setServiceParent(top)
-    return passive
-
-
-def standby_reason(node: Any, assignment: str) -> str | None:
+def standby_reason(node: IdleSelf, assignment: str) -> str | None:
     """Why an active node that assignment gave nothing becomes a standby, or None to stay
     idle: it must have VRAM and models on disk, and some other member must be set to serve
     a model (it stays active: the mesh keeps an active node to check in with)."""
     mesh = node.mesh
     if node.config.node.client or node.passive is not None or mesh is None or node.served:
         return None
-    me = _without_dropped(node)
+    me = without_dropped(node)
     if me.vram_bytes <= 0 or not me.available_models:
         return None
-    if not any(tuple(p.serving) + tuple(getattr(p, "loading", ())) + tuple(getattr(p, "waiting", ()))
-               for p in mesh.peers()):
+    if not any(tuple(p.serving) + tuple(p.loading) + tuple(p.waiting) for p in mesh.peers()):
         return None
     return f"assignment gave it nothing: {assignment}"
-
-
-def stand_by(top: Any, assignment: str) -> bool:
-    """Active idle node -> standby, the reverse of :func:`promote`: leave the gossip
-    (LEAVING, as ``MeshService.leave``), stop answering passive nodes, and check in on the
-    routing table with the same identity and mesh secret.  False: it stays idle (why not:
-    :func:`standby_reason`)."""
-    node = top.node
-    reason = standby_reason(node, assignment)
-    if reason is None:
-        return False
-    mesh, route_server = node.mesh, node.route_server
-    identity, state = mesh.identity, mesh.state
-    log.info("becoming a standby: %s; leaving the gossip, checking in on the routing table "
-             "from now on", reason)
-    node.mesh = node.route_server = None
-    node.promotion = None
-    if top.tunnels is not None:
-        top.tunnels.close_all()
-    if top.rebalancer is not None:
-        top.rebalancer.stop()
-    left = defer.DeferredList([defer.maybeDeferred(s.disownServiceParent)
-                               for s in (route_server, mesh) if s is not None],
-                              consumeErrors=True)  # the mesh's stop sends LEAVING
-
-    def passive(_: Any) -> None:
-        if not top.running or node.state == "stopping":
-            return
-        start_passive(top, identity, state, reason)
-        node.status_changed()
-        top.notifier.status(f"{node.role} (passive), API on {top.config.api.listen}")
-
-    left.addCallback(passive)
-    return True
-
-
-def promote(top: Any, identity: Any, state: StateDir, model: str, reason: str) -> None:
-    """Standby -> active: stop checking in, join the gossip, start serving ``model``."""
-    node = top.node
-    passive = node.passive
-    scanned = node.scan.models.get(model) if node.scan is not None else None
-    if scanned is None:
-        log.error("cannot promote to %s: it is not on this node's disk any more", model)
-        return
-    t0 = top.reactor.seconds()
-    record = dict(passive.promotion or {}, model=model, reason=reason)
-    node.passive = None
-    node.promotion = record  # from now on its role is no longer "standby"
-    top.reactor.callLater(0, passive.disownServiceParent)  # not from inside its own callback
-    top._start_mesh(identity, state)
-    try:
-        top._serve(model, str(scanned.path), scanned.size_bytes)
-    except Exception as e:  # noqa: BLE001 - e.g. no llama-server binary: stay up, say why
-        log.error("promotion to %s failed: %s", model, e)
-        return
-    top.api.router = getattr(top, "router", None) or node  # the mesh-wide router from now on
-    record["serving_at"] = t0
-    served = node.served.get(model)
-    if served is None:  # the election keeps it waiting (a split): status says why
-        log.info("promoted to %s: the election decides when its llama-server starts", model)
-        return
-    backend = served.backend
-
-    def warm(_: Any) -> None:
-        record["warm_at"] = top.reactor.seconds()
-        log.info("promoted: serving %s (load took %.1f s)", model, record["warm_at"] - t0)
-        top.notifier.status(top._status_line())
-
-    backend.when_ready().addCallbacks(warm, lambda f: log.error(
-        "promoted to %s but llama-server failed: %s", model, f.getErrorMessage()))

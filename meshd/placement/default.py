@@ -16,13 +16,13 @@ functions defined in the plugin module count as its hooks).
 
 from __future__ import annotations
 
-import hashlib
 from collections.abc import Callable, Mapping
 from typing import Any
 
 from meshd.placement.fit import download_allowed, fits, needed_bytes
 from meshd.placement.hookspecs import hookimpl
 from meshd.placement.snapshot import MeshView, ModelInfo, NodeView, SplitPlan
+from meshd.placement.spread import stable_index  # re-exported for plugins
 from meshd.states import PlanMode, Role
 from meshd.units import gib
 
@@ -36,16 +36,6 @@ SPARE_ROLES = frozenset({Role.STANDBY, Role.IDLE})
 
 # the VRAM a model needs: the fit rule's, under the name plugins know
 need_bytes = needed_bytes
-
-
-def stable_index(client_id: str, model: str, n: int) -> int:
-    """``hash(client_id + model) % n`` with a hash that is the same on every machine.
-
-    Python's ``hash()`` of a str is salted per process, so two nodes (or two
-    runs) would disagree; the first 8 bytes of SHA-256 do not.
-    """
-    digest = hashlib.sha256((client_id + model).encode()).digest()
-    return int.from_bytes(digest[:8], "big") % n
 
 
 @hookimpl(trylast=True)

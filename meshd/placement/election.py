@@ -42,9 +42,9 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 from meshd.mesh.membership import PeerChanged, PeerDown, PeerLeft
 from meshd.placement import rules as placement
@@ -52,6 +52,12 @@ from meshd.placement.fit import needed_bytes
 from meshd.placement.snapshot import MeshView, NodeView
 from meshd.states import ModelAction, ModelState, PlanMode, Role
 from meshd.units import gib
+
+if TYPE_CHECKING:
+    from meshd.config import Config
+    from meshd.models.download import Downloader
+    from meshd.models.scan import ScanResult
+    from meshd.placement.plugins import PolicyManager
 
 log = logging.getLogger("meshd.placement.election")
 
@@ -142,12 +148,66 @@ def decide(
                     need_bytes=plan.need_bytes, have_bytes=plan.have_bytes)
 
 
+class ElectionPeer(Protocol):
+    """A peer as the election reads it (``meshd.mesh.membership.PeerView``)."""
+
+    @property
+    def node_id(self) -> str: ...
+
+    @property
+    def serving(self) -> Sequence[str]: ...
+
+    @property
+    def loading(self) -> Sequence[str]: ...
+
+    @property
+    def waiting(self) -> Sequence[str]: ...
+
+
+class ElectionMesh(Protocol):
+    def peers(self) -> Sequence[ElectionPeer]: ...
+
+
+class ElectionNode(Protocol):
+    """What the election needs of this node (``meshd.daemon.node.Node``)."""
+
+    @property
+    def node_id(self) -> str: ...
+
+    @property
+    def config(self) -> Config: ...
+
+    @property
+    def policy(self) -> PolicyManager | None: ...
+
+    @property
+    def scan(self) -> ScanResult | None: ...
+
+    @property
+    def dropped(self) -> Collection[str]: ...
+
+    @property
+    def downloader(self) -> Downloader | None: ...
+
+    @property
+    def mesh(self) -> ElectionMesh | None: ...
+
+    @property
+    def role(self) -> str: ...
+
+    def node_view(self) -> NodeView: ...
+
+    def mesh_view(self) -> MeshView: ...
+
+    def rescan(self) -> None: ...
+
+
 class Rebalancer:
     """This node's model: its decision, re-made on every event, and assignment after joining.
 
-    ``node`` supplies ``node_id``, ``config``, ``policy``, ``scan``,
-    ``node_view()``, ``mesh_view()``, ``mesh`` (``peers()``), ``dropped`` and
-    ``downloader``.  ``start(model)`` starts the llama-server for the model
+    ``node`` is what it reads of this node (:class:`ElectionNode`).  Once
+    :meth:`stop` ped (the daemon stops, or the node stood by) it neither assigns
+    nor promotes any more.  ``start(model)`` starts the llama-server for the model
     (solo), ``stop(model)`` stops it, ``start_split(model, workers)`` runs it
     as a split host (the split issue).  ``changed()`` is called whenever this
     node's announce may differ (role, waiting models).
@@ -155,7 +215,7 @@ class Rebalancer:
 
     def __init__(
         self,
-        node: Any,
+        node: ElectionNode,
         *,
         reactor: Any,
         start: Callable[[str], Any],
@@ -181,6 +241,7 @@ class Rebalancer:
         self._assign_call: Any = None
         self._assign_deadline: float | None = None
         self.decisions = 0  # plans made, for tests and status
+        self.stopped = False  # stop(): no assignment or promotion any more
 
     # -- this node's model ----------------------------------------------------------------
 
@@ -227,8 +288,7 @@ class Rebalancer:
         mesh = self.node.mesh
         if mesh is not None:
             for p in mesh.peers():
-                out[p.node_id] = (tuple(p.serving) + tuple(getattr(p, "loading", ()))
-                                  + tuple(getattr(p, "waiting", ())))
+                out[p.node_id] = tuple(p.serving) + tuple(p.loading) + tuple(p.waiting)
         if self.target is not None:
             out[self.node.node_id] = (self.target,)
         return out
@@ -322,7 +382,7 @@ class Rebalancer:
 
     def _may_promote(self) -> bool:
         node = self.node
-        if node.config.node.client or self.assigning or self.target is not None:
+        if self.stopped or node.config.node.client or self.assigning or self.target is not None:
             return False
         return node.mesh is not None and node.role == Role.IDLE
 
@@ -343,7 +403,7 @@ class Rebalancer:
     def _may_assign(self) -> bool:
         node = self.node
         cfg = node.config.node
-        if cfg.client or cfg.standby or self.assigning or self.target is not None:
+        if self.stopped or cfg.client or cfg.standby or self.assigning or self.target is not None:
             return False
         return node.mesh is not None and bool(node.mesh.peers())
 
@@ -379,7 +439,7 @@ class Rebalancer:
     def _spare_view(self) -> tuple[MeshView, NodeView]:
         """The mesh and this node as assignment and promotion see them: dropped models left
         out, and a model a peer is loading or waiting for counted as served."""
-        dropped = frozenset(getattr(self.node, "dropped", ()))
+        dropped = frozenset(self.node.dropped)
         targets = self.targets()
         mesh_view = self.node.mesh_view()
         view = without_models(MeshView(
@@ -393,12 +453,12 @@ class Rebalancer:
     def _take(self, model: str, *, download: bool, what: str) -> str | None:
         """Serve ``model`` (assigned or promoted): through the gated downloader first when it
         is not on disk."""
-        if model in getattr(self.node, "dropped", ()):
+        if model in self.node.dropped:
             return None
         if not download:
             self.serve(model)
             return model
-        downloader = getattr(self.node, "downloader", None)
+        downloader = self.node.downloader
         if downloader is None:
             log.warning("%s %s, but this node cannot download", what, model)
             return None
@@ -407,9 +467,8 @@ class Rebalancer:
 
         def done(_: Any) -> None:
             self.assigning = False
-            if hasattr(self.node, "rescan"):
-                self.node.rescan()
-            if model not in getattr(self.node, "dropped", ()):
+            self.node.rescan()
+            if model not in self.node.dropped:
                 self.serve(model)
 
         def failed(f: Any) -> None:
@@ -420,6 +479,7 @@ class Rebalancer:
         return model
 
     def stop(self) -> None:
+        self.stopped = True
         self._cancel_assign()
 
 

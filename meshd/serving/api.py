@@ -30,8 +30,8 @@ What a reader needs to know:
   node's API sees "closed before any response" and fails over or retries on a
   fresh tunnel, as it would for a dead host, rather than relaying an error.
 
-``python -m meshd.serving.api --static MODEL=HOST:PORT --listen HOST:PORT`` runs the
-API alone in front of fixed upstreams (benchmarks, debugging).
+``python -m meshd.cli.static_api --static MODEL=HOST:PORT --listen HOST:PORT`` runs
+the API alone in front of fixed upstreams (benchmarks, debugging).
 """
 
 from __future__ import annotations
@@ -623,91 +623,3 @@ class Forward:
 def make_site(router: Router, api: ApiConfig, *, reactor=None) -> server.Site:
     """The API's twisted.web Site (``.api`` is its :class:`ApiServer`)."""
     return ApiServer(router, api, reactor=reactor).site
-
-
-# -- a fixed router, for benchmarks and tests ---------------------------------------------
-
-
-class StaticRouter:
-    """Each model served by fixed ``host:port`` upstreams, tried in order."""
-
-    def __init__(self, table: dict[str, list[str]]):
-        from twisted.internet import endpoints
-        from twisted.internet import reactor as default_reactor
-
-        from meshd.config import parse_address
-
-        self.table: dict[str, list[Upstream]] = {}
-        self.failed: list[tuple[str, str]] = []
-        self.active: dict[str, int] = {}
-        for model, addrs in table.items():
-            ups = []
-            for addr in addrs:
-                host, port = parse_address(addr)
-                ups.append(Upstream(
-                    name=addr,
-                    endpoint=lambda h=host, p=port: endpoints.TCP4ClientEndpoint(default_reactor, h, p),
-                    pool_key=addr,
-                ))
-            self.table[model] = ups
-
-    def models(self) -> list[dict[str, Any]]:
-        return [{"id": m, "object": "model", "owned_by": "meshd"} for m in sorted(self.table)]
-
-    def upstreams(self, model: str, client_id: str) -> list[Upstream]:
-        if model not in self.table:
-            raise UnknownModel(model, list(self.table))
-        return list(self.table[model])
-
-    def upstream_failed(self, upstream: Upstream, reason: str) -> None:
-        self.failed.append((upstream.name, reason))
-
-    def request_started(self, upstream: Upstream) -> None:
-        self.active[upstream.name] = self.active.get(upstream.name, 0) + 1
-
-    def request_finished(self, upstream: Upstream) -> None:
-        self.active[upstream.name] -= 1
-
-
-def main(argv: list[str] | None = None) -> int:
-    import argparse
-    import sys
-
-    from twisted.internet import endpoints, reactor
-
-    from meshd.config import tcp_endpoint
-
-    parser = argparse.ArgumentParser(prog="python -m meshd.serving.api",
-                                     description="The meshd API alone, in front of fixed upstreams.")
-    parser.add_argument("--static", action="append", default=[], metavar="MODEL=HOST:PORT",
-                        help="serve MODEL from HOST:PORT (repeat for more upstreams or models)")
-    parser.add_argument("--listen", default="127.0.0.1:9337")
-    parser.add_argument("--api-key", default="")
-    args = parser.parse_args(argv)
-    table: dict[str, list[str]] = {}
-    for item in args.static:
-        model, sep, addr = item.partition("=")
-        if not sep:
-            parser.error(f"--static {item!r}: expected MODEL=HOST:PORT")
-        table.setdefault(model, []).append(addr)
-    logging.basicConfig(level=logging.INFO, stream=sys.stderr,
-                        format="%(asctime)s %(name)s %(levelname)s %(message)s")
-    api = ApiServer(StaticRouter(table), ApiConfig(listen=args.listen, api_key=args.api_key),
-                    reactor=reactor)
-    ep = endpoints.serverFromString(reactor, tcp_endpoint(args.listen))
-    d = ep.listen(api.site)
-
-    def listening(port):
-        print(f"listening on {args.listen}", flush=True)
-
-    def failed(f):
-        print(f"cannot listen on {args.listen}: {f.getErrorMessage()}", file=sys.stderr)
-        reactor.stop()
-
-    d.addCallbacks(listening, failed)
-    reactor.run()
-    return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

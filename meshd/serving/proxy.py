@@ -19,11 +19,11 @@ connections go back to the :class:`ConnectionPool` under the upstream's
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import Protocol as TypingProtocol
+from typing import cast
 
 from twisted.internet import defer, endpoints
-from twisted.internet.interfaces import IReactorTime
 from twisted.internet.protocol import Protocol
 from twisted.python.failure import Failure
 
@@ -149,6 +149,17 @@ _IDLE, _HEAD, _BODY, _CLOSED = range(4)
 _LENGTH, _CHUNKED, _UNTIL_CLOSE = range(3)
 
 
+class _Socket(TypingProtocol):
+    """What an upstream connection uses of its TCP transport."""
+
+    def write(self, data: bytes) -> None: ...
+    def writeSequence(self, data: Iterable[bytes]) -> None: ...
+    def loseConnection(self) -> None: ...
+    def abortConnection(self) -> None: ...
+    def pauseProducing(self) -> None: ...
+    def resumeProducing(self) -> None: ...
+
+
 class UpstreamConnection(Protocol):
     """One HTTP/1.1 connection to an upstream; one exchange at a time."""
 
@@ -165,12 +176,17 @@ class UpstreamConnection(Protocol):
         self._framing = _LENGTH
         self._left = 0
         self._decoder: ChunkedDecoder | None = None
-        self._idle_call = None
+
+    @property
+    def sock(self) -> _Socket:
+        """The transport as the TCP connection it is (set before ``connectionMade``)."""
+        return cast(_Socket, self.transport)
 
     def connectionMade(self) -> None:
         # a request written on a reused connection must not wait for a delayed ACK
-        if hasattr(self.transport, "setTcpNoDelay"):
-            self.transport.setTcpNoDelay(True)
+        set_no_delay = getattr(self.transport, "setTcpNoDelay", None)
+        if set_no_delay is not None:
+            set_no_delay(True)
 
     # -- driving an exchange -------------------------------------------------
 
@@ -182,9 +198,9 @@ class UpstreamConnection(Protocol):
         self.exchanges += 1
         self._buf = b""
         if body:
-            self.transport.writeSequence((head, body))
+            self.sock.writeSequence((head, body))
         else:
-            self.transport.write(head)
+            self.sock.write(head)
 
     def abort(self) -> None:
         """Drop the exchange and the connection (our client went away)."""
@@ -192,7 +208,7 @@ class UpstreamConnection(Protocol):
         self.reusable = False
         if self.state != _CLOSED and self.transport is not None:
             self.state = _CLOSED
-            self.transport.abortConnection()
+            self.sock.abortConnection()
 
     # IPushProducer, registered with the API's request: the client's socket
     # buffer fills -> we stop reading the upstream socket, and the upstream
@@ -200,12 +216,12 @@ class UpstreamConnection(Protocol):
     def pauseProducing(self) -> None:
         if not self.paused and self.state != _CLOSED:
             self.paused = True
-            self.transport.pauseProducing()
+            self.sock.pauseProducing()
 
     def resumeProducing(self) -> None:
         if self.paused and self.state != _CLOSED:
             self.paused = False
-            self.transport.resumeProducing()
+            self.sock.resumeProducing()
 
     def stopProducing(self) -> None:
         self.abort()
@@ -215,27 +231,30 @@ class UpstreamConnection(Protocol):
     def dataReceived(self, data: bytes) -> None:
         # the per-chunk path: keep it short
         if self.state == _BODY:
+            # in _BODY there is a sink (and, for chunked framing, a decoder)
+            sink = cast(ResponseSink, self.sink)
             framing = self._framing
             if framing == _CHUNKED:
+                decoder = cast(ChunkedDecoder, self._decoder)
                 try:
-                    payload = self._decoder.feed(data)
+                    payload = decoder.feed(data)
                 except UpstreamError as e:
                     self._fail(str(e))
                     return
                 if payload:
-                    self.sink.response_data(payload)
-                if self._decoder.done and self.sink is not None:
+                    sink.response_data(payload)
+                if decoder.done and self.sink is not None:
                     self._finish()
             elif framing == _LENGTH:
                 if len(data) > self._left:
                     self._fail("upstream sent more than its Content-Length")
                     return
                 self._left -= len(data)
-                self.sink.response_data(data)
+                sink.response_data(data)
                 if not self._left and self.sink is not None:
                     self._finish()
             else:
-                self.sink.response_data(data)
+                sink.response_data(data)
             return
         if self.state == _HEAD:
             self.started = True
@@ -243,7 +262,7 @@ class UpstreamConnection(Protocol):
         elif self.state == _IDLE:
             # a keep-alive connection must be silent between exchanges
             self.reusable = False
-            self.transport.loseConnection()
+            self.sock.loseConnection()
 
     def _head_received(self, data: bytes) -> None:
         buf = self._buf + data
@@ -286,7 +305,7 @@ class UpstreamConnection(Protocol):
             self._framing = _UNTIL_CLOSE
             self.reusable = False
         self.state = _BODY
-        sink = self.sink
+        sink = cast(ResponseSink, self.sink)  # an exchange is in progress
         sink.response_head(status, headers, length)
         if self.sink is not sink or self.state != _BODY:
             return  # the sink gave up during the head
@@ -298,18 +317,18 @@ class UpstreamConnection(Protocol):
             self.dataReceived(buf)
 
     def _finish(self) -> None:
-        sink = self.sink
+        sink = cast(ResponseSink, self.sink)  # called only with an exchange in progress
         self.sink = None
         self.state = _IDLE
         self._decoder = None
         if self.paused:
             self.paused = False
-            self.transport.resumeProducing()
+            self.sock.resumeProducing()
         sink.response_end()
         if self.pool is not None and self.reusable and self.state == _IDLE:
             self.pool.release(self)
         elif self.state != _CLOSED:
-            self.transport.loseConnection()
+            self.sock.loseConnection()
 
     def _fail(self, reason: str) -> None:
         sink = self.sink
@@ -317,11 +336,11 @@ class UpstreamConnection(Protocol):
         self.reusable = False
         if self.state != _CLOSED:
             self.state = _CLOSED
-            self.transport.abortConnection()
+            self.sock.abortConnection()
         if sink is not None:
             sink.response_failed(reason, self.started)
 
-    def connectionLost(self, reason: Failure = None) -> None:
+    def connectionLost(self, reason: Failure | None = None) -> None:
         state = self.state
         self.state = _CLOSED
         if self.pool is not None:
@@ -340,10 +359,21 @@ class UpstreamConnection(Protocol):
             sink.response_failed(f"connection lost mid-response ({what})", True)
 
 
+class _Call(TypingProtocol):
+    def active(self) -> bool: ...
+    def cancel(self) -> None: ...
+
+
+class _Clock(TypingProtocol):
+    """What the pool needs of the reactor (``IReactorTime``; ``task.Clock`` in tests)."""
+
+    def callLater(self, delay: float, f: Callable[..., object], *args: object) -> _Call: ...
+
+
 class _Idle:
     __slots__ = ("conn", "call")
 
-    def __init__(self, conn: UpstreamConnection, call):
+    def __init__(self, conn: UpstreamConnection, call: _Call):
         self.conn = conn
         self.call = call
 
@@ -355,7 +385,7 @@ class ConnectionPool:
     exchange): each request gets a fresh connection, closed afterwards.
     """
 
-    def __init__(self, reactor: IReactorTime, connect_timeout_s: float = 10.0,
+    def __init__(self, reactor: _Clock, connect_timeout_s: float = 10.0,
                  *, max_idle_per_key: int = MAX_IDLE_PER_KEY,
                  idle_timeout_s: float = IDLE_TIMEOUT_S):
         self.reactor = reactor
@@ -384,14 +414,14 @@ class ConnectionPool:
     def release(self, conn: UpstreamConnection) -> None:
         idle = self._idle.setdefault(conn.upstream.pool_key, [])
         if len(idle) >= self.max_idle_per_key:
-            conn.transport.loseConnection()
+            conn.sock.loseConnection()
             return
         call = self.reactor.callLater(self.idle_timeout_s, self._expire, conn)
         idle.append(_Idle(conn, call))
 
     def _expire(self, conn: UpstreamConnection) -> None:
         self.forget(conn)
-        conn.transport.loseConnection()
+        conn.sock.loseConnection()
 
     def forget(self, conn: UpstreamConnection) -> None:
         idle = self._idle.get(conn.upstream.pool_key)
@@ -413,7 +443,7 @@ class ConnectionPool:
             for entry in list(idle):
                 if entry.call.active():
                     entry.call.cancel()
-                entry.conn.transport.loseConnection()
+                entry.conn.sock.loseConnection()
         self._idle.clear()
 
 

@@ -27,9 +27,9 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 from twisted.internet.interfaces import IStreamClientEndpoint
 
@@ -182,6 +182,50 @@ def order_hosts(
 EndpointFactory = Callable[[str, str], IStreamClientEndpoint]
 
 
+class RoutedPeer(Protocol):
+    """A peer as the router reads it (``meshd.mesh.membership.PeerView``)."""
+
+    @property
+    def node_id(self) -> str: ...
+
+    @property
+    def loading(self) -> Sequence[str]: ...
+
+    @property
+    def waiting(self) -> Sequence[str]: ...
+
+
+class RoutedMesh(Protocol):
+    def peers(self) -> Sequence[RoutedPeer]: ...
+
+
+class RoutedNode(Protocol):
+    """What the router needs of this node (``meshd.daemon.node.Node``): its id, its served
+    models (``ServedModel``: ``backend``, ``size_bytes``, ``state``), the views, the drops."""
+
+    @property
+    def node_id(self) -> str: ...
+
+    @property
+    def started_at(self) -> float: ...
+
+    @property
+    def policy(self) -> Any: ...
+
+    @property
+    def served(self) -> Mapping[str, Any]: ...
+
+    @property
+    def dropped(self) -> Collection[str]: ...
+
+    @property
+    def mesh(self) -> RoutedMesh | None: ...
+
+    def waiting_models(self) -> list[str]: ...
+
+    def mesh_view(self) -> MeshView: ...
+
+
 class MeshRouter:
     """``routing.Router`` for an active node: local llama-servers and tunnels to peers.
 
@@ -190,7 +234,8 @@ class MeshRouter:
     a tunnel (``meshd.serving.tunnel.TunnelEndpoint`` in the daemon).
     """
 
-    def __init__(self, node: Any, *, reactor: Any, tunnel: EndpointFactory | None = None):
+    def __init__(self, node: RoutedNode, *, reactor: Any,
+                 tunnel: EndpointFactory | None = None):
         self.node = node
         self.reactor = reactor
         self._tunnel = tunnel or self._default_tunnel
@@ -223,9 +268,9 @@ class MeshRouter:
         peer_waiting: dict[str, tuple[str, ...]] = {}
         if node.mesh is not None:
             for p in node.mesh.peers():
-                peer_loading[p.node_id] = tuple(getattr(p, "loading", ()))
-                peer_waiting[p.node_id] = tuple(getattr(p, "waiting", ()))
-        local_waiting = tuple(node.waiting_models()) if hasattr(node, "waiting_models") else ()
+                peer_loading[p.node_id] = tuple(p.loading)
+                peer_waiting[p.node_id] = tuple(p.waiting)
+        local_waiting = tuple(node.waiting_models())
         return build_snapshot(
             node.node_id,
             node.mesh_view(),
@@ -234,7 +279,7 @@ class MeshRouter:
             peer_waiting=peer_waiting,
             local_waiting=local_waiting,
             local_sizes={name: m.size_bytes for name, m in node.served.items()},
-            dropped=frozenset(getattr(node, "dropped", ())),
+            dropped=frozenset(node.dropped),
         )
 
     # -- routing.Router ----------------------------------------------------------------------

@@ -25,8 +25,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from meshd.mesh import wire
-from meshd.placement.default import stable_index
 from meshd.placement.snapshot import MeshView, ModelFile, NodeView
+from meshd.placement.spread import stable_index
 
 # a passive node counts as present while its last check-in is this many refresh periods old
 PRESENT_REFRESHES = 3

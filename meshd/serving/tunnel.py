@@ -46,7 +46,8 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
-from typing import Any
+from typing import Any, cast
+from typing import Protocol as TypingProtocol
 
 from twisted.internet import defer, error
 from twisted.internet.interfaces import (
@@ -64,6 +65,21 @@ from meshd.mesh import wire
 from meshd.mesh.wire import FrameType
 
 log = logging.getLogger("meshd.serving.tunnel")
+
+
+class _Stream(TypingProtocol):
+    """What a tunnel does with the protocol it carries (an ``IProtocol``)."""
+
+    def makeConnection(self, transport: Any) -> None: ...
+    def dataReceived(self, data: bytes) -> None: ...
+    def connectionLost(self, reason: Failure) -> None: ...
+
+
+class _StreamFactory(TypingProtocol):
+    """What a tunnel needs of the factory it is handed (an ``IProtocolFactory``)."""
+
+    def buildProtocol(self, addr: Any) -> _Stream | None: ...
+
 
 PURPOSE = "http"
 # the TUNNEL frames are a few dozen bytes; anything bigger is not a tunnel
@@ -154,7 +170,7 @@ class HostTunnel:
         self.server = server
         self.state = self.HEADER
         self.model: str | None = None
-        self.channel: IProtocol | None = None
+        self.channel: _Stream | None = None
         self._decoder: wire.Decoder | None = wire.Decoder(MAX_TUNNEL_FRAME_BYTES)
 
     @property
@@ -202,11 +218,11 @@ class HostTunnel:
     def _open(self, rest: bytes) -> None:
         peer = self.peer
         peer.transport.write(_tunnel_frame({"ok": True}))
-        channel = self.server.api.site.buildProtocol(peer.transport.getPeer())
+        channel: _Stream = self.server.api.site.buildProtocol(peer.transport.getPeer())
         self.channel = channel
         self.state = self.OPEN
         self.server.opened += 1
-        channel.makeConnection(TunnelTransport(peer, self.who, self.model))
+        channel.makeConnection(TunnelTransport(peer, self.who, self.model or "?"))
         peer.take_over(channel.dataReceived)  # from now on the peer's bytes are HTTP
         log.debug("tunnel from %s open for %s", self.who, self.model)
         if rest:
@@ -336,7 +352,7 @@ class TunnelEndpoint:
         self.model = model
 
     def connect(self, factory: IProtocolFactory) -> defer.Deferred[IProtocol]:
-        return _ClientOpen(self, factory).start()
+        return _ClientOpen(self, cast(_StreamFactory, factory)).start()
 
     def __repr__(self) -> str:
         return f"<TunnelEndpoint {self.node_id} {self.model}>"
@@ -345,11 +361,11 @@ class TunnelEndpoint:
 class _ClientOpen:
     """One tunnel being opened, then carried: dial -> TUNNEL exchange -> hand over the protocol."""
 
-    def __init__(self, endpoint: TunnelEndpoint, factory: IProtocolFactory):
+    def __init__(self, endpoint: TunnelEndpoint, factory: _StreamFactory):
         self.ep = endpoint
         self.factory = factory
         self.peer: Any = None
-        self.proto: IProtocol | None = None
+        self.proto: _Stream | None = None
         self.result: defer.Deferred[IProtocol] = defer.Deferred(self._cancel)
         self._decoder = wire.Decoder(MAX_TUNNEL_FRAME_BYTES)
         self._done = False  # the result has fired
@@ -413,7 +429,7 @@ class _ClientOpen:
         self.proto = proto
         proto.makeConnection(TunnelTransport(peer, self.ep.node_id, self.ep.model))
         self._done = True
-        self.result.callback(proto)
+        self.result.callback(cast(IProtocol, proto))
         if rest:
             proto.dataReceived(rest)
 

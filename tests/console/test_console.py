@@ -89,6 +89,9 @@ class FakeNode:
     def add_status_listener(self, cb):
         self.status_listeners.append(cb)
 
+    def add_membership_listener(self, cb):
+        self.mesh.add_listener(cb)
+
     def status(self):
         return {
             "node_id": self.node_id, "state": self.state, "uptime_s": self.clock.seconds(),

@@ -180,7 +180,7 @@ def run_cli(tmp_path, hub, *args, **popen):
     config.write_text("")
     env = dict(os.environ, PYTHONPATH=str(ROOT), HF_ENDPOINT=hub.url, HF_HUB_DISABLE_XET="1",
                HF_HOME=str(tmp_path / "hf-home"))
-    cmd = [sys.executable, "-m", "meshd.models.download", "--config", str(config),
+    cmd = [sys.executable, "-m", "meshd.cli.download", "--config", str(config),
            "--models-dir", str(tmp_path / "models"), "--cache-dir", str(tmp_path / "partial"),
            "--vram-gb", "1000", "--min-free-gb", "0", *args]
     return subprocess.Popen(cmd, env=env, cwd=str(ROOT), stdout=subprocess.PIPE,

@@ -380,6 +380,7 @@ class StandbyNode:
     def __init__(self, node_id: str, vram_gb: float, models=(M,)):
         self._view = NodeView(node_id, role="standby", vram_bytes=int(vram_gb * GB),
                               available_models=tuple(models))
+        self.dropped: set[str] = set()
 
     def node_view(self) -> NodeView:
         return self._view

@@ -11,12 +11,16 @@ from twisted.application import service
 from twisted.internet.task import Clock
 
 from meshd.config import Config
-from meshd.daemon.node import Node
+from meshd.daemon.node import Node, RoleParts
+from meshd.daemon.roles import RoleGroup, RoleService, SwitchableRouter
+from meshd.daemon.service import Groups
+from meshd.daemon.tree import CallbackService
 from meshd.mesh import identity as identitymod
 from meshd.passive import node as passivemod
 from meshd.placement.election import Rebalancer
 from meshd.placement.snapshot import GB
 from meshd.statedir import KnownNode, MeshState, StateDir
+from meshd.states import Role
 from tests.passive.test_passive import IDS, Dialer, M, StandbyNode, entry, make_token, node, table
 
 # -- a standby whose every active node is gone --------------------------------------------------
@@ -117,7 +121,7 @@ def test_the_token_issuer_counts_in_the_full_round():
 
 
 class FakeMeshService(service.Service):
-    """What stand_by reads of ``meshd.mesh.gossip.MeshService``; stopping it is leaving."""
+    """What the role change reads of ``meshd.mesh.gossip.MeshService``; stopping it is leaving."""
 
     name = "mesh"
 
@@ -147,20 +151,30 @@ def peer(i: int, serving=(), loading=(), waiting=()) -> Any:
                            rtt_ms=1.0, addrs=[f"127.0.0.1:{7000 + i}"])
 
 
-class Top(service.MultiService):
-    """The parts of ``meshd.daemon.service.MeshdService`` stand_by touches."""
+class FakedGroups:
+    """The daemon's groups with the mesh faked: the active group is a fake mesh, a
+    tunnels step that records its closing and the real election; the passive group is
+    the daemon's own (``meshd.daemon.service.Groups.passive``)."""
 
-    def __init__(self, node: Node, clock: Clock):
-        super().__init__()
-        self.config = node.config
-        self.reactor = clock
-        self.node = node
-        self.api = SimpleNamespace(router="the mesh router")
-        self.tunnels = SimpleNamespace(closed=False)
-        self.tunnels.close_all = lambda: setattr(self.tunnels, "closed", True)
-        self.rebalancer = None
-        self.statuses: list[str] = []
-        self.notifier = SimpleNamespace(status=self.statuses.append)
+    def __init__(self, node: Node, ident: Any, state: StateDir, clock: Clock, peers: list):
+        self.node, self.ident, self.state, self.clock, self.peers = node, ident, state, clock, peers
+        self.daemon = Groups(node.config, node, ident, state, reactor=clock, backends=None,
+                             notifier=None)
+        self.closed: list[bool] = []
+        self.mesh: FakeMeshService | None = None
+
+    def active(self, roles: RoleService) -> RoleGroup:
+        self.mesh = FakeMeshService(self.ident, self.state, list(self.peers))
+        rebalancer = Rebalancer(self.node, reactor=self.clock, start=lambda m: None,
+                                stop=lambda m: None, unassigned=roles.unassigned)
+        return RoleGroup(
+            "active", [CallbackService("tunnels", on_stop=lambda: self.closed.append(True)),
+                       CallbackService("election", on_stop=rebalancer.stop), self.mesh],
+            router="the mesh router", facing=("mesh",),
+            parts=RoleParts(mesh=self.mesh, rebalancer=rebalancer))
+
+    def passive(self, roles: RoleService, reason: str | None) -> RoleGroup:
+        return self.daemon.passive(roles, reason)
 
 
 def active_idle(tmp_path, *, vram_gb=8.0, models=(M,), peers=()):
@@ -173,15 +187,15 @@ def active_idle(tmp_path, *, vram_gb=8.0, models=(M,), peers=()):
     state.ensure()
     state.save_mesh(MeshState("mesh1", b"s" * 32))
     state.save_peers([], [KnownNode(p.node_id, tuple(p.addrs)) for p in peers])
-    top = Top(n, clock)
-    mesh = FakeMeshService(ident, state, list(peers))
-    mesh.setServiceParent(top)
-    n.mesh = mesh
-    top.rebalancer = n.rebalancer = Rebalancer(
-        n, reactor=clock, start=lambda m: None, stop=lambda m: None,
-        unassigned=lambda reason: passivemod.stand_by(top, reason))
-    top.startService()
-    return top, n, mesh, clock
+    groups = FakedGroups(n, ident, state, clock, list(peers))
+    statuses: list[str] = []
+    router = SwitchableRouter()
+    roles = RoleService(n, router, groups, reactor=clock, serve=lambda *a: None,
+                        status=statuses.append)
+    roles.startService()
+    roles.enter()
+    return SimpleNamespace(roles=roles, node=n, mesh=groups.mesh, clock=clock, groups=groups,
+                           router=router, statuses=statuses)
 
 
 def test_an_idle_node_assignment_gives_nothing_leaves_the_gossip_and_checks_in(tmp_path,
@@ -189,15 +203,18 @@ def test_an_idle_node_assignment_gives_nothing_leaves_the_gossip_and_checks_in(t
     dialer = Dialer()
     monkeypatch.setattr(passivemod.RouteClient, "_dial", lambda self, t, a: dialer(t, a))
     # every model it has is too big for it (1 GB x 1.1 > 1 GB): nothing fits
-    top, n, mesh, clock = active_idle(tmp_path, vram_gb=1.0, peers=[peer(0, serving=["m1"])])
-    assert n.role == "idle"
-    assert n.rebalancer.assign() is None
-    assert mesh.left and n.mesh is None and n.route_server is None and top.tunnels.closed
+    t = active_idle(tmp_path, vram_gb=1.0, peers=[peer(0, serving=["m1"])])
+    n, mesh = t.node, t.mesh
+    assert n.role == "idle" and t.router.target == "the mesh router"
+    election = n.rebalancer
+    assert election.assign() is None
+    assert mesh.left and n.mesh is None and n.route_server is None and t.groups.closed
     p = n.passive
     assert isinstance(p, passivemod.PassiveNode) and p.kind == "standby" and p.running
     assert n.role == "standby" and n.status()["role"] == "standby"
+    assert n.roles.moves == [(Role.IDLE, Role.STANDBY)]
     assert "assignment gave it nothing" in n.status()["route"]["reason"]
-    assert top.api.router is p.router
+    assert t.router.target is p.router
     # same identity and mesh secret; the peers it knew are where it checks in
     assert p.client.node_id == n.node_id and p.client.mesh == MeshState("mesh1", b"s" * 32)
     assert [t.node_id for t in p.client.targets()] == [IDS[0]]
@@ -206,11 +223,13 @@ def test_an_idle_node_assignment_gives_nothing_leaves_the_gossip_and_checks_in(t
     conn = dialer.succeed(p.client)
     assert conn.sent[0][1]["kind"] == "standby" and conn.sent[0][1]["vram_bytes"] == GB
     assert p.on_promote is not None  # it promotes when a model on its disk loses its host
-    assert top.statuses and top.statuses[-1].startswith("standby (passive)")
+    assert t.statuses and t.statuses[-1].startswith("standby (passive)")
     # a later assignment round does nothing: it is no longer in the gossip
-    assert n.rebalancer.assign() is None and n.passive is p
-    top.stopService()
-    clock.advance(120)
+    assert election.assign() is None and n.passive is p and n.rebalancer is None
+    t.roles.leave()
+    t.roles.stopService()
+    assert not p.running
+    t.clock.advance(120)
 
 
 def test_an_idle_node_stays_active_when_it_cannot_be_a_standby(tmp_path):
@@ -221,25 +240,28 @@ def test_an_idle_node_stays_active_when_it_cannot_be_a_standby(tmp_path):
         "no models on disk": dict(vram_gb=1.0, models=(), peers=[peer(0, serving=["m1"])]),
     }
     for i, (why, kw) in enumerate(cases.items()):
-        top, n, mesh, clock = active_idle(tmp_path / str(i), **kw)
+        t = active_idle(tmp_path / str(i), **kw)
+        n = t.node
         assert n.rebalancer.assign() is None, why
-        assert not mesh.left and n.passive is None and n.role == "idle", why
-        top.stopService()
+        assert not t.mesh.left and n.passive is None and n.role == "idle", why
+        t.roles.stopService()
 
 
 def test_an_idle_node_assignment_gives_a_model_serves_it_as_today(tmp_path):
-    top, n, mesh, clock = active_idle(tmp_path, vram_gb=8.0, peers=[peer(0, serving=["m1"])])
+    t = active_idle(tmp_path, vram_gb=8.0, peers=[peer(0, serving=["m1"])])
+    n = t.node
     assert n.rebalancer.assign() == "m1"  # least-served model on disk
-    assert not mesh.left and n.passive is None
-    top.stopService()
+    assert not t.mesh.left and n.passive is None
+    t.roles.stopService()
 
 
 def test_a_node_whose_model_was_dropped_neither_stands_by_nor_promotes_for_it(tmp_path):
-    top, n, mesh, clock = active_idle(tmp_path, vram_gb=8.0, peers=[peer(0, serving=["m2"])])
+    t = active_idle(tmp_path, vram_gb=8.0, peers=[peer(0, serving=["m2"])])
+    n = t.node
     n.dropped.add("m1")  # meshctl drop m1: its only model on disk
     assert n.rebalancer.assign() is None
-    assert not mesh.left and n.passive is None and n.role == "idle"
-    top.stopService()
+    assert not t.mesh.left and n.passive is None and n.role == "idle"
+    t.roles.stopService()
     promoted: list = []
     p, c, dialer, conn = checked_in(1, 16, promoted, table(node(0, serving=["m1"]),
                                                            standby=[entry(1, 16)]))
@@ -250,6 +272,6 @@ def test_a_node_whose_model_was_dropped_neither_stands_by_nor_promotes_for_it(tm
 
 def test_a_peer_loading_or_waiting_counts_as_staying_active(tmp_path):
     for i, kw in enumerate(({"loading": ["m9"]}, {"waiting": ["m9"]})):
-        top, n, mesh, clock = active_idle(tmp_path / str(i), vram_gb=1.0, peers=[peer(0, **kw)])
-        assert passivemod.standby_reason(n, "nothing fits") is not None
-        top.stopService()
+        t = active_idle(tmp_path / str(i), vram_gb=1.0, peers=[peer(0, **kw)])
+        assert passivemod.standby_reason(t.node, "nothing fits") is not None
+        t.roles.stopService()

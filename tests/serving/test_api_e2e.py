@@ -59,7 +59,7 @@ def api_url(llama_bin_dir, gemma_model_path):
     try:
         _wait_http(f"http://127.0.0.1:{llama_port}/health", 180, llama)
         api = subprocess.Popen(
-            [sys.executable, "-m", "meshd.serving.api", "--static", f"{MODEL}=127.0.0.1:{llama_port}",
+            [sys.executable, "-m", "meshd.cli.static_api", "--static", f"{MODEL}=127.0.0.1:{llama_port}",
              "--listen", f"127.0.0.1:{api_port}"],
             cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         print(f"started meshd.serving.api pid {api.pid} on 127.0.0.1:{api_port}")

@@ -1,0 +1,106 @@
+"""This node's own llama-servers, as one service of the tree: started when the node is
+to serve a model (``[models] serve``, an assignment, a promotion, the election), all
+stopped together when the daemon stops, after the requests were drained."""
+
+from __future__ import annotations
+
+import logging
+from typing import TYPE_CHECKING, Any
+
+from twisted.application import service
+from twisted.internet import defer
+
+from meshd.config import Config
+from meshd.errors import StartupError
+from meshd.states import BackendState
+
+if TYPE_CHECKING:
+    from meshd.daemon.node import Node
+    from meshd.daemon.sdnotify import Notifier
+
+log = logging.getLogger("meshd.daemon.backends")
+
+
+class LocalBackends(service.Service):
+    """Starts a llama-server per model this node runs, and stops every one on stop."""
+
+    name = "backends"  # type: ignore[assignment]  # Twisted declares it None
+
+    def __init__(self, node: Node, config: Config, *, reactor: Any, notifier: Notifier):
+        self.node = node
+        self.config = config
+        self.reactor = reactor
+        self.notifier = notifier
+        self.files: dict[str, tuple[str, int]] = {}  # model -> (path, size_bytes)
+
+    def serve(self, name: str, path: str, size_bytes: int) -> None:
+        """This node is to serve ``name``: the election decides whether its llama-server runs
+        now (solo, or elected split host) or the node waits (short of VRAM, a worker)."""
+        self.files[name] = (path, size_bytes)
+        rebalancer = self.node.rebalancer
+        if rebalancer is None:
+            self.spawn(name)
+        else:
+            rebalancer.serve(name)
+
+    async def when_serving(self, name: str) -> None:
+        """Wait for ``name``'s llama-server, if the election started one."""
+        served = self.node.served.get(name)
+        if served is not None:
+            await served.backend.when_ready()
+
+    def spawn(self, name: str) -> None:
+        """Start a llama-server for ``name`` and publish it as served."""
+        from meshd.backends import supervisor as backend
+        from meshd.daemon.node import ServedModel
+        from meshd.models.scan import fallback_chat_template
+
+        node = self.node
+        files = self.files.get(name)
+        if files is None:  # assigned by the election: from this node's disk
+            local = node.scan.models.get(name) if node.scan is not None else None
+            if local is None:
+                log.error("cannot start llama-server for %s: not on this node's disk", name)
+                return
+            files = self.files[name] = (str(local.path), local.size_bytes)
+        path, size_bytes = files
+        try:
+            bin_dir = backend.find_bin_dir(self.config.llama)
+        except backend.BackendError as e:
+            raise StartupError(str(e)) from None
+        visible = node.gpu_report.cuda_visible_devices() if node.gpu_report is not None else None
+        server = backend.LlamaServer(
+            name=name,
+            model_path=path,
+            llama=self.config.llama,
+            bin_dir=bin_dir,
+            reactor=self.reactor,
+            extra_env={"CUDA_VISIBLE_DEVICES": visible} if visible is not None else None,
+            chat_template=fallback_chat_template(path),
+        )
+        node.add_served(ServedModel(name, path, size_bytes, server))
+
+        def changed(state: str) -> None:
+            self._backend_state(name, state)
+
+        server.add_listener(changed)
+        server.start()
+
+    def _backend_state(self, name: str, state: str) -> None:
+        if state == BackendState.READY:
+            self.notifier.status(self.node.status_line())
+        elif state in (BackendState.RESTARTING, BackendState.FAILED):
+            self.notifier.status(f"{name}: llama-server {state}")
+
+    def stopService(self) -> defer.Deferred[None]:  # noqa: N802 - Twisted's name
+        super().stopService()
+        return defer.ensureDeferred(self._stop_all())
+
+    async def _stop_all(self) -> None:
+        served = list(self.node.served.values())
+        results = await defer.DeferredList(
+            [defer.maybeDeferred(m.backend.stop) for m in served], consumeErrors=True)
+        for m, (ok, result) in zip(served, results, strict=True):
+            if not ok:
+                log.error("stopping llama-server for %s failed: %s", m.name,
+                          result.getErrorMessage())
