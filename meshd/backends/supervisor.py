@@ -13,13 +13,14 @@ No orphans: every child runs through :mod:`meshd.backends._pdeathsig`, which ask
 kernel to SIGKILL it when meshd dies (even by ``kill -9``) and puts it in its
 own process group, which :meth:`Supervised.stop` signals as a whole.
 
-The states, in one place::
+The states (``meshd.states.BackendState``; the allowed moves are
+``meshd.states.BACKEND_MOVES``, and ``_set_state`` refuses any other)::
 
     stopped --start()--> starting --probe "loading"--> loading --probe "ready"--> ready
     starting/loading/ready --exits--> restarting --delay--> starting
     starting/loading --load_timeout_s--> (SIGKILL) --exits--> restarting
     any --stop()--> stopping --exits--> stopped      (restarting --stop()--> stopped)
-    stopped --start() cannot spawn--> failed
+    stopped/restarting/failed --start() cannot spawn--> failed
 
 Time comes from the injected ``reactor`` (a ``Clock`` in tests); the spawn
 function and the probe are injectable (``_spawn``, ``_probe``, ``_pick_port``),
@@ -38,7 +39,7 @@ import socket
 import sys
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 from twisted.internet import error
 from twisted.internet.defer import Deferred, fail, succeed
@@ -49,6 +50,7 @@ from twisted.python.failure import Failure
 from twisted.web.client import Agent, HTTPConnectionPool
 
 from meshd.config import LlamaConfig
+from meshd.states import BACKEND_MOVES, BackendState, check_move
 
 log = logging.getLogger("meshd.backends.supervisor")
 # the children's own output, so an operator can silence or raise it alone
@@ -62,14 +64,17 @@ WRAPPER = str(Path(__file__).with_name("_pdeathsig.py"))
 # memory for a child that writes without newlines, not an operator setting
 MAX_LINE_BYTES = 8192
 
-STOPPED, STARTING, LOADING, READY = "stopped", "starting", "loading", "ready"
-RESTARTING, STOPPING, FAILED = "restarting", "stopping", "failed"
-STATES = (STOPPED, STARTING, LOADING, READY, RESTARTING, STOPPING, FAILED)
+# short names for the states (meshd.states.BackendState)
+STOPPED, STARTING, LOADING = BackendState.STOPPED, BackendState.STARTING, BackendState.LOADING
+READY, RESTARTING = BackendState.READY, BackendState.RESTARTING
+STOPPING, FAILED = BackendState.STOPPING, BackendState.FAILED
+STATES = tuple(BackendState)
 
-# a probe answers one of these
-PROBE_DOWN, PROBE_LOADING, PROBE_READY = "down", "loading", "ready"
+# a probe answers READY, LOADING (it answers, but is not ready) or None: no answer at all
+PROBE_DOWN: BackendState | None = None
+PROBE_LOADING, PROBE_READY = BackendState.LOADING, BackendState.READY
 
-Probe = Callable[[int], Deferred]
+Probe = Callable[[int], "Deferred[BackendState | None]"]
 Spawn = Callable[[ProcessProtocol, list[str], dict[str, str]], Any]
 
 
@@ -204,7 +209,7 @@ class _Discard(Protocol):
     def __init__(self, done: Deferred):
         self.done = done
 
-    def connectionLost(self, reason: Failure = None) -> None:
+    def connectionLost(self, reason: Failure | None = None) -> None:
         self.done.callback(None)
 
 
@@ -215,8 +220,9 @@ def tcp_connect_probe(reactor: Any, timeout_s: float) -> Probe:
         endpoint = TCP4ClientEndpoint(reactor, LOOPBACK, port, timeout=timeout_s)
         d = connectProtocol(endpoint, Protocol())
 
-        def connected(proto: Protocol) -> str:
-            proto.transport.loseConnection()
+        def connected(proto: Protocol) -> BackendState:
+            transport: Any = proto.transport
+            transport.loseConnection()
             return PROBE_READY
 
         d.addCallbacks(connected, lambda _: PROBE_DOWN)
@@ -314,7 +320,7 @@ class Supervised:
         self._probe = _probe or self._default_probe()
         self._pick_port = _pick_port or pick_free_port
 
-        self.state = STOPPED
+        self.state: BackendState = STOPPED
         self.port: int | None = None
         self.pid: int | None = None
         self.restarts = 0
@@ -325,7 +331,7 @@ class Supervised:
         self._ready_since: float | None = None
         self._probe_d: Deferred | None = None
         self._calls: dict[str, Any] = {}
-        self._listeners: list[Callable[[str], Any]] = []
+        self._listeners: list[Callable[[BackendState], Any]] = []
         self._ready_waiters: list[Deferred] = []
         self._stop_waiters: list[Deferred] = []
 
@@ -344,11 +350,11 @@ class Supervised:
     def label(self) -> str:
         return f"{self.kind}[{self.name}]"
 
-    def add_listener(self, listener: Callable[[str], Any]) -> None:
+    def add_listener(self, listener: Callable[[BackendState], Any]) -> None:
         """``listener(state)`` is called after every state change."""
         self._listeners.append(listener)
 
-    def remove_listener(self, listener: Callable[[str], Any]) -> None:
+    def remove_listener(self, listener: Callable[[BackendState], Any]) -> None:
         if listener in self._listeners:
             self._listeners.remove(listener)
 
@@ -356,7 +362,7 @@ class Supervised:
         """A fresh client endpoint to the child's port (meaningful while ready)."""
         if self.port is None:
             raise BackendError(f"{self.label} has no port ({self.state})")
-        return TCP4ClientEndpoint(self._reactor, LOOPBACK, self.port)
+        return cast(IStreamClientEndpoint, TCP4ClientEndpoint(self._reactor, LOOPBACK, self.port))
 
     def to_dict(self) -> dict[str, Any]:
         """For status output: what an operator asks about a backend."""
@@ -378,7 +384,7 @@ class Supervised:
             return succeed(self)
         if self.state == FAILED:
             return fail(BackendFailed(f"{self.label} cannot start: {self.last_exit}"))
-        d = Deferred(lambda d: self._ready_waiters.remove(d))
+        d: Deferred[Supervised] = Deferred(lambda d: self._ready_waiters.remove(d))
         self._ready_waiters.append(d)
         return d
 
@@ -386,7 +392,7 @@ class Supervised:
         """SIGTERM, SIGKILL after stop_timeout_s; fires once the child is gone."""
         if self.state in (STOPPED, FAILED):
             return succeed(None)
-        d = Deferred()
+        d: Deferred[None] = Deferred()
         self._stop_waiters.append(d)
         if self.state == STOPPING:
             return d
@@ -431,15 +437,16 @@ class Supervised:
 
     def _poll(self) -> None:
         self._calls.pop("poll", None)
-        if self.state not in (STARTING, LOADING):
+        port = self.port
+        if self.state not in (STARTING, LOADING) or port is None:
             return
         protocol = self._protocol
-        d = self._probe(self.port)
+        d = self._probe(port)
         d.addTimeout(self.llama.health_timeout_s, self._reactor)
         d.addErrback(lambda _: PROBE_DOWN)
         self._probe_d = d
 
-        def answered(verdict: str) -> None:
+        def answered(verdict: BackendState | None) -> None:
             if self._probe_d is d:
                 self._probe_d = None
             if protocol is not self._protocol or self.state not in (STARTING, LOADING):
@@ -527,9 +534,11 @@ class Supervised:
 
     # -- bookkeeping
 
-    def _set_state(self, state: str) -> None:
+    def _set_state(self, state: BackendState) -> None:
+        """Move to ``state``; a move not in ``BACKEND_MOVES`` is a bug and raises ``IllegalMove``."""
         if state == self.state:
             return
+        check_move(self.label, BACKEND_MOVES, self.state, state)
         self.state = state
         for listener in list(self._listeners):
             try:

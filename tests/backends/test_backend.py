@@ -14,6 +14,7 @@ from twisted.python.failure import Failure
 from meshd.backends import supervisor as backend
 from meshd.backends.supervisor import LlamaServer, RpcServer
 from meshd.config import LlamaConfig
+from meshd.states import BACKEND_MOVES, BackendState, IllegalMove
 
 LLAMA = LlamaConfig(
     ctx_size=2048, load_timeout_s=30.0, stop_timeout_s=10.0, restart_min_s=1.0,
@@ -132,6 +133,31 @@ def test_listeners_see_every_transition_in_order():
     assert h.states == [
         "starting", "loading", "ready", "restarting", "starting", "ready", "stopping", "stopped",
     ]
+
+
+def test_a_move_the_state_table_does_not_allow_is_refused_loudly():
+    h = Harness()
+    with pytest.raises(IllegalMove, match="from stopped to ready"):
+        h.server._set_state(BackendState.READY)
+    assert h.server.state is BackendState.STOPPED and h.states == []
+
+
+def test_every_move_a_lifecycle_makes_is_in_the_state_table():
+    h = Harness()
+    h.server.start()
+    h.verdict = backend.PROBE_LOADING
+    h.clock.advance(0.25)
+    h.make_ready()
+    h.end(exit_code=1)  # crash: restarting
+    h.server.stop()  # while waiting out the back-off
+    h.server.start()
+    h.make_ready()
+    h.server.stop()
+    h.end(signal=15)
+    moves = list(zip(["stopped", *h.states], h.states, strict=False))
+    assert all(new in BACKEND_MOVES[BackendState(old)] for old, new in moves)
+    assert h.states == ["starting", "loading", "ready", "restarting", "stopped", "starting",
+                        "ready", "stopping", "stopped"]
 
 
 def test_observable_pid_port_and_endpoint():
