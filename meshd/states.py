@@ -172,24 +172,26 @@ TUNNEL_MOVES: dict[TunnelState, frozenset[TunnelState]] = {
 class ForwardState(StrEnum):
     """One request the API forwards (``meshd.serving.api.Forward``).
 
-    ``connecting`` and ``sent`` repeat for each upstream tried; once the
-    response head arrives the request is never sent again.
+    ``connecting`` and ``sent`` repeat for each upstream tried; once a
+    response byte arrives the request is never sent again.
     """
 
     CONNECTING = "connecting"  # waiting for a connection to the current upstream
-    SENT = "sent"  # the request is on the wire, no response byte yet
-    HOLDING = "holding"  # a non-streamed response, held until it ends (clean 502)
-    RELAYING = "relaying"  # our client has the response head; bytes pass through
+    SENT = "sent"  # the request is on the wire, no response head yet
+    HOLDING = "holding"  # a non-streamed response, held until it ends (a clean 502 on failure)
+    STREAMING = "streaming"  # an SSE response, passed through as it comes
+    RELAYING = "relaying"  # a held response past HOLD_BYTES, passed through from then on
     DONE = "done"  # answered, failed, or the client went away
 
 
 FORWARD_MOVES: dict[ForwardState, frozenset[ForwardState]] = {
-    ForwardState.CONNECTING: frozenset({ForwardState.SENT, ForwardState.CONNECTING,
-                                        ForwardState.DONE}),
+    # (a failed connect fails over to the next upstream staying in connecting)
+    ForwardState.CONNECTING: frozenset({ForwardState.SENT, ForwardState.DONE}),
     # back to connecting: failover, or a stale pooled connection retried fresh
     ForwardState.SENT: frozenset({ForwardState.CONNECTING, ForwardState.HOLDING,
-                                  ForwardState.RELAYING, ForwardState.DONE}),
+                                  ForwardState.STREAMING, ForwardState.DONE}),
     ForwardState.HOLDING: frozenset({ForwardState.RELAYING, ForwardState.DONE}),
+    ForwardState.STREAMING: frozenset({ForwardState.DONE}),
     ForwardState.RELAYING: frozenset({ForwardState.DONE}),
     ForwardState.DONE: frozenset(),
 }

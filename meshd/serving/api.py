@@ -41,7 +41,7 @@ import io
 import json
 import logging
 import time
-from typing import Any
+from typing import Any, cast
 
 from twisted.internet import defer
 from twisted.internet.interfaces import IReactorTime
@@ -51,6 +51,7 @@ from twisted.web import http, resource, server
 from meshd.config import ApiConfig
 from meshd.serving.proxy import ConnectionPool, UpstreamConnection, request_head
 from meshd.serving.routing import NotReady, Router, UnknownModel, Upstream
+from meshd.states import FORWARD_MOVES, ForwardState, check_move
 
 log = logging.getLogger("meshd.serving.api")
 
@@ -153,11 +154,17 @@ class ApiRequest(server.Request):
 
     _too_large = False
     _received = 0
+    content: Any  # an io.BytesIO once the length is known (twisted.web: None until then)
+
+    @property
+    def api(self) -> ApiServer:
+        site: ApiSite = cast(Any, self.channel).site
+        return site.api
 
     def gotLength(self, length: int | None) -> None:
         # never a temporary file (twisted.web's default above 100 kB): the limit bounds memory
         self.content = io.BytesIO()
-        limit = self.channel.site.api.config.max_body_bytes
+        limit = self.api.config.max_body_bytes
         if length is not None and length > limit:
             self._refuse_too_large(f"Content-Length {length}")
 
@@ -165,7 +172,7 @@ class ApiRequest(server.Request):
         if self._too_large:
             return
         self._received += len(data)
-        if self._received > self.channel.site.api.config.max_body_bytes:
+        if self._received > self.api.config.max_body_bytes:
             self.content = io.BytesIO()
             self._refuse_too_large("body")
             return
@@ -174,13 +181,13 @@ class ApiRequest(server.Request):
     def _refuse_too_large(self, what: str) -> None:
         """Answer 413 at once, discard the rest of the body, then close the connection."""
         self._too_large = True
-        api = self.channel.site.api
+        api = self.api
         limit = api.config.max_body_bytes
         body = error_body(
             f"request body too large ({what} exceeds [api] max_body_bytes = {limit})",
             "invalid_request_error", "request_too_large",
         )
-        transport = self.channel.transport
+        transport: Any = self.channel.transport
         transport.write(
             b"HTTP/1.1 413 Request Entity Too Large\r\nContent-Type: application/json\r\n"
             b"Connection: close\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body)
@@ -191,7 +198,8 @@ class ApiRequest(server.Request):
 
     def requestReceived(self, command: bytes, path: bytes, version: bytes) -> None:
         if self._too_large:
-            self.channel.transport.loseConnection()
+            transport: Any = self.channel.transport
+            transport.loseConnection()
             return
         super().requestReceived(command, path, version)
 
@@ -206,14 +214,15 @@ class ApiChannel(http.HTTPChannel):
 
 class ApiSite(server.Site):
     requestFactory = ApiRequest
-    protocol = ApiChannel
+    # the plain HTTP/1.1 channel, not twisted.web's HTTP/2-negotiating wrapper
+    protocol = ApiChannel  # type: ignore[assignment]
     noisy = False
 
-    def __init__(self, root: resource.Resource, api: ApiServer, reactor):
+    def __init__(self, root: resource.Resource, api: ApiServer, reactor: Any):
         super().__init__(root, reactor=reactor)
         self.api = api
 
-    def log(self, request: server.Request) -> None:
+    def log(self, request: http.Request) -> None:
         """Access lines come from the API itself (``meshd.serving.api`` at debug level)."""
 
 
@@ -238,16 +247,17 @@ class ApiServer:
     def __init__(self, router: Router, config: ApiConfig, *, reactor: IReactorTime | None = None,
                  pool: ConnectionPool | None = None, relay: bool = False):
         if reactor is None:
-            from twisted.internet import reactor
+            from twisted.internet import reactor as default_reactor
+            reactor = cast(IReactorTime, default_reactor)
         self.router = router
         self.config = config
-        self.reactor = reactor
-        self.pool = pool or ConnectionPool(reactor, config.connect_timeout_s)
+        self.reactor: Any = reactor
+        self.pool = pool or ConnectionPool(self.reactor, config.connect_timeout_s)
         self.metrics = Metrics()
         self.forwards: set[Forward] = set()
         self.relay = relay
         self.draining = False
-        self._drain_waiters: list[defer.Deferred] = []
+        self._drain_waiters: list[defer.Deferred[int]] = []
         self._api_key = config.api_key.encode()
         self.site = ApiSite(_Root(self), self, reactor)
 
@@ -257,19 +267,19 @@ class ApiServer:
 
     # -- shutdown --------------------------------------------------------------
 
-    def drain(self, timeout_s: float) -> defer.Deferred:
+    def drain(self, timeout_s: float) -> defer.Deferred[int]:
         """Refuse new requests; fire with the number still running once none is, or at the timeout."""
         self.draining = True
         if not self.forwards:
             self.pool.close()
             return defer.succeed(0)
-        d = defer.Deferred()
+        d: defer.Deferred[int] = defer.Deferred()
         self._drain_waiters.append(d)
         call = self.reactor.callLater(timeout_s, self._drain_timeout, d)
         d.addBoth(_cancel_call, call)
         return d
 
-    def _drain_timeout(self, d: defer.Deferred) -> None:
+    def _drain_timeout(self, d: defer.Deferred[int]) -> None:
         if d in self._drain_waiters:
             self._drain_waiters.remove(d)
             log.warning("drain timeout: %d request(s) still running", len(self.forwards))
@@ -343,7 +353,7 @@ class ApiServer:
             self.metrics.request_done("", 503, 0)
             return self._error(request, 503, "this node is shutting down", "server_error",
                                "shutting_down", {b"Retry-After": b"1"})
-        body = request.content.getvalue()
+        body = cast(ApiRequest, request).content.getvalue()
         try:
             doc = json.loads(body)
         except ValueError as e:
@@ -406,7 +416,18 @@ def _peer_host(request: server.Request) -> str:
 
 
 class Forward:
-    """One routed request: tries upstreams, then relays the response (a ResponseSink)."""
+    """One routed request: tries upstreams, then relays the response (a ResponseSink).
+
+    Its progress is one :class:`~meshd.states.ForwardState` (moves in
+    ``FORWARD_MOVES``)::
+
+        connecting --connected--> sent --SSE head--> streaming ---------------> done
+                                  sent --other head--> holding --ends--------> done
+                                                       holding --past HOLD_BYTES--> relaying --> done
+        sent --failed before any byte--> connecting (the next upstream, or a fresh
+                                         connection for a stale pooled one)
+        any --answered, failed, or the client went away--> done
+    """
 
     def __init__(self, api: ApiServer, request: server.Request, model: str, head: bytes,
                  body: bytes, upstreams: list[Upstream]):
@@ -418,20 +439,32 @@ class Forward:
         self.upstreams = upstreams
         self.index = -1
         self.upstream: Upstream | None = None
+        self.state = ForwardState.CONNECTING
+        # what the current state holds: the pending connection (CONNECTING), the
+        # connection (SENT and after), the held body (HOLDING)
+        self.connecting: defer.Deferred[tuple[UpstreamConnection, bool]] | None = None
         self.conn: UpstreamConnection | None = None
-        self.reused = False
-        self.connecting: defer.Deferred | None = None
-        self.reached_any = False  # some upstream accepted the connection
-        self.status = 0
-        self.stream = False
-        self.head_sent = False
-        self.hold: list[bytes] | None = None
+        self.hold: list[bytes] = []
         self.hold_size = 0
+        self.reused = False  # the connection came from the pool (it may have gone stale)
+        self.reached_any = False  # some upstream accepted the connection: 502, not 503
+        self.status = 0
         self.length: int | None = None
         self.nbytes = 0
-        self.done = False
         self.started_at = time.monotonic()
         request.notifyFinish().addErrback(self._client_lost)
+
+    @property
+    def done(self) -> bool:
+        return self.state is ForwardState.DONE
+
+    def _move(self, new: ForwardState) -> None:
+        check_move("forward", FORWARD_MOVES, self.state, new)
+        self.state = new
+
+    def _current(self) -> Upstream:
+        assert self.upstream is not None, "no upstream tried yet"
+        return self.upstream
 
     def start(self) -> None:
         self._try_next()
@@ -445,19 +478,22 @@ class Forward:
         self._connect(fresh=False)
 
     def _connect(self, fresh: bool) -> None:
+        if self.state is not ForwardState.CONNECTING:
+            self._move(ForwardState.CONNECTING)
         pool = self.api.pool
-        d = pool.connect(self.upstream).addCallback(lambda c: (c, False)) if fresh \
-            else pool.acquire(self.upstream)
+        up = self._current()
+        d = pool.connect(up).addCallback(lambda c: (c, False)) if fresh else pool.acquire(up)
         self.connecting = d
         d.addCallbacks(self._connected, self._connect_failed)
 
-    def _connected(self, result) -> None:
+    def _connected(self, result: tuple[UpstreamConnection, bool]) -> None:
         self.connecting = None
         conn, self.reused = result
         self.reached_any = True
         if self.done:
             conn.abort()
             return
+        self._move(ForwardState.SENT)
         self.conn = conn
         conn.send(self.head, self.body, self)
 
@@ -472,7 +508,7 @@ class Forward:
         self._upstream_down(f"cannot connect: {reason}")
 
     def _upstream_down(self, reason: str) -> None:
-        up = self.upstream
+        up = self._current()
         self.api.router.request_finished(up)
         self.api.router.upstream_failed(up, reason)
         self.api.metrics.upstream_error(up.name)
@@ -504,37 +540,40 @@ class Forward:
         request.setResponseCode(status)
         request.setHeader(b"Content-Type", ctype)
         if ctype.startswith(b"text/event-stream"):
-            self.stream = True
+            self._move(ForwardState.STREAMING)
             request.setHeader(b"Cache-Control", b"no-cache")
             self._send_head()
             request.write(b"")  # the head goes out now: clients wait for it
         else:
-            self.hold = []
+            self._move(ForwardState.HOLDING)
 
     def _send_head(self) -> None:
-        self.head_sent = True
         if self.length is not None:
             self.request.setHeader(b"Content-Length", b"%d" % self.length)
         # the upstream connection produces for our client's connection: when
         # our client's socket buffer fills, twisted.web pauses it
         self.request.registerProducer(self.conn, True)
 
+    def _take_hold(self) -> bytes:
+        held, self.hold, self.hold_size = self.hold, [], 0
+        return b"".join(held)
+
     def response_data(self, data: bytes) -> None:
-        if self.hold is None:
+        if self.state is not ForwardState.HOLDING:
             self.nbytes += len(data)
             self.request.write(data)
             return
         self.hold.append(data)
         self.hold_size += len(data)
         if self.hold_size > HOLD_BYTES:
-            held, self.hold = self.hold, None
+            self._move(ForwardState.RELAYING)
             self._send_head()
-            self.response_data(b"".join(held))
+            self.response_data(self._take_hold())
 
     def response_end(self) -> None:
         request = self.request
-        if self.hold is not None:
-            body, self.hold = b"".join(self.hold), None
+        if self.state is ForwardState.HOLDING:
+            body = self._take_hold()
             self.length = len(body)
             self._send_head()
             self.nbytes += len(body)
@@ -552,24 +591,24 @@ class Forward:
             if self.reused:
                 # a pooled keep-alive connection the upstream had closed: not
                 # the upstream's fault, and it never saw the request
-                log.debug("stale pooled connection to %s: %s", self.upstream.name, reason)
+                log.debug("stale pooled connection to %s: %s", self._current().name, reason)
                 self._connect(fresh=True)
                 return
             self._upstream_down(reason)
             return
-        up = self.upstream
+        up = self._current()
         self.api.router.request_finished(up)
         self.api.metrics.upstream_error(up.name)
         log.warning("upstream %s for %s failed mid-response: %s", up.name, self.model, reason)
         request = self.request
-        if not self.head_sent:
-            self.hold = None
+        if self.state in (ForwardState.SENT, ForwardState.HOLDING):  # our client has no head yet
+            self._take_hold()
             self._respond_error(502, f"the backend for {self.model!r} failed mid-response: {reason}",
                                 "server_error", "upstream_error")
             self._finished(502, upstream_done=True)
             return
         request.unregisterProducer()
-        if self.stream:
+        if self.state is ForwardState.STREAMING:
             event = json.dumps({"error": {"message": f"the backend failed mid-stream: {reason}",
                                           "type": "server_error", "code": "upstream_error"}})
             request.write(b"\n\nevent: error\ndata: " + event.encode() + b"\n\n")
@@ -609,7 +648,7 @@ class Forward:
         """Account for the end of this request; ``upstream_done``: request_finished already said."""
         if self.done:
             return
-        self.done = True
+        self._move(ForwardState.DONE)
         if self.upstream is not None and not upstream_done:
             self.api.router.request_finished(self.upstream)
         self.api.metrics.request_done(self.model, status, self.nbytes)

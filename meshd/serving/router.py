@@ -26,25 +26,27 @@ table at once, before any peer re-announces.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any, Protocol, cast
 
 from twisted.internet.interfaces import IStreamClientEndpoint
 
 from meshd.placement import rules as placement
 from meshd.placement.snapshot import MeshView, NodeView
 from meshd.serving import routing
+from meshd.states import BackendState, ModelState
 
 log = logging.getLogger("meshd.serving.router")
 
 # the states a model can be in, mesh-wide, best first (status and /v1/models)
-WARM, LOADING, WAITING, COLD = "warm", "loading", "waiting-for-vram", "cold"
+WARM, LOADING, WAITING, COLD = ModelState.WARM, ModelState.LOADING, ModelState.WAITING, ModelState.COLD
 # a model in one of these states is listed by /v1/models (someone runs or will run it)
-LISTED_STATES = (WARM, LOADING, WAITING)
+LISTED_STATES = frozenset({WARM, LOADING, WAITING})
 # local backend states that mean "a llama-server is coming up"
-LOCAL_LOADING = ("loading", "restarting")
+LOCAL_LOADING = frozenset({BackendState.STARTING, BackendState.LOADING, BackendState.RESTARTING})
 # a host whose tunnel failed stays at the end of the failover order this long
 SUSPECT_S = 10.0
 RETRY_AFTER_S = 5
@@ -55,7 +57,7 @@ class ModelEntry:
     """One model as the whole mesh runs it (what status and /v1/models show)."""
 
     name: str
-    state: str
+    state: ModelState
     hosts: tuple[str, ...] = ()  # ready hosts, sorted
     loading: tuple[str, ...] = ()  # nodes starting a llama-server for it
     waiting: tuple[str, ...] = ()  # nodes set to run it but short of VRAM
@@ -84,7 +86,7 @@ def build_snapshot(
     self_id: str,
     view: MeshView,
     *,
-    local_states: dict[str, str],
+    local_states: Mapping[str, str],
     peer_loading: dict[str, tuple[str, ...]],
     peer_waiting: dict[str, tuple[str, ...]],
     local_waiting: tuple[str, ...] = (),
@@ -93,8 +95,7 @@ def build_snapshot(
 ) -> RouteSnapshot:
     """The routing snapshot from a mesh view plus what views do not carry.
 
-    ``local_states``: this node's served models -> backend state ("ready",
-    "loading", ...); ``peer_loading`` / ``peer_waiting``: node id -> models it
+    ``local_states``: this node's served models -> ``BackendState``; ``peer_loading`` / ``peer_waiting``: node id -> models it
     is loading / waiting for VRAM to run; ``local_waiting``: the same for this
     node; ``local_sizes``: sizes of the models this node serves (they may live
     outside the scanned directories); ``dropped``: models this node was told
@@ -113,15 +114,15 @@ def build_snapshot(
             if node is not None:
                 hosts.setdefault(info.name, []).append(node)
     for name, state in local_states.items():
-        if state == "ready" and me is not None:
+        if state == BackendState.READY and me is not None:
             hosts.setdefault(name, []).append(me)
-        elif state in LOCAL_LOADING or state == "starting":
+        elif state in LOCAL_LOADING:
             loading.setdefault(name, set()).add(self_id)
-    for node_id, names in peer_loading.items():
-        for name in names:
+    for node_id, its_models in peer_loading.items():
+        for name in its_models:
             loading.setdefault(name, set()).add(node_id)
-    for node_id, names in peer_waiting.items():
-        for name in names:
+    for node_id, its_models in peer_waiting.items():
+        for name in its_models:
             waiting.setdefault(name, set()).add(node_id)
     for name in local_waiting:
         waiting.setdefault(name, set()).add(self_id)
@@ -129,7 +130,7 @@ def build_snapshot(
     models: dict[str, ModelEntry] = {}
     names = {m.name for m in view.models} | set(hosts) | set(loading) | set(waiting)
     for name in sorted(names - dropped):
-        info = view.model(name)
+        known = view.model(name)
         ready = tuple(sorted(n.node_id for n in hosts.get(name, ())))
         load = tuple(sorted(loading.get(name, set()) - set(ready)))
         wait = tuple(sorted(waiting.get(name, set()) - set(ready) - set(load)))
@@ -139,7 +140,7 @@ def build_snapshot(
             state, reason = LOADING, f"loading on {', '.join(load)}"
         elif wait:
             state, reason = WAITING, f"waiting for VRAM on {', '.join(wait)}"
-        elif info is not None and info.requested_by:
+        elif known is not None and known.requested_by:
             state, reason = COLD, "no node serves it yet"
         else:
             state, reason = COLD, "on disk, not served"
@@ -247,7 +248,7 @@ class MeshRouter:
     def _default_tunnel(self, node_id: str, model: str) -> IStreamClientEndpoint:
         from meshd.serving.tunnel import TunnelEndpoint
 
-        return TunnelEndpoint(self.node.mesh, node_id, model)
+        return cast(IStreamClientEndpoint, TunnelEndpoint(self.node.mesh, node_id, model))
 
     # -- keeping the table -----------------------------------------------------------------
 
@@ -324,7 +325,7 @@ class MeshRouter:
                                   pool_key=f"local:{model}:{backend.port}")
         else:
             up = routing.Upstream(name=node_id,
-                                  endpoint=lambda n=node_id, m=model: self._tunnel(n, m),
+                                  endpoint=functools.partial(self._tunnel, node_id, model),
                                   pool_key=f"tunnel:{node_id}:{model}")
         self._upstreams[key] = up
         return up
@@ -391,7 +392,7 @@ class LocalOnlyRouter:
         served = node.served.get(model)
         if served is None:
             return f"this node does not serve {model}"
-        if served.backend.state != "ready":
+        if served.backend.state != BackendState.READY:
             return f"{model} is {served.state} on this node"
         return ""
 

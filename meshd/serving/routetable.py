@@ -27,10 +27,12 @@ from typing import Any
 from meshd.mesh import wire
 from meshd.placement.snapshot import MeshView, ModelFile, NodeView
 from meshd.placement.spread import stable_index
+from meshd.states import ModelState, Role
 
 # a passive node counts as present while its last check-in is this many refresh periods old
 PRESENT_REFRESHES = 3
-KINDS = ("client", "standby")
+# who checks in (CheckIn.kind): the passive roles
+KINDS = (Role.CLIENT, Role.STANDBY)
 
 
 # -- the table ----------------------------------------------------------------------------
@@ -45,7 +47,7 @@ class HostEntry:
     addrs: tuple[str, ...]
     vram_bytes: int = 0
     load: int = 0
-    state: str = "warm"  # "warm": takes requests; "loading": will soon
+    state: str = ModelState.WARM  # WARM: takes requests; LOADING: will soon
 
     def to_body(self) -> dict[str, Any]:
         return {"model": self.model, "node_id": self.node_id, "addrs": list(self.addrs),
@@ -70,7 +72,7 @@ class NodeEntry:
             "available_models": [{"name": m.name, "size_bytes": m.size_bytes}
                                  for m in self.available_models],
         }
-        if self.role != "standby":
+        if self.role != Role.STANDBY:
             body.update(role=self.role, addrs=list(self.addrs), serving=list(self.serving),
                         loading=list(self.loading))
         return body
@@ -104,10 +106,10 @@ class RouteTable:
         hosts = tuple(
             HostEntry(model=_str(h, "model"), node_id=_str(h, "node_id"),
                       addrs=_strs(h, "addrs"), vram_bytes=_int(h, "vram_bytes"),
-                      load=_int(h, "load"), state=_str(h, "state", "warm"))
+                      load=_int(h, "load"), state=_str(h, "state", ModelState.WARM))
             for h in _list(body, "hosts"))
         active = tuple(_node(n, None) for n in _list(body, "active_nodes"))
-        standby = tuple(_node(n, "standby") for n in _list(body, "standby"))
+        standby = tuple(_node(n, Role.STANDBY) for n in _list(body, "standby"))
         return cls(etag=_str(body, "etag"), mesh_id=_str(body, "mesh_id"),
                    source=_str(body, "source"), hosts=hosts, active_nodes=active,
                    standby=standby)
@@ -117,7 +119,8 @@ class RouteTable:
     def models(self) -> list[str]:
         return sorted({h.model for h in self.hosts})
 
-    def hosts_of(self, model: str, *, state: str | None = "warm") -> tuple[HostEntry, ...]:
+    def hosts_of(self, model: str, *,
+                 state: str | None = ModelState.WARM) -> tuple[HostEntry, ...]:
         return tuple(h for h in self.hosts
                      if h.model == model and (state is None or h.state == state))
 
@@ -174,7 +177,7 @@ def _models(body: dict[str, Any]) -> tuple[ModelFile, ...]:
 def _node(body: Any, role: str | None) -> NodeEntry:
     if not isinstance(body, dict):
         raise ValueError("node entry is not an object")
-    return NodeEntry(node_id=_str(body, "node_id"), role=role or _str(body, "role", "idle"),
+    return NodeEntry(node_id=_str(body, "node_id"), role=role or _str(body, "role", Role.IDLE),
                      vram_bytes=_int(body, "vram_bytes"), addrs=_strs(body, "addrs"),
                      serving=_strs(body, "serving"), loading=_strs(body, "loading"),
                      available_models=_models(body))
@@ -187,7 +190,7 @@ def _node(body: Any, role: str | None) -> NodeEntry:
 class CheckIn:
     """A ROUTE_REQUEST body: who asks, and (a standby) what it could serve."""
 
-    kind: str  # "client" | "standby"
+    kind: str  # Role.CLIENT | Role.STANDBY
     etag: str | None = None  # the table it holds; answered "same" when still current
     refresh_s: float = 30.0
     vram_bytes: int = 0
@@ -197,7 +200,7 @@ class CheckIn:
         body: dict[str, Any] = {"kind": self.kind, "refresh_s": self.refresh_s}
         if self.etag:
             body["etag"] = self.etag
-        if self.kind == "standby":
+        if self.kind == Role.STANDBY:
             body["vram_bytes"] = self.vram_bytes
             body["available_models"] = [{"name": m.name, "size_bytes": m.size_bytes}
                                         for m in self.available_models]
@@ -212,7 +215,7 @@ class CheckIn:
         refresh = body.get("refresh_s", 30.0)
         if not isinstance(refresh, (int, float)) or isinstance(refresh, bool) or refresh <= 0:
             raise ValueError("'refresh_s' is not a positive number")
-        if kind == "client":
+        if kind == Role.CLIENT:
             return cls(kind, etag if isinstance(etag, str) else None, float(refresh))
         return cls(kind, etag if isinstance(etag, str) else None, float(refresh),
                    _int(body, "vram_bytes"), _models(body))
@@ -295,8 +298,8 @@ class PassiveRegistry:
         keep_s = PRESENT_REFRESHES * req.refresh_s
         entry = self.entries.get(key)
         standby = None
-        if req.kind == "standby":
-            standby = NodeEntry(node_id, "standby", req.vram_bytes,
+        if req.kind == Role.STANDBY:
+            standby = NodeEntry(node_id, Role.STANDBY, req.vram_bytes,
                                 available_models=req.available_models)
         if entry is None:
             self.entries[key] = Present(node_id, req.kind, now, keep_s, standby, requests=1)
@@ -323,7 +326,7 @@ class PassiveRegistry:
         out = {"clients": 0, "standby": 0}
         for e in self.entries.values():
             if now - e.last_s <= e.keep_s:
-                out["clients" if e.kind == "client" else "standby"] += 1
+                out["clients" if e.kind == Role.CLIENT else "standby"] += 1
         return out
 
     def standbys(self) -> tuple[NodeEntry, ...]:
@@ -340,13 +343,13 @@ def build_table(*, mesh_id: str, source: str, nodes: Iterable[NodeEntry],
     active = tuple(sorted(nodes, key=lambda n: n.node_id))
     hosts: list[HostEntry] = []
     for n in active:
-        if n.role == "worker":
+        if n.role == Role.WORKER:
             continue
         for model in n.serving:
             hosts.append(HostEntry(model, n.node_id, n.addrs, n.vram_bytes, load(n.node_id)))
         for model in n.loading:
             if model not in n.serving:
-                hosts.append(HostEntry(model, n.node_id, n.addrs, n.vram_bytes, 0, "loading"))
+                hosts.append(HostEntry(model, n.node_id, n.addrs, n.vram_bytes, 0, ModelState.LOADING))
     hosts.sort(key=lambda h: (h.model, h.node_id))
     active_ids = {n.node_id for n in active}
     return RouteTable(etag="", mesh_id=mesh_id, source=source, hosts=tuple(hosts),
@@ -368,7 +371,7 @@ def checkin_order(active_ids: Sequence[str], self_id: str, kind: str) -> list[st
     ids = sorted(set(active_ids))
     if not ids:
         return []
-    start = 0 if kind == "standby" else stable_index(self_id, "", len(ids))
+    start = 0 if kind == Role.STANDBY else stable_index(self_id, "", len(ids))
     return ids[start:] + ids[:start]
 
 
@@ -418,6 +421,6 @@ def table_view(table: RouteTable, me: NodeView, standby: Iterable[NodeEntry] = (
 
 def host_views(hosts: Iterable[HostEntry]) -> tuple[NodeView, ...]:
     """Hosts as the host-selection hook takes them (sorted by node id)."""
-    return tuple(sorted((NodeView(node_id=h.node_id, role="host", vram_bytes=h.vram_bytes,
+    return tuple(sorted((NodeView(node_id=h.node_id, role=Role.HOST, vram_bytes=h.vram_bytes,
                                   serving=(h.model,), addrs=h.addrs, load=h.load)
                          for h in hosts), key=lambda n: n.node_id))

@@ -63,6 +63,7 @@ from zope.interface import implementer
 
 from meshd.mesh import wire
 from meshd.mesh.wire import FrameType
+from meshd.states import TUNNEL_MOVES, TunnelState, check_move
 
 log = logging.getLogger("meshd.serving.tunnel")
 
@@ -159,16 +160,17 @@ class TunnelServer:
 class HostTunnel:
     """One tunnel on the host: the TUNNEL header, then an HTTP channel of the tunnel API.
 
-    States: HEADER (waiting for the TUNNEL frame) -> OPEN (the channel reads
-    the peer's bytes) -> CLOSED.  Either state can go to CLOSED.
+    States (``meshd.states.TunnelState``, moves in ``TUNNEL_MOVES``): HEADER
+    (waiting for the TUNNEL frame) -> OPEN (the channel reads the peer's bytes)
+    -> CLOSED.  Either state can go to CLOSED.
     """
 
-    HEADER, OPEN, CLOSED = "header", "open", "closed"
+    HEADER, OPEN, CLOSED = TunnelState.HEADER, TunnelState.OPEN, TunnelState.CLOSED
 
     def __init__(self, peer: Any, server: TunnelServer):
         self.peer = peer
         self.server = server
-        self.state = self.HEADER
+        self.state = TunnelState.HEADER
         self.model: str | None = None
         self.channel: _Stream | None = None
         self._decoder: wire.Decoder | None = wire.Decoder(MAX_TUNNEL_FRAME_BYTES)
@@ -220,7 +222,7 @@ class HostTunnel:
         peer.transport.write(_tunnel_frame({"ok": True}))
         channel: _Stream = self.server.api.site.buildProtocol(peer.transport.getPeer())
         self.channel = channel
-        self.state = self.OPEN
+        self._move(TunnelState.OPEN)
         self.server.opened += 1
         channel.makeConnection(TunnelTransport(peer, self.who, self.model or "?"))
         peer.take_over(channel.dataReceived)  # from now on the peer's bytes are HTTP
@@ -253,8 +255,13 @@ class HostTunnel:
             peer_t.write(_tunnel_frame({"error": reason[:500]}))
             peer_t.loseConnection()
 
+    def _move(self, new: TunnelState) -> None:
+        check_move("tunnel", TUNNEL_MOVES, self.state, new)
+        self.state = new
+
     def _close_state(self) -> None:
-        self.state = self.CLOSED
+        if self.state != TunnelState.CLOSED:
+            self._move(TunnelState.CLOSED)
         self._decoder = None
         self.server.tunnels.discard(self)
 

@@ -26,6 +26,7 @@ from meshd.config import ApiConfig
 from meshd.serving.api import ApiServer
 from meshd.serving.proxy import ChunkedDecoder, UpstreamError
 from meshd.serving.routing import NotReady, UnknownModel, Upstream
+from meshd.states import ForwardState, IllegalMove
 from tests.conftest import free_port
 from tests.harness.fakebackend import FakeBackend
 
@@ -533,6 +534,30 @@ def test_chunk_reaches_the_client_before_the_upstream_sends_the_next():
     client.clear()
     upstream.dataReceived(sse(1))
     assert b'data: {"n": 1}' in client.value()
+
+
+def test_a_forward_moves_sent_streaming_done_as_its_stream_arrives_and_ends():
+    api, router, clock, ups, channel, client = memory_api()
+    send_stream_request(channel)
+    (fwd,) = api.forwards
+    assert fwd.state is ForwardState.SENT
+    upstream = ups.connections[0]
+    upstream.dataReceived(SSE_HEAD + sse(0))
+    assert fwd.state is ForwardState.STREAMING
+    upstream.dataReceived(b"0\r\n\r\n")
+    assert fwd.state is ForwardState.DONE and api.forwards == set()
+
+
+def test_a_non_stream_answer_is_held_and_a_forward_refuses_a_move_its_table_lacks():
+    api, router, clock, ups, channel, client = memory_api()
+    body = json.dumps(chat()).encode()
+    channel.dataReceived(_head(b"Content-Length: %d\r\n\r\n" % len(body)) + body)
+    (fwd,) = api.forwards
+    ups.connections[0].dataReceived(b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n"
+                                    b"Content-Length: 10\r\n\r\n{}")
+    assert fwd.state is ForwardState.HOLDING and client.value() == b""
+    with pytest.raises(IllegalMove, match="from holding to streaming"):
+        fwd._move(ForwardState.STREAMING)
 
 
 def test_client_that_stops_reading_pauses_the_upstream_and_resumes_it():
