@@ -37,7 +37,6 @@ a tunnel), and ``take_over()`` hands the raw byte stream to someone else.
 
 from __future__ import annotations
 
-import enum
 import hashlib
 import hmac
 import logging
@@ -64,6 +63,7 @@ from meshd.mesh import wire
 from meshd.mesh.identity import Identity, check_peer_certificate
 from meshd.mesh.membership import Heartbeat
 from meshd.mesh.wire import FrameType
+from meshd.states import PEER_MOVES, PeerState
 
 log = logging.getLogger("meshd.mesh.peer")
 
@@ -212,21 +212,8 @@ def versions_overlap(hello: Hello) -> int:
 # -- the connection -------------------------------------------------------------------
 
 
-class PeerState(enum.Enum):
-    HANDSHAKING = "handshaking"
-    HELLO = "hello"
-    CONFIRM = "confirm"
-    OPEN = "open"
-    CLOSED = "closed"
-
-
-_MOVES: dict[PeerState, set[PeerState]] = {
-    PeerState.HANDSHAKING: {PeerState.HELLO, PeerState.CLOSED},
-    PeerState.HELLO: {PeerState.OPEN, PeerState.CONFIRM, PeerState.CLOSED},
-    PeerState.CONFIRM: {PeerState.OPEN, PeerState.CLOSED},
-    PeerState.OPEN: {PeerState.CLOSED},
-    PeerState.CLOSED: set(),
-}
+# PeerState and its moves live with every other state in meshd.states
+_MOVES = PEER_MOVES
 
 
 class PeerDelegate(Protocol):
