@@ -93,5 +93,5 @@ def test_the_complete_example_rejects_bad_settings(doc, tmp_path):
     )
     problems = plugins.check(cfg, plugins_dir=None, entry_points=[], search_dirs=[])
     assert problems == [
-        f"[policy.site_rules] max_download_gb: expected a number of GB >= 0, got 'lots' (plugin site_rules, {path})"
+        f"[policy.site_rules] max_download_gb: expected a number of GiB >= 0, got 'lots' (plugin site_rules, {path})"
     ]
