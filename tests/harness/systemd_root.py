@@ -1,7 +1,10 @@
 """A Debian root with a real systemd for the systemd integration test, made once per machine.
 
-The root is made with ``../shared/recipes/systemd-in-namespace.sh make`` (debootstrap,
-about a minute) and cached outside the checkout, so later runs only boot it (seconds).
+The harness is the project's own: ``debootstrap`` makes a minimal Debian root (about a
+minute, cached outside the checkout so later runs only boot it, in seconds); ``unshare``
+gives systemd new PID, mount and UTS namespaces so it runs as PID 1 there without
+touching the host's init; ``nsenter`` runs commands inside. Nothing outside the
+repository is read.
 A lock keeps two test runs from building it at once; the root is built under a
 temporary name and renamed into place, so a half-made root is never mistaken for a
 finished one.  Run ``python3 tests/harness/systemd_root.py`` to make it ahead of the tests.
@@ -12,24 +15,26 @@ from __future__ import annotations
 import fcntl
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import time
 from pathlib import Path
 
-PROJECT = Path(__file__).resolve().parents[2]
-RECIPE = PROJECT.parent / "shared" / "recipes" / "systemd-in-namespace.sh"
 CACHE = Path(os.environ.get("MESHD_TEST_CACHE", "/var/cache/meshd-test"))
 ROOTFS = CACHE / "rootfs-bookworm"
 # written last by make_rootfs: its presence means the root is complete
 MARKER = ".meshd-test-complete"
-# what the recipe's root lacks and the package needs (procps: /bin/kill for ExecReload)
+SUITE = "bookworm"
+# what debootstrap's minbase lacks and the unit and the package need
+BASE_PACKAGES = ("systemd", "systemd-sysv", "dbus", "python3", "python3-venv", "ca-certificates")
+# installed after the root is made (procps: /bin/kill for ExecReload)
 EXTRA_PACKAGES = ("procps",)
 CLEAN_ENV = ["PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin", "LANG=C.UTF-8"]
 
 
 class Unavailable(Exception):
-    """This machine cannot run the recipe (not root, no recipe, no debootstrap)."""
+    """This machine cannot boot a systemd root (not root, no unshare/nsenter, no debootstrap)."""
 
 
 def _ensure_debootstrap() -> None:
@@ -46,8 +51,6 @@ def _ensure_debootstrap() -> None:
 def check_available() -> None:
     if os.geteuid() != 0:
         raise Unavailable("needs root (debootstrap, unshare, nsenter)")
-    if not RECIPE.exists():
-        raise Unavailable(f"recipe not found: {RECIPE}")
     for tool in ("unshare", "nsenter", "chroot"):
         if not shutil.which(tool):
             raise Unavailable(f"{tool} is missing (util-linux / coreutils)")
@@ -74,10 +77,19 @@ def ensure_rootfs(log=print) -> Path:
             shutil.rmtree(stale, ignore_errors=True)
         if ROOTFS.exists():
             shutil.rmtree(ROOTFS)
-        log(f"making Debian root {ROOTFS} with {RECIPE.name} (about a minute)")
+        log(f"making Debian root {ROOTFS} with debootstrap (about a minute)")
         started = time.monotonic()
         result = subprocess.run(
-            ["bash", str(RECIPE), "make", str(building)], capture_output=True, text=True
+            [
+                "debootstrap",
+                "--variant=minbase",
+                f"--include={','.join(BASE_PACKAGES)}",
+                SUITE,
+                str(building),
+                debian_mirror(),
+            ],
+            capture_output=True,
+            text=True,
         )
         if result.returncode != 0:
             shutil.rmtree(building, ignore_errors=True)
@@ -88,6 +100,23 @@ def ensure_rootfs(log=print) -> Path:
         building.rename(ROOTFS)
         log(f"made {ROOTFS} in {time.monotonic() - started:.0f} s")
     return ROOTFS
+
+
+def debian_mirror() -> str:
+    """The mirror this machine's apt uses (deb822 or one-line sources), so the root is
+    made from wherever the host may reach."""
+    sources = Path("/etc/apt/sources.list.d/debian.sources")
+    if sources.exists():
+        for line in sources.read_text().splitlines():
+            if line.startswith("URIs:"):
+                return line.split()[1]
+    legacy = Path("/etc/apt/sources.list")
+    if legacy.exists():
+        for line in legacy.read_text().splitlines():
+            parts = line.split()
+            if len(parts) > 1 and parts[0] == "deb":
+                return parts[1] if not parts[1].startswith("[") else parts[2]
+    raise Unavailable("no Debian mirror configured in /etc/apt (debootstrap needs one)")
 
 
 def _complete(root: Path) -> bool:
@@ -122,30 +151,56 @@ class BootedSystemd:
     def __init__(self, root: Path):
         self.root = root
         self.pid: int | None = None
+        self._unshare: subprocess.Popen[bytes] | None = None
 
     def boot(self, timeout_s: float = 60.0) -> int:
+        """Start systemd as PID 1 of new PID, mount and UTS namespaces chrooted in the root.
+
+        ``unshare --fork`` makes systemd its child: PID 1 inside, ``self.pid`` outside.
+        The mounts live in the new mount namespace only, so they vanish with it.
+        """
         # a namespace has no consoles: without this mask boot waits 90 s for /dev/ttyS0
         mask = self.root / "etc" / "systemd" / "system" / "getty.target"
         if not mask.is_symlink():
             mask.symlink_to("/dev/null")
-        out = subprocess.run(
-            ["bash", str(RECIPE), "boot", str(self.root)],
-            capture_output=True,
-            text=True,
-            timeout=timeout_s,
+        root = str(self.root.resolve())
+        inside = (
+            f"mount --bind {root} {root} && mount -t proc proc {root}/proc"
+            f" && mount --rbind /sys {root}/sys && mount -t tmpfs tmpfs {root}/run"
+            f" && mount -t tmpfs tmpfs {root}/tmp && mount --rbind /dev {root}/dev"
+            f" && exec chroot {root} /lib/systemd/systemd --system --log-target=null"
         )
-        if out.returncode != 0:
-            raise RuntimeError(f"boot failed: {out.stderr.strip()}")
-        self.pid = int(out.stdout.strip().splitlines()[-1])
-        return self.pid
+        self._unshare = subprocess.Popen(
+            ["unshare", "--pid", "--fork", "--mount", "--uts", "bash", "-c", inside],
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+        )
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if self._unshare.poll() is not None:
+                err = (
+                    self._unshare.stderr.read().decode(errors="replace")
+                    if self._unshare.stderr
+                    else ""
+                )
+                raise RuntimeError(f"boot failed (exit {self._unshare.returncode}): {err.strip()}")
+            child = _systemd_child(self._unshare.pid)
+            if child is not None:
+                self.pid = child
+                return child
+            time.sleep(0.1)
+        self._kill_unshare()
+        raise RuntimeError(f"systemd did not start within {timeout_s:.0f} s")
 
     def run(
         self, *cmd: str, timeout_s: float = 60.0, check: bool = False
     ) -> subprocess.CompletedProcess:
         assert self.pid is not None, "boot() first"
         # a clean environment: the host's PATH, PYTHONPATH or MESHD_CONFIG mean nothing inside
+        enter = ["nsenter", "-t", str(self.pid), "-m", "-p", "-r", "-w"]
         return subprocess.run(
-            ["bash", str(RECIPE), "run", str(self.pid), "env", "-i", *CLEAN_ENV, *cmd],
+            [*enter, "env", "-i", *CLEAN_ENV, *cmd],
             capture_output=True,
             text=True,
             timeout=timeout_s,
@@ -164,10 +219,39 @@ class BootedSystemd:
         raise RuntimeError(f"systemd did not finish booting: {state!r}")
 
     def stop(self) -> None:
-        if self.pid is None:
+        """Kill the booted systemd (PID 1 of its namespace: everything inside goes with it)."""
+        if self.pid is not None:
+            try:
+                os.kill(self.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+            self.pid = None
+        self._kill_unshare()
+
+    def _kill_unshare(self) -> None:
+        if self._unshare is None:
             return
-        subprocess.run(["bash", str(RECIPE), "stop", str(self.pid)], capture_output=True)
-        self.pid = None
+        if self._unshare.poll() is None:
+            self._unshare.kill()
+        self._unshare.wait(timeout=30)
+        if self._unshare.stderr:
+            self._unshare.stderr.close()
+        self._unshare = None
+
+
+def _systemd_child(parent: int) -> int | None:
+    """The child of ``unshare`` once it has exec'd systemd (before that it is bash)."""
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            # the parent PID is the 2nd field after the parenthesised command name
+            ppid = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            if ppid == parent and os.readlink(entry / "exe").endswith("/systemd"):
+                return int(entry.name)
+        except (OSError, ValueError, IndexError):
+            continue
+    return None
 
 
 if __name__ == "__main__":
