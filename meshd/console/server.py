@@ -42,18 +42,19 @@ import logging
 from collections.abc import Callable
 from importlib import resources
 from io import BytesIO
-from typing import Any
+from typing import Any, cast
 from urllib.parse import urlsplit
 
 from twisted.application import service
 from twisted.internet import defer, endpoints
-from twisted.internet.interfaces import IReactorTime
+from twisted.internet.interfaces import IDelayedCall, IListeningPort, IPushProducer, IReactorTime
 from twisted.internet.protocol import Protocol
 from twisted.internet.task import LoopingCall
 from twisted.python.failure import Failure
-from twisted.web import pages, resource, server
+from twisted.web import http, pages, resource, server
 from twisted.web.client import Agent, FileBodyProducer, HTTPConnectionPool, ResponseDone
 from twisted.web.http_headers import Headers
+from twisted.web.iweb import IAgent, IBodyProducer, IResponse
 
 from meshd import config as configmod
 from meshd.config import Config
@@ -85,8 +86,10 @@ class VramUse:
         self.node = node
         self.clock = clock
         if measure is None:
-            from meshd.models.gpu import process_used_bytes as measure
-        self._measure = measure
+            from meshd.models.gpu import process_used_bytes
+
+            measure = process_used_bytes
+        self._measure: Callable[[list[int]], int] = measure
         self._cache: tuple[tuple[int, ...], float, int] | None = None
 
     def _measured(self, pids: list[int]) -> int:
@@ -156,8 +159,8 @@ class StatusFeed:
         self.max_clients = max_clients
         self.chat, self.chat_reason = chat_policy(config)
         self.clients: list[server.Request] = []
-        self._pending = None  # the IDelayedCall of the next coalesced push
-        self._last_push = None  # when the last push was made
+        self._pending: IDelayedCall | None = None  # the next coalesced push
+        self._last_push: float | None = None  # when the last push was made
         self._last_key: str | None = None  # what it said, without uptime
         self._keepalive = LoopingCall(self._send_keepalive)
         self._keepalive.clock = clock
@@ -315,7 +318,7 @@ class _Events(resource.Resource):
         super().__init__()
         self.feed = feed
 
-    def render_GET(self, request: server.Request):
+    def render_GET(self, request: server.Request) -> bytes | int:
         if not self.feed.add_client(request):
             request.setHeader(b"Retry-After", b"10")
             return _error(request, 503, "too many console event streams", "too_many_clients")
@@ -336,7 +339,7 @@ class _Relay(Protocol):
         if not self.done:
             self.request.write(data)
 
-    def connectionLost(self, reason: Failure = None) -> None:
+    def connectionLost(self, reason: Failure | None = None) -> None:
         if self.done:
             return
         self.done = True
@@ -352,8 +355,11 @@ class _Relay(Protocol):
     def client_gone(self) -> None:
         if not self.done:
             self.done = True
-            if self.transport is not None:
-                self.transport.stopProducing()
+            # deliverBody's transport is a producer (TransportProxyProducer), not the
+            # ITransport that Protocol declares
+            producer = cast("IPushProducer | None", self.transport)
+            if producer is not None:
+                producer.stopProducing()
 
 
 class _ChatProxy(resource.Resource):
@@ -366,8 +372,9 @@ class _ChatProxy(resource.Resource):
         super().__init__()
         self.console = console
 
-    def render(self, request: server.Request):
-        path = b"/".join(request.postpath)
+    def render(self, request: server.Request) -> bytes | int:
+        # Site.getResourceFor sets postpath before any resource renders
+        path = b"/".join(request.postpath or ())
         method = self.PATHS.get(path)
         if method is None:
             return _error(request, 404, "the console forwards only /v1/chat/completions and "
@@ -386,7 +393,8 @@ class _ChatProxy(resource.Resource):
                               "unsupported_media_type")
             if not self.console.same_origin(request):
                 return _error(request, 403, "cross-origin request refused", "cross_origin")
-            body = request.content.read(MAX_CHAT_BODY_BYTES + 1)
+            content = request.content  # None only until the body's length is known
+            body = content.read(MAX_CHAT_BODY_BYTES + 1) if content is not None else b""
             if len(body) > MAX_CHAT_BODY_BYTES:
                 return _error(request, 413, "request body too large", "body_too_large")
         return self.console.forward(request, method, b"/v1/" + path, body)
@@ -420,7 +428,7 @@ class _Refused(resource.Resource):
 
 
 class _Site(server.Site):
-    def log(self, request: server.Request) -> None:  # operators do not need an access log
+    def log(self, request: http.Request) -> None:  # operators do not need an access log
         pass
 
 
@@ -442,17 +450,17 @@ class Console(service.Service):
     name = "console"  # type: ignore[assignment]  # Twisted declares it None
 
     def __init__(self, node, config: Config, *, reactor, feed: StatusFeed | None = None,
-                 agent: Any = None):
+                 agent: IAgent | None = None):
         self.node = node
         self.config = config
         self.reactor = reactor
         self.feed = feed if feed is not None else StatusFeed(node, config, clock=reactor)
         self._pool = HTTPConnectionPool(reactor, persistent=False)
-        self.agent = agent if agent is not None else Agent(
+        self.agent: IAgent = agent if agent is not None else Agent(
             reactor, connectTimeout=CONNECT_TIMEOUT_S, pool=self._pool)
         self.root = _Root(self, load_page())
         self.site = _Site(self.root)
-        self.port = None
+        self.port: IListeningPort | None = None
         host, _ = configmod.parse_address(config.console.listen)
         self._loopback = configmod.is_loopback(host)
 
@@ -483,19 +491,19 @@ class Console(service.Service):
             host = f"[{host}]"
         return f"http://{host}:{port}".encode() + path
 
-    def forward(self, request: server.Request, method: bytes, path: bytes, body: bytes):
+    def forward(self, request: server.Request, method: bytes, path: bytes, body: bytes) -> int:
         headers = Headers({b"Accept": [request.getHeader(b"accept") or b"*/*"]})
         auth = request.getHeader(b"authorization")
         if auth is not None:
             headers.setRawHeaders(b"Authorization", [auth])
-        producer = None
+        producer: IBodyProducer | None = None
         if method == b"POST":
             headers.setRawHeaders(b"Content-Type", [b"application/json"])
             producer = FileBodyProducer(BytesIO(body))
         d = self.agent.request(method, self.api_url(path), headers, producer)
         state: dict[str, Any] = {"relay": None, "gone": False}
 
-        def gone(_):
+        def gone(_: Failure) -> None:
             state["gone"] = True
             if state["relay"] is not None:
                 state["relay"].client_gone()
@@ -504,7 +512,7 @@ class Console(service.Service):
 
         request.notifyFinish().addErrback(gone)
 
-        def answered(response) -> None:
+        def answered(response: IResponse) -> None:
             if state["gone"]:
                 response.deliverBody(_Discard())
                 return
@@ -551,7 +559,7 @@ class Console(service.Service):
         super().stopService()
         return defer.ensureDeferred(self.stop())
 
-    async def listen(self):
+    async def listen(self) -> IListeningPort:
         ep = endpoints.serverFromString(
             self.reactor, configmod.tcp_endpoint(self.config.console.listen))
         self.feed.watch()

@@ -11,6 +11,7 @@ from typing import Any
 
 from twisted.application import service
 from twisted.internet import task
+from twisted.internet.interfaces import IDelayedCall, IReactorTime
 
 from meshd.mesh import wire
 from meshd.mesh.peer import (
@@ -44,9 +45,9 @@ class RouteServer(service.Service):
     parse of its (small) request, a dict lookup and the send.
     """
 
-    name = "route-server"
+    name = "route-server"  # type: ignore[assignment]  # Twisted declares it None
 
-    def __init__(self, mesh: Any, node: Any, *, clock: Any, refresh_s: float):
+    def __init__(self, mesh: Any, node: Any, *, clock: IReactorTime, refresh_s: float):
         self.mesh = mesh
         self.node = node
         self.clock = clock
@@ -54,7 +55,7 @@ class RouteServer(service.Service):
         self.registry = PassiveRegistry()
         self._answers: Answers | None = None
         self._pending: dict[PeerProtocol, float] = {}  # open, no check-in yet
-        self._push_call: Any = None
+        self._push_call: IDelayedCall | None = None
         self._sweep: task.LoopingCall | None = None
         mesh.register_purpose(PURPOSE, self._accept, token_join=True)
         mesh.add_listener(lambda event: self.changed())

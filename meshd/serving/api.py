@@ -218,7 +218,7 @@ class ApiSite(server.Site):
     protocol = ApiChannel  # type: ignore[assignment]
     noisy = False
 
-    def __init__(self, root: resource.Resource, api: ApiServer, reactor: Any):
+    def __init__(self, root: resource.Resource, api: ApiServer, reactor: IReactorTime):
         super().__init__(root, reactor=reactor)
         self.api = api
 
@@ -251,7 +251,7 @@ class ApiServer:
             reactor = cast(IReactorTime, default_reactor)
         self.router = router
         self.config = config
-        self.reactor: Any = reactor
+        self.reactor: IReactorTime = reactor
         self.pool = pool or ConnectionPool(self.reactor, config.connect_timeout_s)
         self.metrics = Metrics()
         self.forwards: set[Forward] = set()
@@ -659,6 +659,7 @@ class Forward:
         self.api.forward_done(self)
 
 
-def make_site(router: Router, api: ApiConfig, *, reactor=None) -> server.Site:
+def make_site(router: Router, api: ApiConfig, *,
+              reactor: IReactorTime | None = None) -> server.Site:
     """The API's twisted.web Site (``.api`` is its :class:`ApiServer`)."""
     return ApiServer(router, api, reactor=reactor).site

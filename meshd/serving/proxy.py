@@ -367,7 +367,8 @@ class _Call(TypingProtocol):
 class _Clock(TypingProtocol):
     """What the pool needs of the reactor (``IReactorTime``; ``task.Clock`` in tests)."""
 
-    def callLater(self, delay: float, f: Callable[..., object], *args: object) -> _Call: ...
+    # f is positional-only: IReactorTime and task.Clock name it ``callable``
+    def callLater(self, delay: float, f: Callable[..., object], /, *args: object) -> _Call: ...
 
 
 class _Idle:

@@ -8,10 +8,10 @@ addresses are known (``python -m meshd.cli.static_api``: benchmarks, debugging).
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
-from typing import Any
+from typing import Any, cast
 
 from twisted.internet import endpoints
-from twisted.internet.interfaces import IStreamClientEndpoint
+from twisted.internet.interfaces import IReactorTCP, IStreamClientEndpoint
 
 from meshd.config import parse_address
 from meshd.serving.routing import UnknownModel, Upstream
@@ -20,11 +20,11 @@ from meshd.serving.routing import UnknownModel, Upstream
 class StaticRouter:
     """Each model served by fixed ``host:port`` upstreams, tried in order."""
 
-    def __init__(self, table: Mapping[str, Sequence[str]], *, reactor: Any = None):
+    def __init__(self, table: Mapping[str, Sequence[str]], *, reactor: IReactorTCP | None = None):
         if reactor is None:
             from twisted.internet import reactor as default_reactor
 
-            reactor = default_reactor
+            reactor = cast(IReactorTCP, default_reactor)
         self.table: dict[str, list[Upstream]] = {}
         self.failed: list[tuple[str, str]] = []
         self.active: dict[str, int] = {}
@@ -53,5 +53,5 @@ class StaticRouter:
         self.active[upstream.name] -= 1
 
 
-def _tcp(reactor: Any, host: str, port: int) -> Callable[[], IStreamClientEndpoint]:
+def _tcp(reactor: IReactorTCP, host: str, port: int) -> Callable[[], IStreamClientEndpoint]:
     return lambda: endpoints.TCP4ClientEndpoint(reactor, host, port)

@@ -45,7 +45,7 @@ the model and hands the bytes to the tunnel API's site.
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import Any, cast
 from typing import Protocol as TypingProtocol
 
@@ -295,7 +295,7 @@ class TunnelTransport:
     def write(self, data: bytes) -> None:
         self._t.write(data)
 
-    def writeSequence(self, data: list[bytes]) -> None:  # noqa: N802
+    def writeSequence(self, data: Iterable[bytes]) -> None:  # noqa: N802
         self._t.writeSequence(data)
 
     def loseConnection(self) -> None:  # noqa: N802
