@@ -362,13 +362,14 @@ def format_status(s: dict) -> list[str]:
 # Each returns (method, endpoint, body, formatter for the human output).
 
 Formatter = Callable[[Any, argparse.Namespace], list[str]]
+Command = tuple[str, str, dict[str, Any] | None, Formatter]
 
 
-def cmd_status(a):
+def cmd_status(a: argparse.Namespace) -> Command:
     return "GET", "/status", None, lambda d, a: format_status(d)
 
 
-def cmd_peers(a):
+def cmd_peers(a: argparse.Namespace) -> Command:
     def fmt(d, a):
         peers = d.get("peers", d) if isinstance(d, dict) else d
         return table(peers, PEER_COLUMNS) if peers else ["no peers"]
@@ -376,15 +377,15 @@ def cmd_peers(a):
     return "GET", "/peers", None, fmt
 
 
-def cmd_models(a):
+def cmd_models(a: argparse.Namespace) -> Command:
     return "GET", "/models?catalog=1" if a.catalog else "/models", None, lambda d, a: generic(d)
 
 
-def cmd_gpus(a):
+def cmd_gpus(a: argparse.Namespace) -> Command:
     return "GET", "/gpus", None, lambda d, a: generic(d) if d else ["no GPUs reported"]
 
 
-def cmd_token(a):
+def cmd_token(a: argparse.Namespace) -> Command:
     if a.revoke:
         if a.ttl is not None or a.once:
             raise Fail("token --revoke takes no --ttl or --once", EXIT_USAGE)
@@ -408,15 +409,15 @@ def cmd_token(a):
     return "POST", "/token", body, fmt
 
 
-def cmd_join(a):
+def cmd_join(a: argparse.Namespace) -> Command:
     return "POST", "/join", {"token": a.token}, lambda d, a: generic(d) or ["joined"]
 
 
-def cmd_leave(a):
+def cmd_leave(a: argparse.Namespace) -> Command:
     return "POST", "/leave", None, lambda d, a: ["meshd left the mesh and is stopping"]
 
 
-def cmd_drop(a):
+def cmd_drop(a: argparse.Namespace) -> Command:
     return (
         "POST",
         "/drop",
@@ -425,11 +426,11 @@ def cmd_drop(a):
     )
 
 
-def cmd_download(a):
+def cmd_download(a: argparse.Namespace) -> Command:
     return "POST", "/download", {"name": a.name}, lambda d, a: generic(d)
 
 
-def cmd_reload(a):
+def cmd_reload(a: argparse.Namespace) -> Command:
     return "POST", "/reload", None, lambda d, a: generic(d) if d != {"ok": True} else ["reloaded"]
 
 
