@@ -14,7 +14,10 @@ and ignores llama-server's other flags::
 
 ``--chunk-delay-ms`` makes each stream slow (a pause before every chunk, so
 requests overlap); ``--request-log FILE`` appends one line per POST, so a test
-can count which of several fake backends answered.
+can count which of several fake backends answered; ``--hold`` reads every
+completion request and never answers it, so a test can know for certain that
+a request is in flight there (it waits for the request log's line) when it
+kills the host.
 
 In a test, :class:`FakeBackend` runs in a thread and can misbehave on purpose:
 ``mode`` "close" reads the request and closes without answering, "break"
@@ -57,6 +60,7 @@ class FakeBackend:
         self.mode = "ok"
         self.break_after = 2
         self.gate: threading.Event | None = None
+        self.hold = False  # completion requests are read and never answered
         self.requests = 0  # requests read completely
         self.streams_done = 0  # streams sent to the end
         self.peer_closed = 0  # streams the peer closed before their end
@@ -152,6 +156,8 @@ class FakeBackend:
                 return self._json(writer, 400, {"error": {"message": "bad json", "type": "x",
                                                           "code": 400}})
             n = doc.get("max_tokens") or self.chunks
+            if self.hold:
+                await asyncio.Event().wait()  # until the process is killed or stop()
             if path == "/v1/embeddings":
                 return self._json(writer, 200, {"object": "list", "data": [
                     {"object": "embedding", "index": 0, "embedding": [0.0, 0.5, 1.0]}]})
@@ -233,6 +239,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--chunk-delay-ms", type=float, default=0.0,
                         help="pause this long before each SSE chunk")
     parser.add_argument("--request-log", default=None, help="append one line per POST here")
+    parser.add_argument("--hold", action="store_true",
+                        help="never answer a completion request (it stays in flight)")
     parser.add_argument("-m", "--model", default="", help="a GGUF path: its stem is the model id")
     parser.add_argument("-a", "--alias", default="")
     args, _ignored = parser.parse_known_args(argv)
@@ -240,6 +248,7 @@ def main(argv: list[str] | None = None) -> int:
     fake = FakeBackend(args.host, args.port, chunks=args.chunks, model=model,
                        yield_every=args.yield_every, chunk_delay_s=args.chunk_delay_ms / 1000,
                        request_log=args.request_log)
+    fake.hold = args.hold
 
     async def run() -> None:
         await fake.serve()
