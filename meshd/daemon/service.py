@@ -46,6 +46,7 @@ from meshd.daemon.sdnotify import Notifier
 from meshd.daemon.tree import CallbackService, ListenerService, OrderedMultiService
 from meshd.errors import ServiceStopErrors, StartupError
 from meshd.states import NodeState
+from meshd.units import gib
 
 if TYPE_CHECKING:
     from meshd.mesh.identity import Identity
@@ -190,7 +191,7 @@ def create_daemon(
     top = MeshdService(cfg, reactor=reactor, notifier=notifier)
     node = top.node = Node(cfg, reactor=reactor, node_id=identity.node_id, vram_bytes=vram_bytes,
                            gpu_report=report, shutdown=top.shutdown)
-    log.info("node %s starting: %s of VRAM (%s)", identity.node_id, _gb(vram_bytes), report.source)
+    log.info("node %s starting: %s of VRAM (%s)", identity.node_id, gib(vram_bytes), report.source)
     node.policy = _load_policy(cfg)
     node.rescan()
     for problem in node.scan.problems if node.scan is not None else ():
@@ -411,12 +412,6 @@ def _load_identity(state_dir: Path, ephemeral: bool = False) -> tuple[Identity, 
 
     state = StateDir(state_dir)
     return (fresh() if ephemeral else load_or_create(state)), state
-
-
-def _gb(n: int) -> str:
-    from meshd.placement.snapshot import gb
-
-    return gb(n)
 
 
 def run(config: Config, *, reactor: Any = None) -> int:
