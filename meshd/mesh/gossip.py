@@ -32,7 +32,7 @@ import logging
 import os
 import socket
 import struct
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 from twisted.application import service
@@ -64,20 +64,26 @@ from meshd.mesh.peer import (
     dial_order,
     server_factory,
 )
-from meshd.mesh.wire import Frame, FrameError, FrameType
+from meshd.mesh.wire import TOKEN_REFUSALS, CloseCode, Frame, FrameError, FrameType
 from meshd.statedir import KnownNode, MeshState, StateDir
 
 log = logging.getLogger("meshd.mesh.gossip")
 
 LEAVE_BOUND_S = 1.0  # leave() fires after this long even if a peer does not take our LEAVING
-# the CLOSE reason for the loser of a simultaneous dial pair
-DUPLICATE = "duplicate connection"
+# the CLOSE reason for the loser of a simultaneous dial pair (its code: CloseCode.DUPLICATE;
+# the words are those older peers look for)
+DUPLICATE_REASON = "duplicate connection (the other one is kept)"
 RUMOR_ATTEMPTS = 5  # dial a node others report this many times before forgetting it
 DROPS_REMEMBERED = 1024  # DROP ids kept to forward each drop once
 
 
 class JoinFailed(Refused):
-    """No address in a token answered, or the issuer refused; the reason says which."""
+    """No address in a token answered, or the issuer refused; the reason says which,
+    ``codes`` the CLOSE codes the issuer gave (``wire.TOKEN_REFUSALS``: for good)."""
+
+    def __init__(self, reason: str, codes: Iterable[CloseCode] = ()):
+        super().__init__(reason)
+        self.codes = frozenset(codes)
 
 
 class MeshService(service.Service):
@@ -221,7 +227,7 @@ class MeshService(service.Service):
         for conn in conns:
             conn.send_json(FrameType.LEAVING, {"incarnation": self.incarnation})
             waits.append(conn.closed)
-            conn.close("left the mesh", notify=False)
+            conn.close("left the mesh", code=CloseCode.LEAVING, notify=False)
         done = self._leaving
         if not waits:
             done.callback(None)
@@ -273,7 +279,7 @@ class MeshService(service.Service):
         d = conn.probe(self.cfg.verify_timeout_s)
         d.addCallback(lambda rtt: None if rtt is not None else conn.close(
             f"{reason}; no answer to a probe within {self.cfg.verify_timeout_s:g} s",
-            notify=False, abort=True))
+            code=CloseCode.TIMEOUT, notify=False, abort=True))
 
     # -- service ------------------------------------------------------------------------------
 
@@ -353,7 +359,7 @@ class MeshService(service.Service):
 
         def failed(f: Failure) -> Failure:
             f.trap(PeerClosed)
-            raise JoinFailed(f.value.reason)
+            raise JoinFailed(f.value.reason, f.value.codes)
 
         return d.addErrback(failed)
 
@@ -404,8 +410,9 @@ class MeshService(service.Service):
 
         def failed(f: Failure) -> None:
             reason = str(f.value)
+            codes = f.value.codes if isinstance(f.value, JoinFailed) else ()
             log.error("cannot join mesh %s: %s", token.mesh_id, reason)
-            done.errback(JoinFailed(f"cannot join mesh {token.mesh_id}: {reason}"))
+            done.errback(JoinFailed(f"cannot join mesh {token.mesh_id}: {reason}", codes))
 
         d.addCallbacks(opened, failed)
         return done
@@ -413,7 +420,9 @@ class MeshService(service.Service):
     def _join_lost(self, conn: PeerProtocol, reason: str) -> None:
         d = self._joins.pop(id(conn), None)
         if d is not None:
-            d.errback(JoinFailed(f"the issuer closed the connection before welcoming us: {reason}"))
+            codes = () if conn.close_code is None else (conn.close_code,)
+            d.errback(JoinFailed(f"the issuer closed the connection before welcoming us: {reason}",
+                                 codes))
 
     def _join_tokens_at_start(self, tokens: list[tokensmod.Token]) -> None:
         """``[mesh] join``: the first token that works wins; retry with back-off if none does."""
@@ -429,9 +438,10 @@ class MeshService(service.Service):
             d.addCallbacks(lambda _: self._backoff.reset(), lambda f: _final(f, i))
 
         def _final(f: Failure, i: int) -> None:
-            text = str(f.value)
-            if any(w in text for w in ("revoked", "expired", "one use", "not issued by")):
-                log.error("token %s refused for good: %s", tokens[i].token_id, text)
+            refusals = f.value.codes & TOKEN_REFUSALS if isinstance(f.value, JoinFailed) else set()
+            if refusals:
+                log.error("token %s refused for good (%s): %s", tokens[i].token_id,
+                          ", ".join(sorted(refusals)), f.value)
                 if i + 1 < len(tokens):
                     attempt(i + 1)
                 return
@@ -452,11 +462,13 @@ class MeshService(service.Service):
             handler = self._purposes.get(conn.purpose)
             if handler is None or conn.is_client:
                 if handler is None and not conn.is_client:
-                    conn.close(f"this node does not serve connections for {conn.purpose!r}")
+                    conn.close(f"this node does not serve connections for {conn.purpose!r}",
+                               code=CloseCode.UNSUPPORTED_PURPOSE)
                 return
             if conn.hello is not None and conn.hello.auth == "token":
                 if conn.purpose not in self._token_purposes or self.mesh is None:
-                    conn.close(f"an invite token cannot open a {conn.purpose!r} connection")
+                    conn.close(f"an invite token cannot open a {conn.purpose!r} connection",
+                               code=CloseCode.TOKEN_NOT_ALLOWED)
                     return
                 conn.send_json(FrameType.WELCOME, {
                     "mesh_id": self.mesh.mesh_id,
@@ -464,7 +476,7 @@ class MeshService(service.Service):
             handler(conn)
             return
         if self._leaving is not None:
-            conn.close("this node is leaving the mesh")
+            conn.close("this node is leaving the mesh", code=CloseCode.LEAVING)
             return
         node_id = conn.node_id
         assert node_id is not None and conn.hello is not None
@@ -473,7 +485,7 @@ class MeshService(service.Service):
             keep = _preferred(existing, conn, self.node_id)
             drop = conn if keep is existing else existing
             self.conns[node_id] = keep
-            drop.close(f"{DUPLICATE} (the other one is kept)")
+            drop.close(DUPLICATE_REASON, code=CloseCode.DUPLICATE)
             if keep is existing:
                 return
         self.conns[node_id] = conn
@@ -508,14 +520,15 @@ class MeshService(service.Service):
             else:
                 log.debug("ignoring frame type %d from %s (newer protocol?)", frame.type, conn.who)
         except (FrameError, ValueError, KeyError, TypeError) as e:
-            conn.close(f"bad {_frame_name(frame.type)} frame: {e}", abort=True)
+            conn.close(f"bad {_frame_name(frame.type)} frame: {e}", code=CloseCode.PROTOCOL_ERROR,
+                       abort=True)
 
     def peer_closed(self, conn: PeerProtocol, reason: str) -> None:
         node_id = conn.node_id
         if node_id is None or self.conns.get(node_id) is not conn:
             return
         del self.conns[node_id]
-        if DUPLICATE in reason:
+        if conn.close_code is CloseCode.DUPLICATE:
             # the peer kept the other connection of a simultaneous dial pair, which
             # may not be open on this side yet: a loss only if it never arrives
             self.reactor.callLater(self.cfg.connect_timeout_s, self._lost_unless_back,
@@ -609,7 +622,7 @@ class MeshService(service.Service):
             if self.conns.get(node_id) is target:
                 del self.conns[node_id]
             self.table.verified(node_id, False, why)
-            target.close(why, notify=False, abort=True)
+            target.close(why, code=CloseCode.TIMEOUT, notify=False, abort=True)
             self._after_loss()
 
         target.probe(timeout).addCallback(checked)
@@ -624,7 +637,7 @@ class MeshService(service.Service):
         assert node_id is not None
         del self.conns[node_id]
         self.table.left(node_id, int(body.get("incarnation", 0)))
-        conn.close("peer left", notify=False)
+        conn.close("peer left", code=CloseCode.LEAVING, notify=False)
         self._after_loss()
 
     def _on_welcome(self, conn: PeerProtocol, body: dict[str, Any]) -> None:
@@ -746,14 +759,14 @@ class _Gate:
     def key_for(self, hello: Hello) -> bytes:
         mesh = self._mesh
         if mesh.leaving:
-            raise AuthRefused("this node is leaving the mesh")
+            raise AuthRefused("this node is leaving the mesh", CloseCode.LEAVING)
         assert mesh.mesh is not None
         if hello.auth == "mesh":
             return mesh.mesh.secret
         try:
             return mesh.book.check(hello.token_id or "", mesh.mesh.mesh_id)
         except tokensmod.TokenError as e:
-            raise AuthRefused(str(e)) from None
+            raise AuthRefused(str(e), e.code) from None
 
     def authenticated(self, hello: Hello) -> None:
         if hello.auth == "token" and hello.token_id:

@@ -27,7 +27,8 @@ Authentication, all of it before a single gossip frame is accepted:
    different EKMs), and the side label stops reflection.
 
 A failure closes the connection with a CLOSE frame carrying the reason (so the
-other operator reads why) and one log line; never a traceback.
+other operator reads why) and a ``wire.CloseCode`` (so the other program acts on
+it without reading words), and one log line; never a traceback.
 
 This module knows nothing of gossip: after OPEN it hands frames to its
 ``delegate`` (``meshd.mesh.gossip``); PING/PONG and the heartbeat it handles itself.
@@ -41,7 +42,7 @@ import hashlib
 import hmac
 import logging
 import struct
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -62,7 +63,7 @@ from meshd.config import is_loopback, parse_address
 from meshd.mesh import wire
 from meshd.mesh.identity import Identity, check_peer_certificate
 from meshd.mesh.membership import Heartbeat
-from meshd.mesh.wire import FrameType
+from meshd.mesh.wire import CloseCode, FrameType
 from meshd.states import PEER_MOVES, PeerState
 
 log = logging.getLogger("meshd.mesh.peer")
@@ -73,15 +74,25 @@ PING2 = struct.Struct(">II")  # seq, the sender's last measured RTT in microseco
 
 
 class AuthRefused(Exception):
-    """A peer failed authentication; ``str()`` is the reason for the log and CLOSE."""
+    """A peer failed authentication; ``str()`` is the reason for the log and CLOSE,
+    ``code`` the CLOSE frame's code."""
+
+    def __init__(self, reason: str, code: CloseCode = CloseCode.AUTH_FAILED):
+        super().__init__(reason)
+        self.code = code
 
 
 class PeerClosed(Exception):
-    """A connection closed before it was open; ``reason`` says why."""
+    """A connection closed before it was open; ``reason`` says why.
 
-    def __init__(self, reason: str):
+    ``codes``: the CLOSE codes behind it (one per connection tried; none when a
+    connection ended without a CLOSE, e.g. refused or timed out), so a caller
+    decides what to do next by code, never by the reason's words."""
+
+    def __init__(self, reason: str, codes: Iterable[CloseCode] = ()):
         super().__init__(reason)
         self.reason = reason
+        self.codes = frozenset(codes)
 
 
 # -- TLS ------------------------------------------------------------------------
@@ -139,19 +150,20 @@ class Hello:
         def get(key: str, kind: type) -> Any:
             value = body.get(key)
             if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
-                raise AuthRefused(f"HELLO field {key!r} missing or not a {kind.__name__}")
+                raise AuthRefused(f"HELLO field {key!r} missing or not a {kind.__name__}",
+                                  CloseCode.BAD_HELLO)
             return value
 
         try:
             proof = bytes.fromhex(get("proof", str))
         except ValueError:
-            raise AuthRefused("HELLO proof is not hex") from None
+            raise AuthRefused("HELLO proof is not hex", CloseCode.BAD_HELLO) from None
         auth = get("auth", str)
         if auth not in ("mesh", "token"):
-            raise AuthRefused(f"HELLO auth {auth!r} is not 'mesh' or 'token'")
+            raise AuthRefused(f"HELLO auth {auth!r} is not 'mesh' or 'token'", CloseCode.BAD_HELLO)
         token_id = body.get("token_id") if auth == "token" else None
         if auth == "token" and not isinstance(token_id, str):
-            raise AuthRefused("HELLO with token auth names no token_id")
+            raise AuthRefused("HELLO with token auth names no token_id", CloseCode.BAD_HELLO)
         return cls(
             proto=get("proto", int),
             min_proto=get("min_proto", int),
@@ -204,7 +216,8 @@ def versions_overlap(hello: Hello) -> int:
     if agreed < max(hello.min_proto, wire.MIN_PROTOCOL_VERSION):
         raise AuthRefused(
             f"no common protocol version (peer speaks {hello.min_proto}..{hello.proto}, "
-            f"we speak {wire.MIN_PROTOCOL_VERSION}..{wire.PROTOCOL_VERSION})"
+            f"we speak {wire.MIN_PROTOCOL_VERSION}..{wire.PROTOCOL_VERSION})",
+            CloseCode.VERSION_MISMATCH,
         )
     return agreed
 
@@ -263,6 +276,7 @@ class PeerProtocol(protocol.Protocol):
         self.hello: Hello | None = None  # the peer's, once verified
         self.peer_cert: x509.Certificate | None = None
         self.close_reason: str | None = None
+        self.close_code: CloseCode | None = None  # None: it ended without a CLOSE either way
         self.rtt_ms: float | None = None
         self._open_waiters: list[defer.Deferred[PeerProtocol]] = []
         self._peer_addr = "?"
@@ -304,7 +318,7 @@ class PeerProtocol(protocol.Protocol):
         if self.state is PeerState.OPEN:
             d.callback(self)
         elif self.state is PeerState.CLOSED:
-            d.errback(PeerClosed(self.close_reason or "closed"))
+            d.errback(PeerClosed(self.close_reason or "closed", self._close_codes()))
         else:
             self._open_waiters.append(d)
         return d
@@ -357,7 +371,7 @@ class PeerProtocol(protocol.Protocol):
                         self._raw(rest)
                     return
         except wire.FrameError as e:
-            self.close(f"bad frame: {e}", notify=False, abort=True)
+            self.close(f"bad frame: {e}", code=CloseCode.PROTOCOL_ERROR, notify=False, abort=True)
 
     def connectionLost(self, reason: Failure = protocol.connectionDone) -> None:  # noqa: N802
         if self.close_reason is None:
@@ -375,7 +389,7 @@ class PeerProtocol(protocol.Protocol):
         self._probes.clear()
         waiters, self._open_waiters = self._open_waiters, []
         for d in waiters:
-            d.errback(Failure(PeerClosed(self.close_reason)))
+            d.errback(Failure(PeerClosed(self.close_reason, self._close_codes())))
         if was_open:
             self.delegate.peer_closed(self, self.close_reason)
         self.closed.callback(self.close_reason)
@@ -386,35 +400,41 @@ class PeerProtocol(protocol.Protocol):
         if self._heartbeat is not None:
             self._heartbeat.traffic_seen()
         if frame.type == FrameType.CLOSE:
-            reason = _close_reason(frame)
+            close = wire.decode_close(frame.payload)
             if self.state is not PeerState.OPEN:
-                log.warning("%s refused the connection: %s", self.who, reason)
-            self.close(f"peer closed: {reason}", notify=False)
+                log.warning("%s refused the connection: %s", self.who, close.reason)
+            self.close(f"peer closed: {close.reason}", code=close.code, notify=False)
             return
         if self.state is PeerState.HELLO:
             if frame.type != FrameType.HELLO:
-                self.close(f"expected HELLO, got frame type {frame.type}", abort=True)
+                self.close(f"expected HELLO, got frame type {frame.type}",
+                           code=CloseCode.PROTOCOL_ERROR, abort=True)
                 return
             try:
                 self._hello(Hello.parse(frame.json()))
-            except (AuthRefused, wire.FrameError) as e:
-                self.close(f"refused: {e}")
+            except AuthRefused as e:
+                self.close(f"refused: {e}", code=e.code)
+            except wire.FrameError as e:
+                self.close(f"refused: {e}", code=CloseCode.BAD_HELLO)
             return
         if self.state is PeerState.CONFIRM:
             if frame.type != FrameType.READY:
-                self.close(f"expected READY, got frame type {frame.type}", abort=True)
+                self.close(f"expected READY, got frame type {frame.type}",
+                           code=CloseCode.PROTOCOL_ERROR, abort=True)
                 return
             self._open()
             return
         if self.state is not PeerState.OPEN:
-            self.close(f"frame type {frame.type} before the TLS handshake finished", abort=True)
+            self.close(f"frame type {frame.type} before the TLS handshake finished",
+                       code=CloseCode.PROTOCOL_ERROR, abort=True)
             return
         if frame.type == FrameType.PING:
             self._got_ping(frame.payload)
         elif frame.type == FrameType.PONG:
             self._got_pong(frame.payload)
         elif frame.type == FrameType.HELLO:
-            self.close("second HELLO on an open connection", abort=True)
+            self.close("second HELLO on an open connection", code=CloseCode.PROTOCOL_ERROR,
+                       abort=True)
         else:
             self.delegate.peer_frame(self, frame)
 
@@ -437,16 +457,18 @@ class PeerProtocol(protocol.Protocol):
                     f"dialled node {self.client.expect_node_id} but {hello.node_id} answered"
                 )
             if hello.mesh_id != self.client.mesh_id:
-                raise AuthRefused(f"peer is in mesh {hello.mesh_id}, not {self.client.mesh_id}")
+                raise AuthRefused(f"peer is in mesh {hello.mesh_id}, not {self.client.mesh_id}",
+                                  CloseCode.WRONG_MESH)
             key = self.client.key
             side = b"server"
         else:
             assert self.gate is not None
             ours = self.gate.mesh_id()
             if ours is None:
-                raise AuthRefused("this node has not joined a mesh yet")
+                raise AuthRefused("this node has not joined a mesh yet", CloseCode.WRONG_MESH)
             if hello.mesh_id != ours:
-                raise AuthRefused(f"peer is in mesh {hello.mesh_id}, not {ours}")
+                raise AuthRefused(f"peer is in mesh {hello.mesh_id}, not {ours}",
+                                  CloseCode.WRONG_MESH)
             key = self.gate.key_for(hello)
             side = b"client"
         expected = proof(key, side, hello.mesh_id, hello.node_id, ekm)
@@ -522,7 +544,7 @@ class PeerProtocol(protocol.Protocol):
         try:
             seq = wire.decode_ping(payload)
         except wire.FrameError as e:
-            self.close(f"bad PING: {e}", abort=True)
+            self.close(f"bad PING: {e}", code=CloseCode.PROTOCOL_ERROR, abort=True)
             return
         if not self._pinging and len(payload) >= PING2.size:
             rtt_us = PING2.unpack_from(payload)[1]
@@ -534,7 +556,7 @@ class PeerProtocol(protocol.Protocol):
         try:
             seq = wire.decode_ping(payload)
         except wire.FrameError as e:
-            self.close(f"bad PONG: {e}", abort=True)
+            self.close(f"bad PONG: {e}", code=CloseCode.PROTOCOL_ERROR, abort=True)
             return
         sent = self._ping_sent.pop(seq, None)
         if sent is not None:
@@ -562,12 +584,14 @@ class PeerProtocol(protocol.Protocol):
             d.callback(None)
 
     def _heartbeat_timeout(self, silent_s: float) -> None:
-        self.close(f"no heartbeat for {silent_s:.1f} s", notify=False, abort=True)
+        self.close(f"no heartbeat for {silent_s:.1f} s", code=CloseCode.TIMEOUT, notify=False,
+                   abort=True)
 
     def _handshake_timeout(self) -> None:
         self._timer = None
         what = "TLS handshake" if self.state is PeerState.HANDSHAKING else "HELLO"
-        self.close(f"{what} not done within {self.timing.handshake_timeout_s:g} s", abort=True)
+        self.close(f"{what} not done within {self.timing.handshake_timeout_s:g} s",
+                   code=CloseCode.TIMEOUT, abort=True)
 
     # -- sending and closing -----------------------------------------------------------------
 
@@ -581,8 +605,10 @@ class PeerProtocol(protocol.Protocol):
     def send_json(self, frame_type: int, body: dict[str, Any]) -> None:
         self.send(frame_type, wire.dump_json(body))
 
-    def close(self, reason: str, *, notify: bool = True, abort: bool = False) -> None:
-        """Close with ``reason`` (logged once; sent to the peer in a CLOSE frame if ``notify``).
+    def close(self, reason: str, *, code: CloseCode = CloseCode.OTHER, notify: bool = True,
+              abort: bool = False) -> None:
+        """Close with ``reason`` (logged once; sent to the peer in a CLOSE frame with
+        ``code`` if ``notify``).
 
         ``abort`` drops the TCP connection at once (a dead or hostile peer would
         never acknowledge a graceful TLS close).
@@ -590,12 +616,13 @@ class PeerProtocol(protocol.Protocol):
         if self.close_reason is not None or self.state is PeerState.CLOSED:
             return
         self.close_reason = reason
+        self.close_code = code
         if self.state is not PeerState.OPEN and not reason.startswith("peer closed"):
             log.warning("peer connection with %s closed before it opened: %s", self.who, reason)
         self._stop_timers()
         if notify and self.state in (PeerState.HELLO, PeerState.CONFIRM, PeerState.OPEN):
             try:
-                self.send_json(FrameType.CLOSE, {"reason": reason[:500]})
+                self.send_json(FrameType.CLOSE, wire.encode_close_body(reason, code))
             except wire.FrameError:
                 pass
         if self.transport is None:
@@ -604,6 +631,9 @@ class PeerProtocol(protocol.Protocol):
             self.transport.abortConnection()
         else:
             self.transport.loseConnection()
+
+    def _close_codes(self) -> frozenset[CloseCode]:
+        return frozenset() if self.close_code is None else frozenset({self.close_code})
 
     def take_over(self, receiver: Callable[[bytes], None]) -> None:
         """From now on every byte goes to ``receiver`` (a tunnel); frames and heartbeat stop."""
@@ -616,14 +646,6 @@ class PeerProtocol(protocol.Protocol):
         self._timer = None
         if self._heartbeat is not None:
             self._heartbeat.stop()
-
-
-def _close_reason(frame: wire.Frame) -> str:
-    try:
-        reason = frame.json().get("reason")
-    except wire.FrameError:
-        return "(unreadable reason)"
-    return str(reason)[:500] if reason else "(no reason given)"
 
 
 def _failure_text(reason: Failure) -> str:
@@ -714,10 +736,12 @@ def dial_any(reactor: Any, addrs: list[str], tls: TLSOptions,
     """Try each address in turn; fails with PeerClosed naming every address and why."""
     result: defer.Deferred[PeerProtocol] = defer.Deferred()
     tried: list[str] = []
+    codes: set[CloseCode] = set()
 
     def attempt(i: int) -> None:
         if i >= len(addrs):
-            result.errback(PeerClosed("tried " + "; ".join(tried) if tried else "no address"))
+            result.errback(PeerClosed("tried " + "; ".join(tried) if tried else "no address",
+                                      codes))
             return
         try:
             host, port = parse_address(addrs[i])
@@ -727,7 +751,11 @@ def dial_any(reactor: Any, addrs: list[str], tls: TLSOptions,
             return
 
         def failed(f: Failure) -> None:
-            reason = f.value.reason if f.check(PeerClosed) else f.getErrorMessage()
+            if isinstance(f.value, PeerClosed):
+                reason = f.value.reason
+                codes.update(f.value.codes)
+            else:
+                reason = f.getErrorMessage()
             tried.append(f"{addrs[i]} ({reason})")
             attempt(i + 1)
 

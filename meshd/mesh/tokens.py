@@ -25,9 +25,10 @@ import secrets
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 from meshd.config import parse_address
+from meshd.mesh.wire import CloseCode
 from meshd.statedir import StateDir
 
 PREFIX = "meshd1."
@@ -40,7 +41,12 @@ _NODE_ID = re.compile(r"^[a-z2-7]{26}$")
 
 
 class TokenError(Exception):
-    """A token cannot be used; the message says exactly why (for the operator)."""
+    """A token cannot be used; the message says exactly why (for the operator).
+
+    ``code`` is what the issuer's CLOSE carries when it refuses the token, so the
+    joiner tells a refusal for good from a passing failure without reading text."""
+
+    code: ClassVar[CloseCode] = CloseCode.TOKEN_UNKNOWN
 
 
 class TokenMalformed(TokenError):
@@ -48,19 +54,19 @@ class TokenMalformed(TokenError):
 
 
 class TokenExpired(TokenError):
-    pass
+    code = CloseCode.TOKEN_EXPIRED
 
 
 class TokenRevoked(TokenError):
-    pass
+    code = CloseCode.TOKEN_REVOKED
 
 
 class TokenUsed(TokenError):
-    pass
+    code = CloseCode.TOKEN_USED
 
 
 class TokenUnknown(TokenError):
-    pass
+    code = CloseCode.TOKEN_UNKNOWN
 
 
 @dataclass(frozen=True)

@@ -42,7 +42,7 @@ class FrameType(enum.IntEnum):
 
     HELLO = 1  # first frame each way: version, who I am, proof of the secret
     WELCOME = 2  # issuer -> token joiner: the mesh id and secret
-    CLOSE = 3  # "I am closing this connection, because ..." (JSON {"reason"})
+    CLOSE = 3  # "I am closing this connection, because ..." (JSON {"reason", "code"?}, see CloseCode)
     PING = 4  # binary seq; answered at once by PONG
     PONG = 5  # binary seq echoed
     ANNOUNCE = 6  # a node's own description (JSON)
@@ -54,6 +54,90 @@ class FrameType(enum.IntEnum):
     TUNNEL = 12  # first frame each way on an "http" tunnel: {"model"} / {"ok"} or {"error"}
     ROUTE_REQUEST = 13  # passive -> active on a "route" connection: check-in (JSON, meshd.serving.routetable.CheckIn)
     ROUTE_TABLE = 14  # active -> passive: the routing table, or {"etag", "same": true} (meshd.serving.routetable)
+
+
+class CloseCode(enum.StrEnum):
+    """Why a connection was closed, for the machine; the CLOSE frame's ``reason`` is for people.
+
+    The code travels in the optional ``code`` key of the CLOSE body.  A peer that
+    predates codes ignores the key; a CLOSE without one (from such a peer) is
+    classified from its text by :func:`legacy_close_code`, the only place that
+    reads a reason's words.  A code this node does not know (a newer peer) is
+    ``OTHER``: nothing to act on, the reason is still logged.
+    """
+
+    OTHER = "other"  # nothing a machine acts on: read the reason
+    PROTOCOL_ERROR = "protocol-error"  # a malformed or unexpected frame
+    BAD_HELLO = "bad-hello"  # a HELLO that is not one (missing fields, not JSON)
+    VERSION_MISMATCH = "version-mismatch"  # no protocol version both sides speak
+    AUTH_FAILED = "auth-failed"  # wrong proof, certificate or node id
+    WRONG_MESH = "wrong-mesh"  # the peer is in another mesh, or in none yet
+    TOKEN_UNKNOWN = "token-unknown"  # the invite token was not issued here for this mesh
+    TOKEN_REVOKED = "token-revoked"
+    TOKEN_EXPIRED = "token-expired"
+    TOKEN_USED = "token-used"  # a one-use token presented a second time
+    TOKEN_NOT_ALLOWED = "token-not-allowed"  # a token cannot open this purpose
+    UNSUPPORTED_PURPOSE = "unsupported-purpose"  # this node serves no such connections
+    DUPLICATE = "duplicate"  # the same pair is connected twice; the other one is kept
+    LEAVING = "leaving"  # the sender is leaving the mesh
+    STOPPING = "stopping"  # the sender (or this part of it) is stopping
+    TIMEOUT = "timeout"  # a handshake or an answer did not come in time
+
+
+# the issuer will never accept this token: trying it again is pointless
+TOKEN_REFUSALS = frozenset({CloseCode.TOKEN_UNKNOWN, CloseCode.TOKEN_REVOKED,
+                            CloseCode.TOKEN_EXPIRED, CloseCode.TOKEN_USED})
+MAX_REASON_CHARS = 500
+
+
+@dataclass(frozen=True)
+class Close:
+    """A CLOSE frame's body: the reason for the log, the code for the code."""
+
+    reason: str
+    code: CloseCode
+
+
+def encode_close_body(reason: str, code: CloseCode) -> dict[str, Any]:
+    return {"reason": reason[:MAX_REASON_CHARS], "code": code.value}
+
+
+def decode_close(payload: bytes) -> Close:
+    """A CLOSE body, never an error: the peer is going away, whatever it sent."""
+    try:
+        body = decode_json(payload)
+    except FrameError:
+        return Close("(unreadable reason)", CloseCode.OTHER)
+    raw = body.get("reason")
+    reason = str(raw)[:MAX_REASON_CHARS] if raw else "(no reason given)"
+    code = body.get("code")
+    if not isinstance(code, str):
+        return Close(reason, legacy_close_code(reason))  # a peer older than codes
+    try:
+        return Close(reason, CloseCode(code))
+    except ValueError:
+        return Close(reason, CloseCode.OTHER)  # a newer peer's code
+
+
+def legacy_close_code(reason: str) -> CloseCode:
+    """The code a peer older than codes meant, from the words its version wrote.
+
+    Kept for rolling upgrades, and only here: every other decision reads the
+    code.  The phrases are exactly those version-1 peers without codes send.
+    """
+    if "duplicate connection" in reason:
+        return CloseCode.DUPLICATE
+    if "revoked" in reason:
+        return CloseCode.TOKEN_REVOKED
+    if "expired" in reason:
+        return CloseCode.TOKEN_EXPIRED
+    if "one use" in reason:
+        return CloseCode.TOKEN_USED
+    if "not issued by" in reason:
+        return CloseCode.TOKEN_UNKNOWN
+    if "leaving the mesh" in reason:
+        return CloseCode.LEAVING
+    return CloseCode.OTHER
 
 
 class FrameError(Exception):

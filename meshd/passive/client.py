@@ -26,7 +26,7 @@ from meshd.mesh.peer import (
     dial_any,
     dial_order,
 )
-from meshd.mesh.wire import FrameType
+from meshd.mesh.wire import CloseCode, FrameType
 from meshd.serving.routetable import (
     CheckIn,
     RouteTable,
@@ -131,7 +131,7 @@ class RouteClient:
         self._waiting = self._refresh_call = self._retry_call = None
         conn, self.conn = self.conn, None
         if conn is not None:
-            conn.close("passive node stopping")
+            conn.close("passive node stopping", code=CloseCode.STOPPING)
 
     def refresh_now(self, reason: str) -> None:
         """Ask for the table at once (a tunnel failed); connect if there is no connection."""
@@ -232,7 +232,7 @@ class RouteClient:
     def _connected(self, conn: PeerProtocol, target: Target) -> None:
         self._connecting = False
         if self._stopped or conn.state is not PeerState.OPEN:
-            conn.close("passive node stopping")
+            conn.close("passive node stopping", code=CloseCode.STOPPING)
             return
         self.conn = conn
         self.via = target.node_id
@@ -268,7 +268,8 @@ class RouteClient:
     def _no_answer(self, conn: PeerProtocol) -> None:
         self._waiting = None
         if conn is self.conn:
-            conn.close(f"no routing table within {self.answer_timeout_s:g} s", abort=True)
+            conn.close(f"no routing table within {self.answer_timeout_s:g} s",
+                       code=CloseCode.TIMEOUT, abort=True)
 
     def peer_open(self, conn: PeerProtocol) -> None:
         pass
@@ -286,7 +287,8 @@ class RouteClient:
             elif frame.type == FrameType.ROUTE_TABLE:
                 self._answer(conn, frame.json())
         except (wire.FrameError, ValueError, KeyError, TypeError) as e:
-            conn.close(f"bad {FrameType(frame.type).name} frame: {e}", abort=True)
+            conn.close(f"bad {FrameType(frame.type).name} frame: {e}",
+                       code=CloseCode.PROTOCOL_ERROR, abort=True)
 
     def _answer(self, conn: PeerProtocol, body: dict[str, Any]) -> None:
         if self._waiting is not None and self._waiting.active():

@@ -13,8 +13,9 @@ from twisted.internet.testing import MemoryReactorClock
 
 from meshd.config import Config
 from meshd.mesh import identity as identitymod
-from meshd.mesh.gossip import DUPLICATE, MeshService
+from meshd.mesh.gossip import DUPLICATE_REASON, MeshService
 from meshd.mesh.membership import PeerDown, PeerView
+from meshd.mesh.wire import CloseCode
 from meshd.statedir import StateDir
 
 
@@ -39,8 +40,8 @@ def peer(node_id: str) -> PeerView:
     )
 
 
-def connected(mesh: MeshService, node_id: str):
-    conn = SimpleNamespace(node_id=node_id)
+def connected(mesh: MeshService, node_id: str, close_code: CloseCode | None = None):
+    conn = SimpleNamespace(node_id=node_id, close_code=close_code)
     mesh.conns[node_id] = conn  # type: ignore[assignment]
     mesh.table.announced(peer(node_id))
     return conn
@@ -48,9 +49,9 @@ def connected(mesh: MeshService, node_id: str):
 
 def test_duplicate_close_is_not_a_death_when_the_kept_connection_opens(tmp_path):
     mesh, reactor, events = mesh_service(tmp_path)
-    first = connected(mesh, "b")
+    first = connected(mesh, "b", CloseCode.DUPLICATE)
     events.clear()
-    mesh.peer_closed(first, f"peer closed: {DUPLICATE} (the other one is kept)")
+    mesh.peer_closed(first, f"peer closed: {DUPLICATE_REASON}")
     # the kept connection opens on this side a moment later
     mesh.conns["b"] = SimpleNamespace(node_id="b")  # type: ignore[assignment]
     reactor.advance(mesh.cfg.connect_timeout_s + 1)
@@ -60,9 +61,9 @@ def test_duplicate_close_is_not_a_death_when_the_kept_connection_opens(tmp_path)
 
 def test_duplicate_close_becomes_a_death_when_the_other_connection_never_opens(tmp_path):
     mesh, reactor, events = mesh_service(tmp_path)
-    first = connected(mesh, "b")
+    first = connected(mesh, "b", CloseCode.DUPLICATE)
     events.clear()
-    mesh.peer_closed(first, f"peer closed: {DUPLICATE} (the other one is kept)")
+    mesh.peer_closed(first, f"peer closed: {DUPLICATE_REASON}")
     assert "b" in mesh.table.members
     reactor.advance(mesh.cfg.connect_timeout_s + 1)
     assert "b" not in mesh.table.members
@@ -74,4 +75,11 @@ def test_any_other_close_is_a_death_at_once(tmp_path):
     first = connected(mesh, "b")
     events.clear()
     mesh.peer_closed(first, "connection lost")
+    assert "b" not in mesh.table.members
+
+
+def test_duplicate_is_told_by_the_code_not_the_words(tmp_path):
+    mesh, reactor, events = mesh_service(tmp_path)
+    first = connected(mesh, "b", CloseCode.PROTOCOL_ERROR)
+    mesh.peer_closed(first, f"peer closed: bad frame mentioning {DUPLICATE_REASON}")
     assert "b" not in mesh.table.members

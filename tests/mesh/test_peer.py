@@ -40,8 +40,10 @@ class Recorder:
 
 
 class Gate:
-    def __init__(self, secret=SECRET, tokens=None, refuse=None):
+    def __init__(self, secret=SECRET, tokens=None, refuse=None,
+                 refuse_code=wire.CloseCode.AUTH_FAILED):
         self.secret, self.tokens, self.refuse = secret, tokens or {}, refuse
+        self.refuse_code = refuse_code
         self.authed = []
 
     def mesh_id(self):
@@ -49,7 +51,7 @@ class Gate:
 
     def key_for(self, hello):
         if self.refuse:
-            raise peer.AuthRefused(self.refuse)
+            raise peer.AuthRefused(self.refuse, self.refuse_code)
         if hello.auth == "token":
             if hello.token_id not in self.tokens:
                 raise peer.AuthRefused(f"unknown token {hello.token_id}")
@@ -189,6 +191,56 @@ def test_refused_token_reason_reaches_the_joiner(ids):
     c, s, cd, sd, _, _ = connect(a, b, auth, gate)
     assert "token abc123 was revoked" in c.close_reason
     assert cd.opened == sd.opened == []
+
+
+def test_refusal_code_reaches_the_joiner_and_its_open_waiter(ids):
+    a, b, _ = ids
+    gate = Gate(refuse="no such token here", refuse_code=wire.CloseCode.TOKEN_REVOKED)
+    auth = peer.ClientAuth(MESH, b"t" * 32, token_id="abc123", pin=b.spki_sha256)
+    c, s, cd, sd, _, _ = connect(a, b, auth, gate)
+    assert s.close_code is c.close_code is wire.CloseCode.TOKEN_REVOKED
+    failure = []
+    c.when_opened().addErrback(failure.append)
+    assert failure[0].value.codes == {wire.CloseCode.TOKEN_REVOKED}
+
+
+def test_close_from_an_older_peer_without_a_code_is_classified_by_its_words(ids):
+    a, b, _ = ids
+    c, s, cd, sd, pump, _ = connect(a, b, peer.ClientAuth(MESH, SECRET), Gate())
+    s.send_json(FrameType.CLOSE, {"reason": "duplicate connection (the other one is kept)"})
+    pump.flush()
+    assert c.state is peer.PeerState.CLOSED
+    assert c.close_code is wire.CloseCode.DUPLICATE
+    assert cd.closed == ["peer closed: duplicate connection (the other one is kept)"]
+
+
+def test_close_sends_its_code_to_the_peer(ids):
+    a, b, _ = ids
+    c, s, cd, sd, pump, _ = connect(a, b, peer.ClientAuth(MESH, SECRET), Gate())
+    s.close("this node is leaving the mesh", code=wire.CloseCode.LEAVING)
+    pump.flush()
+    assert c.close_code is wire.CloseCode.LEAVING
+    assert c.close_reason == "peer closed: this node is leaving the mesh"
+
+
+def test_wrong_mesh_is_refused_with_its_code(ids):
+    a, b, _ = ids
+    c, s, cd, sd, _, _ = connect(a, b, peer.ClientAuth("othermesh", SECRET), Gate())
+    assert s.close_code is c.close_code is wire.CloseCode.WRONG_MESH
+
+
+def test_a_malformed_hello_is_refused_as_bad_hello():
+    with pytest.raises(peer.AuthRefused) as e:
+        peer.Hello.parse({"proof": "00"})
+    assert e.value.code is wire.CloseCode.BAD_HELLO
+
+
+def test_incompatible_versions_are_refused_with_their_code():
+    hello = peer.Hello(proto=9, min_proto=9, mesh_id=MESH, node_id="x", incarnation=1,
+                       purpose="control", auth="mesh", token_id=None, proof=b"", extra={})
+    with pytest.raises(peer.AuthRefused) as e:
+        peer.versions_overlap(hello)
+    assert e.value.code is wire.CloseCode.VERSION_MISMATCH
 
 
 def test_wrong_mesh_id_is_refused(ids):

@@ -100,3 +100,58 @@ def test_json_frames_round_trip(body):
     data = wire.encode_json(wire.FrameType.ANNOUNCE, body)
     (frame,) = feed_all(wire.Decoder(), [data])
     assert frame.json() == body
+
+
+# -- CLOSE: a code beside the reason, and the older peers' text ----------------------------------
+
+
+def close_frame(body: dict) -> wire.Frame:
+    data = wire.encode_json(wire.FrameType.CLOSE, body)
+    (frame,) = feed_all(wire.Decoder(), [data])
+    return frame
+
+
+def test_close_with_a_code_is_classified_by_the_code_not_the_words():
+    body = wire.encode_close_body("duplicate connection, token revoked", wire.CloseCode.TIMEOUT)
+    close = wire.decode_close(close_frame(body).payload)
+    assert close == wire.Close("duplicate connection, token revoked", wire.CloseCode.TIMEOUT)
+
+
+def test_close_body_carries_the_reason_and_the_code_as_plain_json():
+    body = wire.encode_close_body("x" * 600, wire.CloseCode.TOKEN_REVOKED)
+    assert body == {"reason": "x" * wire.MAX_REASON_CHARS, "code": "token-revoked"}
+
+
+@pytest.mark.parametrize("reason, code", [
+    ("refused: token abc123 was revoked", wire.CloseCode.TOKEN_REVOKED),
+    ("refused: token abc123 expired 2 h ago", wire.CloseCode.TOKEN_EXPIRED),
+    ("refused: token abc123 was for one use and has been used", wire.CloseCode.TOKEN_USED),
+    ("refused: token abc123 was not issued by this node for this mesh",
+     wire.CloseCode.TOKEN_UNKNOWN),
+    ("duplicate connection (the other one is kept)", wire.CloseCode.DUPLICATE),
+    ("this node is leaving the mesh", wire.CloseCode.LEAVING),
+    ("no heartbeat for 6.0 s", wire.CloseCode.OTHER),
+])
+def test_close_without_a_code_from_an_older_peer_falls_back_to_its_words(reason, code):
+    close = wire.decode_close(close_frame({"reason": reason}).payload)  # a version-1 peer's frame
+    assert close == wire.Close(reason, code)
+
+
+def test_close_with_a_code_from_a_newer_peer_is_other():
+    close = wire.decode_close(close_frame({"reason": "was revoked", "code": "from-the-future"}).payload)
+    assert close == wire.Close("was revoked", wire.CloseCode.OTHER)
+
+
+@pytest.mark.parametrize("payload, reason", [
+    (b"not json", "(unreadable reason)"),
+    (b"{}", "(no reason given)"),
+    (b'{"reason": "x", "code": 7}', "x"),
+])
+def test_an_odd_close_body_still_closes(payload, reason):
+    close = wire.decode_close(payload)
+    assert close.reason == reason and close.code is wire.CloseCode.OTHER
+
+
+def test_token_refusals_are_the_codes_that_end_a_token_for_good():
+    assert wire.TOKEN_REFUSALS == {wire.CloseCode.TOKEN_UNKNOWN, wire.CloseCode.TOKEN_REVOKED,
+                                   wire.CloseCode.TOKEN_EXPIRED, wire.CloseCode.TOKEN_USED}

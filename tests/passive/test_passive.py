@@ -229,7 +229,8 @@ class FakeConn:
     def send_json(self, frame_type: int, body: dict[str, Any]) -> None:
         self.sent.append((frame_type, body))
 
-    def close(self, reason: str, *, notify: bool = True, abort: bool = False) -> None:
+    def close(self, reason: str, *, code: Any = None, notify: bool = True,
+              abort: bool = False) -> None:
         if self.state is PeerState.CLOSED:
             return
         self.state = PeerState.CLOSED
@@ -517,7 +518,8 @@ class ServerConn:
         assert frame_type == FrameType.ROUTE_TABLE
         self.sent.append(payload)
 
-    def close(self, reason: str, *, notify: bool = True, abort: bool = False) -> None:
+    def close(self, reason: str, *, code: Any = None, notify: bool = True,
+              abort: bool = False) -> None:
         self.closed_with = reason
         self.server.peer_closed(self, reason)
 
