@@ -82,6 +82,44 @@ class _StreamFactory(TypingProtocol):
     def buildProtocol(self, addr: Any) -> _Stream | None: ...
 
 
+class PeerLink(TypingProtocol):
+    """What a tunnel needs of an authenticated peer connection (``meshd.mesh.peer.PeerProtocol``).
+
+    ``transport`` is the connection's TLS transport: writes, producers and
+    ``setTcpNoDelay`` go to it.
+    """
+
+    node_id: str | None
+    transport: Any
+    closed: defer.Deferred[str]
+
+    def take_over(self, receiver: Callable[[bytes], None]) -> None: ...
+    def close(self, reason: str, *, notify: bool = ..., abort: bool = ...) -> None: ...
+
+
+class TunnelMesh(TypingProtocol):
+    """What a tunnel needs of the mesh (``meshd.mesh.gossip.MeshService``)."""
+
+    def register_purpose(self, purpose: str, handler: Callable[[Any], None]) -> None: ...
+    def connect_peer(self, node_id: str, purpose: str) -> defer.Deferred[Any]: ...
+    def peer_unreachable(self, node_id: str, reason: str) -> None: ...
+
+
+class TunnelApi(TypingProtocol):
+    """The tunnel API (``meshd.serving.api.ApiServer``, ``relay=True``): its site makes
+    the HTTP channel each tunnel carries; ``drain`` stops new requests, lets these end."""
+
+    draining: bool
+
+    @property
+    def site(self) -> IProtocolFactory: ...
+
+    @property
+    def in_flight(self) -> int: ...
+
+    def drain(self, timeout_s: float) -> defer.Deferred[Any]: ...
+
+
 PURPOSE = "http"
 # the TUNNEL frames are a few dozen bytes; anything bigger is not a tunnel
 MAX_TUNNEL_FRAME_BYTES = 64 * 1024
@@ -132,16 +170,16 @@ class TunnelServer:
     ``attach(mesh)`` registers the handler; ``tunnels`` are the ones open now.
     """
 
-    def __init__(self, check: Check, api: Any):
+    def __init__(self, check: Check, api: TunnelApi):
         self.check = check
         self.api = api
         self.tunnels: set[HostTunnel] = set()
         self.opened = 0  # tunnels accepted, since start
 
-    def attach(self, mesh: Any) -> None:
+    def attach(self, mesh: TunnelMesh) -> None:
         mesh.register_purpose(PURPOSE, self.handle)
 
-    def handle(self, peer: Any) -> None:
+    def handle(self, peer: PeerLink) -> None:
         """An authenticated peer connection with purpose ``"http"``: take it over."""
         tunnel = HostTunnel(peer, self)
         self.tunnels.add(tunnel)
@@ -167,7 +205,7 @@ class HostTunnel:
 
     HEADER, OPEN, CLOSED = TunnelState.HEADER, TunnelState.OPEN, TunnelState.CLOSED
 
-    def __init__(self, peer: Any, server: TunnelServer):
+    def __init__(self, peer: PeerLink, server: TunnelServer):
         self.peer = peer
         self.server = server
         self.state = TunnelState.HEADER
@@ -177,7 +215,7 @@ class HostTunnel:
 
     @property
     def who(self) -> str:
-        return getattr(self.peer, "node_id", None) or "?"
+        return self.peer.node_id or "?"
 
     def start(self) -> None:
         self.peer.take_over(self._header_data)
@@ -220,7 +258,11 @@ class HostTunnel:
     def _open(self, rest: bytes) -> None:
         peer = self.peer
         peer.transport.write(_tunnel_frame({"ok": True}))
-        channel: _Stream = self.server.api.site.buildProtocol(peer.transport.getPeer())
+        built = self.server.api.site.buildProtocol(peer.transport.getPeer())
+        if built is None:
+            self._refuse("the tunnel API refused the connection")
+            return
+        channel = cast(_Stream, built)
         self.channel = channel
         self._move(TunnelState.OPEN)
         self.server.opened += 1
@@ -284,7 +326,7 @@ class TunnelTransport:
     ``node_id`` is the node at the other end.
     """
 
-    def __init__(self, peer: Any, node_id: str, model: str):
+    def __init__(self, peer: PeerLink, node_id: str, model: str):
         self._peer = peer
         self._t = peer.transport
         self.node_id = node_id
@@ -353,7 +395,7 @@ class TunnelEndpoint:
     ``peer_unreachable(node_id, reason)`` (``meshd.mesh.gossip.MeshService``).
     """
 
-    def __init__(self, mesh: Any, node_id: str, model: str):
+    def __init__(self, mesh: TunnelMesh, node_id: str, model: str):
         self.mesh = mesh
         self.node_id = node_id
         self.model = model
@@ -371,7 +413,7 @@ class _ClientOpen:
     def __init__(self, endpoint: TunnelEndpoint, factory: _StreamFactory):
         self.ep = endpoint
         self.factory = factory
-        self.peer: Any = None
+        self.peer: PeerLink | None = None
         self.proto: _Stream | None = None
         self.result: defer.Deferred[IProtocol] = defer.Deferred(self._cancel)
         self._decoder = wire.Decoder(MAX_TUNNEL_FRAME_BYTES)
@@ -384,7 +426,7 @@ class _ClientOpen:
 
     # -- opening ----------------------------------------------------------------------------
 
-    def _opened(self, peer: Any) -> None:
+    def _opened(self, peer: PeerLink) -> None:
         if self._done:  # cancelled meanwhile
             peer.close("tunnel no longer wanted", notify=False, abort=True)
             return
@@ -429,6 +471,7 @@ class _ClientOpen:
 
     def _hand_over(self, rest: bytes) -> None:
         peer = self.peer
+        assert peer is not None, "handed over before the tunnel opened"
         proto = self.factory.buildProtocol(peer.transport.getPeer())
         if proto is None:
             self._abandon("the protocol factory refused the connection", suspect=False)
