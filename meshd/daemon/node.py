@@ -23,6 +23,7 @@ from meshd import __version__
 from meshd.config import Config
 from meshd.daemon.roles import RoleMachine, initial_role
 from meshd.placement.snapshot import MeshView, ModelFile, NodeView
+from meshd.serving.router import RoutedMesh
 from meshd.states import MODEL_STATE_OF_BACKEND, ModelState, NodeState, Role
 
 if TYPE_CHECKING:
@@ -58,8 +59,8 @@ class Backend(Protocol):
     def stop(self) -> defer.Deferred[Any]: ...
 
 
-class NodeMesh(Protocol):
-    """What the node needs of the gossip (``meshd.mesh.gossip.MeshService``)."""
+class NodeMesh(RoutedMesh, Protocol):
+    """What the node, and the router through it, need of the gossip (``meshd.mesh.gossip.MeshService``)."""
 
     @property
     def mesh_id(self) -> str | None: ...

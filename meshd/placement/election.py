@@ -117,7 +117,7 @@ def decide(
     view: MeshView,
     *,
     force_split: bool = False,
-    policy: Any = None,
+    policy: PolicyManager | None = None,
 ) -> Decision:
     """This node's part in running ``model`` over ``group`` (which includes this node)."""
     plan = placement.plan_split(model, size_bytes, group, view, force_split=force_split,

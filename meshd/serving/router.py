@@ -30,14 +30,18 @@ import functools
 import logging
 from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Protocol, cast
+from typing import TYPE_CHECKING, Any, Protocol, cast
 
 from twisted.internet.interfaces import IStreamClientEndpoint
 
 from meshd.placement import rules as placement
 from meshd.placement.snapshot import MeshView, NodeView
 from meshd.serving import routing
+from meshd.serving.tunnel import TunnelEndpoint, TunnelMesh
 from meshd.states import BackendState, ModelState
+
+if TYPE_CHECKING:
+    from meshd.placement.plugins import PolicyManager
 
 log = logging.getLogger("meshd.serving.router")
 
@@ -160,7 +164,7 @@ def order_hosts(
     *,
     self_id: str,
     suspects: frozenset[str] = frozenset(),
-    policy: Any = None,
+    policy: PolicyManager | None = None,
 ) -> list[str]:
     """The node ids to try for one request, best first.
 
@@ -196,7 +200,9 @@ class RoutedPeer(Protocol):
     def waiting(self) -> Sequence[str]: ...
 
 
-class RoutedMesh(Protocol):
+class RoutedMesh(TunnelMesh, Protocol):
+    """The mesh as the router reads it: its peers, and what a tunnel to one needs."""
+
     def peers(self) -> Sequence[RoutedPeer]: ...
 
 
@@ -211,7 +217,7 @@ class RoutedNode(Protocol):
     def started_at(self) -> float: ...
 
     @property
-    def policy(self) -> Any: ...
+    def policy(self) -> PolicyManager | None: ...
 
     @property
     def served(self) -> Mapping[str, Any]: ...
@@ -246,9 +252,9 @@ class MeshRouter:
         self._upstreams: dict[tuple[str, str], routing.Upstream] = {}
 
     def _default_tunnel(self, node_id: str, model: str) -> IStreamClientEndpoint:
-        from meshd.serving.tunnel import TunnelEndpoint
-
-        return cast(IStreamClientEndpoint, TunnelEndpoint(self.node.mesh, node_id, model))
+        mesh = self.node.mesh
+        assert mesh is not None, "an active node routes to peers through its mesh"
+        return cast(IStreamClientEndpoint, TunnelEndpoint(mesh, node_id, model))
 
     # -- keeping the table -----------------------------------------------------------------
 
