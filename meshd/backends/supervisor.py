@@ -49,6 +49,7 @@ from twisted.internet.protocol import ProcessProtocol, Protocol
 from twisted.python.failure import Failure
 from twisted.web.client import Agent, HTTPConnectionPool
 
+from meshd.backoff import Backoff
 from meshd.config import LlamaConfig
 from meshd.states import BACKEND_MOVES, BackendState, check_move
 
@@ -327,7 +328,8 @@ class Supervised:
         self.last_exit = ""
         self._process: Any = None
         self._protocol: _ChildProtocol | None = None
-        self._failures = 0  # crashes since the child was last stable
+        # counts the crashes since the child was last stable: the next restart's delay
+        self._restart_backoff = Backoff(llama.restart_min_s, llama.restart_max_s)
         self._ready_since: float | None = None
         self._probe_d: Deferred | None = None
         self._calls: dict[str, Any] = {}
@@ -375,7 +377,7 @@ class Supervised:
         """Start the child; a no-op unless stopped or failed."""
         if self.state not in (STOPPED, FAILED):
             return
-        self._failures = 0
+        self._restart_backoff.reset()
         self._spawn_child()
 
     def when_ready(self) -> Deferred:
@@ -518,9 +520,8 @@ class Supervised:
             return
         now = self._reactor.seconds()
         if self._ready_since is not None and now - self._ready_since >= self.llama.restart_reset_s:
-            self._failures = 0
-        delay = min(self.llama.restart_min_s * 2**self._failures, self.llama.restart_max_s)
-        self._failures += 1
+            self._restart_backoff.reset()
+        delay = self._restart_backoff.next_delay()
         log.warning(
             "%s: pid %s %s while %s; restarting in %g s", self.label, pid, how, self.state, delay
         )

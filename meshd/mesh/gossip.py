@@ -39,12 +39,12 @@ from twisted.application import service
 from twisted.internet import defer
 from twisted.python.failure import Failure
 
+from meshd.backoff import Backoff
 from meshd.config import Config, format_address, is_loopback, parse_address
 from meshd.errors import Refused
 from meshd.mesh import tokens as tokensmod
 from meshd.mesh.identity import Identity
 from meshd.mesh.membership import (
-    Backoff,
     Event,
     Membership,
     PeerView,
@@ -124,7 +124,7 @@ class MeshService(service.Service):
         self._last_announce: dict[str, Any] | None = None
         self._dialing: set[str] = set()
         self._rumor_tries: dict[str, int] = {}
-        self._backoff = Backoff(min(1.0, self.cfg.rejoin_s), self.cfg.rejoin_s)
+        self._backoff = Backoff.reconnect(self.cfg.rejoin_s)  # rejoin and [mesh] join retries
         self._rejoin_call: Any = None
         self._tend_call: Any = None
         self._leaving: defer.Deferred[None] | None = None

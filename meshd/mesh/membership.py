@@ -339,36 +339,6 @@ class Membership:
             del self.dead[oldest]
 
 
-# -- rejoin -----------------------------------------------------------------------------------
-
-
-class Backoff:
-    """Delays for retrying the bootstrap addresses: initial, doubling, capped at ``max_s``.
-
-    ``jitter`` (a fraction, e.g. 0.1) spreads nodes that lost the same peer at
-    the same moment, so they do not retry in lock step.
-    """
-
-    def __init__(self, initial_s: float, max_s: float, *, factor: float = 2.0,
-                 jitter: float = 0.1, random: Callable[[], float] | None = None):
-        import random as _random
-
-        self.initial_s = min(initial_s, max_s)
-        self.max_s = max_s
-        self.factor = factor
-        self.jitter = jitter
-        self._random = random or _random.random
-        self._next = self.initial_s
-
-    def next_delay(self) -> float:
-        delay = self._next
-        self._next = min(self._next * self.factor, self.max_s)
-        return delay * (1 + self.jitter * (2 * self._random() - 1))
-
-    def reset(self) -> None:
-        self._next = self.initial_s
-
-
 def _diff(old: PeerView, new: PeerView) -> str:
     parts = []
     for name in ("role", "serving", "loading", "waiting", "vram_bytes", "available_models",

@@ -13,9 +13,9 @@ from typing import Any
 from twisted.internet import defer
 from twisted.python.failure import Failure
 
+from meshd.backoff import Backoff
 from meshd.mesh import tokens as tokensmod
 from meshd.mesh import wire
-from meshd.mesh.membership import Backoff
 from meshd.mesh.peer import (
     ClientAuth,
     PeerClosed,
@@ -113,7 +113,7 @@ class RouteClient:
         self._waiting: Any = None  # the answer timer of the request in flight
         self._refresh_call: Any = None
         self._retry_call: Any = None
-        self._backoff = Backoff(min(1.0, rejoin_max_s), rejoin_max_s, random=random)
+        self._backoff = Backoff.reconnect(rejoin_max_s, random=random)
         self._stopped = True
         self.history: list[tuple[float, str]] = []  # (time, what) of the last few switches
 

@@ -205,25 +205,3 @@ def test_a_failing_listener_does_not_stop_the_others(table):
 def test_bad_announce_field_is_named():
     with pytest.raises(ValueError, match="vram_bytes"):
         m.view_from_announce({"node_id": B, "incarnation": 1, "vram_bytes": "lots"})
-
-
-# -- rejoin back-off --------------------------------------------------------------------------
-
-
-def test_rejoin_backoff_doubles_up_to_the_cap():
-    b = m.Backoff(1.0, 60.0, jitter=0.0)
-    assert [b.next_delay() for _ in range(8)] == [1, 2, 4, 8, 16, 32, 60, 60]
-
-
-def test_rejoin_backoff_starts_over_after_reset():
-    b = m.Backoff(1.0, 60.0, jitter=0.0)
-    b.next_delay(), b.next_delay()
-    b.reset()
-    assert b.next_delay() == 1.0
-
-
-def test_rejoin_backoff_jitter_stays_within_its_fraction():
-    b = m.Backoff(10.0, 10.0, jitter=0.1, random=lambda: 1.0)
-    assert b.next_delay() == pytest.approx(11.0)
-    b = m.Backoff(10.0, 10.0, jitter=0.1, random=lambda: 0.0)
-    assert b.next_delay() == pytest.approx(9.0)
