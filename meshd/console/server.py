@@ -58,6 +58,7 @@ from twisted.web.iweb import IAgent, IBodyProducer, IResponse
 
 from meshd import config as configmod
 from meshd.config import Config
+from meshd.states import ModelState
 
 log = logging.getLogger("meshd.console.server")
 
@@ -107,7 +108,7 @@ class VramUse:
 
     def table(self) -> dict[str, dict[str, Any]]:
         node = self.node
-        loaded = [m for m in node.served.values() if m.state not in ("cold", "failed")]
+        loaded = [m for m in node.served.values() if m.state not in (ModelState.COLD, ModelState.FAILED)]
         pids = [m.backend.pid for m in loaded if getattr(m.backend, "pid", None)]
         measured = self._measured(pids)
         out = {}

@@ -24,7 +24,7 @@ from meshd.config import Config
 from meshd.daemon.roles import RoleMachine, initial_role
 from meshd.placement.snapshot import MeshView, ModelFile, NodeView
 from meshd.serving.router import RoutedMesh
-from meshd.states import MODEL_STATE_OF_BACKEND, ModelState, NodeState, Role
+from meshd.states import MODEL_STATE_OF_BACKEND, BackendState, ModelState, NodeState, Role
 
 if TYPE_CHECKING:
     from meshd.mesh.membership import PeerView
@@ -44,7 +44,7 @@ class Backend(Protocol):
     """What the node reads of a supervised llama-server (``meshd.backends.supervisor``)."""
 
     @property
-    def state(self) -> str: ...
+    def state(self) -> BackendState: ...
 
     @property
     def pid(self) -> int | None: ...
@@ -106,9 +106,8 @@ class ServedModel:
     backend: Backend  # meshd.backends.supervisor.LlamaServer
 
     @property
-    def state(self) -> str:
-        state = self.backend.state
-        return MODEL_STATE_OF_BACKEND.get(state, state)  # type: ignore[call-overload]
+    def state(self) -> ModelState:
+        return MODEL_STATE_OF_BACKEND[BackendState(self.backend.state)]
 
 
 class Node:

@@ -16,6 +16,7 @@ from meshd.serving.routetable import (
     host_views,
     table_view,
 )
+from meshd.states import ModelState, Role
 
 log = logging.getLogger(__name__)
 
@@ -47,7 +48,7 @@ class PassiveRouter:
     def _mesh_view(self) -> Any:
         if self._view is None:
             assert self.table is not None
-            self._view = table_view(self.table, NodeView(self.self_id, role="client"))
+            self._view = table_view(self.table, NodeView(self.self_id, role=Role.CLIENT))
         return self._view
 
     def models(self) -> list[dict[str, Any]]:
@@ -57,11 +58,11 @@ class PassiveRouter:
         out = []
         for name in table.models():
             every = table.hosts_of(name, state=None)
-            warm = [h.node_id for h in every if h.state == "warm"]
+            warm = [h.node_id for h in every if h.state == ModelState.WARM]
             out.append({"id": name, "object": "model", "created": self._created,
                         "owned_by": "meshd",
                         "meshd": {"hosts": warm, "nodes": len({h.node_id for h in every}),
-                                  "state": "warm" if warm else "loading"}})
+                                  "state": ModelState.WARM if warm else ModelState.LOADING}})
         return out
 
     def upstreams(self, model: str, client_id: str) -> list[routing.Upstream]:

@@ -29,6 +29,7 @@ from meshd.serving.routetable import (
     RouteTable,
     build_table,
 )
+from meshd.states import Role
 
 log = logging.getLogger(__name__)
 
@@ -72,7 +73,7 @@ class RouteServer(service.Service):
     def _build(self) -> RouteTable:
         info = self.node.local_info()
         me = NodeEntry(
-            node_id=self.mesh.node_id, role=info.get("role", "idle"),
+            node_id=self.mesh.node_id, role=info.get("role", Role.IDLE),
             vram_bytes=int(info.get("vram_bytes", 0)), addrs=tuple(self.mesh.advertise),
             serving=tuple(info.get("serving", ())), loading=tuple(info.get("loading", ())),
             available_models=tuple(ModelFile(m["name"], m["size_bytes"])
@@ -81,7 +82,7 @@ class RouteServer(service.Service):
         for p in self.mesh.peers():
             nodes.append(NodeEntry(
                 node_id=p.node_id, role=p.role, vram_bytes=p.vram_bytes, addrs=tuple(p.addrs),
-                serving=tuple(p.serving), loading=tuple(getattr(p, "loading", ())),
+                serving=tuple(p.serving), loading=tuple(p.loading),
                 available_models=tuple(ModelFile(m.name, m.size_bytes)
                                        for m in p.available_models)))
         router = getattr(self.node, "router", None)
