@@ -7,7 +7,8 @@ request with the same encoded bytes; see ``meshd.passive`` for the whole story.
 from __future__ import annotations
 
 import logging
-from typing import Any
+from collections.abc import Callable, Sequence
+from typing import Any, Protocol
 
 from twisted.application import service
 from twisted.internet import task
@@ -33,6 +34,62 @@ from meshd.states import Role
 
 log = logging.getLogger(__name__)
 
+
+class NamedSize(Protocol):
+    @property
+    def name(self) -> str: ...
+    @property
+    def size_bytes(self) -> int: ...
+
+
+class RoutedPeer(Protocol):
+    """A peer as the table is built from it (``meshd.mesh.membership.PeerView``, frozen)."""
+
+    @property
+    def node_id(self) -> str: ...
+    @property
+    def role(self) -> str: ...
+    @property
+    def vram_bytes(self) -> int: ...
+    @property
+    def addrs(self) -> Sequence[str]: ...
+    @property
+    def serving(self) -> Sequence[str]: ...
+    @property
+    def loading(self) -> Sequence[str]: ...
+    @property
+    def available_models(self) -> Sequence[NamedSize]: ...
+
+
+class TableMesh(Protocol):
+    """What the route server needs of the gossip (``meshd.mesh.gossip.MeshService``)."""
+
+    node_id: str
+    incarnation: int
+    advertise: list[str]
+
+    @property
+    def mesh_id(self) -> str | None: ...
+
+    def register_purpose(self, purpose: str, handler: Callable[[Any], None], *,
+                         token_join: bool = ...) -> None: ...
+    def add_listener(self, listener: Callable[[Any], None]) -> None: ...
+    def add_local_listener(self, listener: Callable[[], None]) -> None: ...
+    def peers(self) -> Sequence[RoutedPeer]: ...
+
+
+class LoadCounter(Protocol):
+    def load_of(self, node_id: str) -> int: ...
+
+
+class TableNode(Protocol):
+    """What the route server reads of this node (``meshd.daemon.node.Node``)."""
+
+    @property
+    def router(self) -> LoadCounter | None: ...
+
+    def local_info(self) -> dict[str, Any]: ...
+
 # -- the active side --------------------------------------------------------------------------
 
 
@@ -48,7 +105,8 @@ class RouteServer(service.Service):
 
     name = "route-server"  # type: ignore[assignment]  # Twisted declares it None
 
-    def __init__(self, mesh: Any, node: Any, *, clock: IReactorTime, refresh_s: float):
+    def __init__(self, mesh: TableMesh, node: TableNode, *, clock: IReactorTime,
+                 refresh_s: float):
         self.mesh = mesh
         self.node = node
         self.clock = clock
@@ -85,7 +143,7 @@ class RouteServer(service.Service):
                 serving=tuple(p.serving), loading=tuple(p.loading),
                 available_models=tuple(ModelFile(m.name, m.size_bytes)
                                        for m in p.available_models)))
-        router = getattr(self.node, "router", None)
+        router = self.node.router
         own_load = router.load_of(self.mesh.node_id) if router is not None else 0
         return build_table(mesh_id=self.mesh.mesh_id or "", source=self.mesh.node_id,
                            nodes=nodes, standby=self.registry.standbys(),
