@@ -495,6 +495,7 @@ class FakeNode:
         self.info = {"role": "host", "vram_bytes": 8 * GB, "serving": ["m1"], "loading": [],
                      "available_models": [{"name": "m1", "size_bytes": GB}]}
         self.in_flight: dict[str, int] = {}
+        self.router = None  # no API router: the table says load 0
 
     def local_info(self):
         return dict(self.info)
