@@ -6,7 +6,7 @@ after every failure up to a cap, back to the first delay once something
 worked (``reset``).  Its users:
 
 - the mesh rejoining its known nodes, and retrying the ``[mesh] join`` tokens
-  (``meshd.mesh.gossip``): :meth:`Backoff.reconnect`;
+  (``meshd.mesh.gossip``, ``meshd.mesh.joining``): :meth:`Backoff.reconnect`;
 - a passive node that found no active node to check in with
   (``meshd.passive.client``): :meth:`Backoff.reconnect`;
 - a crashed llama-server or rpc-server (``meshd.backends.supervisor``): ``[llama]

@@ -1,1 +1,1 @@
-"""The peer protocol and membership: identity, tokens, TLS peer connections, frames, gossip."""
+"""The peer protocol and membership: identity, tokens (issued: invites; used: joining), TLS peer connections, frames, gossip, addresses."""

@@ -1,8 +1,10 @@
 """The mesh service: listens for peers, dials them, gossips, and keeps membership true.
 
 Wiring only: ``meshd.mesh.peer`` authenticates connections and runs their
-heartbeats, ``meshd.mesh.membership`` decides who is alive, ``meshd.mesh.tokens`` gates
-joins; this module does the I/O they ask for.
+heartbeats, ``meshd.mesh.membership`` decides who is alive, ``meshd.mesh.invites``
+issues tokens and gates who may connect, ``meshd.mesh.joining`` joins with a
+token, ``meshd.mesh.addresses`` finds what to advertise; this module does the
+I/O they ask for.
 
 Gossip, in short (``docs/protocol.md`` has the frames):
 
@@ -25,14 +27,9 @@ Gossip, in short (``docs/protocol.md`` has the frames):
 
 from __future__ import annotations
 
-import base64
-import fcntl
-import ipaddress
 import logging
 import os
-import socket
-import struct
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from typing import Any
 
 from twisted.application import service
@@ -40,10 +37,13 @@ from twisted.internet import defer
 from twisted.python.failure import Failure
 
 from meshd.backoff import Backoff
-from meshd.config import Config, format_address, is_loopback, parse_address
+from meshd.config import Config, format_address, parse_address
 from meshd.errors import Refused
 from meshd.mesh import tokens as tokensmod
+from meshd.mesh.addresses import advertise_addresses
 from meshd.mesh.identity import Identity
+from meshd.mesh.invites import Gate, Invites, welcome_body
+from meshd.mesh.joining import Joiner, JoinFailed
 from meshd.mesh.membership import (
     Event,
     Membership,
@@ -52,9 +52,7 @@ from meshd.mesh.membership import (
     view_from_announce,
 )
 from meshd.mesh.peer import (
-    AuthRefused,
     ClientAuth,
-    Hello,
     PeerClosed,
     PeerProtocol,
     PeerState,
@@ -64,7 +62,7 @@ from meshd.mesh.peer import (
     dial_order,
     server_factory,
 )
-from meshd.mesh.wire import TOKEN_REFUSALS, CloseCode, Frame, FrameError, FrameType
+from meshd.mesh.wire import CloseCode, Frame, FrameError, FrameType
 from meshd.statedir import KnownNode, MeshState, StateDir
 
 log = logging.getLogger("meshd.mesh.gossip")
@@ -75,15 +73,6 @@ LEAVE_BOUND_S = 1.0  # leave() fires after this long even if a peer does not tak
 DUPLICATE_REASON = "duplicate connection (the other one is kept)"
 RUMOR_ATTEMPTS = 5  # dial a node others report this many times before forgetting it
 DROPS_REMEMBERED = 1024  # DROP ids kept to forward each drop once
-
-
-class JoinFailed(Refused):
-    """No address in a token answered, or the issuer refused; the reason says which,
-    ``codes`` the CLOSE codes the issuer gave (``wire.TOKEN_REFUSALS``: for good)."""
-
-    def __init__(self, reason: str, codes: Iterable[CloseCode] = ()):
-        super().__init__(reason)
-        self.codes = frozenset(codes)
 
 
 class MeshService(service.Service):
@@ -109,7 +98,7 @@ class MeshService(service.Service):
         self.incarnation = 0
         self.table = Membership(self.node_id, reactor)
         self.conns: dict[str, PeerProtocol] = {}
-        self.book = tokensmod.TokenBook(state, now=reactor.seconds)
+        self.invites = Invites(state, now=reactor.seconds)
         self.tls = TLSOptions(identity)
         self.timing = Timing(
             heartbeat_s=self.cfg.heartbeat_s,
@@ -125,10 +114,10 @@ class MeshService(service.Service):
         self._dialing: set[str] = set()
         self._rumor_tries: dict[str, int] = {}
         self._backoff = Backoff.reconnect(self.cfg.rejoin_s)  # rejoin and [mesh] join retries
+        self.joiner = Joiner(self, state, reactor, self._backoff)
         self._rejoin_call: Any = None
         self._tend_call: Any = None
         self._leaving: defer.Deferred[None] | None = None
-        self._joins: dict[int, defer.Deferred[dict[str, Any]]] = {}
         self._purposes: dict[str, Callable[[PeerProtocol], None]] = {}
         self._drop_listeners: list[Callable[[str, str], None]] = []
         self._drops_seen: dict[str, None] = {}  # DROP ids, oldest first (bounded)
@@ -179,28 +168,11 @@ class MeshService(service.Service):
         self._local_listeners.append(cb)
 
     def make_token(self, ttl_s: float = 86400, once: bool = False) -> dict[str, Any]:
-        if self.mesh is None:
-            raise Refused("this node is not in a mesh yet (it is still joining)")
-        if not self.advertise:
-            raise Refused("no address to put in a token: set [mesh] advertise")
-        try:
-            token = self.book.issue(mesh_id=self.mesh.mesh_id, issuer=self.node_id,
-                                    pin=self.identity.spki_sha256, addrs=self.advertise,
-                                    ttl_s=ttl_s, once=once)
-        except ValueError as e:
-            raise Refused(str(e)) from None
-        log.info("issued invite token %s (expires in %s s%s, addresses %s)", token.token_id,
-                 int(ttl_s), ", one use" if once else "", ", ".join(self.advertise))
-        return {"id": token.token_id, "token": tokensmod.encode(token),
-                "expires_at": token.expires_at}
+        return self.invites.issue(self.mesh, issuer=self.node_id, pin=self.identity.spki_sha256,
+                                  addrs=self.advertise, ttl_s=ttl_s, once=once)
 
     def revoke_token(self, token_id: str) -> dict[str, Any]:
-        try:
-            self.book.revoke(token_id)
-        except tokensmod.TokenError as e:
-            raise Refused(str(e)) from None
-        log.info("revoked invite token %s", token_id)
-        return {"id": token_id, "revoked": True}
+        return self.invites.revoke(token_id)
 
     def join(self, token: str) -> defer.Deferred[dict[str, Any]]:
         """Join the mesh a token invites to (at run time); Refused says why not."""
@@ -212,7 +184,7 @@ class MeshService(service.Service):
             return defer.fail(Refused(
                 f"this node is in mesh {self.mesh.mesh_id} with {len(self.table.members)} "
                 f"peers; the token is for mesh {parsed.mesh_id}: leave first"))
-        return self._join_token(parsed)
+        return self.joiner.join(parsed)
 
     def leave(self) -> defer.Deferred[None]:
         """Tell every peer we are leaving; fires once they have it, or after a short bound."""
@@ -256,7 +228,7 @@ class MeshService(service.Service):
         if view is None or self.mesh is None:
             return defer.fail(Refused(f"node {node_id} is not a member"))
         auth = ClientAuth(self.mesh.mesh_id, self.mesh.secret, expect_node_id=node_id)
-        return self._dial_addrs(list(view.addrs), auth, purpose=purpose)
+        return self.dial_addrs(list(view.addrs), auth, purpose=purpose)
 
     def drop_model(self, model: str) -> str:
         """Tell every node to stop serving ``model`` (a DROP, forwarded once by each)."""
@@ -300,7 +272,7 @@ class MeshService(service.Service):
             except tokensmod.TokenError as e:
                 log.error("[mesh] join: cannot use a token: %s", e)
         if self.mesh is None and tokens:
-            self._join_tokens_at_start(tokens)
+            self.joiner.join_at_start(tokens)
         elif self.mesh is None:
             self.mesh = self.state.new_mesh()
             log.info("created a new mesh %s (this node %s is its first member)",
@@ -312,7 +284,7 @@ class MeshService(service.Service):
                                 "mesh %s (remove %s to switch)", t.mesh_id, self.mesh.mesh_id,
                                 self.state.path / "mesh.json")
                 else:
-                    self._add_bootstrap(t)
+                    self.joiner.add_bootstrap(t)
             self._rejoin(first=True)
         self._tend_call = self.reactor.callLater(self.cfg.rejoin_s, self._tend)
 
@@ -344,15 +316,15 @@ class MeshService(service.Service):
     def _build_server(self) -> PeerProtocol:
         return PeerProtocol(identity=self.identity, incarnation=lambda: self.incarnation,
                             delegate=self, clock=self.reactor, timing=self.timing,
-                            gate=_Gate(self))
+                            gate=Gate(self, self.invites))
 
     def _build_client(self, auth: ClientAuth, purpose: str = "control") -> Callable[[], PeerProtocol]:
         return lambda: PeerProtocol(identity=self.identity, incarnation=lambda: self.incarnation,
                                     delegate=self, clock=self.reactor, timing=self.timing,
                                     client=auth, purpose=purpose)
 
-    def _dial_addrs(self, addrs: list[str], auth: ClientAuth, *,
-                    purpose: str = "control") -> defer.Deferred[PeerProtocol]:
+    def dial_addrs(self, addrs: list[str], auth: ClientAuth, *,
+                   purpose: str = "control") -> defer.Deferred[PeerProtocol]:
         """Try each address in turn; fails with JoinFailed listing every address and why."""
         d = dial_any(self.reactor, addrs, self.tls, self._build_client(auth, purpose),
                      self.cfg.connect_timeout_s)
@@ -370,7 +342,7 @@ class MeshService(service.Service):
             return
         self._dialing.add(node_id)
         auth = ClientAuth(self.mesh.mesh_id, self.mesh.secret, expect_node_id=node_id)
-        d = self._dial_addrs(dial_order(addrs), auth)
+        d = self.dial_addrs(dial_order(addrs), auth)
 
         def done(result: Any) -> None:
             self._dialing.discard(node_id)
@@ -385,75 +357,10 @@ class MeshService(service.Service):
 
         d.addBoth(done)
 
-    # -- joining ------------------------------------------------------------------------------
-
-    def _join_token(self, token: tokensmod.Token) -> defer.Deferred[dict[str, Any]]:
-        if self.mesh is not None and token.mesh_id == self.mesh.mesh_id:
-            # already in that mesh: just connect to the issuer with the mesh secret
-            auth = ClientAuth(self.mesh.mesh_id, self.mesh.secret, expect_node_id=token.issuer,
-                              pin=token.pin)
-        else:
-            auth = ClientAuth(token.mesh_id, token.key, token_id=token.token_id,
-                              expect_node_id=token.issuer, pin=token.pin)
-        log.info("joining mesh %s via node %s (token %s, trying %s)", token.mesh_id,
-                 token.issuer, token.token_id, ", ".join(token.addrs))
-        d = self._dial_addrs(list(token.addrs), auth)
-        done: defer.Deferred[dict[str, Any]] = defer.Deferred()
-
-        def opened(conn: PeerProtocol) -> None:
-            self._add_bootstrap(token)
-            if auth.token_id is None:
-                done.callback({"mesh_id": token.mesh_id, "via": token.issuer})
-            else:  # the mesh secret comes in the issuer's WELCOME
-                self._joins[id(conn)] = done
-                conn.closed.addCallback(lambda reason: self._join_lost(conn, reason))
-
-        def failed(f: Failure) -> None:
-            reason = str(f.value)
-            codes = f.value.codes if isinstance(f.value, JoinFailed) else ()
-            log.error("cannot join mesh %s: %s", token.mesh_id, reason)
-            done.errback(JoinFailed(f"cannot join mesh {token.mesh_id}: {reason}", codes))
-
-        d.addCallbacks(opened, failed)
-        return done
-
-    def _join_lost(self, conn: PeerProtocol, reason: str) -> None:
-        d = self._joins.pop(id(conn), None)
-        if d is not None:
-            codes = () if conn.close_code is None else (conn.close_code,)
-            d.errback(JoinFailed(f"the issuer closed the connection before welcoming us: {reason}",
-                                 codes))
-
-    def _join_tokens_at_start(self, tokens: list[tokensmod.Token]) -> None:
-        """``[mesh] join``: the first token that works wins; retry with back-off if none does."""
-        def attempt(i: int) -> None:
-            if self.mesh is not None or self._leaving is not None:
-                return
-            if i >= len(tokens):
-                delay = self._backoff.next_delay()
-                log.warning("no [mesh] join token worked; trying again in %.0f s", delay)
-                self._rejoin_call = self.reactor.callLater(delay, attempt, 0)
-                return
-            d = self._join_token(tokens[i])
-            d.addCallbacks(lambda _: self._backoff.reset(), lambda f: _final(f, i))
-
-        def _final(f: Failure, i: int) -> None:
-            refusals = f.value.codes & TOKEN_REFUSALS if isinstance(f.value, JoinFailed) else set()
-            if refusals:
-                log.error("token %s refused for good (%s): %s", tokens[i].token_id,
-                          ", ".join(sorted(refusals)), f.value)
-                if i + 1 < len(tokens):
-                    attempt(i + 1)
-                return
-            attempt(i + 1)
-
-        attempt(0)
-
-    def _add_bootstrap(self, token: tokensmod.Token) -> None:
-        boot, known = self.state.load_peers()
-        boot = [b for b in boot if b.node_id != token.issuer]
-        boot.append(KnownNode(token.issuer, token.addrs))
-        self.state.save_peers(boot, known)
+    def adopt_mesh(self, mesh: MeshState) -> None:
+        """A token join was WELCOMEd: this node is in ``mesh`` from now on (saved)."""
+        self.mesh = mesh
+        self.state.save_mesh(mesh)
 
     # -- delegate: what connections tell us ------------------------------------------------------
 
@@ -470,9 +377,7 @@ class MeshService(service.Service):
                     conn.close(f"an invite token cannot open a {conn.purpose!r} connection",
                                code=CloseCode.TOKEN_NOT_ALLOWED)
                     return
-                conn.send_json(FrameType.WELCOME, {
-                    "mesh_id": self.mesh.mesh_id,
-                    "secret": base64.b64encode(self.mesh.secret).decode()})
+                conn.send_json(FrameType.WELCOME, welcome_body(self.mesh))
             handler(conn)
             return
         if self._leaving is not None:
@@ -494,8 +399,7 @@ class MeshService(service.Service):
         if self._rejoin_call is not None and self._rejoin_call.active():
             self._rejoin_call.cancel()
         if not conn.is_client and conn.hello.auth == "token" and self.mesh is not None:
-            conn.send_json(FrameType.WELCOME, {"mesh_id": self.mesh.mesh_id,
-                                               "secret": base64.b64encode(self.mesh.secret).decode()})
+            conn.send_json(FrameType.WELCOME, welcome_body(self.mesh))
         conn.send_json(FrameType.ANNOUNCE, self._announce_body(force=False))
         digest = self._digest(exclude=node_id)
         if digest:
@@ -516,7 +420,7 @@ class MeshService(service.Service):
             elif frame.type == FrameType.DROP:
                 self._on_drop(conn, frame.json())
             elif frame.type == FrameType.WELCOME:
-                self._on_welcome(conn, frame.json())
+                self.joiner.welcomed(conn, frame.json())
             else:
                 log.debug("ignoring frame type %d from %s (newer protocol?)", frame.type, conn.who)
         except (FrameError, ValueError, KeyError, TypeError) as e:
@@ -640,18 +544,6 @@ class MeshService(service.Service):
         conn.close("peer left", code=CloseCode.LEAVING, notify=False)
         self._after_loss()
 
-    def _on_welcome(self, conn: PeerProtocol, body: dict[str, Any]) -> None:
-        d = self._joins.pop(id(conn), None)
-        if d is None:
-            return  # not joining through this connection: nothing to learn
-        mesh = MeshState(str(body["mesh_id"]), base64.b64decode(body["secret"]))
-        self.mesh = mesh
-        self.state.save_mesh(mesh)
-        # the connection was authenticated with the token key; from now on the mesh secret
-        conn.client = ClientAuth(mesh.mesh_id, mesh.secret, expect_node_id=conn.node_id)
-        log.info("joined mesh %s via node %s at %s", mesh.mesh_id, conn.node_id, conn.peer_address)
-        d.callback({"mesh_id": mesh.mesh_id, "via": conn.node_id})
-
     # -- sending ------------------------------------------------------------------------------------
 
     def _announce_body(self, *, force: bool) -> dict[str, Any]:
@@ -741,37 +633,11 @@ class MeshService(service.Service):
             if call is not None and call.active():
                 call.cancel()
         self._rejoin_call = self._tend_call = None
+        self.joiner.cancel()
 
     def _conn_addr(self, node_id: str) -> str:
         conn = self.conns.get(node_id)
         return conn.peer_address if conn else "?"
-
-
-class _Gate:
-    """The listening side's rules: the mesh secret, or a token this node issued."""
-
-    def __init__(self, mesh: MeshService):
-        self._mesh = mesh
-
-    def mesh_id(self) -> str | None:
-        return self._mesh.mesh_id
-
-    def key_for(self, hello: Hello) -> bytes:
-        mesh = self._mesh
-        if mesh.leaving:
-            raise AuthRefused("this node is leaving the mesh", CloseCode.LEAVING)
-        assert mesh.mesh is not None
-        if hello.auth == "mesh":
-            return mesh.mesh.secret
-        try:
-            return mesh.book.check(hello.token_id or "", mesh.mesh.mesh_id)
-        except tokensmod.TokenError as e:
-            raise AuthRefused(str(e), e.code) from None
-
-    def authenticated(self, hello: Hello) -> None:
-        if hello.auth == "token" and hello.token_id:
-            self._mesh.book.mark_used(hello.token_id)
-            log.info("node %s presented invite token %s", hello.node_id, hello.token_id)
 
 
 def _preferred(a: PeerProtocol, b: PeerProtocol, self_id: str) -> PeerProtocol:
@@ -810,50 +676,3 @@ def _frame_name(frame_type: int) -> str:
         return FrameType(frame_type).name
     except ValueError:
         return str(frame_type)
-
-
-# -- addresses ---------------------------------------------------------------------------------------
-
-
-def host_addresses() -> list[str]:
-    """Every address of this host's interfaces (IPv4 via ioctl, IPv6 from /proc), loopback last."""
-    v4: list[str] = []
-    siocgifaddr = 0x8915
-    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
-        for _, name in socket.if_nameindex():
-            try:
-                req = struct.pack("256s", name.encode()[:15])
-                res = fcntl.ioctl(s.fileno(), siocgifaddr, req)
-                v4.append(socket.inet_ntoa(res[20:24]))
-            except OSError:
-                continue
-    v6: list[str] = []
-    try:
-        with open("/proc/net/if_inet6") as f:
-            for line in f:
-                raw = line.split()[0]
-                addr = ipaddress.IPv6Address(int(raw, 16))
-                if not addr.is_link_local:
-                    v6.append(str(addr))
-    except OSError:
-        pass
-    return sorted(set(v4), key=lambda a: (is_loopback(a), a)) + sorted(
-        set(v6), key=lambda a: (is_loopback(a), a))
-
-
-def advertise_addresses(configured: list[str], listen_host: str, port: int) -> list[str]:
-    """What tokens and gossip carry: ``[mesh] advertise`` (``:0`` or no port = the
-    listening port), else every usable address we listen on, loopback last."""
-    if configured:
-        out = []
-        for text in configured:
-            host, p = parse_address(text, default_port=0)
-            out.append(format_address(host, p or port))
-        return out
-    if listen_host in ("0.0.0.0", "::", ""):
-        addrs = host_addresses()
-        if listen_host != "::":
-            addrs = [a for a in addrs if ":" not in a]
-    else:
-        addrs = [listen_host]
-    return [format_address(a, port) for a in addrs]

@@ -3,7 +3,6 @@
 
 from __future__ import annotations
 
-import base64
 import logging
 import random as _random
 from collections.abc import Callable
@@ -16,6 +15,7 @@ from twisted.python.failure import Failure
 from meshd.backoff import Backoff
 from meshd.mesh import tokens as tokensmod
 from meshd.mesh import wire
+from meshd.mesh.invites import parse_welcome
 from meshd.mesh.peer import (
     ClientAuth,
     PeerClosed,
@@ -279,8 +279,7 @@ class RouteClient:
             return
         try:
             if frame.type == FrameType.WELCOME:
-                body = frame.json()
-                self.mesh = MeshState(str(body["mesh_id"]), base64.b64decode(body["secret"]))
+                self.mesh = parse_welcome(frame.json())
                 log.info("joined mesh %s as a passive %s via %s", self.mesh.mesh_id, self.kind,
                          conn.node_id)
                 self.on_mesh(self.mesh)

@@ -1,57 +1,126 @@
-"""Joining with the ``[mesh] join`` tokens at start: the issuer's CLOSE code, never its
-words, says whether a token is refused for good or worth another try."""
+"""Joining with an invite token (``meshd.mesh.joining``), against a fake mesh service: the
+issuer's CLOSE code, never its words, says whether a token is refused for good."""
 
 from __future__ import annotations
 
-from twisted.internet import defer
-from twisted.internet.testing import MemoryReactorClock
+from types import SimpleNamespace
 
-from meshd.config import Config
-from meshd.mesh import identity as identitymod
+from twisted.internet import defer
+from twisted.internet.task import Clock
+
+from meshd.backoff import Backoff
 from meshd.mesh import tokens
-from meshd.mesh.gossip import JoinFailed, MeshService
+from meshd.mesh.invites import parse_welcome, welcome_body
+from meshd.mesh.joining import Joiner, JoinFailed
 from meshd.mesh.wire import CloseCode
-from meshd.statedir import StateDir
+from meshd.statedir import MeshState, StateDir
+
+ISSUER = "abcdefghijklmnopqrstuvwxyz"
 
 
 def token(token_id: str) -> tokens.Token:
-    return tokens.Token(mesh_id="0123456789abcdef", token_id=token_id,
-                        issuer="abcdefghijklmnopqrstuvwxyz", pin=bytes(range(32)),
-                        addrs=("10.0.0.1:7842",), expires_at=2e9, once=False, key=b"k" * 32)
+    return tokens.Token(mesh_id="0123456789abcdef", token_id=token_id, issuer=ISSUER,
+                        pin=bytes(range(32)), addrs=("10.0.0.1:7842",), expires_at=2e9,
+                        once=False, key=b"k" * 32)
 
 
-def joining_mesh(tmp_path, answers: dict[str, JoinFailed]):
+class Host:
+    """The mesh service as joining sees it; each dial waits for the test to answer it."""
+
+    def __init__(self) -> None:
+        self.mesh: MeshState | None = None
+        self.leaving = False
+        self.dials: list[tuple[list[str], object, defer.Deferred]] = []
+
+    def dial_addrs(self, addrs, auth):
+        d: defer.Deferred = defer.Deferred()
+        self.dials.append((addrs, auth, d))
+        return d
+
+    def adopt_mesh(self, mesh: MeshState) -> None:
+        self.mesh = mesh
+
+
+def joiner(tmp_path) -> tuple[Joiner, Host, Clock]:
     state = StateDir(tmp_path / "state")
     state.ensure()
-    reactor = MemoryReactorClock()
-    mesh = MeshService(Config(), state, identitymod.load_or_create(state), reactor=reactor,
-                       local_info=lambda: {})
-    tried: list[str] = []
+    host, clock = Host(), Clock()
+    return Joiner(host, state, clock, Backoff.reconnect(60.0, random=lambda: 0.5)), host, clock
 
-    def join_token(t: tokens.Token) -> defer.Deferred:
-        tried.append(t.token_id)
-        return defer.fail(answers[t.token_id])
 
-    mesh._join_token = join_token  # type: ignore[method-assign]
-    return mesh, reactor, tried
+def conn() -> SimpleNamespace:
+    return SimpleNamespace(closed=defer.Deferred(), client=None, node_id=ISSUER,
+                           peer_address="10.0.0.1:7842", close_code=None)
+
+
+def test_a_token_join_proves_the_key_and_takes_the_mesh_from_the_welcome(tmp_path):
+    j, host, _ = joiner(tmp_path)
+    results = []
+    j.join(token("aaaa1111")).addCallback(results.append)
+    _, auth, d = host.dials[0]
+    assert auth.token_id == "aaaa1111" and auth.key == b"k" * 32
+    c = conn()
+    d.callback(c)
+    mesh = MeshState("0123456789abcdef", b"s" * 32)
+    j.welcomed(c, welcome_body(mesh))
+    assert host.mesh == mesh and results == [{"mesh_id": mesh.mesh_id, "via": ISSUER}]
+    assert c.client.key == mesh.secret  # the connection proves the mesh secret from now on
+    assert [b.node_id for b in StateDir(tmp_path / "state").load_peers()[0]] == [ISSUER]
+
+
+def test_welcome_body_round_trips():
+    mesh = MeshState("0123456789abcdef", b"\x00\xff" * 16)
+    assert parse_welcome(welcome_body(mesh)) == mesh
+
+
+def test_the_issuer_closing_before_the_welcome_fails_with_its_code(tmp_path):
+    j, host, _ = joiner(tmp_path)
+    failures = []
+    j.join(token("aaaa1111")).addErrback(failures.append)
+    c = conn()
+    host.dials[0][2].callback(c)
+    c.close_code = CloseCode.STOPPING
+    c.closed.callback("peer closed: stopping")
+    assert failures[0].check(JoinFailed) and failures[0].value.codes == {CloseCode.STOPPING}
 
 
 def test_a_token_refused_by_code_is_not_tried_again(tmp_path):
-    mesh, reactor, tried = joining_mesh(tmp_path, {
-        "aaaa1111": JoinFailed("cannot join: the issuer said no", {CloseCode.TOKEN_REVOKED}),
-        "bbbb2222": JoinFailed("cannot join: the issuer said no", {CloseCode.TOKEN_EXPIRED}),
-    })
-    mesh._join_tokens_at_start([token("aaaa1111"), token("bbbb2222")])
-    assert tried == ["aaaa1111", "bbbb2222"]
-    assert reactor.getDelayedCalls() == []
+    j, host, clock = joiner(tmp_path)
+    j.join_at_start([token("aaaa1111"), token("bbbb2222")])
+    host.dials[0][2].errback(JoinFailed("the issuer said no", {CloseCode.TOKEN_REVOKED}))
+    host.dials[1][2].errback(JoinFailed("the issuer said no", {CloseCode.TOKEN_EXPIRED}))
+    assert len(host.dials) == 2
+    assert clock.getDelayedCalls() == []
 
 
 def test_a_failure_without_a_refusal_code_is_retried_whatever_its_words(tmp_path):
-    mesh, reactor, tried = joining_mesh(tmp_path, {
-        "aaaa1111": JoinFailed("tried 10.0.0.1:7842 (connection refused: revoked route)"),
-    })
-    mesh._join_tokens_at_start([token("aaaa1111")])
-    assert tried == ["aaaa1111"]
-    (retry,) = reactor.getDelayedCalls()
-    reactor.advance(retry.getTime() - reactor.seconds())
-    assert tried == ["aaaa1111", "aaaa1111"]
+    j, host, clock = joiner(tmp_path)
+    j.join_at_start([token("aaaa1111")])
+    host.dials[0][2].errback(JoinFailed("tried 10.0.0.1:7842 (refused: token was revoked?)"))
+    clock.advance(0.99)
+    assert len(host.dials) == 1
+    clock.advance(0.02)  # the reconnect policy's first delay, 1 s
+    assert len(host.dials) == 2
+    host.dials[1][2].errback(JoinFailed("connection refused"))
+    clock.advance(2.01)  # doubled
+    assert len(host.dials) == 3
+
+
+def test_cancel_stops_the_retries(tmp_path):
+    j, host, clock = joiner(tmp_path)
+    j.join_at_start([token("aaaa1111")])
+    host.dials[0][2].errback(JoinFailed("connection refused"))
+    j.cancel()
+    clock.advance(600)
+    assert len(host.dials) == 1
+
+
+def test_a_node_already_in_the_tokens_mesh_dials_the_issuer_with_the_mesh_secret(tmp_path):
+    j, host, _ = joiner(tmp_path)
+    host.mesh = MeshState("0123456789abcdef", b"s" * 32)
+    results = []
+    j.join(token("aaaa1111")).addCallback(results.append)
+    _, auth, d = host.dials[0]
+    assert auth.token_id is None and auth.key == b"s" * 32 and auth.expect_node_id == ISSUER
+    d.callback(conn())
+    assert results == [{"mesh_id": "0123456789abcdef", "via": ISSUER}]

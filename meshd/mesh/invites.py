@@ -1,0 +1,106 @@
+"""The issuer's side of invite tokens: issue and revoke them, let a joiner in with one.
+
+``meshd.mesh.tokens`` is the token itself (its format, and the book of issued
+tokens); this module is what the mesh does with them: print one for
+``meshctl token``, refuse a presented one with the right CLOSE code, mark a
+one-use token used, and hand the mesh secret over in the WELCOME once the
+joiner proved the token's key.  The joiner's side is ``meshd.mesh.joining``.
+"""
+
+from __future__ import annotations
+
+import base64
+import logging
+from collections.abc import Callable
+from typing import Any, Protocol
+
+from meshd.errors import Refused
+from meshd.mesh import tokens as tokensmod
+from meshd.mesh.peer import AuthRefused, Hello
+from meshd.mesh.wire import CloseCode
+from meshd.statedir import MeshState, StateDir
+
+log = logging.getLogger(__name__)
+
+
+def welcome_body(mesh: MeshState) -> dict[str, Any]:
+    """The WELCOME an issuer sends a token joiner: the mesh id and its secret."""
+    return {"mesh_id": mesh.mesh_id, "secret": base64.b64encode(mesh.secret).decode()}
+
+
+def parse_welcome(body: dict[str, Any]) -> MeshState:
+    """The mesh a WELCOME names; KeyError/ValueError (binascii.Error) when it names none."""
+    return MeshState(str(body["mesh_id"]), base64.b64decode(body["secret"]))
+
+
+class Invites:
+    """The tokens this node issued (``tokens.json`` in the state directory)."""
+
+    def __init__(self, state: StateDir, now: Callable[[], float]):
+        self.book = tokensmod.TokenBook(state, now=now)
+
+    def issue(self, mesh: MeshState | None, *, issuer: str, pin: bytes, addrs: list[str],
+              ttl_s: float, once: bool) -> dict[str, Any]:
+        """A new token for ``meshctl token``; Refused says why there can be none."""
+        if mesh is None:
+            raise Refused("this node is not in a mesh yet (it is still joining)")
+        if not addrs:
+            raise Refused("no address to put in a token: set [mesh] advertise")
+        try:
+            token = self.book.issue(mesh_id=mesh.mesh_id, issuer=issuer, pin=pin, addrs=addrs,
+                                    ttl_s=ttl_s, once=once)
+        except ValueError as e:
+            raise Refused(str(e)) from None
+        log.info("issued invite token %s (expires in %s s%s, addresses %s)", token.token_id,
+                 int(ttl_s), ", one use" if once else "", ", ".join(addrs))
+        return {"id": token.token_id, "token": tokensmod.encode(token),
+                "expires_at": token.expires_at}
+
+    def revoke(self, token_id: str) -> dict[str, Any]:
+        try:
+            self.book.revoke(token_id)
+        except tokensmod.TokenError as e:
+            raise Refused(str(e)) from None
+        log.info("revoked invite token %s", token_id)
+        return {"id": token_id, "revoked": True}
+
+
+class GateMesh(Protocol):
+    """What the listening side's rules read of the mesh service."""
+
+    @property
+    def mesh(self) -> MeshState | None: ...
+
+    @property
+    def leaving(self) -> bool: ...
+
+
+class Gate:
+    """The listening side's rules (``peer.ServerGate``): the mesh secret, or a token
+    this node issued; a refused token closes with its own code."""
+
+    def __init__(self, mesh: GateMesh, invites: Invites):
+        self._mesh = mesh
+        self._invites = invites
+
+    def mesh_id(self) -> str | None:
+        mesh = self._mesh.mesh
+        return mesh.mesh_id if mesh is not None else None
+
+    def key_for(self, hello: Hello) -> bytes:
+        if self._mesh.leaving:
+            raise AuthRefused("this node is leaving the mesh", CloseCode.LEAVING)
+        mesh = self._mesh.mesh
+        if mesh is None:  # checked by the connection before it asks; kept for the types
+            raise AuthRefused("this node has not joined a mesh yet", CloseCode.WRONG_MESH)
+        if hello.auth == "mesh":
+            return mesh.secret
+        try:
+            return self._invites.book.check(hello.token_id or "", mesh.mesh_id)
+        except tokensmod.TokenError as e:
+            raise AuthRefused(str(e), e.code) from None
+
+    def authenticated(self, hello: Hello) -> None:
+        if hello.auth == "token" and hello.token_id:
+            self._invites.book.mark_used(hello.token_id)
+            log.info("node %s presented invite token %s", hello.node_id, hello.token_id)
