@@ -34,6 +34,8 @@ from typing import Any
 
 from twisted.application import service
 from twisted.internet import defer
+from twisted.internet.address import IPv4Address, IPv6Address
+from twisted.internet.interfaces import IDelayedCall, IListeningPort
 from twisted.python.failure import Failure
 
 from meshd.backoff import Backoff
@@ -76,7 +78,7 @@ DROPS_REMEMBERED = 1024  # DROP ids kept to forward each drop once
 
 
 class MeshService(service.Service):
-    name = "mesh"
+    name = "mesh"  # type: ignore[assignment]  # Twisted declares it None
 
     def __init__(
         self,
@@ -108,15 +110,15 @@ class MeshService(service.Service):
         )
         self.advertise: list[str] = []
         self.listening: tuple[str, int] | None = None
-        self._port: Any = None
+        self._port: IListeningPort | None = None
         self._seq = 0
         self._last_announce: dict[str, Any] | None = None
         self._dialing: set[str] = set()
         self._rumor_tries: dict[str, int] = {}
         self._backoff = Backoff.reconnect(self.cfg.rejoin_s)  # rejoin and [mesh] join retries
         self.joiner = Joiner(self, state, reactor, self._backoff)
-        self._rejoin_call: Any = None
-        self._tend_call: Any = None
+        self._rejoin_call: IDelayedCall | None = None
+        self._tend_call: IDelayedCall | None = None
         self._leaving: defer.Deferred[None] | None = None
         self._purposes: dict[str, Callable[[PeerProtocol], None]] = {}
         self._drop_listeners: list[Callable[[str, str], None]] = []
@@ -204,10 +206,14 @@ class MeshService(service.Service):
         if not waits:
             done.callback(None)
             return done
-        all_closed = defer.DeferredList(waits, consumeErrors=True)
         bound = self.reactor.callLater(LEAVE_BOUND_S, _fire, done)
-        all_closed.addCallback(lambda _: (bound.cancel() if bound.active() else None,
-                                          _fire(done)))
+
+        def all_closed(_: object) -> None:
+            if bound.active():
+                bound.cancel()
+            _fire(done)
+
+        defer.DeferredList(waits, consumeErrors=True).addCallback(all_closed)
         return done
 
     def register_purpose(self, purpose: str, handler: Callable[[PeerProtocol], None], *,
@@ -292,7 +298,7 @@ class MeshService(service.Service):
         super().stopService()
         d = self.leave()
 
-        def stop_listening(_: Any) -> Any:
+        def stop_listening(_: None) -> defer.Deferred[None] | None:
             if self._port is not None:
                 port, self._port = self._port, None
                 return port.stopListening()
@@ -306,10 +312,12 @@ class MeshService(service.Service):
         factory = server_factory(self.tls, self._build_server, self.reactor)
         self._port = self.reactor.listenTCP(port, factory, interface=host)
         bound = self._port.getHost()
-        self.listening = (host, bound.port)
-        self.advertise = advertise_addresses(self.cfg.advertise, host, bound.port)
+        if isinstance(bound, (IPv4Address, IPv6Address)):
+            port = bound.port  # the one the kernel chose for a :0 listen
+        self.listening = (host, port)
+        self.advertise = advertise_addresses(self.cfg.advertise, host, port)
         log.info("listening for peers on %s (advertised as %s)",
-                 format_address(host, bound.port), ", ".join(self.advertise) or "nothing")
+                 format_address(host, port), ", ".join(self.advertise) or "nothing")
 
     # -- building connections -------------------------------------------------------------------
 
@@ -344,7 +352,7 @@ class MeshService(service.Service):
         auth = ClientAuth(self.mesh.mesh_id, self.mesh.secret, expect_node_id=node_id)
         d = self.dial_addrs(dial_order(addrs), auth)
 
-        def done(result: Any) -> None:
+        def done(result: PeerProtocol | Failure) -> None:
             self._dialing.discard(node_id)
             if isinstance(result, Failure):
                 log.info("cannot reach node %s (%s): %s", node_id, why, result.value)

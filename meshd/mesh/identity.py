@@ -155,7 +155,9 @@ def load(state: StateDir) -> Identity | None:
         raise IdentityError(f"cannot read the identity in {state.key_path.parent}: {e}") from None
     if not isinstance(key, ec.EllipticCurvePrivateKey):
         raise IdentityError(f"{state.key_path} is not an EC key")
-    if key.public_key().public_numbers() != cert.public_key().public_numbers():
+    cert_key = cert.public_key()
+    if (not isinstance(cert_key, ec.EllipticCurvePublicKey)
+            or key.public_key().public_numbers() != cert_key.public_numbers()):
         raise IdentityError(f"{state.cert_path} does not belong to {state.key_path}")
     return Identity(key, cert)
 

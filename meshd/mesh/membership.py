@@ -38,7 +38,7 @@ class Heartbeat:
         timeout_s: float,
         *,
         on_timeout: Callable[[float], None],
-        send_ping: Callable[[], None] | None = None,
+        send_ping: Callable[[], object] | None = None,
     ):
         self._clock = clock
         self.interval_s = interval_s

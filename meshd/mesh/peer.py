@@ -44,15 +44,19 @@ import logging
 import struct
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeVar, cast
 
 from cryptography import x509
 from OpenSSL import SSL
 from twisted.internet import defer, endpoints, protocol
+from twisted.internet.address import IPv4Address, IPv6Address
 from twisted.internet.interfaces import (
+    IAddress,
+    IDelayedCall,
     IHandshakeListener,
     IOpenSSLClientConnectionCreator,
     IOpenSSLServerConnectionCreator,
+    IProtocol,
     IReactorTime,
 )
 from twisted.protocols.tls import TLSMemoryBIOFactory
@@ -227,6 +231,24 @@ def versions_overlap(hello: Hello) -> int:
 
 # PeerState and its moves live with every other state in meshd.states
 _MOVES = PEER_MOVES
+_T = TypeVar("_T")
+
+
+class PeerTransport(Protocol):
+    """What a connection uses of its transport: in the daemon, the TLSMemoryBIOProtocol
+    that wraps it.  Twisted declares ``Protocol.transport`` as a bare ``ITransport``,
+    which has neither ``getHandle`` (ISystemHandle: the OpenSSL connection) nor
+    ``abortConnection`` (ITCPTransport), though the TLS wrapper has both."""
+
+    def write(self, data: bytes) -> None: ...
+
+    def loseConnection(self) -> None: ...  # noqa: N802 - Twisted's name
+
+    def abortConnection(self) -> None: ...  # noqa: N802 - Twisted's name
+
+    def getPeer(self) -> IAddress: ...  # noqa: N802 - Twisted's name
+
+    def getHandle(self) -> SSL.Connection: ...  # noqa: N802 - Twisted's name
 
 
 class PeerDelegate(Protocol):
@@ -284,7 +306,7 @@ class PeerProtocol(protocol.Protocol):
         self.bytes_in = 0
         self.bytes_out = 0
         self._decoder = wire.Decoder(timing.max_frame_bytes)
-        self._timer: Any = None
+        self._timer: IDelayedCall | None = None
         self._heartbeat: Heartbeat | None = None
         self._ping_seq = 0
         self._ping_sent: dict[int, float] = {}
@@ -336,19 +358,25 @@ class PeerProtocol(protocol.Protocol):
 
     # -- Twisted's side ---------------------------------------------------------------
 
+    @property
+    def _link(self) -> PeerTransport | None:
+        return cast("PeerTransport | None", self.transport)  # see PeerTransport
+
     def connectionMade(self) -> None:  # noqa: N802
+        link = self._link
         try:
-            addr = self.transport.getPeer()
+            addr = link.getPeer() if link is not None else None
+        except NotImplementedError:
+            addr = None
+        if isinstance(addr, (IPv4Address, IPv6Address)):
             self._peer_addr = f"{addr.host}:{addr.port}"
-        except (AttributeError, NotImplementedError):
-            pass
         self._timer = self.clock.callLater(self.timing.handshake_timeout_s, self._handshake_timeout)
 
     def handshakeCompleted(self) -> None:  # noqa: N802
         if self.state is not PeerState.HANDSHAKING:
             return
         self._move(PeerState.HELLO)
-        self.peer_cert = self.transport.getHandle().get_peer_certificate(as_cryptography=True)
+        self.peer_cert = self._tls().get_peer_certificate(as_cryptography=True)
         self.session_id = self._ekm()[:8]  # the same on both ends: a shared tie-breaker
         if self.client is not None:
             self._send_hello(self.client.mesh_id, self.client.key, b"client",
@@ -384,12 +412,12 @@ class PeerProtocol(protocol.Protocol):
         if self.state is not PeerState.CLOSED:
             self._move(PeerState.CLOSED)
         self._stop_timers()
-        for d in list(self._probes.values()):
-            d.callback(None)
+        for probe in list(self._probes.values()):
+            probe.callback(None)
         self._probes.clear()
         waiters, self._open_waiters = self._open_waiters, []
-        for d in waiters:
-            d.errback(Failure(PeerClosed(self.close_reason, self._close_codes())))
+        for waiter in waiters:
+            waiter.errback(Failure(PeerClosed(self.close_reason, self._close_codes())))
         if was_open:
             self.delegate.peer_closed(self, self.close_reason)
         self.closed.callback(self.close_reason)
@@ -503,8 +531,14 @@ class PeerProtocol(protocol.Protocol):
             body["token_id"] = token_id
         self.send_json(FrameType.HELLO, body)
 
+    def _tls(self) -> SSL.Connection:
+        link = self._link
+        if link is None:
+            raise AssertionError("no transport: the TLS handshake cannot have happened")
+        return link.getHandle()
+
     def _ekm(self) -> bytes:
-        return self.transport.getHandle().export_keying_material(EKM_LABEL, 32, None)
+        return self._tls().export_keying_material(EKM_LABEL, 32, None)
 
     def _open(self) -> None:
         self._move(PeerState.OPEN)
@@ -575,7 +609,13 @@ class PeerProtocol(protocol.Protocol):
         seq = self._send_ping()
         self._probes[seq] = d
         call = self.clock.callLater(timeout_s, self._probe_timeout, seq)
-        d.addBoth(lambda r: (call.cancel() if call.active() else None, r)[1])
+
+        def stop_timer(result: _T) -> _T:
+            if call.active():
+                call.cancel()
+            return result
+
+        d.addBoth(stop_timer)
         return d
 
     def _probe_timeout(self, seq: int) -> None:
@@ -596,11 +636,12 @@ class PeerProtocol(protocol.Protocol):
     # -- sending and closing -----------------------------------------------------------------
 
     def send(self, frame_type: int, payload: bytes = b"") -> None:
-        if self.state is PeerState.CLOSED or self.transport is None:
+        link = self._link
+        if self.state is PeerState.CLOSED or link is None:
             return
         data = wire.encode(frame_type, payload, max_frame_bytes=self.timing.max_frame_bytes)
         self.bytes_out += len(data)
-        self.transport.write(data)
+        link.write(data)
 
     def send_json(self, frame_type: int, body: dict[str, Any]) -> None:
         self.send(frame_type, wire.dump_json(body))
@@ -625,12 +666,13 @@ class PeerProtocol(protocol.Protocol):
                 self.send_json(FrameType.CLOSE, wire.encode_close_body(reason, code))
             except wire.FrameError:
                 pass
-        if self.transport is None:
+        link = self._link
+        if link is None:
             return
         if abort:
-            self.transport.abortConnection()
+            link.abortConnection()
         else:
-            self.transport.loseConnection()
+            link.loseConnection()
 
     def _close_codes(self) -> frozenset[CloseCode]:
         return frozenset() if self.close_code is None else frozenset({self.close_code})
@@ -687,9 +729,9 @@ def connect(
     endpoint = endpoints.wrapClientTLS(
         tls, endpoints.HostnameEndpoint(reactor, host, port, timeout=timeout_s)
     )
-    result: defer.Deferred[PeerProtocol] = defer.Deferred()
-
-    def connected(p: PeerProtocol) -> defer.Deferred[PeerProtocol]:
+    def connected(p: IProtocol) -> defer.Deferred[PeerProtocol]:
+        if not isinstance(p, PeerProtocol):  # wrapClientTLS hands back what PeerFactory built
+            raise TypeError(f"connected a {type(p).__name__}, not a PeerProtocol")
         return p.when_opened()
 
     def failed(f: Failure) -> Failure:
@@ -697,11 +739,7 @@ def connect(
             return f
         return Failure(PeerClosed(_connect_error(f)))
 
-    d = endpoint.connect(PeerFactory(build))
-    d.addCallback(connected)
-    d.addErrback(failed)
-    d.chainDeferred(result)
-    return result
+    return endpoint.connect(PeerFactory(build)).addCallback(connected).addErrback(failed)
 
 
 def _connect_error(f: Failure) -> str:

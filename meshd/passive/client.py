@@ -10,11 +10,13 @@ from dataclasses import dataclass
 from typing import Any
 
 from twisted.internet import defer
+from twisted.internet.interfaces import IDelayedCall
 from twisted.python.failure import Failure
 
 from meshd.backoff import Backoff
 from meshd.mesh import tokens as tokensmod
 from meshd.mesh import wire
+from meshd.mesh.identity import Identity
 from meshd.mesh.invites import parse_welcome
 from meshd.mesh.peer import (
     ClientAuth,
@@ -73,7 +75,7 @@ class RouteClient:
     through ``reactor`` (a ``Clock`` in tests) and ``connect_fn`` is the dial seam.
     """
 
-    def __init__(self, *, reactor: Any, identity: Any, kind: str,
+    def __init__(self, *, reactor: Any, identity: Identity, kind: str,
                  checkin: Callable[[str | None], CheckIn], timing: Timing,
                  refresh_s: float, answer_timeout_s: float, rejoin_max_s: float,
                  mesh: MeshState | None = None, tokens: list[tokensmod.Token] | None = None,
@@ -81,7 +83,8 @@ class RouteClient:
                  on_table: Callable[[RouteTable], None] = lambda t: None,
                  on_mesh: Callable[[MeshState], None] = lambda m: None,
                  on_unreachable: Callable[[str], None] = lambda why: None,
-                 connect_fn: Callable[..., defer.Deferred[PeerProtocol]] | None = None,
+                 connect_fn: Callable[[Target, ClientAuth], defer.Deferred[PeerProtocol]]
+                 | None = None,
                  random: Callable[[], float] = _random.random):
         self.reactor = reactor
         self.identity = identity
@@ -110,9 +113,9 @@ class RouteClient:
         self._failed: set[str] = set()
         self._unreached: set[str] = set()  # failed to connect since the last answer
         self._connecting = False
-        self._waiting: Any = None  # the answer timer of the request in flight
-        self._refresh_call: Any = None
-        self._retry_call: Any = None
+        self._waiting: IDelayedCall | None = None  # the answer timer of the request in flight
+        self._refresh_call: IDelayedCall | None = None
+        self._retry_call: IDelayedCall | None = None
         self._backoff = Backoff.reconnect(rejoin_max_s, random=random)
         self._stopped = True
         self.history: list[tuple[float, str]] = []  # (time, what) of the last few switches
