@@ -431,7 +431,8 @@ class PeerProtocol(protocol.Protocol):
             close = wire.decode_close(frame.payload)
             if self.state is not PeerState.OPEN:
                 log.warning("%s refused the connection: %s", self.who, close.reason)
-            self.close(f"peer closed: {close.reason}", code=close.code, notify=False)
+            self._close(f"peer closed: {close.reason}", code=close.code, notify=False,
+                        abort=False, logged=True)
             return
         if self.state is PeerState.HELLO:
             if frame.type != FrameType.HELLO:
@@ -654,11 +655,16 @@ class PeerProtocol(protocol.Protocol):
         ``abort`` drops the TCP connection at once (a dead or hostile peer would
         never acknowledge a graceful TLS close).
         """
+        self._close(reason, code=code, notify=notify, abort=abort, logged=False)
+
+    def _close(self, reason: str, *, code: CloseCode, notify: bool, abort: bool,
+               logged: bool) -> None:
+        """``close``; ``logged``: the peer's CLOSE, already logged when it came."""
         if self.close_reason is not None or self.state is PeerState.CLOSED:
             return
         self.close_reason = reason
         self.close_code = code
-        if self.state is not PeerState.OPEN and not reason.startswith("peer closed"):
+        if self.state is not PeerState.OPEN and not logged:
             log.warning("peer connection with %s closed before it opened: %s", self.who, reason)
         self._stop_timers()
         if notify and self.state in (PeerState.HELLO, PeerState.CONFIRM, PeerState.OPEN):
