@@ -299,6 +299,8 @@ class PeerProtocol(protocol.Protocol):
         self.peer_cert: x509.Certificate | None = None
         self.close_reason: str | None = None
         self.close_code: CloseCode | None = None  # None: it ended without a CLOSE either way
+        # the other end ended it (its CLOSE, or a clean close of the connection), not this one
+        self.ended_by_peer = False
         self.rtt_ms: float | None = None
         self._open_waiters: list[defer.Deferred[PeerProtocol]] = []
         self._peer_addr = "?"
@@ -408,6 +410,7 @@ class PeerProtocol(protocol.Protocol):
                 log.info("peer connection with %s: %s", self.who, self.close_reason)
             else:
                 self.close_reason = "connection closed by the peer"
+                self.ended_by_peer = True
         was_open = self.state is PeerState.OPEN
         if self.state is not PeerState.CLOSED:
             self._move(PeerState.CLOSED)
@@ -431,6 +434,7 @@ class PeerProtocol(protocol.Protocol):
             close = wire.decode_close(frame.payload)
             if self.state is not PeerState.OPEN:
                 log.warning("%s refused the connection: %s", self.who, close.reason)
+            self.ended_by_peer = True
             self._close(f"peer closed: {close.reason}", code=close.code, notify=False,
                         abort=False, logged=True)
             return

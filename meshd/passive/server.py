@@ -18,7 +18,7 @@ from meshd.mesh import wire
 from meshd.mesh.peer import (
     PeerProtocol,
 )
-from meshd.mesh.wire import FrameType
+from meshd.mesh.wire import CloseCode, FrameType
 from meshd.passive.client import PURPOSE
 from meshd.placement.snapshot import ModelFile, NodeView
 from meshd.serving.routetable import (
@@ -191,7 +191,7 @@ class RouteServer(service.Service):
         try:
             req = CheckIn.from_body(frame.json())
         except (wire.FrameError, ValueError) as e:
-            conn.close(f"bad ROUTE_REQUEST: {e}", abort=True)
+            conn.close(f"bad ROUTE_REQUEST: {e}", code=CloseCode.PROTOCOL_ERROR, abort=True)
             return
         self._pending.pop(conn, None)
         if self.registry.check_in(conn, conn.node_id or "?", req, self.clock.seconds()):
@@ -216,14 +216,15 @@ class RouteServer(service.Service):
         now = self.clock.seconds()
         for conn in self.registry.expired(now):
             entry = self.registry.entries[conn]
-            conn.close(f"no check-in for {now - entry.last_s:.0f} s", abort=True)
+            conn.close(f"no check-in for {now - entry.last_s:.0f} s", code=CloseCode.TIMEOUT,
+                       abort=True)
             if self.registry.drop(conn):
                 self.changed()
         limit = PRESENT_REFRESHES * self.refresh_s
         for conn, since in list(self._pending.items()):
             if now - since > limit:
                 del self._pending[conn]
-                conn.close("no ROUTE_REQUEST", abort=True)
+                conn.close("no ROUTE_REQUEST", code=CloseCode.TIMEOUT, abort=True)
 
     def startService(self) -> None:  # noqa: N802
         super().startService()
@@ -238,4 +239,4 @@ class RouteServer(service.Service):
         if self._push_call is not None and self._push_call.active():
             self._push_call.cancel()
         for conn in [*self.registry.entries, *self._pending]:
-            conn.close("this node is stopping")  # they move to the next active node at once
+            conn.close("this node is stopping", code=CloseCode.STOPPING)  # they move to the next active node at once

@@ -92,6 +92,7 @@ class PeerLink(TypingProtocol):
     node_id: str | None
     transport: Any
     closed: defer.Deferred[str]
+    ended_by_peer: bool
 
     def take_over(self, receiver: Callable[[bytes], None]) -> None: ...
     def close(self, reason: str, *, notify: bool = ..., abort: bool = ...) -> None: ...
@@ -279,7 +280,7 @@ class HostTunnel:
         channel, self.channel = self.channel, None
         self._close_state()
         if channel is not None:
-            channel.connectionLost(_lost(reason))
+            channel.connectionLost(_lost(self.peer, reason))
         return reason
 
     def close(self, reason: str) -> None:
@@ -308,10 +309,10 @@ class HostTunnel:
         self.server.tunnels.discard(self)
 
 
-def _lost(reason: str) -> Failure:
-    """The ``connectionLost`` reason for a tunnel's protocol, from the peer's close reason."""
-    clean = reason == "connection closed by the peer" or reason.startswith("peer closed")
-    return Failure(error.ConnectionDone() if clean else error.ConnectionLost(reason))
+def _lost(peer: PeerLink, reason: str) -> Failure:
+    """The ``connectionLost`` reason for a tunnel's protocol: done when the other end
+    ended it, lost (with the reason) when this end had to."""
+    return Failure(error.ConnectionDone() if peer.ended_by_peer else error.ConnectionLost(reason))
 
 
 # -- the requesting node's side --------------------------------------------------------------
@@ -486,9 +487,9 @@ class _ClientOpen:
     # -- endings ------------------------------------------------------------------------------
 
     def _peer_lost(self, reason: str) -> str:
-        if self.proto is not None:
+        if self.proto is not None and self.peer is not None:
             proto, self.proto = self.proto, None
-            proto.connectionLost(_lost(reason))
+            proto.connectionLost(_lost(self.peer, reason))
         elif not self._done:
             self._fail(TunnelFailed(
                 f"node {self.ep.node_id} closed the tunnel before answering: {reason}"), suspect=True)

@@ -221,6 +221,8 @@ def test_close_sends_its_code_to_the_peer(ids):
     pump.flush()
     assert c.close_code is wire.CloseCode.LEAVING
     assert c.close_reason == "peer closed: this node is leaving the mesh"
+    # the tunnel reads who ended it from this, not from the reason's words
+    assert c.ended_by_peer and not s.ended_by_peer
 
 
 def test_wrong_mesh_is_refused_with_its_code(ids):

@@ -47,6 +47,7 @@ class FakePeer:
         self.closed: defer.Deferred[str] = defer.Deferred()
         self._raw = None
         self.close_reasons: list[str] = []
+        self.ended_by_peer = False
 
     def take_over(self, receiver) -> None:
         self._raw = receiver
@@ -59,7 +60,9 @@ class FakePeer:
         self.close_reasons.append(reason)
         self.transport.loseConnection()
 
-    def lost(self, reason: str = "connection closed by the peer") -> None:
+    def lost(self, reason: str = "connection closed by the peer", *, by_peer: bool = True) -> None:
+        """The connection ended: cleanly by the other end (``by_peer``), or lost here."""
+        self.ended_by_peer = by_peer
         if not self.closed.called:
             self.closed.callback(reason)
 
@@ -309,7 +312,7 @@ def test_the_tunnel_closing_closes_the_llama_server_connection():
     peer.feed(tunnel_frame({"model": "m1"}) + http_request())
     (llama,) = local.protocols
     llama.dataReceived(SSE_HEAD + sse_chunk(0))
-    peer.lost("connection lost")
+    peer.lost("connection lost", by_peer=False)
     assert llama.transport.disconnecting
     assert tunnel.state == HostTunnel.CLOSED and server.tunnels == set()
     assert server.api.in_flight == 0
@@ -417,7 +420,7 @@ def test_client_suspects_the_peer_when_it_closes_before_answering():
     mesh, _, results = open_client()
     peer = FakePeer("node-b")
     mesh.dials[0][2].callback(peer)
-    peer.lost("connection lost")
+    peer.lost("connection lost", by_peer=False)
     (failure,) = results
     assert failure.check(TunnelFailed)
     assert "before answering" in str(failure.value)
