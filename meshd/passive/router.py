@@ -87,7 +87,7 @@ class PassiveRouter:
     def _upstream(self, node_id: str, model: str) -> routing.Upstream:
         return routing.Upstream(name=node_id,
                                 endpoint=lambda: self.endpoint_for(node_id, model),
-                                pool_key=f"tunnel:{node_id}:{model}")
+                                pool_key=f"tunnel:{node_id}:{model}", node_id=node_id)
 
     def upstream_failed(self, upstream: routing.Upstream, reason: str) -> None:
         log.warning("host %s failed before answering: %s", upstream.name, reason)

@@ -1,10 +1,21 @@
-"""The OpenAI-compatible HTTP API: routes each request by its ``model`` to an upstream.
+"""The client HTTP API (OpenAI, Anthropic, llama.cpp): routes each request by its model.
 
 What a reader needs to know:
 
-- The body is read whole (bounded by ``[api] max_body_bytes``: 413 as soon as
-  Content-Length or the bytes read so far pass it, never buffered first), parsed
-  for ``model``, and the :class:`~meshd.serving.routing.Router` names the upstreams.
+- The paths it forwards, and where each names its model, are one table,
+  :data:`meshd.serving.routes.ROUTES`.  The body is read whole (bounded by
+  ``[api] max_body_bytes``: 413 as soon as Content-Length or the bytes read so far
+  pass it, never buffered first), its model found, and the
+  :class:`~meshd.serving.routing.Router` names the upstreams.
+- Errors meshd makes take the shape of the path's API (``routes.Shape``): OpenAI's
+  on OpenAI and llama.cpp paths, Anthropic's on ``/v1/messages``; an upstream's
+  error on an Anthropic path is put in Anthropic's shape too.
+- Every forwarded answer says who made it: ``X-Meshd-Node`` (the node whose
+  llama-server answered: after a failover, the one that finally did) and
+  ``X-Meshd-Model``.  The requesting node sets them from the upstream it chose, so a
+  tunnelled answer needs nothing from the far end.
+- ``[api] api_key``: ``Authorization: Bearer KEY`` (OpenAI SDKs) or ``x-api-key:
+  KEY`` (Anthropic's SDK).
 - The client id handed to the router (host selection is sticky per client) is
   the body's OpenAI ``user`` field when it is a string, else the client's IP
   address.  The API key is not used: every client shares the same one.
@@ -29,6 +40,8 @@ What a reader needs to know:
   served here, its llama-server down), it hangs up instead, so the requesting
   node's API sees "closed before any response" and fails over or retries on a
   fresh tunnel, as it would for a dead host, rather than relaying an error.
+  The requesting node names the model in an ``X-Meshd-Model`` request header,
+  which a relay reads first: the body of a llama.cpp path may name none.
 
 ``python -m meshd.cli.static_api --static MODEL=HOST:PORT --listen HOST:PORT`` runs
 the API alone in front of fixed upstreams (benchmarks, debugging).
@@ -42,6 +55,7 @@ import json
 import logging
 import time
 from typing import Any, cast
+from urllib.parse import unquote
 
 from twisted.internet import defer
 from twisted.internet.interfaces import IReactorTime
@@ -49,15 +63,19 @@ from twisted.python.failure import Failure
 from twisted.web import http, resource, server
 
 from meshd.config import ApiConfig
+from meshd.serving import routes
 from meshd.serving.proxy import ConnectionPool, UpstreamConnection, request_head
+from meshd.serving.routes import ModelFrom, Route, Shape
 from meshd.serving.routing import NotReady, Router, UnknownModel, Upstream
 from meshd.states import FORWARD_MOVES, ForwardState, check_move
 
 log = logging.getLogger("meshd.serving.api")
 
-FORWARDED_PATHS = frozenset({b"/v1/chat/completions", b"/v1/completions", b"/v1/embeddings"})
 # request headers passed on to the upstream (the rest are ours: auth, hop-by-hop)
 FORWARDED_HEADERS = (b"content-type", b"accept")
+# response headers naming who answered; the model one also tells a relay the model
+NODE_HEADER = b"X-Meshd-Node"
+MODEL_HEADER = b"X-Meshd-Model"
 # non-streamed responses up to this size are held until complete (clean 502 on failure)
 HOLD_BYTES = 4 * 1024 * 1024
 # after a 413 the rest of the body is read and thrown away for at most this
@@ -70,13 +88,9 @@ MAX_ATTEMPTS = 2
 # -- errors -------------------------------------------------------------------
 
 
-def error_body(message: str, type_: str, code: str | None) -> bytes:
-    return json.dumps({"error": {"message": message, "type": type_, "code": code}}).encode()
-
-
-def send_error(request: server.Request, status: int, message: str, type_: str,
+def send_error(request: server.Request, shape: Shape, status: int, message: str, type_: str,
                code: str | None, headers: dict[bytes, bytes] | None = None) -> None:
-    body = error_body(message, type_, code)
+    body = routes.error_body(shape, status, message, type_, code)
     request.setResponseCode(status)
     request.setHeader(b"Content-Type", b"application/json")
     request.setHeader(b"Content-Length", b"%d" % len(body))
@@ -183,7 +197,8 @@ class ApiRequest(server.Request):
         self._too_large = True
         api = self.api
         limit = api.config.max_body_bytes
-        body = error_body(
+        body = routes.error_body(
+            Shape.OPENAI, 413,
             f"request body too large ({what} exceeds [api] max_body_bytes = {limit})",
             "invalid_request_error", "request_too_large",
         )
@@ -299,44 +314,68 @@ class ApiServer:
         path = request.path
         if path == b"/health":
             return self._json(request, 200, {"status": "draining" if self.draining else "ok"})
+        route = routes.route_of(path)
+        shape = route.shape if route is not None else Shape.OPENAI
         if self._api_key and not self._authorized(request):
-            return self._error(request, 401, "missing or wrong API key (Authorization: Bearer ...)",
+            return self._error(request, shape, 401,
+                               "missing or wrong API key "
+                               "(Authorization: Bearer KEY, or x-api-key: KEY)",
                                "invalid_request_error", "invalid_api_key",
                                {b"WWW-Authenticate": b"Bearer"})
         method = request.method
-        if path in FORWARDED_PATHS:
-            if method != b"POST":
-                return self._error(request, 405, f"{path.decode()} takes POST",
-                                   "invalid_request_error", "method_not_allowed")
-            return self._forward(request)
+        if route is not None:
+            if method != route.method.encode():
+                return self._error(request, shape, 405, f"{route.path} takes {route.method}",
+                                   "invalid_request_error", "method_not_allowed",
+                                   {b"Allow": route.method.encode()})
+            return self._forward(request, route)
         if path == b"/v1/models" and method == b"GET":
             return self._json(request, 200, {"object": "list", "data": self.router.models()})
+        if path.startswith(b"/v1/models/") and method == b"GET":
+            return self._model(request, path[len(b"/v1/models/"):])
         if path == b"/metrics" and method == b"GET":
             request.setHeader(b"Content-Type", b"text/plain; version=0.0.4")
             return self.metrics.render(len(self.forwards))
         self.metrics.request_done("", 404, 0)
-        return self._error(request, 404,
+        why = routes.not_routed_reason(path)
+        return self._error(request, shape, 404,
                            f"Invalid URL ({method.decode(errors='replace')} "
-                           f"{request.uri.decode(errors='replace')})",
+                           f"{request.uri.decode(errors='replace')})"
+                           + (f": meshd does not route it ({why})" if why else ""),
                            "invalid_request_error", "not_found")
 
     def _authorized(self, request: server.Request) -> bool:
-        auth = request.getHeader(b"authorization") or b""
-        scheme, _, key = auth.partition(b" ")
-        return scheme.lower() == b"bearer" and hmac.compare_digest(key.strip(), self._api_key)
+        """``Authorization: Bearer KEY`` (OpenAI's SDKs) or ``x-api-key: KEY`` (Anthropic's)."""
+        auth = request.getHeader(b"authorization")
+        if auth is not None:
+            scheme, _, key = auth.partition(b" ")
+            if scheme.lower() == b"bearer" and hmac.compare_digest(key.strip(), self._api_key):
+                return True
+        api_key = request.getHeader(b"x-api-key")
+        return api_key is not None and hmac.compare_digest(api_key.strip(), self._api_key)
+
+    def _model(self, request: server.Request, raw_id: bytes) -> bytes:
+        """``GET /v1/models/{id}``: the entry ``/v1/models`` lists for it, from the mesh's table."""
+        model_id = unquote(raw_id.decode(errors="replace"))
+        listed = self.router.models()
+        for entry in listed:
+            if entry.get("id") == model_id:
+                return self._json(request, 200, entry)
+        e = UnknownModel(model_id, [str(m.get("id")) for m in listed])
+        return self._error(request, Shape.OPENAI, 404, str(e), e.type, e.code)
 
     def _json(self, request: server.Request, status: int, doc: Any) -> bytes:
         request.setResponseCode(status)
         request.setHeader(b"Content-Type", b"application/json")
         return json.dumps(doc).encode()
 
-    def _error(self, request: server.Request, status: int, message: str, type_: str,
-               code: str | None, headers: dict[bytes, bytes] | None = None) -> bytes:
+    def _error(self, request: server.Request, shape: Shape, status: int, message: str,
+               type_: str, code: str | None, headers: dict[bytes, bytes] | None = None) -> bytes:
         request.setResponseCode(status)
         request.setHeader(b"Content-Type", b"application/json")
         for name, value in (headers or {}).items():
             request.setHeader(name, value)
-        return error_body(message, type_, code)
+        return routes.error_body(shape, status, message, type_, code)
 
     def hang_up(self, request: server.Request, model: str, status: int, reason: str):
         """A relay's answer to a request it cannot serve: close the connection unanswered."""
@@ -345,48 +384,81 @@ class ApiServer:
         request.channel.loseConnection()
         return server.NOT_DONE_YET
 
-    def _forward(self, request: server.Request):
+    def _model_of(self, request: server.Request, route: Route, body: bytes) -> tuple[str, str]:
+        """The model a request names and its client id; raises :class:`BadRequest`."""
+        if self.relay:
+            # the requesting node routed it: the model it chose, whatever the body says
+            chosen = request.getHeader(MODEL_HEADER)
+            if chosen:
+                return chosen.decode(errors="replace"), _peer_host(request)
+        if route.model_from is ModelFrom.FORM:
+            # twisted.web parsed the multipart form into args (query arguments too)
+            form: dict[bytes, list[bytes]] = request.args or {}
+            values = form.get(b"model") or [b""]
+            model = values[0].decode(errors="replace").strip()
+            if not model:
+                raise BadRequest("request body must be a multipart form with a 'model' field",
+                                 "missing_model")
+            return model, _peer_host(request)
+        try:
+            doc = json.loads(body)
+        except ValueError as e:
+            raise BadRequest(f"request body is not valid JSON: {e}", "invalid_json") from None
+        if not isinstance(doc, dict):
+            raise BadRequest("request body must be a JSON object", "missing_model")
+        named = doc.get("model")
+        if route.model_from is ModelFrom.BODY_OR_ONLY and named in (None, ""):
+            named = self._only_model(route)
+        if not isinstance(named, str) or not named:
+            raise BadRequest("request body must be a JSON object with a string 'model'",
+                             "missing_model")
+        user = doc.get("user")
+        return named, user if isinstance(user, str) and user else _peer_host(request)
+
+    def _only_model(self, route: Route) -> str:
+        """The model of a llama.cpp path whose body names none: the mesh's only one."""
+        names = sorted(str(m.get("id")) for m in self.router.models())
+        if len(names) == 1:
+            return names[0]
+        served = ", ".join(names) if names else "none"
+        raise BadRequest(f"{route.path} names no 'model' and this mesh serves "
+                         f"{len(names)} models ({served}): name one in the body's \"model\"",
+                         "missing_model")
+
+    def _forward(self, request: server.Request, route: Route):
+        shape = route.shape
         if self.draining:
             if self.relay:
                 return self.hang_up(request, "", 503, "this node is shutting down")
             request.setHeader(b"Connection", b"close")
             self.metrics.request_done("", 503, 0)
-            return self._error(request, 503, "this node is shutting down", "server_error",
+            return self._error(request, shape, 503, "this node is shutting down", "server_error",
                                "shutting_down", {b"Retry-After": b"1"})
         body = cast(ApiRequest, request).content.getvalue()
         try:
-            doc = json.loads(body)
-        except ValueError as e:
+            model, client_id = self._model_of(request, route, body)
+        except BadRequest as e:
             self.metrics.request_done("", 400, 0)
-            return self._error(request, 400, f"request body is not valid JSON: {e}",
-                               "invalid_request_error", "invalid_json")
-        model = doc.get("model") if isinstance(doc, dict) else None
-        if not isinstance(doc, dict) or not isinstance(model, str) or not model:
-            self.metrics.request_done("", 400, 0)
-            what = "a JSON object" if not isinstance(doc, dict) else "a JSON object with a string 'model'"
-            return self._error(request, 400, f"request body must be {what}",
-                               "invalid_request_error", "missing_model")
-        user = doc.get("user")
-        client_id = user if isinstance(user, str) and user else _peer_host(request)
+            return self._error(request, shape, 400, e.message, "invalid_request_error", e.code)
         try:
             upstreams = self.router.upstreams(model, client_id)
         except UnknownModel as e:
             if self.relay:
                 return self.hang_up(request, "", 404, str(e))
             self.metrics.request_done("", 404, 0)
-            return self._error(request, 404, str(e), e.type, e.code)
+            return self._error(request, shape, 404, str(e), e.type, e.code)
         except NotReady as e:
             if self.relay:
                 return self.hang_up(request, model, 503, str(e))
             self.metrics.request_done(model, 503, 0)
-            return self._error(request, 503, str(e), e.type, e.code,
+            return self._error(request, shape, 503, str(e), e.type, e.code,
                                {b"Retry-After": b"%d" % e.retry_after_s})
         if not upstreams:
             if self.relay:
                 return self.hang_up(request, model, 503, "no host ready")
             self.metrics.request_done(model, 503, 0)
-            return self._error(request, 503, f"model {model!r} has no host ready", "server_error",
-                               "model_not_ready", {b"Retry-After": b"5"})
+            return self._error(request, shape, 503, f"model {model!r} has no host ready",
+                               "server_error", "model_not_ready", {b"Retry-After": b"5"})
         headers = []
         for name in FORWARDED_HEADERS:
             value = request.getHeader(name)
@@ -394,11 +466,21 @@ class ApiServer:
                 headers.append((name, value))
         if not request.getHeader(b"content-type"):
             headers.append((b"content-type", b"application/json"))
+        headers.append((MODEL_HEADER, model.encode()))
         head = request_head(b"POST", request.uri, headers, len(body))
-        fwd = Forward(self, request, model, head, body, upstreams[:MAX_ATTEMPTS])
+        fwd = Forward(self, request, model, head, body, upstreams[:MAX_ATTEMPTS], shape=shape)
         self.forwards.add(fwd)
         fwd.start()
         return server.NOT_DONE_YET
+
+
+class BadRequest(Exception):
+    """A routed request that names no usable model: 400 with ``code``."""
+
+    def __init__(self, message: str, code: str):
+        super().__init__(message)
+        self.message = message
+        self.code = code
 
 
 def _cancel_call(result, call):
@@ -430,10 +512,11 @@ class Forward:
     """
 
     def __init__(self, api: ApiServer, request: server.Request, model: str, head: bytes,
-                 body: bytes, upstreams: list[Upstream]):
+                 body: bytes, upstreams: list[Upstream], *, shape: Shape = Shape.OPENAI):
         self.api = api
         self.request = request
         self.model = model
+        self.shape = shape  # of the errors this request's client reads
         self.head = head
         self.body = body
         self.upstreams = upstreams
@@ -539,6 +622,9 @@ class Forward:
         request = self.request
         request.setResponseCode(status)
         request.setHeader(b"Content-Type", ctype)
+        up = self._current()  # the upstream that answered: after a failover, the last one
+        request.setHeader(NODE_HEADER, (up.node_id or up.name).encode())
+        request.setHeader(MODEL_HEADER, self.model.encode())
         if ctype.startswith(b"text/event-stream"):
             self._move(ForwardState.STREAMING)
             request.setHeader(b"Cache-Control", b"no-cache")
@@ -574,6 +660,7 @@ class Forward:
         request = self.request
         if self.state is ForwardState.HOLDING:
             body = self._take_hold()
+            body = routes.reshape_error(self.shape, self.status, body) or body
             self.length = len(body)
             self._send_head()
             self.nbytes += len(body)
@@ -609,9 +696,9 @@ class Forward:
             return
         request.unregisterProducer()
         if self.state is ForwardState.STREAMING:
-            event = json.dumps({"error": {"message": f"the backend failed mid-stream: {reason}",
-                                          "type": "server_error", "code": "upstream_error"}})
-            request.write(b"\n\nevent: error\ndata: " + event.encode() + b"\n\n")
+            event = routes.error_body(self.shape, 502, f"the backend failed mid-stream: {reason}",
+                                      "server_error", "upstream_error")
+            request.write(b"\n\nevent: error\ndata: " + event + b"\n\n")
             request.channel.persistent = False
             request.finish()
         else:
@@ -630,7 +717,7 @@ class Forward:
         request = self.request
         # headers set from the upstream's head must not leak into the error
         request.responseHeaders.removeHeader(b"Content-Length")
-        send_error(request, status, message, type_, code, headers)
+        send_error(request, self.shape, status, message, type_, code, headers)
 
     def _client_lost(self, failure: Failure) -> None:
         if self.done:

@@ -328,11 +328,11 @@ class MeshRouter:
         if node_id == self.node.node_id:
             backend = self.node.served[model].backend
             up = routing.Upstream(name="local", endpoint=backend.endpoint,
-                                  pool_key=f"local:{model}:{backend.port}")
+                                  pool_key=f"local:{model}:{backend.port}", node_id=node_id)
         else:
             up = routing.Upstream(name=node_id,
                                   endpoint=functools.partial(self._tunnel, node_id, model),
-                                  pool_key=f"tunnel:{node_id}:{model}")
+                                  pool_key=f"tunnel:{node_id}:{model}", node_id=node_id)
         self._upstreams[key] = up
         return up
 

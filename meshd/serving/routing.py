@@ -59,6 +59,9 @@ class Upstream:
     endpoint: Callable[[], IStreamClientEndpoint] = field(compare=False)
     # a key for connection pooling: equal keys may share connections
     pool_key: str = ""
+    # the mesh node whose llama-server this is (the X-Meshd-Node of its answers);
+    # "" for an upstream outside a mesh (a static one), named by ``name`` instead
+    node_id: str = ""
 
 
 class Router(Protocol):

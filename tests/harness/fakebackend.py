@@ -22,7 +22,14 @@ kills the host.
 In a test, :class:`FakeBackend` runs in a thread and can misbehave on purpose:
 ``mode`` "close" reads the request and closes without answering, "break"
 sends ``break_after`` SSE chunks (or part of a JSON body) and closes; ``gate``
-(a threading.Event) holds the last chunk back until the test sets it.
+(a threading.Event) holds the last chunk back until the test sets it;
+``errors`` (path -> status) answers that path with llama-server's error shape.
+
+Besides chat, completions and embeddings it answers every other POST path
+llama-server serves to clients (:data:`ECHO_PATHS`) with a JSON echo naming the
+path, this backend's model and the request's ``X-Meshd-Model`` header, streamed
+as SSE when the body asks ``"stream": true``; ``paths`` and ``headers`` record
+what each request carried, so a test can tell which backend got what.
 """
 
 from __future__ import annotations
@@ -38,6 +45,17 @@ SSE_CHUNK = (
     'data: {"id":"chatcmpl-fake","object":"chat.completion.chunk","created":0,'
     '"model":"%s","choices":[{"index":0,"delta":{"content":"t%d "},"finish_reason":null}]}\n\n'
 )
+
+
+# llama-server's other client POST paths: answered with an echo of what was asked
+ECHO_PATHS = frozenset({
+    "/v1/responses", "/v1/rerank", "/v1/reranking", "/v1/messages", "/v1/messages/count_tokens",
+    "/v1/chat/completions/input_tokens", "/v1/responses/input_tokens", "/v1/audio/transcriptions",
+    "/tokenize", "/detokenize", "/apply-template", "/infill", "/v1/systemone", "/completion",
+    "/completions", "/chat/completions", "/embedding", "/embeddings", "/responses", "/rerank",
+    "/reranking", "/chat/completions/input_tokens", "/responses/input_tokens",
+    "/audio/transcriptions",
+})
 
 
 def _chunked(payload: bytes) -> bytes:
@@ -65,6 +83,9 @@ class FakeBackend:
         self.streams_done = 0  # streams sent to the end
         self.peer_closed = 0  # streams the peer closed before their end
         self.bodies: list[bytes] = []
+        self.paths: list[str] = []  # the path of each request read
+        self.headers: list[dict[str, str]] = []  # its headers, names lower-cased
+        self.errors: dict[str, int] = {}  # path -> status of an error answer
         self._loop: asyncio.AbstractEventLoop | None = None
         self._server: asyncio.base_events.Server | None = None
         self._thread: threading.Thread | None = None
@@ -129,10 +150,13 @@ class FakeBackend:
                     body = await reader.readexactly(int(headers["content-length"]))
                 self.requests += 1
                 self.bodies.append(body)
+                self.paths.append(path)
+                self.headers.append(headers)
                 if self.request_log and method == "POST":
                     with open(self.request_log, "a") as f:
                         f.write(f"{method} {path}\n")
-                keep = await self._respond(method, path.split("?")[0], body, reader, writer)
+                keep = await self._respond(method, path.split("?")[0], body, reader, writer,
+                                           headers)
                 if not keep or headers.get("connection", "").lower() == "close":
                     break
         except (ConnectionError, asyncio.IncompleteReadError):
@@ -140,9 +164,14 @@ class FakeBackend:
         finally:
             writer.close()
 
-    async def _respond(self, method: str, path: str, body: bytes, reader, writer) -> bool:
+    async def _respond(self, method: str, path: str, body: bytes, reader, writer,
+                       headers: dict[str, str]) -> bool:
         if self.mode == "close" and method == "POST":
             return False
+        if method == "POST" and path in self.errors:
+            return self._json(writer, self.errors[path], {"error": {
+                "code": self.errors[path], "message": f"fake error on {path}",
+                "type": "invalid_request_error"}})
         if method == "GET" and path == "/health":
             return self._json(writer, 200, {"status": "ok"})
         if method == "GET" and path == "/v1/models":
@@ -164,6 +193,16 @@ class FakeBackend:
             if doc.get("stream"):
                 return await self._stream(n, reader, writer)
             return self._completion(writer, n)
+        if method == "POST" and path in ECHO_PATHS:
+            try:
+                doc = json.loads(body)
+            except ValueError:
+                doc = {}  # a multipart form
+            if isinstance(doc, dict) and doc.get("stream"):
+                return await self._stream(doc.get("max_tokens") or self.chunks, reader, writer)
+            return self._json(writer, 200, {"object": "fake.echo", "path": path,
+                                            "model": self.model,
+                                            "x_meshd_model": headers.get("x-meshd-model")})
         return self._json(writer, 404, {"error": {"message": "not found", "type": "x", "code": 404}})
 
     def _json(self, writer, status: int, doc) -> bool:
