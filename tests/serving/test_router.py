@@ -46,6 +46,16 @@ def test_a_model_served_elsewhere_goes_through_a_tunnel_pooled_per_peer_and_mode
     assert up.endpoint() == ("tunnel", "node-b", "m2") and tunnels == [("node-b", "m2")]
 
 
+def test_each_upstream_names_the_node_whose_llama_server_it_is_for_x_meshd_node():
+    node = make_node()
+    serve(node, "m1")
+    node.mesh.members["node-b"] = peer("node-b", serving=["m2"])
+    r, _ = router_for(node)
+    assert r.upstreams("m1", "c")[0].node_id == node.node_id  # "local" is this node
+    assert r.upstreams("m2", "c")[0].node_id == "node-b"
+    assert LocalOnlyRouter(r).upstreams("m1", "c")[0].node_id == node.node_id
+
+
 def test_several_hosts_first_by_the_default_hash_then_the_rest_as_failover():
     node = make_node()
     for h in ("node-d", "node-b", "node-c"):
