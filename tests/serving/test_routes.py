@@ -449,3 +449,16 @@ async def test_each_sdk_raises_its_own_not_found_and_503_errors(serve):
                    openai.InternalServerError, anthropic.ServiceUnavailableError]
     model = await threads.deferToThread(oai.models.retrieve, "gemma")
     assert model.id == "gemma" and model.owned_by == "meshd"
+
+
+# -- the operator's guide ---------------------------------------------------------------------------
+
+
+def test_the_operators_guide_names_every_routed_and_every_unrouted_path():
+    from tests.conftest import ROOT
+
+    text = (ROOT / "docs/operators.md").read_text()
+    section = text.split("## What the API answers", 1)[1].split("\n## ", 1)[0]
+    for path in [r.path for r in routes.ROUTES] + list(routes.NOT_ROUTED) + list(routes.OWN):
+        shown = path.replace(":id_slot", "{id}")
+        assert f"`{shown}`" in section or f"`GET {shown}`" in section, path
