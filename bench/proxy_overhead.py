@@ -14,6 +14,10 @@ Part B, real llama-server with the real model: N streamed chat completions
 direct and N through the proxy, alternated; tokens/s ratio and added median
 time to first token.
 
+Both parts run nginx (``bench/nginx_baseline.py``: proxy_buffering off,
+keep-alive upstream, one worker) in front of the same backend in the same
+run, alternated with the others: the second baseline, a mature proxy's cost.
+
 The load generator is an asyncio protocol that only counts ``data: `` per read
 (no JSON parsing); its own CPU share is printed so a client-bound result shows.
 
@@ -36,6 +40,9 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tests"))
+sys.path.insert(0, str(ROOT / "bench"))
+
+from nginx_baseline import Nginx  # noqa: E402
 
 from meshd.serving.proxy import ChunkedDecoder  # noqa: E402
 
@@ -133,21 +140,25 @@ class Stream(asyncio.Protocol):
             self.done.set_result(self)
 
 
-def alternate(base_port: int, via_port: int, request: bytes, n: int) -> tuple[float, ...]:
-    """``n`` single streams to each port, alternated; medians of tokens/s and of time
-    to first token: ``(base_tps, via_tps, base_ttft_s, via_ttft_s)``."""
-    base: list[Stream] = []
-    via: list[Stream] = []
+def alternate_many(ports: list[int], request: bytes, n: int) -> list[tuple[float, float]]:
+    """``n`` single streams to each port, in turn; per port the medians of tokens/s and
+    of time to first token: ``[(tps, ttft_s), ...]`` in ``ports`` order."""
+    runs: list[list[Stream]] = [[] for _ in ports]
     for _ in range(n):
-        base.append(measure(base_port, request, 1, 1)["streams"][0])
-        via.append(measure(via_port, request, 1, 1)["streams"][0])
+        for i, port in enumerate(ports):
+            runs[i].append(measure(port, request, 1, 1)["streams"][0])
 
     def tps(s: Stream) -> float:
         return s.events / (s.t_last - s.t0)
 
-    return (statistics.median(map(tps, base)), statistics.median(map(tps, via)),
-            statistics.median(s.t_first - s.t0 for s in base),
-            statistics.median(s.t_first - s.t0 for s in via))
+    return [(statistics.median(map(tps, r)), statistics.median(s.t_first - s.t0 for s in r))
+            for r in runs]
+
+
+def alternate(base_port: int, via_port: int, request: bytes, n: int) -> tuple[float, ...]:
+    """:func:`alternate_many` for two ports: ``(base_tps, via_tps, base_ttft_s, via_ttft_s)``."""
+    (b_tps, b_t), (v_tps, v_t) = alternate_many([base_port, via_port], request, n)
+    return b_tps, v_tps, b_t, v_t
 
 
 def stream_request(path: str, model: str, max_tokens: int | None, extra: str = "") -> bytes:
@@ -193,27 +204,33 @@ def measure(port: int, request: bytes, total: int, concurrency: int) -> dict:
 
 
 def part_a(args) -> None:
-    fake_port, proxy_port = free_port(), free_port()
+    fake_port, proxy_port, nginx_port = free_port(), free_port(), free_port()
     fake = start([sys.executable, "tests/harness/fakebackend.py", "--port", str(fake_port),
                   "--chunks", str(args.chunks)], fake_port)
     proxy = start([sys.executable, "-m", "meshd.cli.static_api", "--static", f"fake=127.0.0.1:{fake_port}",
                    "--listen", f"127.0.0.1:{proxy_port}"], proxy_port)
+    nginx = Nginx(fake_port, nginx_port)
+    nginx.start(wait_port)
     try:
         request = stream_request("/v1/chat/completions", "fake", None)
         expect = args.chunks + 1  # the chunks and [DONE]
         print(f"\nPart A: fake backend, {args.chunks} chunks per stream, {args.rounds} rounds "
               "alternated, medians")
         for concurrency, total in ((1, args.streams_1), (32, args.streams_32)):
-            measure(proxy_port, request, concurrency, concurrency)  # warm up both
-            measure(fake_port, request, concurrency, concurrency)
-            direct, proxied, cpu = [], [], []
+            for port in (proxy_port, fake_port, nginx_port):  # warm up all three
+                measure(port, request, concurrency, concurrency)
+            direct, proxied, viangx, cpu, ngx_cpu = [], [], [], [], []
             for _ in range(args.rounds):
                 direct.append(measure(fake_port, request, total, concurrency))
                 c0 = cpu_seconds(proxy.pid)
                 r = measure(proxy_port, request, total, concurrency)
                 cpu.append((cpu_seconds(proxy.pid) - c0) / (r["events"] / 1000))
                 proxied.append(r)
-            for r in direct + proxied:
+                c0 = sum(map(cpu_seconds, nginx.pids()))
+                r = measure(nginx_port, request, total, concurrency)
+                ngx_cpu.append((sum(map(cpu_seconds, nginx.pids())) - c0) / (r["events"] / 1000))
+                viangx.append(r)
+            for r in direct + proxied + viangx:
                 bad = [s.events for s in r["streams"] if s.events != expect]
                 if bad:
                     raise SystemExit(f"streams with the wrong number of events: {bad[:5]}")
@@ -223,22 +240,32 @@ def part_a(args) -> None:
                   f"via proxy {p_rate:9.0f} chunks/s, ratio {p_rate / d_rate:.3f}; "
                   f"proxy CPU {statistics.median(cpu) * 1000:.1f} ms per 1,000 chunks; "
                   f"client CPU {statistics.median(r['client_cpu'] for r in proxied):.0%} of wall")
+            n_rate = statistics.median(r["rate"] for r in viangx)
+            print(f"  concurrency {concurrency:2d}: via nginx {n_rate:9.0f} chunks/s, ratio "
+                  f"{n_rate / d_rate:.3f}; meshd / nginx {p_rate / n_rate:.3f}; nginx CPU "
+                  f"{statistics.median(ngx_cpu) * 1000:.1f} ms per 1,000 chunks")
             if concurrency == 1:
-                d_t = statistics.median(s.t_first - s.t0 for r in direct for s in r["streams"])
-                p_t = statistics.median(s.t_first - s.t0 for r in proxied for s in r["streams"])
+                def first(runs: list[dict]) -> float:
+                    return statistics.median(s.t_first - s.t0 for r in runs for s in r["streams"])
+
+                d_t, p_t, n_t = first(direct), first(proxied), first(viangx)
                 print(f"  time to first chunk, concurrency 1: direct {d_t * 1000:.2f} ms, "
-                      f"via proxy {p_t * 1000:.2f} ms, added {(p_t - d_t) * 1000:.2f} ms")
+                      f"via proxy {p_t * 1000:.2f} ms, added {(p_t - d_t) * 1000:.2f} ms; "
+                      f"via nginx added {(n_t - d_t) * 1000:.2f} ms")
                 # the same with one-chunk streams: the proxy's own latency, without
                 # fake + proxy + client fighting over the CPUs while 500 chunks fly
                 short = stream_request("/v1/chat/completions", "fake", 1)
-                d_s, p_s = [], []
+                d_s, p_s, n_s = [], [], []
                 for _ in range(args.rounds):
                     d_s += [s.t_first - s.t0 for s in measure(fake_port, short, total, 1)["streams"]]
                     p_s += [s.t_first - s.t0 for s in measure(proxy_port, short, total, 1)["streams"]]
-                d_t, p_t = statistics.median(d_s), statistics.median(p_s)
+                    n_s += [s.t_first - s.t0 for s in measure(nginx_port, short, total, 1)["streams"]]
+                d_t, p_t, n_t = statistics.median(d_s), statistics.median(p_s), statistics.median(n_s)
                 print(f"  time to first chunk, 1-chunk streams: direct {d_t * 1000:.2f} ms, "
-                      f"via proxy {p_t * 1000:.2f} ms, added {(p_t - d_t) * 1000:.2f} ms")
+                      f"via proxy {p_t * 1000:.2f} ms, added {(p_t - d_t) * 1000:.2f} ms; "
+                      f"via nginx added {(n_t - d_t) * 1000:.2f} ms")
     finally:
+        nginx.stop()
         stop(proxy)
         stop(fake)
 
@@ -259,6 +286,9 @@ def part_b(args) -> None:
                   llama_port, timeout_s=120)
     proxy = start([sys.executable, "-m", "meshd.cli.static_api", "--static", f"gemma=127.0.0.1:{llama_port}",
                    "--listen", f"127.0.0.1:{proxy_port}"], proxy_port)
+    nginx_port = free_port()
+    nginx = Nginx(llama_port, nginx_port)
+    nginx.start(wait_port)
     try:
         request = stream_request("/v1/chat/completions", "gemma", args.max_tokens,
                                  ', "temperature": 0, "seed": 1, "ignore_eos": true')
@@ -268,13 +298,17 @@ def part_b(args) -> None:
                 break
             time.sleep(1)
         measure(proxy_port, request, 1, 1)
-        d_tps, p_tps, d_t, p_t = alternate(llama_port, proxy_port, request, args.real_requests)
+        measure(nginx_port, request, 1, 1)
+        (d_tps, d_t), (p_tps, p_t), (n_tps, n_t) = alternate_many(
+            [llama_port, proxy_port, nginx_port], request, args.real_requests)
         print(f"\nPart B: llama-server + {Path(model).name}, {args.real_requests} streamed requests "
               f"each way alternated, max_tokens {args.max_tokens}, medians")
-        print(f"  tokens/s: direct {d_tps:.1f}, via proxy {p_tps:.1f}, ratio {p_tps / d_tps:.3f}")
+        print(f"  tokens/s: direct {d_tps:.1f}, via proxy {p_tps:.1f}, ratio {p_tps / d_tps:.3f}; "
+              f"via nginx {n_tps:.1f}, ratio {n_tps / d_tps:.3f}")
         print(f"  time to first token: direct {d_t * 1000:.2f} ms, via proxy {p_t * 1000:.2f} ms, "
-              f"added {(p_t - d_t) * 1000:.2f} ms")
+              f"added {(p_t - d_t) * 1000:.2f} ms; via nginx added {(n_t - d_t) * 1000:.2f} ms")
     finally:
+        nginx.stop()
         stop(proxy)
         stop(llama)
 
