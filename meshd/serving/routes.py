@@ -134,14 +134,16 @@ def not_routed_reason(path: bytes) -> str | None:
     return NOT_ROUTED.get(text)
 
 
-def unknown(llama_paths: Iterable[str]) -> list[str]:
+def unknown(llama_routes: Iterable[str]) -> list[str]:
     """The llama-server paths that meshd neither routes, answers, nor names as not routed.
 
-    The route-list test feeds it the paths the pinned llama-server registers: a new
-    llama.cpp that adds a client route shows up here until this module places it.
+    The route-list test feeds it the routes the pinned llama-server registers
+    (``"/path"`` or ``"METHOD /path"`` each): a new llama.cpp that adds a client
+    route shows up here until this module places it.
     """
     known = {r.path for r in ROUTES} | set(OWN) | set(NOT_ROUTED)
-    return sorted({p for p in llama_paths if p not in known})
+    paths = {line.split()[-1] for line in llama_routes if line.strip()}
+    return sorted(p for p in paths if p not in known)
 
 
 # -- error bodies ----------------------------------------------------------------------------

@@ -125,6 +125,7 @@ def test_unknown_lists_llama_paths_the_table_does_not_place():
     known = [r.path for r in routes.ROUTES] + list(routes.NOT_ROUTED) + list(routes.OWN)
     assert routes.unknown(known) == []
     assert routes.unknown(["/v1/chat/completions", "/v1/new-thing", "/props"]) == ["/v1/new-thing"]
+    assert routes.unknown(["POST /v1/messages", "GET /slots", "DELETE /v1/new", ""]) == ["/v1/new"]
 
 
 # -- routing each path -------------------------------------------------------------------------
