@@ -619,8 +619,8 @@ class LlamaServer(Supervised):
         if self.tensor_split:
             argv += ["--tensor-split", ",".join(f"{share:g}" for share in self.tensor_split)]
         if self.chat_template:
-            # before extra_args, so an operator's own --chat-template wins
-            argv += ["--chat-template", self.chat_template]
+            # before extra_args, so an operator's own --chat-template(-file) wins
+            argv += ["--chat-template-file", self.chat_template]
         return argv + list(llama.extra_args)
 
     def _default_probe(self) -> Probe:

@@ -39,6 +39,7 @@ import stat
 import struct
 import threading
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from gguf import GGMLQuantizationType, GGUFValueType, LlamaFileType
@@ -201,14 +202,18 @@ def _quant_name(file_type: Any, tensor_types: dict[int, int]) -> str | None:
     return None
 
 
-# llama.cpp's built-in chat templates for architectures whose GGUFs often ship
-# without one: without it llama-server falls back to ChatML, which these models
-# answer with template tokens instead of text
-BUILTIN_CHAT_TEMPLATES = {"gemma": "gemma", "gemma2": "gemma", "gemma3": "gemma"}
+# chat templates (Jinja, in meshd/models/templates) for architectures whose GGUFs
+# often ship without one: without it llama-server falls back to ChatML, which
+# these models answer with template tokens instead of text. A file, not
+# llama.cpp's built-in name: this llama-server reads ``--chat-template gemma``
+# as Jinja source (Jinja is on by default), so every prompt became "gemma".
+TEMPLATES_DIR = Path(__file__).with_name("templates")
+FALLBACK_CHAT_TEMPLATES = {"gemma": "gemma.jinja", "gemma2": "gemma.jinja",
+                           "gemma3": "gemma.jinja"}
 
 
 def fallback_chat_template(path: str) -> str | None:
-    """The built-in template llama-server should use for ``path``, or None.
+    """The template file llama-server should use for ``path`` (``--chat-template-file``), or None.
 
     None when the file carries its own template (``tokenizer.chat_template``),
     when its architecture has no known built-in, or when the header is unreadable
@@ -220,7 +225,8 @@ def fallback_chat_template(path: str) -> str | None:
         return None
     if "tokenizer.chat_template" in kv:
         return None
-    return BUILTIN_CHAT_TEMPLATES.get(str(kv.get("general.architecture", "")))
+    name = FALLBACK_CHAT_TEMPLATES.get(str(kv.get("general.architecture", "")))
+    return str(TEMPLATES_DIR / name) if name else None
 
 
 def read_header(path: str) -> tuple[dict[str, Any], int, dict[int, int]]:
