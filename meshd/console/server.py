@@ -26,7 +26,11 @@ and JavaScript, no build step, nothing fetched from elsewhere).  It reads:
 The API key is never a way around: the console adds no credentials of its own.
 It forwards the browser's ``Authorization`` header and nothing else of the
 kind, so with ``[api] api_key`` set the page asks for the key and the API checks
-it as for any client.  When the console listens on a non-loopback address and
+it as for any client; the console checks it too, from the request's head, so a
+body without the key is never read.  Every check that needs only the head (Host,
+key, Origin, Content-Type, chat on) is made before the body is accepted, and a
+body over ``MAX_CHAT_BODY_BYTES`` is refused with 413 as it arrives
+(``meshd.httpbounds``): nothing is spooled to a temporary file.  When the console listens on a non-loopback address and
 the API has no key, chat is switched off (403): the proxy would otherwise open
 a localhost-only, keyless API to the network.  Against other web pages in the
 same browser: a POST must be ``Content-Type: application/json`` and, when the
@@ -51,13 +55,14 @@ from twisted.internet.interfaces import IDelayedCall, IListeningPort, IPushProdu
 from twisted.internet.protocol import Protocol
 from twisted.internet.task import LoopingCall
 from twisted.python.failure import Failure
-from twisted.web import http, pages, resource, server
+from twisted.web import pages, resource, server
 from twisted.web.client import Agent, FileBodyProducer, HTTPConnectionPool, ResponseDone
 from twisted.web.http_headers import Headers
 from twisted.web.iweb import IAgent, IBodyProducer, IResponse
 
 from meshd import config as configmod
 from meshd.config import Config
+from meshd.httpbounds import BoundedSite, Refusal, api_key_matches
 from meshd.states import ModelState
 
 log = logging.getLogger("meshd.console.server")
@@ -72,9 +77,11 @@ REFRESH_S = 5.0
 MAX_CLIENTS = 32
 # NVML is asked what our llama-server holds at most this often
 VRAM_CACHE_S = 5.0
-# the chat proxy: connecting to the local API, and the biggest request body taken
+# the chat proxy: connecting to the local API, and the biggest request body taken (a
+# bigger one is refused with 413 before it is read: meshd.httpbounds)
 CONNECT_TIMEOUT_S = 10.0
 MAX_CHAT_BODY_BYTES = 1024 * 1024
+CHAT_PATH = b"/v1/chat/completions"
 
 
 # -- the status the page shows ------------------------------------------------------
@@ -279,9 +286,23 @@ def _json_response(request: server.Request, status: int, doc: Any) -> bytes:
     return body
 
 
+def _error_body(status: int, message: str, code: str) -> bytes:
+    return json.dumps({
+        "error": {"message": message, "type": "invalid_request_error", "code": code}}).encode()
+
+
 def _error(request: server.Request, status: int, message: str, code: str) -> bytes:
-    return _json_response(request, status, {
-        "error": {"message": message, "type": "invalid_request_error", "code": code}})
+    body = _error_body(status, message, code)
+    request.setResponseCode(status)
+    request.setHeader(b"Content-Type", b"application/json")
+    request.setHeader(b"Cache-Control", b"no-store")
+    return body
+
+
+def _refuse(request: server.Request, refusal: Refusal) -> bytes:
+    for name, value in refusal.headers:
+        request.setHeader(name, value)
+    return _error(request, refusal.status, refusal.message, refusal.code)
 
 
 class _Page(resource.Resource):
@@ -376,24 +397,12 @@ class _ChatProxy(resource.Resource):
     def render(self, request: server.Request) -> bytes | int:
         # Site.getResourceFor sets postpath before any resource renders
         path = b"/".join(request.postpath or ())
-        method = self.PATHS.get(path)
-        if method is None:
-            return _error(request, 404, "the console forwards only /v1/chat/completions and "
-                          "/v1/models", "not_found")
-        if request.method != method:
-            request.setHeader(b"Allow", method)
-            return _error(request, 405, f"use {method.decode()}", "method_not_allowed")
-        feed = self.console.feed
-        if not feed.chat:
-            return _error(request, 403, feed.chat_reason or "chat is off", "console_chat_off")
+        refusal = self.console.chat_refusal(request, request.method, path)
+        if refusal is not None:
+            return _refuse(request, refusal)
+        method = self.PATHS[path]
         body = b""
         if method == b"POST":
-            ctype = (request.getHeader(b"content-type") or b"").split(b";")[0].strip().lower()
-            if ctype != b"application/json":
-                return _error(request, 415, "send Content-Type: application/json",
-                              "unsupported_media_type")
-            if not self.console.same_origin(request):
-                return _error(request, 403, "cross-origin request refused", "cross_origin")
             content = request.content  # None only until the body's length is known
             body = content.read(MAX_CHAT_BODY_BYTES + 1) if content is not None else b""
             if len(body) > MAX_CHAT_BODY_BYTES:
@@ -421,16 +430,24 @@ class _Root(resource.Resource):
         return super().getChildWithDefault(path, request)
 
 
+_BAD_HOST = Refusal(421, "this console answers only to its own host name", "bad_host")
+
+
 class _Refused(resource.Resource):
     isLeaf = True
 
     def render(self, request: server.Request) -> bytes:
-        return _error(request, 421, "this console answers only to its own host name", "bad_host")
+        return _refuse(request, _BAD_HOST)
 
 
-class _Site(server.Site):
-    def log(self, request: http.Request) -> None:  # operators do not need an access log
-        pass
+class _Site(BoundedSite):
+    """The console's Site: a chat body is checked for credentials and the page's rules
+    before it is read, and refused (413) past ``MAX_CHAT_BODY_BYTES``; no access log."""
+
+    def __init__(self, console: Console, root: resource.Resource, *, reactor: Any):
+        super().__init__(root, max_body_bytes=MAX_CHAT_BODY_BYTES, error_body=_error_body,
+                         what="console", before_body=console.refusal_before_body,
+                         reactor=reactor)
 
 
 def _host_of(value: bytes) -> str:
@@ -460,10 +477,11 @@ class Console(service.Service):
         self.agent: IAgent = agent if agent is not None else Agent(
             reactor, connectTimeout=CONNECT_TIMEOUT_S, pool=self._pool)
         self.root = _Root(self, load_page())
-        self.site = _Site(self.root)
+        self.site = _Site(self, self.root, reactor=reactor)
         self.port: IListeningPort | None = None
         host, _ = configmod.parse_address(config.console.listen)
         self._loopback = configmod.is_loopback(host)
+        self._api_key = config.api.api_key.encode()
 
     # -- who may ask
 
@@ -475,6 +493,43 @@ class Console(service.Service):
         if host is None:
             return True  # HTTP/1.0 without Host: not a browser on another site
         return configmod.is_loopback(_host_of(host))
+
+    def chat_refusal(self, request: server.Request, method: bytes,
+                     path: bytes) -> Refusal | None:
+        """Why the chat proxy will not forward ``method`` on ``/v1/<path>``, or None;
+        needs only the request's head, so it is asked before the body is read too."""
+        wanted = _ChatProxy.PATHS.get(path)
+        if wanted is None:
+            return Refusal(404, "the console forwards only /v1/chat/completions and /v1/models",
+                           "not_found")
+        if method != wanted:
+            return Refusal(405, f"use {wanted.decode()}", "method_not_allowed",
+                           ((b"Allow", wanted),))
+        feed = self.feed
+        if not feed.chat:
+            return Refusal(403, feed.chat_reason or "chat is off", "console_chat_off")
+        if self._api_key and not api_key_matches(request, self._api_key):
+            # the API would refuse it too; said here, the body is never read
+            return Refusal(401, "missing or wrong API key (Authorization: Bearer KEY)",
+                           "invalid_api_key", ((b"WWW-Authenticate", b"Bearer"),))
+        if method == b"POST":
+            ctype = (request.getHeader(b"content-type") or b"").split(b";")[0].strip().lower()
+            if ctype != b"application/json":
+                return Refusal(415, "send Content-Type: application/json",
+                               "unsupported_media_type")
+            if not self.same_origin(request):
+                return Refusal(403, "cross-origin request refused", "cross_origin")
+        return None
+
+    def refusal_before_body(self, request: server.Request, method: bytes,
+                            path: bytes) -> Refusal | None:
+        """What refuses a request with a body before a byte of it is read: a foreign
+        Host, and on the chat path everything :meth:`chat_refusal` checks."""
+        if not self.host_allowed(request):
+            return _BAD_HOST
+        if path == CHAT_PATH:
+            return self.chat_refusal(request, method, b"chat/completions")
+        return None
 
     def same_origin(self, request: server.Request) -> bool:
         origin = request.getHeader(b"origin")

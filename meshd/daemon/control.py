@@ -39,12 +39,14 @@ from twisted.web import server
 from twisted.web.resource import Resource
 
 from meshd.errors import BadRequest, Refused  # noqa: F401 - re-exported for the control target
+from meshd.httpbounds import BoundedSite
 
 log = logging.getLogger("meshd.daemon.control")
 
 SOCKET_MODE = 0o660
 SOCKET_GROUP = "meshd"
-# a control request body is a handful of fields; anything bigger is a mistake
+# a control request body is a handful of fields; anything bigger is a mistake, refused
+# with 413 before it is read (meshd.httpbounds)
 MAX_BODY_BYTES = 64 * 1024
 DEFAULT_TOKEN_TTL_S = 24 * 3600.0
 # calls whose first argument goes into the log line
@@ -232,15 +234,21 @@ class ControlResource(Resource):
         return encode({"error": reason})
 
 
-class ControlSite(server.Site):
-    """A Site that keeps Twisted's per-request access log out of the operator's log."""
-
-    def log(self, request) -> None:
-        pass
+def _error_body(status: int, message: str, code: str) -> bytes:
+    return encode({"error": message})
 
 
-def make_site(target: ControlTarget) -> server.Site:
-    return ControlSite(ControlResource(target))
+class ControlSite(BoundedSite):
+    """The control API's Site: a body over ``MAX_BODY_BYTES`` is refused (413) before it
+    is read, never spooled to a temporary file; no per-request access log."""
+
+    def __init__(self, root: Resource, *, reactor: Any = None):
+        super().__init__(root, max_body_bytes=MAX_BODY_BYTES, error_body=_error_body,
+                         what="control socket", reactor=reactor)
+
+
+def make_site(target: ControlTarget, *, reactor: Any = None) -> server.Site:
+    return ControlSite(ControlResource(target), reactor=reactor)
 
 
 # -- the socket ------------------------------------------------------------------
@@ -304,7 +312,7 @@ def listen_control(path: str, target: ControlTarget, *, reactor) -> defer.Deferr
     # Twisted binds, then chmods to ``mode``: until the chmod the umask applies,
     # which under systemd (0022) leaves the socket writable by its owner only.
     endpoint = UNIXServerEndpoint(reactor, path, mode=SOCKET_MODE, wantPID=False)
-    d = endpoint.listen(make_site(target))
+    d = endpoint.listen(make_site(target, reactor=reactor))
 
     def listening(port: IListeningPort) -> IListeningPort:
         _set_group(path)

@@ -475,12 +475,23 @@ def test_chat_is_forwarded_to_the_local_api_and_streamed_back(node, clock):
 
 
 def test_chat_passes_the_browsers_api_key_through(node, clock):
-    agent = FakeAgent(FakeResponse(401, {b"content-type": [b"application/json"]}, [b"{}"]))
+    agent = FakeAgent(FakeResponse(200, {b"content-type": [b"application/json"]}, [b"{}"]))
+    c = console.Console(node, make_config(api_key="sekrit"), reactor=clock,
+                        feed=make_feed(node, clock), agent=agent)
+    request = render(c, chat_request(headers={b"authorization": b"Bearer sekrit"}))
+    assert agent.requests[0][2].getRawHeaders(b"authorization") == [b"Bearer sekrit"]
+    assert request.responseCode == 200
+
+
+def test_chat_with_a_wrong_api_key_is_refused_by_the_console_itself(node, clock):
+    agent = FakeAgent()
     c = console.Console(node, make_config(api_key="sekrit"), reactor=clock,
                         feed=make_feed(node, clock), agent=agent)
     request = render(c, chat_request(headers={b"authorization": b"Bearer guess"}))
-    assert agent.requests[0][2].getRawHeaders(b"authorization") == [b"Bearer guess"]
     assert request.responseCode == 401
+    assert request.responseHeaders.getRawHeaders(b"www-authenticate") == [b"Bearer"]
+    assert json.loads(b"".join(request.written))["error"]["code"] == "invalid_api_key"
+    assert agent.requests == []
 
 
 def test_a_browser_that_goes_away_stops_the_upstream(node, clock):
@@ -558,3 +569,97 @@ def test_ipv6_api_address_is_bracketed(node, clock):
     c = console.Console(node, make_config(api_listen="[::]:9337"), reactor=clock,
                         feed=make_feed(node, clock), agent=FakeAgent())
     assert c.api_url(b"/v1/models") == b"http://[::1]:9337/v1/models"
+
+
+# -- the body is checked before it is read --------------------------------------------------
+
+
+def exchange(c, data: bytes):
+    """Bytes into the console's Site over an in-memory transport: (transport, channel)."""
+    from twisted.internet.testing import StringTransport
+
+    channel = c.site.buildProtocol(None)
+    transport = StringTransport()
+    channel.makeConnection(transport)
+    channel.dataReceived(data)
+    return transport, channel
+
+
+def _chat_head(extra: bytes, host: bytes = b"127.0.0.1:3131") -> bytes:
+    return (b"POST /v1/chat/completions HTTP/1.1\r\nHost: " + host
+            + b"\r\nContent-Type: application/json\r\n" + extra)
+
+
+def _answer(transport) -> tuple[bytes, dict]:
+    head, _, body = transport.value().partition(b"\r\n\r\n")
+    return head, json.loads(body)
+
+
+GIB_HEAD = b"Content-Length: %d\r\n\r\n" % (1 << 30)
+
+
+def test_an_unauthenticated_gigabyte_post_is_refused_401_before_it_is_read(node, clock):
+    agent = FakeAgent()
+    c = console.Console(node, make_config(api_key="sekrit"), reactor=clock,
+                        feed=make_feed(node, clock), agent=agent)
+    transport, channel = exchange(c, _chat_head(GIB_HEAD) + b"x" * 200_000)
+    head, body = _answer(transport)
+    assert head.startswith(b"HTTP/1.1 401 "), head
+    assert b"WWW-Authenticate: Bearer" in head
+    assert body["error"]["code"] == "invalid_api_key"
+    assert channel.requests[0].content.getvalue() == b""  # nothing kept, in memory or on disk
+    assert agent.requests == []
+    clock.advance(10)
+    assert transport.disconnecting
+
+
+def test_a_gigabyte_post_is_refused_413_before_it_is_read(node, clock):
+    agent = FakeAgent()
+    c = console.Console(node, make_config(), reactor=clock, feed=make_feed(node, clock),
+                        agent=agent)
+    transport, channel = exchange(c, _chat_head(GIB_HEAD) + b"x" * 200_000)
+    head, body = _answer(transport)
+    assert head.startswith(b"HTTP/1.1 413 "), head
+    assert body["error"]["code"] == "body_too_large"
+    assert channel.requests[0].content.getvalue() == b""
+    assert agent.requests == []
+
+
+def test_a_chunked_post_is_cut_off_at_the_bound_with_413(node, clock):
+    agent = FakeAgent()
+    c = console.Console(node, make_config(), reactor=clock, feed=make_feed(node, clock),
+                        agent=agent)
+    piece = b"z" * 65536
+    data = _chat_head(b"Transfer-Encoding: chunked\r\n\r\n")
+    data += b"%x\r\n%s\r\n" % (len(piece), piece) * (console.MAX_CHAT_BODY_BYTES // len(piece) + 4)
+    transport, channel = exchange(c, data)
+    assert transport.value().startswith(b"HTTP/1.1 413 ")
+    assert len(channel.requests[0].content.getvalue()) <= console.MAX_CHAT_BODY_BYTES
+    assert agent.requests == []
+
+
+@pytest.mark.parametrize("extra, host, status", [
+    (b"Origin: http://evil.example\r\n", b"127.0.0.1:3131", 403),
+    (b"", b"evil.example", 421),
+])
+def test_a_post_another_web_page_could_send_is_refused_before_its_body(node, clock, extra,
+                                                                       host, status):
+    agent = FakeAgent()
+    c = console.Console(node, make_config(), reactor=clock, feed=make_feed(node, clock),
+                        agent=agent)
+    transport, channel = exchange(c, _chat_head(extra + GIB_HEAD, host=host))
+    assert transport.value().startswith(b"HTTP/1.1 %d " % status), transport.value()[:80]
+    assert channel.requests[0].content.getvalue() == b""
+    assert agent.requests == []
+
+
+def test_a_post_within_the_bound_is_forwarded_through_the_site(node, clock):
+    sse = [b"data: [DONE]\n\n"]
+    agent = FakeAgent(FakeResponse(200, {b"content-type": [b"text/event-stream"]}, sse))
+    c = console.Console(node, make_config(api_key="sekrit"), reactor=clock,
+                        feed=make_feed(node, clock), agent=agent)
+    body = b'{"model":"tiny","stream":true}'
+    transport, _ = exchange(c, _chat_head(b"Authorization: Bearer sekrit\r\n"
+                                          b"Content-Length: %d\r\n\r\n" % len(body)) + body)
+    assert transport.value().startswith(b"HTTP/1.1 200 ")
+    assert agent.requests[0][:2] == (b"POST", b"http://127.0.0.1:9337/v1/chat/completions")

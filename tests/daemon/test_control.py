@@ -326,3 +326,68 @@ def test_regular_file_in_the_way_is_refused_not_removed(tmp_path):
     with pytest.raises(ControlSocketError, match="not a socket"):
         yield listen_control(str(path), FakeNode(), reactor=reactor)
     assert path.read_text() == "precious"
+
+
+# -- what comes from outside: body size, JSON depth, numbers -------------------------------
+
+
+def exchange(data: bytes, node=None, clock=None):
+    """Bytes into the control Site over an in-memory transport; (answer, the request)."""
+    from twisted.internet.task import Clock
+    from twisted.internet.testing import StringTransport
+
+    from meshd.daemon.control import make_site
+
+    clock = clock or Clock()
+    site = make_site(node or FakeNode(), reactor=clock)
+    channel = site.buildProtocol(None)
+    transport = StringTransport()
+    channel.makeConnection(transport)
+    channel.dataReceived(data)
+    return transport, channel, clock
+
+
+def _post_head(extra: bytes) -> bytes:
+    return b"POST /drop HTTP/1.1\r\nHost: meshd\r\nContent-Type: application/json\r\n" + extra
+
+
+def test_a_body_declared_over_the_limit_is_refused_with_413_before_it_is_read():
+    node = FakeNode()
+    transport, channel, clock = exchange(_post_head(b"Content-Length: %d\r\n\r\n" % (299 << 20))
+                                         + b"x" * 1000, node)
+    answer = transport.value()
+    assert answer.startswith(b"HTTP/1.1 413 "), answer[:100]
+    assert "too large" in json.loads(answer.split(b"\r\n\r\n", 1)[1])["error"]
+    request = channel.requests[0]
+    assert request.content.getvalue() == b""  # nothing kept, in memory or in a file
+    assert node.calls == []
+    clock.advance(10)
+    assert transport.disconnecting
+
+
+def test_a_chunked_body_is_cut_off_at_the_limit_with_413():
+    from meshd.daemon.control import MAX_BODY_BYTES
+
+    node = FakeNode()
+    piece = b"y" * 16384
+    data = _post_head(b"Transfer-Encoding: chunked\r\n\r\n")
+    data += b"%x\r\n%s\r\n" % (len(piece), piece) * (MAX_BODY_BYTES // len(piece) + 4)
+    transport, channel, _ = exchange(data, node)
+    assert transport.value().startswith(b"HTTP/1.1 413 ")
+    assert len(channel.requests[0].content.getvalue()) <= MAX_BODY_BYTES
+    assert node.calls == []
+
+
+def test_an_oversized_body_with_expect_100_continue_is_not_invited():
+    transport, _, _ = exchange(_post_head(b"Content-Length: 10000000\r\n"
+                                          b"Expect: 100-continue\r\n\r\n"))
+    assert transport.value().startswith(b"HTTP/1.1 413 ")
+    assert b"100 Continue" not in transport.value()
+
+
+def test_a_body_within_the_limit_still_reaches_the_node_through_the_site():
+    node = FakeNode()
+    body = json.dumps({"model": "gemma"}).encode()
+    transport, _, _ = exchange(_post_head(b"Content-Length: %d\r\n\r\n" % len(body)) + body, node)
+    assert transport.value().startswith(b"HTTP/1.1 200 ")
+    assert node.calls == [("drop", "gemma")]

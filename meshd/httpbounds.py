@@ -1,0 +1,171 @@
+"""HTTP request bodies within bounds: refused before they are read, never spooled to disk.
+
+twisted.web stores a request body above 100 kB in a temporary file before any
+resource sees the request, so a door that checks size (or credentials) in
+``render`` has already written whatever the client sent: a 1 GiB unauthenticated
+POST to the console became a 1 GiB file.  A :class:`BoundedSite` checks while
+the body arrives, as ``meshd.serving.api`` does for the client API:
+
+- the head (method, path, headers) is checked first -- a door's credentials and
+  refusals that need no body (:data:`BeforeBody`) -- as soon as the headers are in
+  and before a byte of the body is accepted;
+- a ``Content-Length`` over ``max_body_bytes`` is answered 413 at once; a body
+  without a length (chunked) is cut off with 413 the moment it passes the bound;
+- the body is kept in memory (it is bounded), never in a temporary file.
+
+A refusal is written straight to the connection with ``Connection: close`` and no
+``100 Continue`` is sent for it; the rest of the body is read and thrown away
+for at most ``linger_s`` (so the client reads the answer, not a reset), then the
+connection closes.  The error body is the door's own shape (``error_body``).
+"""
+
+from __future__ import annotations
+
+import hmac
+import io
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, cast
+
+from twisted.internet.interfaces import IReactorTime
+from twisted.web import http, resource, server
+
+log = logging.getLogger("meshd.httpbounds")
+
+# after a refusal the rest of the body is read and discarded for at most this long
+LINGER_S = 5.0
+
+
+@dataclass(frozen=True)
+class Refusal:
+    """An answer given before the body is read: status, message and machine code."""
+
+    status: int
+    message: str
+    code: str
+    headers: tuple[tuple[bytes, bytes], ...] = ()
+
+
+# the door's check of a request's head: (request, method, path without the query)
+BeforeBody = Callable[[server.Request, bytes, bytes], "Refusal | None"]
+# the door's error body for (status, message, code): its usual JSON shape
+ErrorBody = Callable[[int, str, str], bytes]
+
+
+def api_key_matches(request: server.Request, api_key: bytes) -> bool:
+    """``Authorization: Bearer KEY`` (OpenAI's SDKs) or ``x-api-key: KEY`` (Anthropic's),
+    compared in constant time."""
+    auth = request.getHeader(b"authorization")
+    if auth is not None:
+        scheme, _, key = auth.partition(b" ")
+        if scheme.lower() == b"bearer" and hmac.compare_digest(key.strip(), api_key):
+            return True
+    header = request.getHeader(b"x-api-key")
+    return header is not None and hmac.compare_digest(header.strip(), api_key)
+
+
+class BoundedRequest(server.Request):
+    """A request whose head is checked before its body, and whose body is held in
+    memory up to the site's ``max_body_bytes``."""
+
+    refused: Refusal | None = None
+    _received = 0
+    _head: tuple[bytes, bytes] = (b"", b"")
+    content: Any  # an io.BytesIO once the length is known (twisted.web: None until then)
+
+    @property
+    def bounded_site(self) -> BoundedSite:
+        return cast(BoundedSite, cast(Any, self.channel).site)
+
+    def head_received(self, method: bytes, uri: bytes) -> None:
+        """The request line, known before the headers end (set by :class:`BoundedChannel`)."""
+        self._head = (method, uri.split(b"?", 1)[0])
+
+    def gotLength(self, length: int | None) -> None:  # noqa: N802 - Twisted's name
+        self.content = io.BytesIO()  # never a temporary file: the bound bounds memory
+        if length == 0:
+            return  # nothing to read: the resource makes every check as usual
+        site = self.bounded_site
+        if site.before_body is not None:
+            refusal = site.before_body(self, *self._head)
+            if refusal is not None:
+                self._refuse(refusal)
+                return
+        if length is not None and length > site.max_body_bytes:
+            self._refuse(site.too_large(f"Content-Length {length}"))
+
+    def handleContentChunk(self, data: bytes) -> None:  # noqa: N802 - Twisted's name
+        if self.refused is not None:
+            return
+        self._received += len(data)
+        site = self.bounded_site
+        if self._received > site.max_body_bytes:
+            self.content = io.BytesIO()
+            self._refuse(site.too_large("body"))
+            return
+        self.content.write(data)
+
+    def _refuse(self, refusal: Refusal) -> None:
+        """Answer at once, discard the rest of the body, then close the connection."""
+        self.refused = refusal
+        site = self.bounded_site
+        body = site.error_body(refusal.status, refusal.message, refusal.code)
+        phrase = http.RESPONSES.get(refusal.status, b"Error")
+        extra = b"".join(name + b": " + value + b"\r\n" for name, value in refusal.headers)
+        transport: Any = self.channel.transport
+        transport.write(
+            b"HTTP/1.1 %d %s\r\nContent-Type: application/json\r\nConnection: close\r\n"
+            b"Content-Length: %d\r\n%s\r\n%s" % (refusal.status, phrase, len(body), extra, body))
+        log.info("%s: refused a request before its body (%d %s)", site.what, refusal.status,
+                 refusal.message)
+        site.reactor.callLater(site.linger_s, transport.loseConnection)
+
+    def requestReceived(self, command: bytes, path: bytes, version: bytes) -> None:  # noqa: N802
+        if self.refused is not None:
+            transport: Any = self.channel.transport
+            transport.loseConnection()
+            return
+        super().requestReceived(command, path, version)
+
+
+class BoundedChannel(http.HTTPChannel):
+    """The plain HTTP/1.1 channel, telling the request its request line before the
+    headers end, and sending no ``100 Continue`` for a body already refused."""
+
+    def allHeadersReceived(self) -> None:  # noqa: N802 - Twisted's name
+        request = self.requests[-1]
+        if isinstance(request, BoundedRequest):
+            request.head_received(self._command, self._path)
+        super().allHeadersReceived()
+
+    def _send100Continue(self) -> None:  # noqa: N802 - Twisted's name
+        if self.requests and getattr(self.requests[-1], "refused", None) is not None:
+            return
+        super()._send100Continue()
+
+
+class BoundedSite(server.Site):
+    """A Site whose requests are :class:`BoundedRequest`; no access log (operators do
+    not need one; each door logs what matters)."""
+
+    requestFactory = BoundedRequest
+    protocol = BoundedChannel  # type: ignore[assignment]
+    noisy = False
+
+    def __init__(self, root: resource.Resource, *, max_body_bytes: int, error_body: ErrorBody,
+                 what: str, before_body: BeforeBody | None = None,
+                 reactor: IReactorTime | None = None, linger_s: float = LINGER_S):
+        super().__init__(root, reactor=reactor)
+        self.max_body_bytes = max_body_bytes
+        self.error_body = error_body
+        self.before_body = before_body
+        self.what = what
+        self.linger_s = linger_s
+
+    def too_large(self, what: str) -> Refusal:
+        return Refusal(413, f"request body too large ({what} exceeds {self.max_body_bytes} "
+                            "bytes)", "body_too_large")
+
+    def log(self, request: http.Request) -> None:
+        pass
