@@ -22,6 +22,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from meshd import jsonbounds
+
 FILE_MODE = 0o600
 DIR_MODE = 0o700
 
@@ -101,8 +103,8 @@ class StateDir:
         if data is None:
             return None
         try:
-            return json.loads(data)
-        except ValueError as e:
+            return jsonbounds.loads(data, allow_nan=True)
+        except jsonbounds.JsonRefused as e:
             raise StateDirError(f"{self._file(name)} is not valid JSON ({e}); move it away") from None
 
     def write_json(self, name: str, value: Any) -> None:

@@ -38,6 +38,7 @@ from twisted.python.failure import Failure
 from twisted.web import server
 from twisted.web.resource import Resource
 
+from meshd import jsonbounds
 from meshd.errors import BadRequest, Refused  # noqa: F401 - re-exported for the control target
 from meshd.httpbounds import BoundedSite
 
@@ -188,8 +189,8 @@ class ControlResource(Resource):
         if not raw.strip():
             return {}
         try:
-            body = json.loads(raw)
-        except (ValueError, UnicodeDecodeError) as e:
+            body = jsonbounds.loads(raw, max_bytes=MAX_BODY_BYTES)
+        except jsonbounds.JsonRefused as e:
             raise BadRequest(f"body is not valid JSON: {e}") from None
         if not isinstance(body, dict):
             raise BadRequest("body must be a JSON object")

@@ -27,6 +27,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
+from meshd import jsonbounds
 from meshd.config import parse_address
 from meshd.mesh.wire import CloseCode
 from meshd.statedir import StateDir
@@ -154,8 +155,8 @@ def decode(text: str, *, now: float | None = None) -> Token:
             "token checksum does not match: it was changed or not copied in full"
         )
     try:
-        body = json.loads(body_bytes.decode("utf-8"))
-    except (UnicodeDecodeError, ValueError):
+        body = jsonbounds.loads(body_bytes)
+    except jsonbounds.JsonRefused:
         raise TokenMalformed("token body is not valid JSON (made by a different program?)") from None
     if not isinstance(body, dict):
         raise TokenMalformed("token body is not a JSON object")

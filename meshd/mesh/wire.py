@@ -29,6 +29,8 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
+from meshd import jsonbounds
+
 PROTOCOL_VERSION = 1
 MIN_PROTOCOL_VERSION = 1
 HEADER = struct.Struct(">IB")
@@ -178,9 +180,12 @@ def encode_json(frame_type: int, body: dict[str, Any], *, max_frame_bytes: int =
 
 
 def decode_json(payload: bytes) -> dict[str, Any]:
+    """A JSON object from a peer, nested at most ``jsonbounds.MAX_DEPTH`` deep (a HELLO of
+    nested brackets is a FrameError, never a RecursionError); ``NaN`` is accepted, as
+    ``dump_json`` writes it."""
     try:
-        body = json.loads(payload.decode("utf-8"))
-    except (UnicodeDecodeError, ValueError) as e:
+        body = jsonbounds.loads(payload, allow_nan=True)
+    except jsonbounds.JsonRefused as e:
         raise FrameError(f"payload is not UTF-8 JSON: {e}") from None
     if not isinstance(body, dict):
         raise FrameError(f"payload is JSON {type(body).__name__}, expected an object")

@@ -391,3 +391,13 @@ def test_a_body_within_the_limit_still_reaches_the_node_through_the_site():
     transport, _, _ = exchange(_post_head(b"Content-Length: %d\r\n\r\n" % len(body)) + body, node)
     assert transport.value().startswith(b"HTTP/1.1 200 ")
     assert node.calls == [("drop", "gemma")]
+
+
+@pytest.mark.parametrize("body", [b"[" * 5000 + b"]" * 5000,
+                                  b'{"model":' * 3000 + b'"x"' + b"}" * 3000,
+                                  b'{"model": ' + b"[" * 65 + b"]" * 65 + b"}"])
+def test_nested_json_answers_400_not_500(body, caplog):
+    code, answer = call(client(FakeNode()), "POST", "/drop", body)
+    assert code == 400
+    assert "nested deeper" in answer["error"]
+    assert "Traceback" not in caplog.text

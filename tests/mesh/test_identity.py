@@ -83,6 +83,13 @@ def test_corrupt_json_is_reported_with_the_file_name(state):
         state.load_mesh()
 
 
+def test_a_state_file_of_nested_brackets_is_reported_with_the_file_name(state):
+    state.ensure()
+    (state.path / "peers.json").write_text("[" * 5000 + "]" * 5000)
+    with pytest.raises(statedir.StateDirError, match="peers.json is not valid JSON"):
+        state.load_peers()
+
+
 def test_known_peers_round_trip(state):
     boot = [statedir.KnownNode("a" * 26, ("127.0.0.1:1",))]
     known = [statedir.KnownNode("b" * 26, ("127.0.0.1:2", "[::1]:2"))]

@@ -274,6 +274,30 @@ def test_oversized_frame_closes_only_that_connection(ids, caplog):
     assert "Traceback" not in caplog.text
 
 
+@pytest.mark.parametrize("payload", [b"[" * 5000 + b"]" * 5000,
+                                     b'{"proto":' * 5000 + b"1" + b"}" * 5000])
+def test_a_hello_of_nested_brackets_is_refused_in_one_line_with_a_close(ids, caplog,
+                                                                       monkeypatch, payload):
+    a, b, _ = ids
+    caplog.set_level(logging.INFO)
+    send_hello = peer.PeerProtocol._send_hello
+
+    def nested_hello(self, *args, **kwargs):
+        if self.client is None:
+            return send_hello(self, *args, **kwargs)
+        self.send(FrameType.HELLO, payload)
+
+    monkeypatch.setattr(peer.PeerProtocol, "_send_hello", nested_hello)
+    c, s, cd, sd, _, _ = connect(a, b, peer.ClientAuth(MESH, SECRET), Gate())
+    assert s.state is c.state is peer.PeerState.CLOSED
+    assert s.close_code is wire.CloseCode.BAD_HELLO
+    assert c.close_code is wire.CloseCode.BAD_HELLO  # the stranger got a CLOSE, not an EOF
+    assert "nested deeper" in s.close_reason
+    assert cd.opened == sd.opened == []
+    assert "Traceback" not in caplog.text and "RecursionError" not in caplog.text
+    assert any("nested deeper" in r.getMessage() and r.exc_info is None for r in caplog.records)
+
+
 def test_unknown_frame_type_is_passed_on_not_fatal(ids):
     a, b, _ = ids
     c, s, cd, sd, pump, _ = connect(a, b, peer.ClientAuth(MESH, SECRET), Gate())

@@ -94,6 +94,14 @@ def test_token_body_that_is_not_json_is_refused():
         tokens.decode(text)
 
 
+@pytest.mark.parametrize("data", [b"[" * 5000 + b"]" * 5000, b'{"m":' * 100 + b"1" + b"}" * 100])
+def test_token_body_of_nested_brackets_is_refused_as_not_json(data):
+    blob = data + hashlib.sha256(data).digest()[:4]
+    text = tokens.PREFIX + base64.urlsafe_b64encode(blob).decode().rstrip("=")
+    with pytest.raises(tokens.TokenMalformed, match="not valid JSON"):
+        tokens.decode(text)
+
+
 @pytest.mark.parametrize(
     "key, name", [("m", "mesh id"), ("i", "token id"), ("n", "issuer"), ("p", "certificate fingerprint"),
                   ("a", "address list"), ("e", "expiry"), ("o", "one-use"), ("k", "join key")],

@@ -58,6 +58,29 @@ def test_json_payload_that_is_not_an_object_is_a_frame_error():
         wire.decode_json(b"\xff\xfe")
 
 
+@pytest.mark.parametrize("payload", [
+    b"[" * 5000 + b"]" * 5000,  # a HELLO of nested brackets: RecursionError before
+    b'{"a":' * 5000 + b"1" + b"}" * 5000,
+    b'{"a":' * 600 + b"1" + b"}" * 600,  # 1.2 KB-ish, the size that crashed a HELLO
+])
+def test_deeply_nested_json_is_a_frame_error_not_a_recursion_error(payload):
+    with pytest.raises(wire.FrameError, match="nested deeper than 64"):
+        wire.decode_json(payload)
+
+
+def test_json_nested_64_deep_is_accepted_and_65_is_not():
+    def nested(levels):
+        return b'{"a":' * levels + b"1" + b"}" * levels
+
+    assert wire.decode_json(nested(64))["a"]
+    with pytest.raises(wire.FrameError, match="nested deeper"):
+        wire.decode_json(nested(65))
+
+
+def test_json_nan_from_a_python_peer_is_still_accepted():
+    assert wire.decode_json(b'{"rtt": NaN}')["rtt"] != 0
+
+
 def test_ping_round_trips_and_ignores_trailing_bytes():
     frame = feed_all(wire.Decoder(), [wire.encode_ping(wire.FrameType.PING, 12345) + b""])[0]
     assert wire.decode_ping(frame.payload) == 12345
