@@ -196,7 +196,7 @@ def test_sigterm_with_an_open_stream_finishes_it_and_leaves_no_orphan(tmp_path, 
         t.join(150)
         assert not errors, errors
         assert len(got) > 1
-        assert n.proc.wait(150) == 0
+        assert n.wait_exit(150) == 0
         assert not pid_alive(backend_pid)
     finally:
         n.stop()
@@ -223,7 +223,7 @@ def test_meshctl_leave_stops_the_daemon_cleanly(tmp_path, llama_bin_dir, gemma_m
         backend_pid = n.wait_model_warm(MODEL)["models"][0]["backend"]["pid"]
         r = n.ctl("leave")
         assert r.returncode == 0
-        assert n.proc.wait(60) == 0
+        assert n.wait_exit(60) == 0
         assert not pid_alive(backend_pid)
         r = n.ctl("status", check=False)
         assert r.returncode == 1 and n.socket in r.stderr
@@ -248,7 +248,7 @@ def test_notify_protocol_ready_after_model_loaded_and_stopping(tmp_path, llama_b
         n.signal(signal.SIGTERM)
         while not any("STOPPING=1" in m for m in messages):
             messages.append(sock.recv(4096).decode())
-        assert n.proc.wait(60) == 0
+        assert n.wait_exit(60) == 0
     finally:
         n.stop()
         sock.close()
@@ -271,7 +271,7 @@ def test_stop_while_the_model_is_still_loading_exits_0(tmp_path, gemma_model_pat
         child = status["models"][0]["backend"]["pid"]
         assert status["models"][0]["state"] == "loading"
         n.signal(signal.SIGINT)
-        assert n.proc.wait(60) == 0
+        assert n.wait_exit(60) == 0
         assert "cannot start" not in n.log() and "Traceback" not in n.log()
         assert not pid_alive(child)
     finally:

@@ -154,6 +154,16 @@ class Meshd:
         assert self.proc is not None
         os.kill(self.proc.pid, sig)
 
+    def wait_exit(self, timeout: float = 60.0) -> int:
+        """The exit status once the daemon exits; on a timeout, fails with its log's tail
+        (what it was still waiting for)."""
+        assert self.proc is not None
+        try:
+            return self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            raise AssertionError(f"meshd {self.name} did not exit within {timeout:.0f} s\n"
+                                 + self.log()[-4000:]) from None
+
     def stop(self, timeout: float = 30.0) -> int | None:
         """SIGTERM, then SIGKILL if it does not exit in time; returns the exit status."""
         if self.proc is None:

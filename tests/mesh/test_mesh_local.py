@@ -92,7 +92,7 @@ def test_sigterm_leave_removes_the_node_at_once(slow_cluster):
     took = time.monotonic() - t0
     print(f"SIGTERM leave: removed everywhere within {took:.3f} s (heartbeat 2 s)")
     assert took < 1.0
-    assert leaver.proc.wait(10) == 0
+    assert leaver.wait_exit(10) == 0
     assert all(f"peer {lid} left the mesh" in n.log_text() for n in others)
 
 
@@ -107,7 +107,7 @@ def test_meshctl_leave_removes_the_node_at_once(slow_cluster):
     took = time.monotonic() - t0
     print(f"meshctl leave: removed everywhere within {took:.3f} s of running meshctl")
     assert took < 1.0
-    assert leaver.proc.wait(10) == 0
+    assert leaver.wait_exit(10) == 0
     assert all(f"peer {lid} left the mesh" in n.log_text() for n in others)
 
 

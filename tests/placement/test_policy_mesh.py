@@ -219,7 +219,7 @@ def test_no_downloads_never_asks_the_hub(tmp_path, gemma_model_path, hub):  # no
                      plugins=["no_downloads"])
         nodes.append(alone)
         alone.start()
-        assert alone.proc.wait(60) == 1
+        assert alone.wait_exit(60) == 1
         assert "plugin no_downloads refused the download" in alone.log()
         assert hub.requests() == []
     finally:
