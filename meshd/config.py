@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import ipaddress
+import math
 import os
 import types
 import typing
@@ -290,9 +291,25 @@ def from_dict(data: dict[str, Any], path: str | None = None) -> Config:
     return config
 
 
-def validate(config: Config) -> list[str]:
-    """Checks that span more than a type: ranges, addresses, levels."""
+def _not_finite(config: Config) -> list[str]:
+    """Every float that is NaN or infinite, by key: TOML allows ``nan`` and ``inf``, and
+    ``heartbeat_s = nan`` passes every range check (each comparison is false)."""
     problems: list[str] = []
+    for name in SECTIONS:
+        section = getattr(config, name)
+        for f in dataclasses.fields(section):
+            value = getattr(section, f.name)
+            values = value if isinstance(value, list) else [value]
+            for i, v in enumerate(values):
+                if isinstance(v, float) and not math.isfinite(v):
+                    where = f"{f.name}[{i}]" if isinstance(value, list) else f.name
+                    problems.append(f"[{name}] {where}: {v} is not a finite number")
+    return problems
+
+
+def validate(config: Config) -> list[str]:
+    """Checks that span more than a type: finite numbers, ranges, addresses, levels."""
+    problems: list[str] = _not_finite(config)
     for section, key in sorted(ADDRESS_KEYS):
         value = getattr(getattr(config, section), key)
         try:

@@ -50,6 +50,8 @@ SOCKET_GROUP = "meshd"
 # with 413 before it is read (meshd.httpbounds)
 MAX_BODY_BYTES = 64 * 1024
 DEFAULT_TOKEN_TTL_S = 24 * 3600.0
+# the longest-lived invite token: 10 years (a token is a key; it should not outlive its mesh)
+MAX_TOKEN_TTL_S = 10 * 365 * 24 * 3600.0
 # calls whose first argument goes into the log line
 LOGGED_ARGS = {"drop", "download", "revoke_token"}
 
@@ -105,8 +107,9 @@ def _string(body: dict[str, Any], key: str) -> str:
 
 def _token_args(body: dict[str, Any]) -> Call:
     ttl = body.get("ttl_s", DEFAULT_TOKEN_TTL_S)
-    if isinstance(ttl, bool) or not isinstance(ttl, int | float) or ttl <= 0:
-        raise BadRequest("'ttl_s': expected a positive number of seconds")
+    if isinstance(ttl, bool) or not isinstance(ttl, int | float) or not 0 < ttl <= MAX_TOKEN_TTL_S:
+        raise BadRequest(f"'ttl_s': expected a number of seconds above 0 and at most "
+                         f"{MAX_TOKEN_TTL_S:.0f} (10 years)")
     once = body.get("once", False)
     if not isinstance(once, bool):
         raise BadRequest("'once': expected true or false")

@@ -20,6 +20,7 @@ import base64
 import binascii
 import hashlib
 import json
+import math
 import re
 import secrets
 import time
@@ -224,8 +225,8 @@ class TokenBook:
         ttl_s: float,
         once: bool,
     ) -> Token:
-        if ttl_s <= 0:
-            raise ValueError("ttl must be greater than 0")
+        if not math.isfinite(ttl_s) or ttl_s <= 0:
+            raise ValueError(f"ttl must be a finite number of seconds above 0, not {ttl_s}")
         if not addrs:
             raise ValueError("no address to put in the token: set [mesh] advertise")
         now = self._now()

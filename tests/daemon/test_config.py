@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+import typing
 
 import pytest
 
@@ -33,6 +34,11 @@ BAD = [
     ("[llama]\nctx_size = 1.5\n", "[llama] ctx_size: expected an integer, got 1.5"),
     ("[log]\nlevel = \"loud\"\n", "[log] level: 'loud' is not one of debug, info, warning, error"),
     ("[api\nlisten=1", "not valid TOML"),
+    ("[mesh]\nheartbeat_s = nan\n", "[mesh] heartbeat_s: nan is not a finite number"),
+    ("[mesh]\nheartbeat_timeout_s = inf\n", "[mesh] heartbeat_timeout_s: inf is not a finite number"),
+    ("[api]\ndrain_s = -inf\n", "[api] drain_s: -inf is not a finite number"),
+    ("[node]\nvram_gb = nan\n", "[node] vram_gb: nan is not a finite number"),
+    ("[models]\ntensor_split = [1.0, nan]\n", "[models] tensor_split[1]: nan is not a finite number"),
 ]
 
 
@@ -129,6 +135,30 @@ def test_check_config_lists_problems_and_exits_2(tmp_path):
     r = run_meshd("--config", str(path), "--check-config")
     assert r.returncode == 2
     assert "[api] listen" in r.stderr and "[log] level" in r.stderr
+    assert "Traceback" not in r.stderr
+
+
+FLOAT_KEYS = [(section, key) for section, cls in configmod.SECTIONS.items()
+              for key, hint in typing.get_type_hints(cls).items()
+              if typing.get_origin(hint) is not list and float in (hint, *typing.get_args(hint))]
+
+
+@pytest.mark.parametrize("section, key", FLOAT_KEYS)
+def test_every_float_key_refuses_nan(tmp_path, section, key):
+    path = tmp_path / "meshd.toml"
+    path.write_text(f"[{section}]\n{key} = nan\n")
+    with pytest.raises(configmod.ConfigError) as e:
+        configmod.load(str(path))
+    assert any(f"[{section}] {key}: nan is not a finite number" in p for p in e.value.problems)
+
+
+def test_check_config_refuses_a_nan_heartbeat(tmp_path):
+    path = tmp_path / "m.toml"
+    path.write_text(f"[node]\nstate_dir = \"{tmp_path}\"\nmodels_dir = \"{tmp_path}\"\n"
+                    "[mesh]\nheartbeat_s = nan\n")
+    r = run_meshd("--config", str(path), "--check-config")
+    assert r.returncode == 2
+    assert "[mesh] heartbeat_s: nan is not a finite number" in r.stderr
     assert "Traceback" not in r.stderr
 
 

@@ -401,3 +401,18 @@ def test_nested_json_answers_400_not_500(body, caplog):
     assert code == 400
     assert "nested deeper" in answer["error"]
     assert "Traceback" not in caplog.text
+
+
+@pytest.mark.parametrize("ttl", [b"Infinity", b"-Infinity", b"NaN", b"1e300", b"315360001"])
+def test_a_token_ttl_that_is_not_a_sane_number_answers_400(ttl):
+    node = FakeNode()
+    code, answer = call(client(node), "POST", "/token", b'{"ttl_s": %s}' % ttl)
+    assert code == 400, answer
+    assert "ttl_s" in answer["error"] or "not a JSON value" in answer["error"]
+    assert node.calls == []
+
+
+def test_a_token_ttl_of_ten_years_is_the_longest_accepted():
+    node = FakeNode()
+    assert call(client(node), "POST", "/token", {"ttl_s": 10 * 365 * 86400})[0] == 200
+    assert node.calls == [("make_token", 10 * 365 * 86400.0, False)]

@@ -171,6 +171,13 @@ def test_issued_token_is_accepted_by_its_issuer(book):
     assert book.check(token.token_id, "m1") == token.key
 
 
+@pytest.mark.parametrize("ttl", [float("inf"), float("nan"), 0, -1])
+def test_a_ttl_that_is_not_a_finite_positive_number_issues_nothing(book, ttl):
+    with pytest.raises(ValueError, match="finite number of seconds"):
+        issue(book, ttl_s=ttl)
+    assert book._state.load_tokens() == {}
+
+
 def test_issued_token_expires_after_its_ttl(book):
     token = issue(book, ttl_s=60)
     book.clock.t += 61
