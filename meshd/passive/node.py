@@ -211,13 +211,9 @@ class PassiveNode(service.Service):
         table = self.client.table
         if table is None:
             return []
-        out = []
-        for name in table.models():
-            every = table.hosts_of(name, state=None)
-            warm = [h.node_id for h in every if h.state == ModelState.WARM]
-            out.append({"name": name, "state": ModelState.WARM if warm else ModelState.LOADING,
-                        "hosts": warm, "size_bytes": None, "split": None})
-        return out
+        return [{"name": name, "state": ModelState.WARM if warm else ModelState.LOADING,
+                 "hosts": warm, "size_bytes": None, "split": None}
+                for name, warm, _ in table.model_summaries()]
 
 
 def without_dropped(node: StandbySelf) -> NodeView:

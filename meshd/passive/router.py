@@ -55,15 +55,10 @@ class PassiveRouter:
         table = self.table
         if table is None:
             return []
-        out = []
-        for name in table.models():
-            every = table.hosts_of(name, state=None)
-            warm = [h.node_id for h in every if h.state == ModelState.WARM]
-            out.append({"id": name, "object": "model", "created": self._created,
-                        "owned_by": "meshd",
-                        "meshd": {"hosts": warm, "nodes": len({h.node_id for h in every}),
-                                  "state": ModelState.WARM if warm else ModelState.LOADING}})
-        return out
+        return [{"id": name, "object": "model", "created": self._created, "owned_by": "meshd",
+                 "meshd": {"hosts": warm, "nodes": nodes,
+                           "state": ModelState.WARM if warm else ModelState.LOADING}}
+                for name, warm, nodes in table.model_summaries()]
 
     def upstreams(self, model: str, client_id: str) -> list[routing.Upstream]:
         table = self.table

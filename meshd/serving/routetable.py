@@ -124,6 +124,16 @@ class RouteTable:
         return tuple(h for h in self.hosts
                      if h.model == model and (state is None or h.state == state))
 
+    def model_summaries(self) -> list[tuple[str, list[str], int]]:
+        """Per model, by name: its warm hosts' ids and how many nodes have it at all
+        (warm or loading) -- what a passive node lists and reports."""
+        out = []
+        for name in self.models():
+            every = self.hosts_of(name, state=None)
+            warm = [h.node_id for h in every if h.state == ModelState.WARM]
+            out.append((name, warm, len({h.node_id for h in every})))
+        return out
+
     def addrs_of(self, node_id: str) -> tuple[str, ...]:
         for n in self.active_nodes:
             if n.node_id == node_id:
