@@ -11,31 +11,66 @@ rejoin nor create a new identity.
     peers.json           {"bootstrap": [...], "known": [...]}: where to rejoin
     tokens.json          invite tokens this node issued (keys, expiry, use, revocation)
     incarnation          a counter bumped at every start (SWIM refutation)
+
+Every file is validated when it is read (:meth:`StateDir.check` reads them all at
+start): a file meshd did not write, or a half-restored backup, stops the start with
+one line that names the file, what is wrong and what to do -- never a traceback at
+first use, and never a mesh secret too short to keep strangers out.
 """
 
 from __future__ import annotations
 
 import json
+import logging
+import math
 import os
+import re
 import secrets
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from meshd import jsonbounds
+from meshd.errors import StartupError
+
+log = logging.getLogger("meshd.statedir")
 
 FILE_MODE = 0o600
 DIR_MODE = 0o700
+# a mesh secret is an HMAC key: meshd makes 32 random bytes; fewer (an empty one!) is
+# refused, from mesh.json and from a WELCOME
+MIN_SECRET_BYTES = 32
+MAX_MESH_ID_CHARS = 128
+_TOKEN_KEY = re.compile(r"^[0-9a-f]{64}$")
+_MESH_FIX = ("restore it from a backup, or remove it and start with a token from a member "
+             "([mesh] join or meshd --join; without one the node founds a new mesh)")
+_PEERS_FIX = "remove it (meshd writes it again; until then it rejoins only through [mesh] join)"
+_TOKENS_FIX = ("remove it: every token this node issued stops working "
+               "(issue new ones with meshctl token)")
 
 
-class StateDirError(Exception):
-    """A state file cannot be read or written; the message names the file."""
+class StateDirError(StartupError):
+    """A state file cannot be read, written or used; the message names the file, what is
+    wrong and what to do (at start: one line, and the daemon does not start)."""
 
 
 @dataclass(frozen=True)
 class MeshState:
     mesh_id: str
     secret: bytes
+
+
+def mesh_problem(mesh_id: object, secret: bytes) -> str | None:
+    """Why ``(mesh_id, secret)`` cannot be a mesh, or None: from mesh.json or a WELCOME."""
+    if not isinstance(mesh_id, str) or not mesh_id.strip():
+        return "the mesh id is missing or empty"
+    if len(mesh_id) > MAX_MESH_ID_CHARS or not mesh_id.isprintable():
+        return f"the mesh id {mesh_id[:40]!r} is not a mesh id"
+    if len(secret) < MIN_SECRET_BYTES:
+        what = "empty" if not secret else f"{len(secret)} bytes"
+        return (f"the mesh secret is {what}; it must be at least {MIN_SECRET_BYTES} "
+                "random bytes (a short one lets a stranger join)")
+    return None
 
 
 @dataclass(frozen=True)
@@ -116,10 +151,21 @@ class StateDir:
         data = self.read_json("mesh.json")
         if data is None:
             return None
+        path = self._file("mesh.json")
+        if not isinstance(data, dict):
+            raise StateDirError(f"{path}: expected a JSON object with mesh_id and secret, "
+                                f"found {_json_type(data)}; {_MESH_FIX}")
+        secret_hex = data.get("secret")
         try:
-            return MeshState(str(data["mesh_id"]), bytes.fromhex(data["secret"]))
-        except (KeyError, TypeError, ValueError):
-            raise StateDirError(f"{self._file('mesh.json')} lacks a valid mesh_id/secret") from None
+            secret = bytes.fromhex(secret_hex) if isinstance(secret_hex, str) else None
+        except ValueError:
+            secret = None
+        if secret is None:
+            raise StateDirError(f"{path}: the mesh secret is missing or not hex; {_MESH_FIX}")
+        problem = mesh_problem(data.get("mesh_id"), secret)
+        if problem is not None:
+            raise StateDirError(f"{path}: {problem}; {_MESH_FIX}")
+        return MeshState(data["mesh_id"], secret)
 
     def save_mesh(self, mesh: MeshState) -> None:
         self.write_json("mesh.json", {"mesh_id": mesh.mesh_id, "secret": mesh.secret.hex()})
@@ -134,15 +180,28 @@ class StateDir:
 
     def load_peers(self) -> tuple[list[KnownNode], list[KnownNode]]:
         """(bootstrap nodes from the token we joined with, peers we knew)."""
-        data = self.read_json("peers.json") or {}
+        data = self.read_json("peers.json")
+        if data is None:
+            return [], []
+        path = self._file("peers.json")
+        if not isinstance(data, dict):
+            raise StateDirError(f"{path}: expected a JSON object with bootstrap and known "
+                                f"lists, found {_json_type(data)}; {_PEERS_FIX}")
 
         def nodes(key: str) -> list[KnownNode]:
+            items = data.get(key, [])
+            if not isinstance(items, list):
+                raise StateDirError(f"{path}: {key!r} is {_json_type(items)}, expected a list; "
+                                    f"{_PEERS_FIX}")
             out = []
-            for item in data.get(key, []) if isinstance(data, dict) else []:
-                try:
-                    out.append(KnownNode(str(item["node_id"]), tuple(str(a) for a in item["addrs"])))
-                except (KeyError, TypeError):
-                    continue
+            for i, item in enumerate(items):
+                node_id = item.get("node_id") if isinstance(item, dict) else None
+                addrs = item.get("addrs") if isinstance(item, dict) else None
+                if (not isinstance(node_id, str) or not isinstance(addrs, list)
+                        or not all(isinstance(a, str) for a in addrs)):
+                    raise StateDirError(f"{path}: {key}[{i}] is not {{\"node_id\": a string, "
+                                        f"\"addrs\": a list of strings}}; {_PEERS_FIX}")
+                out.append(KnownNode(node_id, tuple(addrs)))
             return out
 
         return nodes("bootstrap"), nodes("known")
@@ -157,7 +216,17 @@ class StateDir:
 
     def load_tokens(self) -> dict[str, dict[str, Any]]:
         data = self.read_json("tokens.json")
-        return data if isinstance(data, dict) else {}
+        if data is None:
+            return {}
+        path = self._file("tokens.json")
+        if not isinstance(data, dict):
+            raise StateDirError(f"{path}: expected a JSON object of issued tokens, found "
+                                f"{_json_type(data)}; {_TOKENS_FIX}")
+        for token_id, record in data.items():
+            problem = _token_record_problem(record)
+            if problem is not None:
+                raise StateDirError(f"{path}: token {token_id[:40]!r}: {problem}; {_TOKENS_FIX}")
+        return data
 
     def save_tokens(self, tokens: dict[str, dict[str, Any]]) -> None:
         self.write_json("tokens.json", tokens)
@@ -176,3 +245,42 @@ class StateDir:
     def store_incarnation(self, value: int) -> int:
         self.write_bytes(self._file("incarnation"), f"{value}\n".encode())
         return value
+
+    # -- all at once --------------------------------------------------------------------
+
+    def check(self) -> None:
+        """Read every state file once, so a broken one stops the start with its name and
+        the fix (StateDirError), not a traceback at its first use."""
+        self.load_mesh()
+        self.load_peers()
+        self.load_tokens()
+
+
+def _json_type(value: Any) -> str:
+    return {dict: "an object", list: "a list", str: "a string", bool: "true or false",
+            type(None): "null"}.get(type(value), "a number")
+
+
+def _number(value: Any) -> bool:
+    return (isinstance(value, int | float) and not isinstance(value, bool)
+            and math.isfinite(value))
+
+
+def _token_record_problem(record: Any) -> str | None:
+    """Why an issued-token record is unusable, or None (the shape ``TokenBook.issue`` writes)."""
+    if not isinstance(record, dict):
+        return f"the record is {_json_type(record)}, expected an object"
+    key = record.get("key")
+    if not isinstance(key, str) or not _TOKEN_KEY.match(key):
+        return "its join key is not 64 hex digits"
+    if not isinstance(record.get("mesh_id"), str):
+        return "its mesh_id is not a string"
+    if not _number(record.get("expires_at")):
+        return "its expires_at is not a number"
+    if not isinstance(record.get("once", False), bool):
+        return "its once flag is not true or false"
+    for name in ("created_at", "used_at", "revoked_at"):
+        value = record.get(name)
+        if value is not None and not _number(value):
+            return f"its {name} is not a number"
+    return None

@@ -96,6 +96,7 @@ class MeshService(service.Service):
         self.reactor = reactor
         self.local_info = local_info
         self.node_id = identity.node_id
+        state.check()  # a broken state file stops the start here, in one line naming it
         self.mesh: MeshState | None = state.load_mesh()
         self.incarnation = 0
         self.table = Membership(self.node_id, reactor)

@@ -24,6 +24,7 @@ from cryptography.x509.oid import NameOID
 from service_identity import VerificationError
 from service_identity.cryptography import verify_certificate_hostname
 
+from meshd.errors import StartupError
 from meshd.statedir import StateDir, StateDirError
 
 log = logging.getLogger("meshd.mesh.identity")
@@ -32,8 +33,18 @@ NODE_ID_CHARS = 26  # 130 bits of the SPKI hash
 CERT_DAYS = 100 * 365  # pinned by hash, so expiry protects nothing; renewals would break pins
 
 
-class IdentityError(Exception):
-    """The identity files exist but cannot be used; the message names them."""
+class IdentityError(StartupError):
+    """The identity files exist but cannot be used; the message names them and the fix
+    (at start: one line, and the daemon does not start rather than become another node)."""
+
+
+_IDENTITY_FIX = ("restore identity/ from a backup, or remove identity/ to make "
+                 "a new node id (peers then see a new node, and tokens it issued stop working)")
+
+
+def _reason(e: Exception) -> str:
+    """cryptography's message without its FAQ link."""
+    return str(e).split(" See https://")[0].strip().rstrip(".") or type(e).__name__
 
 
 def spki_sha256(cert: x509.Certificate) -> bytes:
@@ -147,18 +158,24 @@ def load(state: StateDir) -> Identity | None:
         return None
     if key_pem is None or cert_pem is None:
         missing = state.key_path if key_pem is None else state.cert_path
-        raise IdentityError(f"{missing} is missing; restore it or remove the identity directory")
+        raise IdentityError(f"{missing} is missing; {_IDENTITY_FIX}")
     try:
         key = serialization.load_pem_private_key(key_pem, password=None)
+    except (ValueError, TypeError) as e:
+        raise IdentityError(f"{state.key_path} is not a usable private key "
+                            f"({_reason(e)}); {_IDENTITY_FIX}") from None
+    try:
         cert = x509.load_pem_x509_certificate(cert_pem)
     except ValueError as e:
-        raise IdentityError(f"cannot read the identity in {state.key_path.parent}: {e}") from None
+        raise IdentityError(f"{state.cert_path} is not a PEM certificate ({_reason(e)}); "
+                            f"{_IDENTITY_FIX}") from None
     if not isinstance(key, ec.EllipticCurvePrivateKey):
-        raise IdentityError(f"{state.key_path} is not an EC key")
+        raise IdentityError(f"{state.key_path} is not an EC key; {_IDENTITY_FIX}")
     cert_key = cert.public_key()
     if (not isinstance(cert_key, ec.EllipticCurvePublicKey)
             or key.public_key().public_numbers() != cert_key.public_numbers()):
-        raise IdentityError(f"{state.cert_path} does not belong to {state.key_path}")
+        raise IdentityError(f"{state.cert_path} does not belong to {state.key_path} (the "
+                            f"certificate is another key's); {_IDENTITY_FIX}")
     return Identity(key, cert)
 
 

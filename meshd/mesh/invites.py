@@ -18,7 +18,7 @@ from meshd.errors import Refused
 from meshd.mesh import tokens as tokensmod
 from meshd.mesh.peer import AuthRefused, Hello
 from meshd.mesh.wire import CloseCode
-from meshd.statedir import MeshState, StateDir
+from meshd.statedir import MeshState, StateDir, StateDirError, mesh_problem
 
 log = logging.getLogger(__name__)
 
@@ -29,8 +29,13 @@ def welcome_body(mesh: MeshState) -> dict[str, Any]:
 
 
 def parse_welcome(body: dict[str, Any]) -> MeshState:
-    """The mesh a WELCOME names; KeyError/ValueError (binascii.Error) when it names none."""
-    return MeshState(str(body["mesh_id"]), base64.b64decode(body["secret"]))
+    """The mesh a WELCOME names; KeyError/ValueError (binascii.Error) when it names none,
+    or one this node would refuse from its own mesh.json (an empty or short secret)."""
+    mesh = MeshState(body["mesh_id"], base64.b64decode(body["secret"], validate=True))
+    problem = mesh_problem(mesh.mesh_id, mesh.secret)
+    if problem is not None:
+        raise ValueError(f"the WELCOME's mesh is unusable: {problem}")
+    return mesh
 
 
 class Invites:
@@ -49,7 +54,7 @@ class Invites:
         try:
             token = self.book.issue(mesh_id=mesh.mesh_id, issuer=issuer, pin=pin, addrs=addrs,
                                     ttl_s=ttl_s, once=once)
-        except ValueError as e:
+        except (ValueError, StateDirError) as e:
             raise Refused(str(e)) from None
         log.info("issued invite token %s (expires in %s s%s, addresses %s)", token.token_id,
                  int(ttl_s), ", one use" if once else "", ", ".join(addrs))
@@ -59,7 +64,7 @@ class Invites:
     def revoke(self, token_id: str) -> dict[str, Any]:
         try:
             self.book.revoke(token_id)
-        except tokensmod.TokenError as e:
+        except (tokensmod.TokenError, StateDirError) as e:
             raise Refused(str(e)) from None
         log.info("revoked invite token %s", token_id)
         return {"id": token_id, "revoked": True}
@@ -99,8 +104,17 @@ class Gate:
             return self._invites.book.check(hello.token_id or "", mesh.mesh_id)
         except tokensmod.TokenError as e:
             raise AuthRefused(str(e), e.code) from None
+        except StateDirError as e:
+            # damaged since the start: the operator reads which file; the joiner a refusal
+            log.error("cannot check invite token %s: %s", hello.token_id, e)
+            raise AuthRefused("this node cannot check invite tokens now") from None
 
     def authenticated(self, hello: Hello) -> None:
         if hello.auth == "token" and hello.token_id:
-            self._invites.book.mark_used(hello.token_id)
+            try:
+                self._invites.book.mark_used(hello.token_id)
+            except StateDirError as e:
+                # a one-use token whose use is not recorded could be used again
+                log.error("cannot mark invite token %s used: %s", hello.token_id, e)
+                raise AuthRefused("this node cannot check invite tokens now") from None
             log.info("node %s presented invite token %s", hello.node_id, hello.token_id)

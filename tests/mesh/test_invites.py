@@ -89,3 +89,14 @@ def test_no_token_without_a_mesh_or_an_address(tmp_path):
                       once=False)
     with pytest.raises(Refused, match="set \\[mesh\\] advertise"):
         issue(invites, addrs=[])
+
+
+def test_a_tokens_file_damaged_while_running_refuses_the_joiner_in_one_line(tmp_path, caplog):
+    invites, gate, _ = setup(tmp_path)
+    token_id = issue(invites)
+    (tmp_path / "state" / "tokens.json").write_text("[]")
+    with pytest.raises(AuthRefused, match="cannot check invite tokens now"):
+        gate.key_for(hello(token_id))
+    assert "tokens.json" in caplog.text and "Traceback" not in caplog.text
+    with pytest.raises(Refused, match="tokens.json"):
+        issue(invites)

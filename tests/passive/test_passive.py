@@ -291,8 +291,8 @@ def test_first_check_in_goes_through_the_token_and_proves_its_key():
     conn = dialer.succeed(c)
     assert conn.sent[0][0] == FrameType.ROUTE_REQUEST and conn.sent[0][1]["kind"] == "client"
     c.peer_frame(conn, wire.Frame(FrameType.WELCOME, wire.dump_json(
-        {"mesh_id": "mesh1", "secret": "c2VjcmV0"})))
-    assert c.mesh == MeshState("mesh1", b"secret")
+        {"mesh_id": "mesh1", "secret": "c2VjcmV0c2VjcmV0c2VjcmV0c2VjcmV0c2VjcmV0c2VjcmV0"})))
+    assert c.mesh == MeshState("mesh1", b"secret" * 6)
     conn.answer(table(node(0, serving=["m1"])).to_body())
     assert len(tables) == 1 and c.table_at == 0
 
