@@ -11,6 +11,7 @@ rejoin nor create a new identity.
     peers.json           {"bootstrap": [...], "known": [...]}: where to rejoin
     tokens.json          invite tokens this node issued (keys, expiry, use, revocation)
     incarnation          a counter bumped at every start (SWIM refutation)
+    node_id              the node id of identity/, one line (so a lost identity/ is named)
 
 Every file is validated when it is read (:meth:`StateDir.check` reads them all at
 start): a file meshd did not write, or a half-restored backup, stops the start with
@@ -234,17 +235,42 @@ class StateDir:
     # -- incarnation ----------------------------------------------------------------
 
     def next_incarnation(self) -> int:
-        """The stored counter plus one (stored), so every start outranks the last."""
-        data = self.read_bytes(self._file("incarnation"))
+        """The stored counter plus one (stored), so every start outranks the last.
+
+        A file that holds no number is counted from 1 again, with a warning: until this
+        node's incarnation passes the old one, peers may take its news for stale."""
+        path = self._file("incarnation")
+        data = self.read_bytes(path)
         try:
             current = int(data.decode().strip()) if data else 0
-        except ValueError:
+            if current < 0:
+                raise ValueError
+        except (UnicodeDecodeError, ValueError):
+            log.warning("%s holds %r, not a number: counting from 1 again (peers that "
+                        "remember a higher incarnation may take this node's news for stale "
+                        "for a while; nothing to do)", path, (data or b"")[:40])
             current = 0
         return self.store_incarnation(current + 1)
 
     def store_incarnation(self, value: int) -> int:
         self.write_bytes(self._file("incarnation"), f"{value}\n".encode())
         return value
+
+    # -- the node id of identity/ ---------------------------------------------------
+
+    def last_node_id(self) -> str | None:
+        """The node id identity/ held when last used here; None on a first start."""
+        data = self.read_bytes(self._file("node_id"))
+        text = data.decode(errors="replace").strip() if data else ""
+        return text or None
+
+    def store_node_id(self, node_id: str) -> None:
+        if self.last_node_id() != node_id:
+            self.write_bytes(self._file("node_id"), f"{node_id}\n".encode())
+
+    def used_before(self) -> bool:
+        """Whether a node has run with this state directory (a mesh, a counter, an id)."""
+        return any(self._file(n).exists() for n in ("mesh.json", "incarnation", "node_id"))
 
     # -- all at once --------------------------------------------------------------------
 

@@ -139,7 +139,16 @@ def create(state: StateDir) -> Identity:
     )
     state.write_bytes(state.cert_path, cert.public_bytes(serialization.Encoding.PEM))
     identity = Identity(key, cert)
-    log.info("created a new identity: node %s (%s)", identity.node_id, state.path)
+    old = state.last_node_id()
+    if old is not None or state.used_before():
+        was = f"node {old}" if old is not None else "a node whose id is not known"
+        log.warning("no identity in %s: created a new one, node %s; this state directory "
+                    "belonged to %s, whose identity is gone (peers see a new node, and the "
+                    "invite tokens it issued no longer work)", state.key_path.parent,
+                    identity.node_id, was)
+    else:
+        log.info("created a new identity: node %s (%s)", identity.node_id, state.path)
+    state.store_node_id(identity.node_id)
     return identity
 
 
@@ -182,6 +191,10 @@ def load(state: StateDir) -> Identity | None:
 def load_or_create(state: StateDir) -> Identity:
     """The node's identity, created on first start.  Stable across restarts."""
     try:
-        return load(state) or create(state)
+        identity = load(state)
+        if identity is None:
+            return create(state)
+        state.store_node_id(identity.node_id)
+        return identity
     except StateDirError as e:
         raise IdentityError(str(e)) from None

@@ -670,6 +670,9 @@ class PeerProtocol(protocol.Protocol):
         self.close_code = code
         if self.state is not PeerState.OPEN and not logged:
             log.warning("peer connection with %s closed before it opened: %s", self.who, reason)
+        elif code is CloseCode.PROTOCOL_ERROR and not logged:
+            # an authenticated peer sent what it should not: its operator needs to know
+            log.warning("closing the connection with %s: %s", self.who, reason)
         self._stop_timers()
         if notify and self.state in (PeerState.HELLO, PeerState.CONFIRM, PeerState.OPEN):
             try:

@@ -298,6 +298,23 @@ def test_a_hello_of_nested_brackets_is_refused_in_one_line_with_a_close(ids, cap
     assert any("nested deeper" in r.getMessage() and r.exc_info is None for r in caplog.records)
 
 
+@pytest.mark.parametrize("data, why", [
+    (b"\0\0\0\0", "frame of length 0"),
+    (wire.encode(FrameType.HELLO, b"{}"), "second HELLO"),
+])
+def test_an_authenticated_peer_closed_for_bad_frames_leaves_a_warning(ids, caplog, data, why):
+    a, b, _ = ids
+    c, s, cd, sd, pump, _ = connect(a, b, peer.ClientAuth(MESH, SECRET), Gate())
+    assert s.state is peer.PeerState.OPEN
+    caplog.set_level(logging.INFO, "meshd.mesh.peer")
+    c.transport.write(data)
+    pump.flush()
+    assert s.state is peer.PeerState.CLOSED
+    lines = [r for r in caplog.records if r.levelno == logging.WARNING
+             and why in r.getMessage() and a.node_id in r.getMessage()]
+    assert len(lines) == 1, caplog.text
+
+
 def test_unknown_frame_type_is_passed_on_not_fatal(ids):
     a, b, _ = ids
     c, s, cd, sd, pump, _ = connect(a, b, peer.ClientAuth(MESH, SECRET), Gate())

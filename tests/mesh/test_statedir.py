@@ -1,10 +1,12 @@
 """State files validated on load: a broken one is one line naming the file, what is wrong
-and what to do; a mesh secret too short to keep strangers out is never used."""
+and what to do; a mesh secret too short to keep strangers out is never used; silent
+changes (a new identity, a reset counter) are warned about."""
 
 from __future__ import annotations
 
 import base64
 import json
+import logging
 
 import pytest
 from cryptography.hazmat.primitives import serialization
@@ -135,3 +137,44 @@ def test_a_broken_identity_is_one_line_naming_the_file_and_the_fix(state, damage
     assert problem in str(e.value)
     assert "https://" not in str(e.value)
     assert isinstance(e.value, StartupError)
+
+
+# -- silent changes are warned about (defect 12) -------------------------------------------------
+
+
+def test_a_deleted_identity_makes_a_new_node_id_with_a_warning_naming_the_old(state, caplog):
+    old = identity.load_or_create(state).node_id
+    state.next_incarnation()
+    for path in (state.key_path, state.cert_path):
+        path.unlink()
+    caplog.set_level(logging.INFO, "meshd.mesh.identity")
+    new = identity.load_or_create(state).node_id
+    assert new != old
+    warnings = [r for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warnings) == 1
+    assert old in warnings[0].getMessage() and new in warnings[0].getMessage()
+    assert "identity is gone" in warnings[0].getMessage()
+
+
+def test_a_first_identity_is_only_an_info_line(state, caplog):
+    caplog.set_level(logging.INFO, "meshd.mesh.identity")
+    identity.load_or_create(state)
+    assert [r.levelno for r in caplog.records] == [logging.INFO]
+
+
+def test_a_lost_identity_in_a_used_directory_warns_even_without_the_old_id(state, caplog):
+    state.next_incarnation()  # a node ran here (before node ids were recorded)
+    caplog.set_level(logging.INFO, "meshd.mesh.identity")
+    identity.load_or_create(state)
+    assert [r.levelno for r in caplog.records] == [logging.WARNING]
+    assert "whose id is not known" in caplog.records[0].getMessage()
+
+
+def test_a_garbage_incarnation_is_counted_from_1_with_a_warning(state, caplog):
+    (state.path / "incarnation").write_text("garbage\n")
+    caplog.set_level(logging.INFO, "meshd.statedir")
+    assert state.next_incarnation() == 1
+    assert [r.levelno for r in caplog.records] == [logging.WARNING]
+    assert "incarnation" in caplog.text and "garbage" in caplog.text
+    assert state.next_incarnation() == 2
+    assert len(caplog.records) == 1  # the counter is good again: no more warnings
