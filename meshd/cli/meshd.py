@@ -1,7 +1,9 @@
 """``meshd``: the daemon's command line.
 
 It never daemonizes (systemd does that) and never prints a traceback for a
-user error: a bad configuration is a list of problems and exit status 2.
+user error: a bad configuration is a list of problems and exit status 2; a join
+token that does not parse is exit status 4, which ``systemd/meshd.service`` lists in
+``RestartPreventExitStatus=`` (restarting cannot mend a token).
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from meshd import config as configmod
 EXIT_OK = 0
 EXIT_FAILED = 1
 EXIT_CONFIG = 2
+EXIT_BAD_TOKEN = 4  # RestartPreventExitStatus= in systemd/meshd.service
 
 log = logging.getLogger("meshd")
 
@@ -95,6 +98,13 @@ def check(config: configmod.Config) -> list[str]:
     return service.preflight(config)
 
 
+def bad_join_tokens(config: configmod.Config) -> list[str]:
+    """Join tokens that do not parse: the daemon never starts with them (EXIT_BAD_TOKEN)."""
+    from meshd.daemon import service
+
+    return service.join_token_problems(config)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     try:
@@ -104,13 +114,19 @@ def main(argv: list[str] | None = None) -> int:
             print(f"meshd: {problem}", file=sys.stderr)
         return EXIT_CONFIG
     problems = check(config)
+    bad_tokens = bad_join_tokens(config)
     if args.check_config:
+        problems += bad_tokens
         if problems:
             for problem in problems:
                 print(f"meshd: {problem}", file=sys.stderr)
             return EXIT_CONFIG
         print(configmod.dumps(config), end="")
         return EXIT_OK
+    if bad_tokens:  # asked to join with what can never work: never found a mesh instead
+        for problem in problems + bad_tokens:
+            print(f"meshd: {problem}", file=sys.stderr)
+        return EXIT_BAD_TOKEN
     if problems:
         for problem in problems:
             print(f"meshd: {problem}", file=sys.stderr)

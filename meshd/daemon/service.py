@@ -84,6 +84,25 @@ def preflight(config: Config) -> list[str]:
     return problems
 
 
+def join_token_problems(config: Config) -> list[str]:
+    """``[mesh] join`` tokens that do not parse at all (garbage, cut short, edited).
+
+    Such a token can never work, so the daemon refuses to start with them (exit
+    status ``EXIT_BAD_TOKEN``, which the unit does not restart) instead of founding
+    a mesh of its own; one that parses but is expired or refused by its issuer
+    leaves the node waiting outside any mesh (``meshd.mesh.joining``)."""
+    from meshd.mesh import tokens
+
+    problems: list[str] = []
+    for i, text in enumerate(config.mesh.join):
+        try:
+            tokens.decode(text)
+        except tokens.TokenError as e:
+            problems.append(f"[mesh] join (or --join) token {i + 1}: {e}; get a new one with "
+                            "meshctl token on a member of the mesh")
+    return problems
+
+
 def model_dirs(config: Config) -> list[str]:
     return [config.node.models_dir, *config.models.extra_dirs]
 

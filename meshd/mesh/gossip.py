@@ -134,6 +134,11 @@ class MeshService(service.Service):
     def mesh_id(self) -> str | None:
         return self.mesh.mesh_id if self.mesh else None
 
+    def join_status(self) -> dict[str, str] | None:
+        """None in a mesh; else ``{"state": "joining"|"waiting", "reason"}`` -- why not
+        (``meshd.mesh.joining.Joiner.status``), for ``meshctl status``."""
+        return None if self.mesh is not None else self.joiner.status()
+
     def add_listener(self, cb: Callable[[Event], None]) -> None:
         """``cb(event)`` for every membership change (PeerUp/PeerChanged/PeerDown/PeerLeft)."""
         self.table.add_listener(cb)
@@ -272,14 +277,16 @@ class MeshService(service.Service):
         self.state.ensure()
         self.incarnation = self.state.next_incarnation()
         self._listen()
-        tokens = []
-        for text in self.cfg.join:
+        tokens, unusable = [], []
+        for i, text in enumerate(self.cfg.join):
             try:
                 tokens.append(tokensmod.decode(text, now=self.reactor.seconds()))
             except tokensmod.TokenError as e:
-                log.error("[mesh] join: cannot use a token: %s", e)
-        if self.mesh is None and tokens:
-            self.joiner.join_at_start(tokens)
+                log.error("[mesh] join: cannot use token %d: %s", i + 1, e)
+                unusable.append(f"token {i + 1}: {e}")
+        if self.mesh is None and self.cfg.join:
+            # asked to join: never a mesh of its own, whatever becomes of the tokens
+            self.joiner.join_at_start(tokens, unusable)
         elif self.mesh is None:
             self.mesh = self.state.new_mesh()
             log.info("created a new mesh %s (this node %s is its first member)",

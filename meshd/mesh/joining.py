@@ -6,8 +6,10 @@ dials the issuer with the mesh secret.  Either way the issuer becomes a
 bootstrap node (``peers.json``) for later rejoins.  ``[mesh] join`` tokens at
 start are tried in order until one works, with the mesh's reconnect back-off
 between rounds; a token the issuer refused for good (by its CLOSE code, see
-``wire.TOKEN_REFUSALS``) is not tried again.  The issuer's side is
-``meshd.mesh.invites``.
+``wire.TOKEN_REFUSALS``) is not tried again.  When every token is refused (or
+none could be used at all), the node waits outside any mesh -- it never founds
+one of its own -- and :meth:`Joiner.status` says why until ``meshctl join`` brings
+a token that works.  The issuer's side is ``meshd.mesh.invites``.
 """
 
 from __future__ import annotations
@@ -66,6 +68,21 @@ class Joiner:
         self._backoff = backoff  # shared with the rejoin: any success starts both over
         self._joins: dict[int, defer.Deferred[dict[str, Any]]] = {}  # by id(connection)
         self._retry_call: IDelayedCall | None = None
+        self._waiting: str | None = None  # why no token is tried any more
+        self._last_failure: str | None = None  # why the last try failed (still trying)
+
+    def status(self) -> dict[str, str]:
+        """Where joining stands while the node is in no mesh: ``state`` "joining" (still
+        trying the tokens) or "waiting" (none can work: a new token is needed), and why."""
+        if self._waiting is not None:
+            return {"state": "waiting", "reason": self._waiting}
+        return {"state": "joining",
+                "reason": self._last_failure or "trying the [mesh] join tokens"}
+
+    def wait(self, reason: str) -> None:
+        """No token can work: stay out of any mesh, and say so (log and status)."""
+        self._waiting = f"{reason}; waiting for meshctl join with a new token"
+        log.error("not in any mesh: %s", self._waiting)
 
     def join(self, token: tokensmod.Token) -> defer.Deferred[dict[str, Any]]:
         """Join (or reconnect to) the token's mesh; fires ``{"mesh_id", "via"}``, or fails
@@ -95,33 +112,50 @@ class Joiner:
             reason = str(f.value)
             codes = f.value.codes if isinstance(f.value, JoinFailed) else frozenset()
             log.error("cannot join mesh %s: %s", token.mesh_id, reason)
-            done.errback(JoinFailed(f"cannot join mesh {token.mesh_id}: {reason}", codes))
+            self._last_failure = f"cannot join mesh {token.mesh_id}: {reason}"
+            done.errback(JoinFailed(self._last_failure, codes))
 
         d.addCallbacks(opened, failed)
         return done
 
-    def join_at_start(self, tokens: list[tokensmod.Token]) -> None:
-        """``[mesh] join``: the first token that works wins; retry with back-off if none does."""
+    def join_at_start(self, tokens: list[tokensmod.Token], unusable: Iterable[str] = ()) -> None:
+        """``[mesh] join``: the first token that works wins; retry with back-off if none does.
+
+        A token refused for good is dropped; when none is left the node waits (``status``),
+        the reasons of ``unusable`` tokens (expired here, say) included."""
+        live = list(tokens)
+        refused = list(unusable)
+        self._waiting = None
+
         def attempt(i: int) -> None:
             self._retry_call = None
             if self._host.mesh is not None or self._host.leaving:
                 return
-            if i >= len(tokens):
+            if not live:
+                self.wait("no [mesh] join token can be used: " + "; ".join(refused))
+                return
+            if i >= len(live):
                 delay = self._backoff.next_delay()
                 log.warning("no [mesh] join token worked; trying again in %.0f s", delay)
                 self._retry_call = self._reactor.callLater(delay, attempt, 0)
                 return
-            d = self.join(tokens[i])
-            d.addCallbacks(lambda _: self._backoff.reset(), lambda f: failed(f, i))
+            d = self.join(live[i])
+            d.addCallbacks(joined, lambda f: failed(f, i))
+
+        def joined(_: object) -> None:
+            self._backoff.reset()
+            self._waiting = self._last_failure = None
 
         def failed(f: Failure, i: int) -> None:
             codes = f.value.codes if isinstance(f.value, JoinFailed) else frozenset()
             refusals = codes & TOKEN_REFUSALS
             if refusals:
-                log.error("token %s refused for good (%s): %s", tokens[i].token_id,
+                token = live.pop(i)
+                log.error("token %s refused for good (%s): %s", token.token_id,
                           ", ".join(sorted(refusals)), f.value)
-                if i + 1 < len(tokens):
-                    attempt(i + 1)
+                refused.append(f"token {token.token_id} was refused by its issuer "
+                               f"({', '.join(sorted(refusals))})")
+                attempt(i)  # the next token is now at i
                 return
             attempt(i + 1)
 
@@ -134,6 +168,7 @@ class Joiner:
             return  # not joining through this connection: nothing to learn
         mesh = parse_welcome(body)
         self._host.adopt_mesh(mesh)
+        self._waiting = self._last_failure = None
         # the connection was authenticated with the token key; from now on the mesh secret
         conn.client = ClientAuth(mesh.mesh_id, mesh.secret, expect_node_id=conn.node_id)
         log.info("joined mesh %s via node %s at %s", mesh.mesh_id, conn.node_id, conn.peer_address)

@@ -177,3 +177,52 @@ def test_flags_override_the_file(tmp_path):
     r = run_meshd("--config", str(path), "--check-config", "--client", "--split")
     assert r.returncode == 0, r.stderr
     assert "client = true" in r.stdout and "split = true" in r.stdout
+
+
+# -- a join token that does not parse: refused at start, not restarted (issue 12, defect 3) ------
+
+
+def _a_token() -> str:
+    from meshd.mesh import tokens
+
+    return tokens.encode(tokens.Token("0123456789abcdef", "aaaa1111", "a" * 26, bytes(32),
+                                      ("10.0.0.1:7842",), 2e9, False, b"k" * 32))
+
+
+def _bit_flipped(text: str) -> str:
+    i = len(text) // 2
+    return text[:i] + ("A" if text[i] != "A" else "B") + text[i + 1:]
+
+
+@pytest.mark.parametrize("token, why", [
+    ("garbage", "not a meshd invite token"),
+    (_a_token()[:40], "cut short"),
+    (_bit_flipped(_a_token()), "checksum does not match"),
+], ids=["garbage", "truncated", "bit-flipped"])
+def test_meshd_refuses_to_start_with_a_join_token_that_does_not_parse(tmp_path, token, why):
+    from meshd.cli.meshd import EXIT_BAD_TOKEN
+
+    path = tmp_path / "m.toml"
+    path.write_text(f"[node]\nstate_dir = \"{tmp_path}/state\"\nmodels_dir = \"{tmp_path}\"\n")
+    r = run_meshd("--config", str(path), "--join", token)
+    assert r.returncode == EXIT_BAD_TOKEN, r.stderr
+    assert "token 1" in r.stderr and why in r.stderr
+    assert "meshctl token" in r.stderr
+    assert "created a new mesh" not in r.stderr and "Traceback" not in r.stderr
+    assert not (tmp_path / "state" / "mesh.json").exists()
+
+
+def test_check_config_lists_a_join_token_that_does_not_parse(tmp_path):
+    path = tmp_path / "m.toml"
+    path.write_text(f"[node]\nstate_dir = \"{tmp_path}\"\nmodels_dir = \"{tmp_path}\"\n"
+                    "[mesh]\njoin = [\"garbage\"]\n")
+    r = run_meshd("--config", str(path), "--check-config")
+    assert r.returncode == 2
+    assert "[mesh] join (or --join) token 1: not a meshd invite token" in r.stderr
+
+
+def test_a_join_token_that_parses_passes_check_config(tmp_path):
+    path = tmp_path / "m.toml"
+    path.write_text(f"[node]\nstate_dir = \"{tmp_path}\"\nmodels_dir = \"{tmp_path}\"\n")
+    r = run_meshd("--config", str(path), "--check-config", "--join", _a_token())
+    assert r.returncode == 0, r.stderr

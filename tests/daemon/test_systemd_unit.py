@@ -114,6 +114,14 @@ def test_state_directory_holds_the_default_state_and_models():
     assert state in Path(NodeConfig().models_dir).parents
 
 
+def test_a_join_token_that_does_not_parse_is_not_restarted_in_a_loop():
+    from meshd.cli.meshd import EXIT_BAD_TOKEN
+
+    s = service()
+    assert s["Restart"] == "on-failure"
+    assert str(EXIT_BAD_TOKEN) in s["RestartPreventExitStatus"].split()
+
+
 def test_reload_sends_sighup_to_the_main_process():
     assert service()["ExecReload"] == "/bin/kill -HUP $MAINPID"
 
