@@ -5,7 +5,10 @@ which is even over many clients but blind to load: one busy client keeps
 hammering its host while another idles.  This plugin looks at each host's
 ``load`` (requests in flight, as last reported) and picks the least loaded;
 among equally loaded hosts it falls back to the default's stable hash, so a
-quiet mesh still spreads clients evenly.
+quiet mesh still spreads clients evenly.  On a node that hosts the model
+itself, this node is one of the candidates like any other (its ``load`` is
+what it has in flight), so a busy local llama-server sends requests to an
+idler peer.
 
 Enable it in /etc/meshd.toml::
 

@@ -12,9 +12,10 @@ Name, for each pinned model, the nodes that serve it (node ids as
 
 Then:
 
-- requests for a pinned model go only to its pinned nodes, spread over them
-  by the default's stable hash (when none of them hosts it right now, any
-  host serves rather than failing the request);
+- requests for a pinned model go only to its pinned nodes: this node when
+  it is one of them and hosts the model, else spread over them by the
+  default's stable hash (when none of them hosts it right now, any host
+  serves rather than failing the request);
 - a pinned node joining without a model is assigned its pinned model; other
   nodes are never assigned a model pinned elsewhere;
 - when a pinned model loses its host, only its pinned nodes promote for it
@@ -68,7 +69,8 @@ def meshd_configure(settings: Mapping[str, Any]) -> None:
 
 @hookimpl
 def meshd_select_host(
-    model: str, client_id: str, hosts: tuple[NodeView, ...], settings: Mapping[str, Any]
+    model: str, client_id: str, hosts: tuple[NodeView, ...], mesh: MeshView,
+    settings: Mapping[str, Any],
 ) -> str | None:
     wanted = pins(settings).get(model)
     if not wanted:
@@ -76,6 +78,8 @@ def meshd_select_host(
     ours = [h for h in hosts if h.node_id in wanted]
     if not ours:
         return None
+    if any(h.node_id == mesh.self_id for h in ours):
+        return mesh.self_id
     return ours[stable_index(client_id, model, len(ours))].node_id
 
 

@@ -5,8 +5,9 @@ WAN link while a host of the same model sits on the local network (or on
 this very machine).  This plugin picks among the hosts with the lowest
 round-trip time from this node, as measured by the heartbeats: every host
 within ``slack_ms`` of the nearest counts as near, and requests are spread
-over the near hosts by the default's stable hash.  A host on this node
-(RTT 0) is nearest of all.  While no RTT is known yet, the default decides.
+over the near hosts by the default's stable hash.  When this node hosts the
+model itself (``mesh.self_id`` among ``hosts``), it serves the request: no
+hop is nearer.  While no RTT is known yet, the default decides.
 
     [policy]
     plugins = ["rtt_aware"]
@@ -51,6 +52,8 @@ def meshd_select_host(
     mesh: MeshView,
     settings: Mapping[str, Any],
 ) -> str | None:
+    if any(h.node_id == mesh.self_id for h in hosts):
+        return mesh.self_id
     slack = settings.get("slack_ms", DEFAULT_SLACK_MS)
 
     def rtt(h: NodeView) -> float | None:

@@ -25,7 +25,8 @@ log = logging.getLogger(__name__)
 
 class PassiveRouter:
     """The API's :class:`meshd.serving.routing.Router` on a passive node: every model of the table,
-    each request to a host chosen by the host-selection hook, one failover host after it."""
+    each request to a host chosen by the host-selection hook (asked once per request), the
+    next host by node id after it to fail over to."""
 
     def __init__(self, self_id: str, *, endpoint_for: Callable[[str, str], Any],
                  on_failure: Callable[[str, str], None] = lambda n, r: None,
@@ -70,14 +71,10 @@ class PassiveRouter:
         if not warm:
             raise routing.NotReady(model, "its host is loading it", 5)
         usable = [h for h in warm if h.node_id not in self.failed] or list(warm)
-        views = host_views(usable)
-        mesh = self._mesh_view()
-        first = placement.choose_host(model, client_id, views, mesh, policy=self.policy)
-        order = [first]
-        rest = tuple(v for v in views if v.node_id != first)
-        if rest:
-            order.append(placement.choose_host(model, client_id, rest, mesh, policy=self.policy))
-        return [self._upstream(node_id, model) for node_id in order]
+        # one hook call per request: its choice, then the next host by node id to fail over to
+        order = placement.order_hosts(model, client_id, host_views(usable), self._mesh_view(),
+                                      policy=self.policy)
+        return [self._upstream(node_id, model) for node_id in order[:2]]
 
     def _upstream(self, node_id: str, model: str) -> routing.Upstream:
         return routing.Upstream(name=node_id,

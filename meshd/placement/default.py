@@ -39,7 +39,10 @@ need_bytes = needed_bytes
 
 
 @hookimpl(trylast=True)
-def meshd_select_host(model: str, client_id: str, hosts: tuple[NodeView, ...]) -> str:
+def meshd_select_host(model: str, client_id: str, hosts: tuple[NodeView, ...], mesh: MeshView) -> str:
+    # this node's own llama-server when it is a host: no tunnel, no hop
+    if any(h.node_id == mesh.self_id for h in hosts):
+        return mesh.self_id
     ordered = sorted(hosts, key=_by_id)
     return ordered[stable_index(client_id, model, len(ordered))].node_id
 

@@ -71,23 +71,31 @@ def meshd_select_host(
     mesh: MeshView,
     settings: Mapping[str, Any],
 ) -> str | None:
-    """Which host of ``model`` serves this request (or this passive node).
+    """Which host of ``model`` serves this request.
 
-    Called by the API of every node, active or passive, for every request
-    for a model served elsewhere or in several places, and again with the
-    failed host left out when a host could not be reached (failover).
+    Called by the API of every node, active or passive, once per request
+    for a model with two or more ready hosts (with one there is nothing to
+    choose, and it is not called).  On a node that hosts the model itself,
+    this node is one of ``hosts``: the hook decides there too.  The answer
+    is tried first; when it cannot be reached, the request fails over
+    without asking again: to this node when it is a host, then to the
+    others by node id (a passive node tries one of them).
 
     - ``model``: the model named in the request.
-    - ``client_id``: a stable id for the caller (a passive node's id, or
-      the API client); the same client should land on the same host.
-    - ``hosts``: the nodes that host ``model`` and are ready, sorted by node
-      id; never empty.
-    - ``mesh``: the whole mesh as this node sees it.
+    - ``client_id``: a stable id for the caller (the API client); the same
+      client should land on the same host.
+    - ``hosts``: every node that hosts ``model`` and is ready, this node
+      included when it is one (``h.node_id == mesh.self_id``), sorted by
+      node id; at least two.
+    - ``mesh``: the whole mesh as this node sees it; ``mesh.self_id`` is the
+      node asking (a passive node's own id is never among ``hosts``).
 
     Return the ``node_id`` (``str``) of one of ``hosts``, or ``None`` for no
-    opinion.  First answer wins.  Default: ``hosts[h % len(hosts)]`` where
-    ``h`` is the first 8 bytes (big-endian) of ``sha256(client_id + model)``,
-    so every node and every passive client computes the same host.
+    opinion.  First answer wins.  Default: this node when it is among
+    ``hosts`` (its own llama-server, no tunnel); else ``hosts[h %
+    len(hosts)]`` where ``h`` is the first 8 bytes (big-endian) of
+    ``sha256(client_id + model)``, so every other node and every passive
+    client computes the same host.
     """
 
 

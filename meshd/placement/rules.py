@@ -7,7 +7,8 @@ or were disabled) decides itself:
 
 | function          | when nobody answers                                   |
 | ----------------- | ----------------------------------------------------- |
-| choose_host       | the built-in default (a request must go somewhere)    |
+| order_hosts       | the built-in default (a request must go somewhere)    |
+| choose_host       | the built-in default                                   |
 | elect_host        | the built-in default                                   |
 | plan_split        | the built-in default                                   |
 | assign_model      | no model: the node stays idle                          |
@@ -130,6 +131,37 @@ def choose_host(
     if result is None:
         result = _built_in("meshd_select_host", lambda: hosts[0].node_id, **kwargs)
     return result
+
+
+def order_hosts(
+    model: str,
+    client_id: str,
+    hosts: tuple[NodeView, ...],
+    mesh: MeshView,
+    *,
+    policy: PolicyManager | None = None,
+) -> list[str]:
+    """Every ready host of ``model``, in the order one request tries them.
+
+    The one call site of ``meshd_select_host`` for requests, on active and
+    passive nodes alike, so the hook is asked once per request and sees every
+    ready host, this node among them when it is one (``mesh.self_id``): the
+    plugin decides, and the default keeps this node's own llama-server first.
+    After its choice come the failover hosts: this node when it hosts the
+    model (no tunnel to open), then the others by node id.  With one host
+    there is nothing to choose, and the hook is not asked.
+    """
+    ordered = tuple(sorted(hosts, key=_by_id))
+    if not ordered:
+        raise ValueError(f"no hosts to choose from for {model!r}")
+    if len(ordered) == 1:
+        return [ordered[0].node_id]
+    first = choose_host(model, client_id, ordered, mesh, policy=policy)
+    rest = [n.node_id for n in ordered if n.node_id != first]
+    if mesh.self_id in rest:
+        rest.remove(mesh.self_id)
+        rest.insert(0, mesh.self_id)
+    return [first, *rest]
 
 
 # -- on membership events -------------------------------------------------------------

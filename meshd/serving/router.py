@@ -3,18 +3,20 @@
 The API asks :class:`MeshRouter` (the ``meshd.serving.routing.Router`` contract) for
 the upstreams of a model, best first:
 
-- a model this node serves and is warm: this node's own llama-server first;
-- every other host of the model (from the peer table: peers announce the
-  models they serve warm) through an HTTP tunnel (``meshd.serving.tunnel``), the
-  first chosen by the host-selection hook (``placement.choose_host``;
-  default ``hash(client_id + model) % len(hosts)``), the rest after it in
-  node-id order as the failover order.  A host whose tunnel failed in the
-  last few seconds goes last until the mesh has checked it.
+- every ready host of the model: this node's own llama-server when it serves
+  the model warm, the others (from the peer table: peers announce the models
+  they serve warm) through an HTTP tunnel (``meshd.serving.tunnel``);
+- the first chosen by the host-selection hook, asked once per request with
+  every host, this node among them (``placement.order_hosts``; the default
+  picks this node when it is a host, else ``hash(client_id + model) %
+  len(hosts)``), then the failover order: this node, then the rest by node
+  id.  A host whose tunnel failed in the last few seconds goes last until the
+  mesh has checked it.
 
 What the router knows is rebuilt into one immutable :class:`RouteSnapshot`
 after every change (membership events, a local backend changing state, a
 drop), never per request; a request costs a dict lookup, one hook call when a
-model has several hosts, and the upstream list.
+model has several hosts (none with one), and the upstream list.
 
 A model is *known* when some node serves it, is loading it, is waiting for
 VRAM to run it, or asks for it (``[models] serve``): a request for it with no
@@ -168,17 +170,14 @@ def order_hosts(
 ) -> list[str]:
     """The node ids to try for one request, best first.
 
-    This node first when it is a ready host; then the host-selection hook's
-    choice among the others; then the rest by node id.  Hosts in
-    ``suspects`` keep their relative order but go after every other.
+    ``placement.order_hosts``: the host-selection hook's choice among every
+    ready host, this node included (the default picks this node when it is
+    one), then this node, then the rest by node id.  Hosts in ``suspects``
+    keep their relative order but go after every other.
     """
-    local = [n.node_id for n in hosts if n.node_id == self_id]
-    remote = tuple(n for n in hosts if n.node_id != self_id)
-    ordered: list[str] = []
-    if remote:
-        first = placement.choose_host(model, client_id, remote, view, policy=policy)
-        ordered = [first] + [n.node_id for n in remote if n.node_id != first]
-    ordered = local + ordered
+    if view.self_id != self_id:
+        view = dataclasses.replace(view, self_id=self_id)
+    ordered = placement.order_hosts(model, client_id, hosts, view, policy=policy)
     if suspects:
         ordered = [h for h in ordered if h not in suspects] + [h for h in ordered if h in suspects]
     return ordered
@@ -313,8 +312,12 @@ class MeshRouter:
                 raise routing.UnknownModel(model, [m.name for m in snap.listed()])
             raise routing.NotReady(model, entry.reason, retry_after_s=RETRY_AFTER_S)
         if len(hosts) > 1:
+            me = self.node.node_id
+            # what this node has in flight to each host; its own view's load is the same
+            # count, taken when the snapshot was built, so it is replaced, not added to
             hosts = tuple(
-                dataclasses.replace(h, load=h.load + self.in_flight.get(h.node_id, 0))
+                dataclasses.replace(h, load=(0 if h.node_id == me else h.load)
+                                    + self.in_flight.get(h.node_id, 0))
                 for h in hosts)
         order = order_hosts(model, client_id, hosts, snap.view, self_id=self.node.node_id,
                             suspects=self._current_suspects(), policy=self.node.policy)

@@ -71,7 +71,7 @@ def test_least_loaded_from_a_config_file_routes_by_load_not_by_hash(tmp_path):
         plugins = ["least_loaded"]
     """)
     hosts = (node("a", load=7), node("b", load=0), node("c", load=7))
-    mesh = MeshView("a", hosts)
+    mesh = MeshView("client", hosts)
     by_load = Counter(placement.choose_host("m", f"c{i}", hosts, mesh, policy=manager) for i in range(60))
     by_hash = Counter(placement.choose_host("m", f"c{i}", hosts, mesh) for i in range(60))
     assert by_load == {"b": 60}
@@ -83,17 +83,30 @@ def test_least_loaded_from_a_config_file_routes_by_load_not_by_hash(tmp_path):
 PINS = {"gemma": ("p1", "p2")}
 
 
+CLIENT = MeshView("client", ())
+
+
 def test_pinned_selects_only_pinned_hosts():
     pn = example("pinned")
     hosts = (node("p1"), node("x"), node("p2"))
-    chosen = {pn.meshd_select_host("gemma", f"c{i}", hosts, PINS) for i in range(50)}
+    chosen = {pn.meshd_select_host("gemma", f"c{i}", hosts, CLIENT, PINS) for i in range(50)}
     assert chosen == {"p1", "p2"}
+
+
+def test_pinned_keeps_requests_on_this_node_when_it_is_a_pinned_host():
+    pn = example("pinned")
+    hosts = (node("p1"), node("x"), node("p2"))
+    on_p2 = MeshView("p2", hosts)
+    assert {pn.meshd_select_host("gemma", f"c{i}", hosts, on_p2, PINS) for i in range(50)} == {"p2"}
+    # a host that is not pinned sends the pinned model's requests to the pinned ones
+    on_x = MeshView("x", hosts)
+    assert {pn.meshd_select_host("gemma", f"c{i}", hosts, on_x, PINS) for i in range(50)} == {"p1", "p2"}
 
 
 def test_pinned_has_no_opinion_on_unpinned_models_or_when_no_pinned_node_hosts():
     pn = example("pinned")
-    assert pn.meshd_select_host("other", "c", (node("x"),), PINS) is None
-    assert pn.meshd_select_host("gemma", "c", (node("x"),), PINS) is None
+    assert pn.meshd_select_host("other", "c", (node("x"),), CLIENT, PINS) is None
+    assert pn.meshd_select_host("gemma", "c", (node("x"),), CLIENT, PINS) is None
 
 
 def test_pinned_assigns_the_pinned_model_to_a_pinned_node():
@@ -211,6 +224,10 @@ def test_rtt_aware_prefers_this_node_when_it_hosts_the_model():
     hosts = (node("me"), node("peer", rtt_ms=10.0))
     mesh = MeshView("me", hosts)
     assert ra.meshd_select_host("m", "c", hosts, mesh, {}) == "me"
+    # even with a peer within the slack: no hop is nearer than none
+    lan = (node("me"), node("peer", rtt_ms=0.2))
+    assert {ra.meshd_select_host("m", f"c{i}", lan, MeshView("me", lan), {"slack_ms": 5})
+            for i in range(50)} == {"me"}
 
 
 def test_rtt_aware_spreads_over_hosts_within_the_slack():

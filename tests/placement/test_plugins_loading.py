@@ -14,7 +14,8 @@ from meshd.placement import rules as placement
 from meshd.placement.snapshot import GB, MeshView, ModelFile, NodeView
 
 HOSTS = (NodeView("a", role="host", serving=("m",)), NodeView("b", role="host", serving=("m",)))
-MESH = MeshView("a", HOSTS)
+# as a passive client sees them: neither host is the asking node, so the default hashes
+MESH = MeshView("me", HOSTS)
 
 
 def config(plugin_list=(), disable=(), settings=None):
@@ -487,7 +488,7 @@ def test_trace_env_logs_every_hook_call_and_who_answered(tmp_path, caplog, monke
         placement.choose_host("m", "c", HOSTS, MESH, policy=manager)
     lines = [r.getMessage() for r in caplog.records]
     assert lines == [
-        "trace: meshd_select_host(model='m', client_id='c', hosts=(a, b), mesh=<mesh a: 2 nodes>) asking always_b, default",
+        "trace: meshd_select_host(model='m', client_id='c', hosts=(a, b), mesh=<mesh me: 2 nodes>) asking always_b, default",
         "trace: meshd_select_host -> 'b' (answered by always_b)",
     ]
 

@@ -53,7 +53,7 @@ def test_stable_index_does_not_depend_on_pythons_hash_seed():
 
 def test_select_host_does_not_depend_on_the_order_hosts_are_given_in():
     hosts = (node("a", "host"), node("b", "host"), node("c", "host"))
-    mesh = mesh_of(*hosts)
+    mesh = mesh_of(*hosts, self_id="client")
     for i in range(30):
         chosen = {placement.choose_host("m", f"client-{i}", order, mesh) for order in (hosts, hosts[::-1], hosts[1:] + hosts[:1])}
         assert len(chosen) == 1
@@ -61,13 +61,13 @@ def test_select_host_does_not_depend_on_the_order_hosts_are_given_in():
 
 def test_select_host_keeps_one_client_on_one_host():
     hosts = (node("a", "host"), node("b", "host"))
-    mesh = mesh_of(*hosts)
+    mesh = mesh_of(*hosts, self_id="client")
     assert len({placement.choose_host("m", "same-client", hosts, mesh) for _ in range(10)}) == 1
 
 
 def test_select_host_spreads_many_clients_evenly():
     hosts = tuple(node(n, "host") for n in "abc")
-    mesh = mesh_of(*hosts)
+    mesh = mesh_of(*hosts, self_id="client")
     counts = Counter(placement.choose_host("m", f"client-{i}", hosts, mesh) for i in range(3000))
     assert set(counts) == {"a", "b", "c"}
     assert all(900 <= c <= 1100 for c in counts.values()), counts
@@ -75,7 +75,7 @@ def test_select_host_spreads_many_clients_evenly():
 
 def test_select_host_failover_picks_another_host_without_the_failed_one():
     hosts = (node("a", "host"), node("b", "host"), node("c", "host"))
-    mesh = mesh_of(*hosts)
+    mesh = mesh_of(*hosts, self_id="client")
     first = placement.choose_host("m", "client", hosts, mesh)
     second = placement.choose_host("m", "client", tuple(h for h in hosts if h.node_id != first), mesh)
     assert second != first
