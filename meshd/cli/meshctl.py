@@ -328,10 +328,14 @@ def format_status(s: dict) -> list[str]:
         (m.get("state") for m in s.get("models") or [] if m.get("name") == serving), None
     )
     passive = s.get("passive") or {}
+    join = s.get("join") or {}
+    mesh = str(s.get("mesh_id") or "-")
+    if join:  # not in a mesh: why, and what it does about it
+        mesh = f"- ({join.get('state', '?')}: {join.get('reason') or 'no reason given'})"
     lines = pairs(
         [
             ("node", str(s.get("node_id") or "-")),
-            ("mesh", str(s.get("mesh_id") or "-")),
+            ("mesh", mesh),
             ("role", str(s.get("role") or "-")),
             ("serving", f"{serving} ({model_state or 'unknown'})" if serving else "nothing"),
             ("state", str(s.get("state") or "-")),

@@ -82,6 +82,8 @@ class NodeMesh(RoutedMesh, Protocol):
 
     def join(self, token: str) -> defer.Deferred[dict[str, Any]]: ...
 
+    def join_status(self) -> dict[str, str] | None: ...
+
 
 @dataclass(frozen=True)
 class RoleParts:
@@ -418,6 +420,8 @@ class Node:
         return {
             "node_id": self.node_id,
             "mesh_id": self.mesh.mesh_id if self.mesh is not None else None,
+            # not in a mesh yet: joining, or waiting for `meshctl join` (and why)
+            "join": self.mesh.join_status() if self.mesh is not None else None,
             "role": self.role,
             "serving": self.serving,
             "state": self.state,

@@ -374,3 +374,17 @@ def test_a_size_reads_the_same_in_meshctl_logs_and_the_console():
     assert meshctl.human_bytes(8 * 2**30) == "8.0 GiB"
     page = (ROOT / "meshd" / "console" / "index.html").read_text()
     assert "const GIB = 1024 ** 3;" in page and '" GiB"' in page and '" GB"' not in page
+
+
+def test_status_says_why_a_node_is_not_in_a_mesh():
+    lines = meshctl.format_status({
+        "node_id": "n", "mesh_id": None, "role": "idle", "serving": None, "peers": [],
+        "models": [], "join": {"state": "waiting",
+                               "reason": "the token was refused: it expired (token-expired)"},
+    })
+    mesh = next(line for line in lines if line.startswith("mesh"))
+    assert "waiting: the token was refused: it expired" in mesh
+    # in a mesh: the mesh id, no join line
+    lines = meshctl.format_status({"node_id": "n", "mesh_id": "m1", "join": None, "peers": [],
+                                   "models": []})
+    assert next(line for line in lines if line.startswith("mesh")).split() == ["mesh", "m1"]

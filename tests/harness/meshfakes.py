@@ -56,6 +56,9 @@ class FakeMesh:
     def peers(self) -> list[PeerView]:
         return [self.members[k] for k in sorted(self.members)]
 
+    def join_status(self) -> dict[str, str] | None:
+        return None  # in a mesh
+
     def local_changed(self) -> None:
         self.changed += 1
 

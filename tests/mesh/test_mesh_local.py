@@ -171,6 +171,10 @@ def test_revoked_token_is_refused_with_that_reason(cluster):
     wait_for(lambda: "was revoked" in joiner.log_text(), 15, "joiner told the token was revoked",
              nodes=[joiner])
     assert n0.peer_ids() == set()
+    # it founded no mesh: it waits, and its status says why
+    status = joiner.ctl("status").stdout
+    mesh_line = next(line for line in status.splitlines() if line.startswith("mesh"))
+    assert "waiting" in mesh_line and "revoked" in mesh_line, status
 
 
 def test_one_use_token_cannot_be_used_twice(cluster):
