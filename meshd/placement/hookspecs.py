@@ -13,7 +13,9 @@ below, optionally marked with ``hookimpl``::
 
 Rules that hold for every hook:
 
-- A function takes any subset of the hook's arguments, by name.
+- A function takes any subset of the hook's arguments, by name, as plain
+  parameters: one with a default (``settings=None``), ``*args`` or
+  ``**kwargs`` would never be passed anything, and is refused at load time.
 - Arguments are frozen snapshots (``meshd.placement.snapshot``): ``NodeView``,
   ``MeshView``, tuples, strings, numbers.  ``settings`` is this plugin's own
   ``[policy.<plugin name>]`` table from ``/etc/meshd.toml``, read-only
@@ -27,7 +29,9 @@ Rules that hold for every hook:
 - A hook that raises, or returns a value of the wrong type or out of range
   (a host that is not in ``hosts``), is logged with the plugin's name and
   treated as ``None``: the next plugin, and in the end the default plugin,
-  decides.  The daemon never dies of a plugin.
+  decides.  Hooks in :data:`FAIL_CLOSED` (``meshd_allow_download``) fail
+  closed instead: the failing plugin's answer is a refusal.  The daemon
+  never dies of a plugin.
 
 The check for what each hook may return lives beside its spec, in
 :data:`RESULT_CHECKS`; ``meshd.placement.rules`` applies it to every answer.
@@ -36,6 +40,7 @@ The check for what each hook may return lives beside its spec, in
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from typing import Any
 
 import pluggy
@@ -213,7 +218,7 @@ def meshd_allow_download(
     split_peers_available: bool,
     mesh: MeshView,
     settings: Mapping[str, Any],
-) -> bool | None:
+) -> bool | str | tuple[bool, str] | None:
     """Whether this node may download ``model``.
 
     Called before every download: one the assignment started, ``meshctl
@@ -226,8 +231,15 @@ def meshd_allow_download(
     - ``mesh``: the mesh.
 
     Return ``True`` (download), ``False`` (do not), or ``None`` (no opinion,
-    like pytest's ``pytest_ignore_collect``).  First answer wins.  Default:
-    ``True`` when VRAM >= size x 1.1 or ``split_peers_available``.
+    like pytest's ``pytest_ignore_collect``); to say why, return a ``str``
+    (do not download, for this reason) or ``(allowed, reason)``.  The reason
+    reaches the log, ``meshctl download`` and ``meshctl status``.  First
+    answer wins.  Default: ``True`` when VRAM >= size x 1.1 or
+    ``split_peers_available`` (its refusal gives the numbers).
+
+    This hook fails closed: a plugin that raises or returns something
+    invalid here refuses the download (the next plugin is not asked), so a
+    broken gate never lets through a download it was written to stop.
     """
 
 
@@ -269,10 +281,20 @@ def _check_promote(result: Any, kwargs: Mapping[str, Any]) -> str | None:
     return f"expected True, False or a model name, got {_describe(result)}"
 
 
-def _check_bool(result: Any, kwargs: Mapping[str, Any]) -> str | None:
+def _check_download(result: Any, kwargs: Mapping[str, Any]) -> str | None:
     if isinstance(result, bool):
         return None
-    return f"expected True or False, got {_describe(result)}"
+    if isinstance(result, str):
+        return None if result.strip() else "a refusal's reason must not be empty"
+    if isinstance(result, tuple) and len(result) == 2:
+        allowed, reason = result
+        if not isinstance(allowed, bool):
+            return f"(allowed, reason): allowed must be True or False, got {_describe(allowed)}"
+        if not (isinstance(reason, str) and reason.strip()):
+            return f"(allowed, reason): reason must be a non-empty str, got {_describe(reason)}"
+        return None
+    return (f"expected True, False, a reason for refusing (str) or (allowed, reason), "
+            f"got {_describe(result)}")
 
 
 def _check_plan(result: Any, kwargs: Mapping[str, Any]) -> str | None:
@@ -325,7 +347,29 @@ RESULT_CHECKS: dict[str, Callable[[Any, Mapping[str, Any]], str | None]] = {
     "meshd_promote": _check_promote,
     "meshd_elect_host": _check_elected,
     "meshd_plan_split": _check_plan,
-    "meshd_allow_download": _check_bool,
+    "meshd_allow_download": _check_download,
+}
+
+
+@dataclass(frozen=True)
+class FailClosed:
+    """What a hook answers for a plugin that failed, instead of asking the next plugin.
+
+    ``answer(why)`` is the answer; ``consequence`` ends the log line.
+    """
+
+    answer: Callable[[str], Any]
+    consequence: str
+
+
+def _refuse_download(why: str) -> tuple[bool, str]:
+    return False, f"the plugin failed ({why}), and a download gate that fails refuses"
+
+
+# hooks that fail closed: a plugin's failure is a "no", not a pass to the next plugin.
+# Every other hook fails over: the next plugin (in the end the default) decides.
+FAIL_CLOSED: dict[str, FailClosed] = {
+    "meshd_allow_download": FailClosed(_refuse_download, "refusing the download"),
 }
 
 

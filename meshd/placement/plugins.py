@@ -20,7 +20,8 @@ optional).
 Each hook function is registered wrapped (see :meth:`PolicyManager._guard`):
 the wrapper hands the plugin its own settings, times the call, and turns an
 exception or an invalid answer into ``None`` with one log line naming the
-plugin, so pluggy moves on to the next plugin and in the end to the default.
+plugin, so pluggy moves on to the next plugin and in the end to the default
+(or, for the hooks of ``hookspecs.FAIL_CLOSED``, into their refusal).
 """
 
 from __future__ import annotations
@@ -200,7 +201,7 @@ class PolicyManager:
             try:
                 args = _positional_args(fn)
             except ValueError as e:
-                problems.append(f"{where}: {label}: {hook}: {e}")
+                problems.append(f"{where}: {label}: {hook}{_signature_text(fn)}: {e}")
                 continue
             unknown = [a for a in args if a not in spec_args]
             if unknown:
@@ -309,8 +310,16 @@ class PolicyManager:
         """
         picks = tuple(None if a == "settings" else spec_args.index(a) for a in args)
         check = hookspecs.RESULT_CHECKS.get(hook)
+        closed = hookspecs.FAIL_CLOSED.get(hook)
+        then = closed.consequence if closed is not None else "using the next plugin's answer"
         timer = self._timer
         slow_s = self.slow_call_s
+
+        def failed(why: str) -> Any:
+            if closed is None:
+                return None  # the next plugin, in the end the default, decides
+            self.last_answer = plugin
+            return closed.answer(why)
 
         def inner(call_args: tuple[Any, ...]) -> Any:
             mine = [settings if i is None else call_args[i] for i in picks]
@@ -318,8 +327,8 @@ class PolicyManager:
             try:
                 result = fn(*mine)
             except Exception as e:
-                self._report_failure(plugin, hook, fn, e)
-                return None
+                where = self._report_failure(plugin, hook, fn, e, then)
+                return failed(f"{type(e).__name__}: {e}, {where}")
             finally:
                 elapsed = timer() - start
                 if elapsed > slow_s:
@@ -331,10 +340,10 @@ class PolicyManager:
                 if problem is not None:
                     self._report(
                         plugin, hook, "invalid",
-                        "plugin %s: %s returned an invalid answer: %s; using the next plugin's answer",
-                        plugin, hook, problem,
+                        "plugin %s: %s returned an invalid answer: %s; %s",
+                        plugin, hook, problem, then,
                     )
-                    return None
+                    return failed(f"an invalid answer: {problem}")
             self.last_answer = plugin
             return result
 
@@ -359,14 +368,18 @@ class PolicyManager:
             msg += f" ({suppressed} more since the last report)"
         log.warning(msg, *args)
 
-    def _report_failure(self, plugin: str, hook: str, fn: Callable[..., Any], e: Exception) -> None:
+    def _report_failure(
+        self, plugin: str, hook: str, fn: Callable[..., Any], e: Exception, then: str
+    ) -> str:
+        """Log the failure (rate-limited); return where in the plugin it happened."""
         where = _error_location(e, fn)
         self._report(
             plugin, hook, "error",
-            "plugin %s: %s failed: %s: %s (%s); using the next plugin's answer",
-            plugin, hook, type(e).__name__, e, where,
+            "plugin %s: %s failed: %s: %s (%s); %s",
+            plugin, hook, type(e).__name__, e, where, then,
         )
         log.debug("plugin %s: %s traceback", plugin, hook, exc_info=e)
+        return where
 
     def _report_slow(self, plugin: str, hook: str, elapsed: float) -> None:
         self._report(
@@ -624,18 +637,41 @@ def _hook_functions(
 
 
 def _positional_args(fn: Callable[..., Any]) -> tuple[str, ...]:
-    """The arguments pluggy would pass ``fn``: positional ones without defaults."""
+    """The arguments ``fn`` takes, each of which meshd will pass.
+
+    pluggy passes an implementation only its positional arguments without a
+    default.  Anything else in a signature would silently never be passed:
+    ``settings=None`` stays ``None`` (and a download gate written that way
+    crashes on every call), ``*args`` stays empty.  Such signatures are
+    refused here, at load time, with what to write instead.
+    """
     try:
         sig = inspect.signature(fn)
     except (TypeError, ValueError) as e:
         raise ValueError(f"cannot read its signature: {e}") from None
     args = []
     for p in sig.parameters.values():
-        if p.kind is p.KEYWORD_ONLY and p.default is p.empty:
+        if p.kind is p.VAR_POSITIONAL or p.kind is p.VAR_KEYWORD:
+            stars = "*" if p.kind is p.VAR_POSITIONAL else "**"
+            raise ValueError(
+                f"{stars}{p.name} would always be empty: meshd passes a hook only the "
+                "arguments it names; name each one it needs")
+        if p.default is not p.empty:
+            raise ValueError(
+                f"argument {p.name!r} has a default ({p.name}={p.default!r}), so meshd would "
+                f"never pass it (only arguments without a default are passed): write "
+                f"{p.name!r}, not {p.name}={p.default!r}")
+        if p.kind is p.KEYWORD_ONLY:
             raise ValueError(f"keyword-only argument {p.name!r} would never be passed")
-        if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD) and p.default is p.empty:
-            args.append(p.name)
+        args.append(p.name)
     return tuple(args)
+
+
+def _signature_text(fn: Callable[..., Any]) -> str:
+    try:
+        return str(inspect.signature(fn))
+    except (TypeError, ValueError):
+        return "(...)"
 
 
 def _where(fn: Callable[..., Any]) -> str:

@@ -13,7 +13,7 @@ or were disabled) decides itself:
 | plan_split        | the built-in default                                   |
 | assign_model      | no model: the node stays idle                          |
 | should_promote    | no promotion                                           |
-| allow_download    | no download                                            |
+| allow_download    | no download (and a plugin that fails refuses)          |
 
 With the default plugin enabled (the normal case) it always answers, so a
 plugin that fails or returns something invalid gets the default's decision.
@@ -300,11 +300,19 @@ def allow_download(
     )
     if result is None:
         decision = DownloadDecision(False, f"{model}: no plugin allowed the download: not downloading", BUILT_IN)
-    elif by == default.NAME:
-        reason = fit.download_reason(model, size_bytes, node.vram_bytes, bool(result))
-        decision = DownloadDecision(bool(result), reason, by)
     else:
-        verb = "allowed" if result else "refused"
-        decision = DownloadDecision(bool(result), f"{model}: plugin {by} {verb} the download", by or "")
+        # True / False, a refusal's reason (str), or (allowed, reason): hookspecs checked which
+        if isinstance(result, str):
+            allowed, why = False, result
+        elif isinstance(result, tuple):
+            allowed, why = result
+        else:
+            allowed, why = bool(result), ""
+        if by == default.NAME and not why:
+            reason = fit.download_reason(model, size_bytes, node.vram_bytes, allowed)
+        else:
+            verb = "allowed" if allowed else "refused"
+            reason = f"{model}: plugin {by} {verb} the download" + (f": {why}" if why else "")
+        decision = DownloadDecision(allowed, reason, by or "")
     (log.info if decision.allowed else log.warning)("download: %s", decision.reason)
     return decision

@@ -141,3 +141,102 @@ def problems_of(cfg: Config, **kw) -> list[str]:
 
 def policy(**changes) -> Config:
     return Config().replace("policy", **changes)
+
+
+MARKER = "import pluggy\nhookimpl = pluggy.HookimplMarker('meshd')\n\n"
+
+
+# -- (b) signatures meshd cannot honour are refused at load time; which hooks fail closed --------
+
+
+def test_b_a_parameter_with_a_default_is_refused_at_load_time(tmp_path):
+    path = write(tmp_path, "gate.py", MARKER + (
+        "@hookimpl\n"
+        "def meshd_allow_download(size_bytes, settings=None):\n"
+        "    return size_bytes < settings['max_bytes']\n"))
+    assert problems_of(policy(plugins=[path])) == [
+        f"{path}:4: plugin gate ({path}): meshd_allow_download(size_bytes, settings=None): "
+        "argument 'settings' has a default (settings=None), so meshd would never pass it "
+        "(only arguments without a default are passed): write 'settings', not settings=None"
+    ]
+
+
+def test_b_star_args_and_star_star_kwargs_are_refused_at_load_time(tmp_path):
+    for sig, shown in (("*args", "*args"), ("**kw", "**kw")):
+        path = write(tmp_path, "stars.py", MARKER + f"@hookimpl\ndef meshd_select_host({sig}):\n    return None\n")
+        [problem] = problems_of(policy(plugins=[path]))
+        assert f"meshd_select_host({sig}): {shown} would always be empty" in problem
+
+
+def test_b_a_download_gate_that_raises_fails_closed(tmp_path, caplog):
+    import logging
+
+    from meshd.placement import rules as placement
+    from meshd.placement.snapshot import NodeView
+
+    path = write(tmp_path, "gate.py", MARKER + (
+        "@hookimpl\n"
+        "def meshd_allow_download(settings):\n"
+        "    return settings['missing']\n"))
+    manager = load(policy(plugins=[path]))
+    me = NodeView("me", vram_bytes=80 * GB)  # the default alone would allow it
+    with caplog.at_level(logging.WARNING, logger="meshd.policy"):
+        decision = placement.allow_download("m", GB, me, policy=manager)
+    assert not decision.allowed and decision.decided_by == "gate"
+    assert decision.reason == (
+        "m: plugin gate refused the download: the plugin failed (KeyError: 'missing', gate.py:6), "
+        "and a download gate that fails refuses")
+    assert ("plugin gate: meshd_allow_download failed: KeyError: 'missing' (gate.py:6); "
+            "refusing the download") in caplog.text
+
+
+def test_b_a_download_gate_with_an_invalid_answer_fails_closed(tmp_path):
+    from meshd.placement import rules as placement
+    from meshd.placement.snapshot import NodeView
+
+    path = write(tmp_path, "gate.py", MARKER + "@hookimpl\ndef meshd_allow_download():\n    return 1\n")
+    decision = placement.allow_download("m", GB, NodeView("me", vram_bytes=80 * GB),
+                                        policy=load(policy(plugins=[path])))
+    assert not decision.allowed and "the plugin failed (an invalid answer: expected True" in decision.reason
+
+
+def test_b_every_other_hook_fails_over_to_the_next_plugin(tmp_path):
+    from meshd.placement import rules as placement
+    from meshd.placement.snapshot import MeshView, NodeView
+
+    path = write(tmp_path, "boom.py", MARKER + "@hookimpl\ndef meshd_select_host():\n    raise RuntimeError('boom')\n")
+    hosts = (NodeView("a"), NodeView("b"))
+    mesh = MeshView("client", hosts)
+    manager = load(policy(plugins=[path]))
+    assert placement.choose_host("m", "c", hosts, mesh, policy=manager) == placement.choose_host("m", "c", hosts, mesh)
+
+
+# -- (g) a download refusal can say why ----------------------------------------------------------
+
+
+def test_g_a_download_gate_may_return_its_reason(tmp_path):
+    from meshd.placement import rules as placement
+    from meshd.placement.snapshot import NodeView
+
+    path = write(tmp_path, "quota.py", MARKER + (
+        "@hookimpl\n"
+        "def meshd_allow_download(model, size_bytes):\n"
+        "    if model == 'plain':\n"
+        "        return False\n"
+        "    if model == 'yes':\n"
+        "        return True, 'within the monthly quota'\n"
+        "    if size_bytes > 10:\n"
+        "        return f'over the monthly quota by {size_bytes - 10} bytes'\n"
+        "    return None\n"))
+    manager = load(policy(plugins=[path]))
+    me = NodeView("me", vram_bytes=80 * GB)
+
+    def decide(model, size):
+        d = placement.allow_download(model, size, me, policy=manager)
+        return d.allowed, d.reason, d.decided_by
+
+    assert decide("big", 15) == (False, "big: plugin quota refused the download: over the monthly quota by 5 bytes", "quota")
+    assert decide("yes", 15) == (True, "yes: plugin quota allowed the download: within the monthly quota", "quota")
+    assert decide("plain", 15) == (False, "plain: plugin quota refused the download", "quota")  # a bool still works
+    allowed, reason, by = decide("small", 5)  # no opinion: the default, with its numbers
+    assert allowed and by == "default" and reason.startswith("model small (")

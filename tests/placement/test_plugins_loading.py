@@ -431,7 +431,10 @@ def test_a_broken_plugin_never_breaks_any_decision(tmp_path):
     assert placement.assign_model(s, mesh, policy=manager).model == "x"
     assert placement.should_promote(s, mesh, policy=manager).model == "x"
     assert placement.plan_split("m", GB, HOSTS, mesh, policy=manager).mode in ("solo", "wait")
-    assert placement.allow_download("x", GB, s, mesh, policy=manager).allowed
+    # the download gate fails closed: a broken gate refuses, and says so
+    download = placement.allow_download("x", GB, s, mesh, policy=manager)
+    assert not download.allowed and download.decided_by == "boom"
+    assert "plugin boom refused the download: the plugin failed (RuntimeError: boom" in download.reason
 
 
 def test_decided_by_names_the_plugin_that_answered(tmp_path):
