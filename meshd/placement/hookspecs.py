@@ -2,7 +2,8 @@
 
 Every placement decision meshd makes goes through one of these hooks.  A
 plugin is a Python module (or object) with functions named like the hooks
-below, optionally marked with ``hookimpl``::
+below, each marked with ``hookimpl`` (a ``meshd_`` function without the
+marker is refused at load time)::
 
     import pluggy
     hookimpl = pluggy.HookimplMarker("meshd")
@@ -23,7 +24,8 @@ Rules that hold for every hook:
 - Hooks are synchronous and must be cheap: ``meshd_select_host`` runs for
   every request.  Do no I/O and never block.  Every call is timed; one that
   takes longer than 50 ms is reported in the log with the plugin's name.
-- Operator plugins are asked before the default plugin; for the hooks marked
+- Operator plugins are asked before the default plugin (``tryfirst`` /
+  ``trylast`` order them among themselves; the default stays last); for the hooks marked
   *first answer wins*, the first plugin that returns something other than
   ``None`` decides, and ``None`` means "no opinion, ask the next plugin".
 - A hook that raises, or returns a value of the wrong type or out of range

@@ -9,7 +9,12 @@ Where plugins come from, in the order they are asked (first answer wins):
 2. every ``*.py`` in ``/etc/meshd/plugins.d/`` (when the directory exists),
    by file name;
 3. the ``meshd.policies`` entry-point group of installed packages;
-4. ``default`` (``meshd.placement.default``), always last.
+4. ``default`` (``meshd.placement.default``), always last, even behind an
+   operator's ``@hookimpl(trylast=True)`` (see :meth:`PolicyManager._keep_default_last`).
+
+Only functions carrying the ``meshd`` hookimpl marker are hooks; a ``meshd_``
+function without it is refused, so a forgotten marker is not a plugin that
+silently does nothing.
 
 A plugin's name is its file's stem, the last part of its module name, or its
 entry-point name; ``[policy.<name>]`` holds its settings and ``[policy]
@@ -64,6 +69,8 @@ SLOW_CALL_S = 0.05
 REPORT_EVERY_S = 60.0
 
 _EMPTY: Mapping[str, Any] = freeze({})
+# how a plugin marks its hooks, for messages
+MARKER_HINT = 'hookimpl = pluggy.HookimplMarker("meshd")'
 _SOURCE_CHECKOUT_PLUGINS = Path(__file__).resolve().parents[2] / "plugins"
 
 
@@ -97,6 +104,9 @@ class LoadedPlugin:
     settings: Mapping[str, Any] = field(default_factory=lambda: _EMPTY)
     # meshd_configure, unwrapped, when the plugin has one
     configure: Callable[..., Any] | None = None
+    # hooks marked @hookimpl(tryfirst=True) / (trylast=True)
+    tryfirst: tuple[str, ...] = ()
+    trylast: tuple[str, ...] = ()
 
 
 class _Limiter:
@@ -175,11 +185,15 @@ class PolicyManager:
         problems: list[str] = []
         proxy = types.SimpleNamespace()
         hooks: list[str] = []
+        tryfirst: set[str] = set()
+        trylast: set[str] = set()
         configure = None
         found = _hook_functions(self.pm, obj)
         if not found:
-            problems.append(f"{label}: defines no meshd_ hook functions")
+            problems.append(f"{label}: defines no hooks (functions marked @hookimpl, where {MARKER_HINT})")
         for attr, fn, opts in found:
+            marked = opts is not None
+            opts = opts or {}
             hook = opts.get("specname") or attr
             where = _where(fn)
             if hook not in self._specs:
@@ -188,6 +202,13 @@ class PolicyManager:
                 close = difflib.get_close_matches(hook, list(self._specs), n=1)
                 hint = f" (did you mean {close[0]}?)" if close else ""
                 problems.append(f"{where}: {label}: {hook} matches no meshd hook{hint}")
+                continue
+            if not marked:
+                # pluggy would ignore it; meshd says so rather than let the plugin do nothing
+                problems.append(
+                    f"{where}: {label}: {hook} is not marked as a hook, so it would never be "
+                    f"called: put @hookimpl above it ({MARKER_HINT})"
+                )
                 continue
             if opts.get("hookwrapper") or opts.get("wrapper"):
                 problems.append(
@@ -215,6 +236,12 @@ class PolicyManager:
                 problems.append(f"{where}: {label}: {hook} is implemented twice")
                 continue
             hooks.append(hook)
+            if name == DEFAULT_PLUGIN:
+                opts = {**opts, "tryfirst": False, "trylast": True}  # asked after every plugin
+            if opts.get("tryfirst"):
+                tryfirst.add(hook)
+            if opts.get("trylast"):
+                trylast.add(hook)
             if hook == "meshd_configure":
                 # called directly, once, with this plugin's settings (see configure())
                 configure = fn
@@ -237,8 +264,34 @@ class PolicyManager:
             disabled=tuple(sorted(disabled & set(self._specs))),
             settings=settings,
             configure=configure,
+            tryfirst=tuple(h for h in hooks if h in tryfirst),
+            trylast=tuple(h for h in hooks if h in trylast),
         )
+        if name != DEFAULT_PLUGIN and trylast:
+            self._keep_default_last()
         return []
+
+    def _keep_default_last(self) -> None:
+        """Put the default back behind a plugin that registered ``trylast`` hooks.
+
+        pluggy asks ``trylast`` implementations last, the last registered of
+        them last of all.  Every hook of the default is ``trylast``, so
+        registering it again puts it behind every other ``trylast`` one (an
+        operator's ``@hookimpl(trylast=True)`` means "after the other
+        plugins", never "after the default"), and changes nothing else.
+        """
+        proxy = self.pm.get_plugin(DEFAULT_PLUGIN)
+        if proxy is None:
+            return
+        self.pm.unregister(name=DEFAULT_PLUGIN)
+        self.pm.register(proxy, name=DEFAULT_PLUGIN)
+
+    def hook_order(self, hook: str) -> list[str]:
+        """The plugins that answer ``hook``, the one asked first first (as pluggy calls them)."""
+        caller = getattr(self.pm.hook, hook, None)
+        if caller is None:
+            return []
+        return [impl.plugin_name for impl in reversed(caller.get_hookimpls())]
 
     def check_pending(self) -> list[str]:
         """pluggy's own check that every registered hookimpl has a spec."""
@@ -263,17 +316,22 @@ class PolicyManager:
         return problems
 
     def summary(self) -> list[str]:
-        """One line per plugin, in the order they are asked."""
+        """One line per plugin, in the order they are asked (``(tryfirst)`` / ``(trylast)``
+        mark a hook asked before / after the other plugins' same hook)."""
         lines = []
         for p in self.ordered():
-            hooks = ", ".join(h.removeprefix("meshd_") for h in p.hooks) or "none"
+            hooks = ", ".join(_hook_label(h, p) for h in p.hooks) or "none"
             extra = f"; disabled: {', '.join(h.removeprefix('meshd_') for h in p.disabled)}" if p.disabled else ""
             lines.append(f"{p.name} ({p.origin}): {hooks}{extra}")
         return lines
 
     def ordered(self) -> list[LoadedPlugin]:
-        """Registered plugins, the one asked first first (pluggy calls the last registered first)."""
-        return [self.plugins[n] for n in reversed(list(self.plugins))]
+        """Registered plugins, the one asked first first (pluggy calls the last registered
+        first), the default last whenever it was registered."""
+        names = [n for n in reversed(list(self.plugins)) if n != DEFAULT_PLUGIN]
+        if DEFAULT_PLUGIN in self.plugins:
+            names.append(DEFAULT_PLUGIN)
+        return [self.plugins[n] for n in names]
 
     # -- calling ----------------------------------------------------------------
 
@@ -592,6 +650,17 @@ def parse_disable(entries: Iterable[str]) -> tuple[set[str], dict[str, list[str]
 # -- helpers ----------------------------------------------------------------------
 
 
+def _hook_label(hook: str, p: LoadedPlugin) -> str:
+    short = hook.removeprefix("meshd_")
+    if p.name == DEFAULT_PLUGIN:
+        return short  # always last: nothing to say
+    if hook in p.tryfirst:
+        return f"{short} (tryfirst)"
+    if hook in p.trylast:
+        return f"{short} (trylast)"
+    return short
+
+
 def _hook_name(text: str) -> str:
     return text if text.startswith("meshd_") else "meshd_" + text
 
@@ -607,16 +676,18 @@ def _looks_like_path(entry: str) -> bool:
 
 def _hook_functions(
     pm: pluggy.PluginManager, obj: object
-) -> list[tuple[str, Callable[..., Any], Mapping[str, Any]]]:
-    """``(attribute, function, hookimpl options)`` for each hook function of ``obj``.
+) -> list[tuple[str, Callable[..., Any], Mapping[str, Any] | None]]:
+    """``(attribute, function, hookimpl options)`` for each hook candidate of ``obj``.
 
-    A function counts when its name starts with ``meshd_`` (marked or not,
-    so a misspelled name is caught) or it carries the ``meshd`` hookimpl
-    marker.  In a module, only functions defined there count: a plugin that
-    imports ``meshd_select_host`` from another does not implement it.
+    A hook is a function that carries the ``meshd`` hookimpl marker.  Functions
+    whose name starts with ``meshd_`` are candidates too, marked or not
+    (options ``None`` when not), so that a forgotten marker or a misspelled
+    name is an error rather than a function that is silently never called.
+    In a module, only functions defined there count: a plugin that imports
+    ``meshd_select_host`` from another does not implement it.
     """
     module_name = obj.__name__ if isinstance(obj, types.ModuleType) else None
-    out: list[tuple[str, Callable[..., Any], Mapping[str, Any]]] = []
+    out: list[tuple[str, Callable[..., Any], Mapping[str, Any] | None]] = []
     for attr in sorted(dir(obj)):
         try:
             value = getattr(obj, attr)
@@ -632,7 +703,7 @@ def _hook_functions(
             continue
         if module_name is not None and getattr(value, "__module__", module_name) != module_name:
             continue
-        out.append((attr, value, dict(opts) if opts is not None else {}))
+        out.append((attr, value, dict(opts) if opts is not None else None))
     return out
 
 

@@ -79,22 +79,28 @@ class Recorder:
     def _record(self, name, **kwargs):
         self.calls[name] = kwargs
 
+    @hookspecs.hookimpl
     def meshd_select_host(self, model, client_id, hosts, mesh, settings):
         self._record("meshd_select_host", model=model, client_id=client_id, hosts=hosts, mesh=mesh, settings=settings)
 
+    @hookspecs.hookimpl
     def meshd_assign_model(self, node, mesh, settings):
         self._record("meshd_assign_model", node=node, mesh=mesh, settings=settings)
 
+    @hookspecs.hookimpl
     def meshd_promote(self, node, mesh, settings):
         self._record("meshd_promote", node=node, mesh=mesh, settings=settings)
 
+    @hookspecs.hookimpl
     def meshd_elect_host(self, model, group, mesh, settings):
         self._record("meshd_elect_host", model=model, group=group, mesh=mesh, settings=settings)
 
+    @hookspecs.hookimpl
     def meshd_plan_split(self, model, size_bytes, host, group, mesh, force_split, settings):
         self._record("meshd_plan_split", model=model, size_bytes=size_bytes, host=host, group=group,
                      mesh=mesh, force_split=force_split, settings=settings)
 
+    @hookspecs.hookimpl
     def meshd_allow_download(self, model, size_bytes, node, split_peers_available, mesh, settings):
         self._record("meshd_allow_download", model=model, size_bytes=size_bytes, node=node,
                      split_peers_available=split_peers_available, mesh=mesh, settings=settings)

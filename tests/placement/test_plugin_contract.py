@@ -240,3 +240,91 @@ def test_g_a_download_gate_may_return_its_reason(tmp_path):
     assert decide("plain", 15) == (False, "plain: plugin quota refused the download", "quota")  # a bool still works
     allowed, reason, by = decide("small", 5)  # no opinion: the default, with its numbers
     assert allowed and by == "default" and reason.startswith("model small (")
+
+
+# -- (c) default is always asked last, trylast or not --------------------------------------------
+
+
+class Chooses:
+    def __init__(self, host: str):
+        self.host = host
+
+
+class LastWord(Chooses):
+    @hookimpl(trylast=True)
+    def meshd_select_host(self):
+        return self.host
+
+
+class FirstWord(Chooses):
+    @hookimpl(tryfirst=True)
+    def meshd_select_host(self):
+        return self.host
+
+
+class PlainWord(Chooses):
+    @hookimpl
+    def meshd_select_host(self):
+        return self.host
+
+
+def test_c_a_trylast_plugin_is_asked_after_the_others_but_before_the_default(tmp_path):
+    from meshd.placement import rules as placement
+    from meshd.placement.snapshot import MeshView, NodeView
+
+    hosts = (NodeView("a"), NodeView("b"))
+    mesh = MeshView("a", hosts)  # the default would answer "a" (this node)
+    manager = manager_with(("last", LastWord("b")))
+    assert manager.hook_order("meshd_select_host") == ["last", "default"]
+    assert placement.choose_host("m", "c", hosts, mesh, policy=manager) == "b"
+    # the other plugins first, then the trylast one, then the default
+    manager = manager_with(("last", LastWord("b")), ("plain", PlainWord("a")), ("first", FirstWord("a")))
+    assert manager.hook_order("meshd_select_host") == ["first", "plain", "last", "default"]
+    assert [p.name for p in manager.ordered()][-1] == "default"
+    assert "last (object LastWord): select_host (trylast)" in manager.summary()
+
+
+def test_c_the_default_stays_last_whatever_order_plugins_are_registered_in():
+    from meshd.placement import default
+
+    manager = plugins.PolicyManager()
+    assert manager.add(LastWord("b"), "last") == []
+    assert manager.add(default, "default", origin="built in") == []
+    assert manager.add(LastWord("a"), "later") == []
+    assert manager.hook_order("meshd_select_host")[-1] == "default"
+    assert [p.name for p in manager.ordered()][-1] == "default"
+
+
+def test_c_trylast_from_a_config_file_keeps_the_default_last(tmp_path):
+    path = write(tmp_path, "late.py", MARKER + "@hookimpl(trylast=True)\ndef meshd_allow_download():\n    return False\n")
+    manager = load(policy(plugins=[path]))
+    assert manager.hook_order("meshd_allow_download") == ["late", "default"]
+
+
+# -- (d) only functions marked @hookimpl are hooks -----------------------------------------------
+
+
+def test_d_an_unmarked_meshd_function_is_refused_with_what_to_do(tmp_path):
+    path = write(tmp_path, "unmarked.py", "def meshd_select_host(hosts):\n    return hosts[0].node_id\n")
+    assert problems_of(policy(plugins=[path])) == [
+        f"{path}:1: plugin unmarked ({path}): meshd_select_host is not marked as a hook, so it "
+        "would never be called: put @hookimpl above it (hookimpl = pluggy.HookimplMarker(\"meshd\"))"
+    ]
+
+
+def test_d_an_unmarked_method_of_a_plugin_object_is_refused_too():
+    class Unmarked:
+        def meshd_promote(self):
+            return False
+
+    [problem] = plugins.PolicyManager().add(Unmarked(), "obj")
+    assert "meshd_promote is not marked as a hook" in problem
+
+
+def test_d_a_marked_function_with_any_name_is_a_hook_and_other_functions_are_not(tmp_path):
+    path = write(tmp_path, "named.py", MARKER + (
+        "def helper():\n    return 'b'\n\n"
+        "@hookimpl(specname='meshd_select_host')\n"
+        "def pick():\n    return helper()\n"))
+    manager = load(policy(plugins=[path]))
+    assert manager.plugins["named"].hooks == ("meshd_select_host",)

@@ -11,6 +11,7 @@ import pytest
 from meshd.config import Config
 from meshd.placement import plugins
 from meshd.placement import rules as placement
+from meshd.placement.hookspecs import hookimpl
 from meshd.placement.snapshot import GB, MeshView, ModelFile, NodeView
 
 HOSTS = (NodeView("a", role="host", serving=("m",)), NodeView("b", role="host", serving=("m",)))
@@ -45,11 +46,20 @@ def write(directory: Path, name: str, body: str) -> str:
     return str(path)
 
 
-ALWAYS_B = """
+# a plugin file as the docs write one: the marker, then the hooks
+MARKED = """
+    import pluggy
+    hookimpl = pluggy.HookimplMarker("meshd")
+"""
+# the same, for a one-hook file written inline: the def is on line 4
+ONE_HOOK = "import pluggy\nhookimpl = pluggy.HookimplMarker('meshd')\n@hookimpl\n"
+ALWAYS_B = MARKED + """
+    @hookimpl
     def meshd_select_host(hosts):
         return "b"
 """
-ALWAYS_A = """
+ALWAYS_A = MARKED + """
+    @hookimpl
     def meshd_select_host(hosts):
         return "a"
 """
@@ -86,14 +96,14 @@ def test_the_plugin_listed_first_is_asked_first(tmp_path):
 
 
 def test_a_plugin_that_returns_none_leaves_the_decision_to_the_default(tmp_path):
-    path = write(tmp_path, "shrug.py", "def meshd_select_host():\n    return None\n")
+    path = write(tmp_path, "shrug.py", ONE_HOOK + "def meshd_select_host():\n    return None\n")
     client = client_choosing("b")
     assert placement.choose_host("m", client, HOSTS, MESH, policy=load(config([path]))) == "b"
 
 
 def test_a_glob_loads_every_matching_file(tmp_path):
     write(tmp_path, "one.py", ALWAYS_A)
-    write(tmp_path, "two.py", "def meshd_allow_download():\n    return False\n")
+    write(tmp_path, "two.py", ONE_HOOK + "def meshd_allow_download():\n    return False\n")
     manager = load(config([str(tmp_path / "*.py")]))
     assert set(manager.plugins) == {"one", "two", "default"}
 
@@ -141,6 +151,7 @@ class FakeEntryPoint:
 
 
 class AlwaysB:
+    @hookimpl
     def meshd_select_host(self, hosts):
         return "b"
 
@@ -230,14 +241,16 @@ def test_a_bad_disable_entry_is_a_problem(entry, expected):
 # -- settings -------------------------------------------------------------------------
 
 
-SETTINGS_PLUGIN = """
+SETTINGS_PLUGIN = MARKED + """
     SEEN = []
 
+    @hookimpl
     def meshd_configure(settings):
         if "host" not in settings:
             raise ValueError("host: required")
         SEEN.append(settings)
 
+    @hookimpl
     def meshd_select_host(settings):
         return settings["host"]
 """
@@ -295,15 +308,18 @@ def test_check_reports_a_misspelled_hook_with_a_suggestion(tmp_path):
 
 
 def test_check_reports_an_argument_the_hook_does_not_have(tmp_path):
-    path = write(tmp_path, "args.py", "def meshd_select_host(model, host):\n    return None\n")
+    path = write(tmp_path, "args.py", ONE_HOOK + "def meshd_select_host(model, host):\n    return None\n")
     problems = check(config([path]))
     assert len(problems) == 1
-    assert f"{path}:1: plugin args ({path}): meshd_select_host(model, host): 'host' not among the hook's arguments" in problems[0]
+    assert f"{path}:3: plugin args ({path}): meshd_select_host(model, host): 'host' not among the hook's arguments" in problems[0]
 
 
 def test_check_reports_a_plugin_without_hooks(tmp_path):
     path = write(tmp_path, "empty.py", "def helper():\n    return 1\n")
-    assert check(config([path])) == [f"plugin empty ({path}): defines no meshd_ hook functions"]
+    assert check(config([path])) == [
+        f"plugin empty ({path}): defines no hooks (functions marked @hookimpl, "
+        "where hookimpl = pluggy.HookimplMarker(\"meshd\"))"
+    ]
 
 
 def test_check_rejects_hook_wrappers(tmp_path):
@@ -341,8 +357,12 @@ def test_a_hookimpl_for_a_marked_function_with_another_name_uses_specname(tmp_pa
 
 def test_imported_meshd_functions_do_not_count_as_the_plugins_hooks(tmp_path):
     body = """
+        import pluggy
         from meshd.placement.default import meshd_select_host
 
+        hookimpl = pluggy.HookimplMarker("meshd")
+
+        @hookimpl
         def meshd_allow_download():
             return False
     """
@@ -381,7 +401,8 @@ class Clock:
         return self.now
 
 
-RAISES = """
+RAISES = MARKED + """
+    @hookimpl
     def meshd_select_host(hosts):
         return {}["missing"]
 """
@@ -394,7 +415,7 @@ def test_a_plugin_that_raises_gets_the_default_decision_and_a_log_line(tmp_path,
         assert placement.choose_host("m", client, HOSTS, MESH, policy=manager) == "b"
     [record] = caplog.records
     assert record.getMessage() == (
-        "plugin raiser: meshd_select_host failed: KeyError: 'missing' (raiser.py:3); "
+        "plugin raiser: meshd_select_host failed: KeyError: 'missing' (raiser.py:7); "
         "using the next plugin's answer"
     )
     assert record.exc_info is None  # one line for the operator, no traceback
@@ -403,9 +424,9 @@ def test_a_plugin_that_raises_gets_the_default_decision_and_a_log_line(tmp_path,
 @pytest.mark.parametrize(
     "body, problem",
     [
-        ("def meshd_select_host(hosts):\n    return 1\n", "expected a node_id (str), got int 1"),
-        ("def meshd_select_host(hosts):\n    return 'zzz'\n", "'zzz' is not one of the hosts (a, b)"),
-        ("def meshd_select_host(hosts):\n    return hosts[0]\n", "expected a node_id (str), got NodeView"),
+        (ONE_HOOK + "def meshd_select_host(hosts):\n    return 1\n", "expected a node_id (str), got int 1"),
+        (ONE_HOOK + "def meshd_select_host(hosts):\n    return 'zzz'\n", "'zzz' is not one of the hosts (a, b)"),
+        (ONE_HOOK + "def meshd_select_host(hosts):\n    return hosts[0]\n", "expected a node_id (str), got NodeView"),
     ],
 )
 def test_an_invalid_answer_gets_the_default_decision_and_a_log_line(tmp_path, caplog, body, problem):
@@ -420,11 +441,11 @@ def test_an_invalid_answer_gets_the_default_decision_and_a_log_line(tmp_path, ca
 
 def test_a_broken_plugin_never_breaks_any_decision(tmp_path):
     body = "".join(
-        f"def {hook}():\n    raise RuntimeError('boom')\n\n"
+        f"@hookimpl\ndef {hook}():\n    raise RuntimeError('boom')\n\n"
         for hook in ("meshd_select_host", "meshd_assign_model", "meshd_promote", "meshd_elect_host",
                      "meshd_plan_split", "meshd_allow_download")
     )
-    manager = load(config([write(tmp_path, "boom.py", body)]))
+    manager = load(config([write(tmp_path, "boom.py", textwrap.dedent(MARKED) + body)]))
     s = NodeView("s", role="standby", vram_bytes=8 * GB, available_models=(ModelFile("x", GB),))
     mesh = MeshView("a", (*HOSTS, s))
     assert placement.choose_host("m", "c", HOSTS, mesh, policy=manager) in ("a", "b")
@@ -438,7 +459,7 @@ def test_a_broken_plugin_never_breaks_any_decision(tmp_path):
 
 
 def test_decided_by_names_the_plugin_that_answered(tmp_path):
-    path = write(tmp_path, "nodl.py", "def meshd_allow_download():\n    return False\n")
+    path = write(tmp_path, "nodl.py", ONE_HOOK + "def meshd_allow_download():\n    return False\n")
     manager = load(config([path]))
     decision = placement.allow_download("m", GB, NodeView("me", vram_bytes=8 * GB), MESH, policy=manager)
     assert (decision.allowed, decision.decided_by) == (False, "nodl")
