@@ -33,6 +33,10 @@ What a reader needs to know:
   ``HOLD_BYTES``) so a backend that dies mid-way becomes a clean 502; longer
   ones are passed through after that.  A stream that breaks after its first
   byte ends with an SSE ``error`` event and the connection closes.
+- A chunked body passed through goes to a client that reads chunked framing
+  (HTTP/1.1) in the upstream's own framing, only its size lines parsed
+  (:func:`write_framed`): through a tunnel neither node decodes and re-frames
+  a chunk.  An HTTP/1.0 client gets it decoded.
 - Drain (SIGTERM): :meth:`ApiServer.drain` refuses new requests with 503 and
   fires once every in-flight request ended or the timeout passed.
 - A ``relay`` server is the far end of tunnels (``meshd.serving.tunnel``): where the
@@ -98,6 +102,33 @@ def send_error(request: server.Request, shape: Shape, status: int, message: str,
         request.setHeader(name, value)
     request.write(body)
     request.finish()
+
+
+def write_framed(request: server.Request, pieces: list[bytes], payload: int) -> None:
+    """Write body bytes that are already in chunked framing, past ``Request.write``.
+
+    The one place meshd writes around twisted.web's Request.  Why: an
+    upstream's chunked body passed on as it came (``ChunkedDecoder.frame``)
+    must not be framed a second time, and ``Request.write`` frames every call
+    as one chunk of its own.  What keeps the Request's own bookkeeping right:
+
+    - only after the head went out through ``Request.write`` and the Request
+      chose chunked framing for this response (``request.chunked``: an
+      HTTP/1.1 client, no Content-Length, not HEAD, a status with a body);
+    - every call ends on a chunk boundary (``frame`` guarantees it), so a later
+      ``Request.write`` (the SSE error event) and ``Request.finish`` (the last
+      chunk, ``0\r\n\r\n``) still make a valid body;
+    - nothing is written once the client went away (the Request drops its
+      channel then) or after ``finish``, as ``Request.write`` would not;
+    - ``sentLength`` counts the payload bytes, as ``Request.write`` does.
+
+    No encoder (gzip) is ever set on the API's requests, so none is bypassed.
+    """
+    channel = request.channel
+    if channel is None or request.finished:
+        return
+    request.sentLength += payload
+    channel.writeSequence(pieces)
 
 
 def send_json(request: server.Request, status: int, doc: Any) -> None:
@@ -630,6 +661,7 @@ class Forward:
             request.setHeader(b"Cache-Control", b"no-cache")
             self._send_head()
             request.write(b"")  # the head goes out now: clients wait for it
+            self._pass_framing()
         else:
             self._move(ForwardState.HOLDING)
 
@@ -639,6 +671,15 @@ class Forward:
         # the upstream connection produces for our client's connection: when
         # our client's socket buffer fills, twisted.web pauses it
         self.request.registerProducer(self.conn, True)
+
+    def _pass_framing(self) -> None:
+        """When our client reads chunked framing (twisted.web chose it at the head's
+        write) and the upstream's body is chunked, its chunks are written on in the
+        upstream's own framing (``response_framed``), not decoded and framed again.
+        An HTTP/1.0 client, a Content-Length body or a HEAD request keeps the
+        decoded path (``response_data`` through ``Request.write``)."""
+        if self.request.chunked and self.conn is not None:
+            self.conn.pass_framing()
 
     def _take_hold(self) -> bytes:
         held, self.hold, self.hold_size = self.hold, [], 0
@@ -655,6 +696,12 @@ class Forward:
             self._move(ForwardState.RELAYING)
             self._send_head()
             self.response_data(self._take_hold())
+            self._pass_framing()
+
+    def response_framed(self, pieces: list[bytes], payload: int) -> None:
+        # only after _pass_framing: STREAMING or RELAYING, to a chunked client
+        self.nbytes += payload
+        write_framed(self.request, pieces, payload)
 
     def response_end(self) -> None:
         request = self.request

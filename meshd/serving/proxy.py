@@ -11,7 +11,10 @@ sink.
 One :class:`UpstreamConnection` carries one exchange at a time.  The caller
 gives it the request bytes and a :class:`ResponseSink`; the connection calls
 the sink with the response head, each piece of body as it arrives (never
-buffered, never re-split), and the end or the failure.  Clean keep-alive
+buffered, never re-split), and the end or the failure.  A chunked body is
+decoded for the sink, or, once the sink asks (``pass_framing``: its own client
+reads chunked framing too), handed on in the upstream's own chunk framing with
+only the size lines parsed (``ChunkedDecoder.frame``).  Clean keep-alive
 connections go back to the :class:`ConnectionPool` under the upstream's
 ``pool_key``.
 """
@@ -48,6 +51,11 @@ class ResponseSink(TypingProtocol):
     def response_data(self, data: bytes) -> None:
         """A piece of the (de-chunked) body, exactly as it arrived."""
 
+    def response_framed(self, pieces: list[bytes], payload: int) -> None:
+        """Pieces of a chunked body still in its chunked framing, once the sink asked
+        for them (:meth:`UpstreamConnection.pass_framing`); ``payload``: the body
+        bytes they carry.  Every call ends on a chunk boundary."""
+
     def response_end(self) -> None:
         """The body ended cleanly."""
 
@@ -60,23 +68,31 @@ class UpstreamError(Exception):
 
 
 class ChunkedDecoder:
-    """``Transfer-Encoding: chunked`` to payload, incrementally, with no copy of whole chunks.
+    """``Transfer-Encoding: chunked``, read incrementally: decoded (:meth:`feed`) or
+    passed on in its own framing (:meth:`frame`), with no copy of whole chunks.
 
     ``feed`` returns the payload bytes contained in ``data`` (joined, possibly
-    empty) and whether the terminating chunk and trailers were seen.  A
-    partial chunk's payload is returned at once, not held back.
+    empty); a partial chunk's payload is returned at once, not held back.
+    ``frame`` returns the same body still chunked, for a writer whose client
+    reads chunked framing too.  One body may switch from ``feed`` to ``frame``
+    part-way (a held answer that turned out long).  ``done``: the terminating
+    chunk and trailers were seen.
     """
 
-    __slots__ = ("_left", "_crlf", "_line", "_trailers", "done")
+    __slots__ = ("_left", "_crlf", "_line", "_trailers", "_own", "done")
 
     def __init__(self) -> None:
         self._left = 0  # payload bytes still to come in the current chunk
         self._crlf = 0  # bytes of the CRLF after a chunk's payload still to skip
         self._line = b""  # a partial size or trailer line
         self._trailers = False
+        # the current chunk's size line was not passed on (frame: its payload
+        # goes out in chunks framed here)
+        self._own = False
         self.done = False
 
     def feed(self, data: bytes) -> bytes:
+        self._own = True  # nothing fed is passed on in its framing
         out = []
         pos = 0
         end = len(data)
@@ -110,13 +126,7 @@ class ChunkedDecoder:
                         raise UpstreamError("data after the end of a chunked body")
                     break
                 continue
-            size_text = line.split(b";", 1)[0].strip()
-            try:
-                size = int(size_text, 16)
-            except ValueError:
-                raise UpstreamError(f"bad chunk size {size_text[:20]!r}") from None
-            if size < 0:
-                raise UpstreamError("negative chunk size")
+            size = _chunk_size(line)
             if size == 0:
                 self._trailers = True
             else:
@@ -124,6 +134,161 @@ class ChunkedDecoder:
         if len(out) == 1:
             return out[0]
         return b"".join(out)
+
+    def frame(self, data: bytes) -> tuple[list[bytes], int]:
+        """The chunked body in ``data`` as pieces to write on, and the payload bytes they carry.
+
+        Why: a proxy whose client reads chunked framing need not decode a
+        chunk and frame it again; it only has to know where chunks end (to
+        find the end of the body, count its bytes, and end it with a chunk of
+        its own).  Chunks wholly inside ``data`` are passed as they came, size
+        lines included: consecutive ones as one slice of ``data`` (most often
+        ``data`` itself), only their size lines parsed.
+
+        Whatever comes back ends on a chunk boundary, so the writer can always
+        follow it with a chunk of its own (an error event) or the last chunk:
+        when a read ends inside a chunk, the part that came goes out as a
+        chunk framed here, and so does each later part of it; a CRLF still to
+        come is written ahead and skipped when it arrives.  The terminating
+        chunk and trailers are not passed on: the writer ends its own body.
+        """
+        out: list[bytes] = []
+        pos = 0
+        end = len(data)
+        raw = -1  # where the span passed as it came starts; -1: none open
+        hdr = 0  # where the current chunk's size line starts
+        payload = 0
+        left, crlf, own = self._left, self._crlf, self._own
+        while pos < end:
+            if left:
+                avail = end - pos
+                if own:
+                    take = left if left < avail else avail
+                    out += (b"%x\r\n" % take, data if take == end else data[pos : pos + take],
+                            b"\r\n")
+                    pos += take
+                    left -= take
+                    payload += take
+                    if not left:
+                        crlf = 2
+                    continue
+                if left <= avail:
+                    pos += left
+                    payload += left
+                    left = 0
+                    crlf = 2
+                    continue
+                # the read ends inside a chunk passed as it came: what precedes
+                # its size line goes as it is, what came of it as a chunk of ours
+                if hdr > raw >= 0:
+                    out.append(data[raw:hdr])
+                raw = -1
+                out += (b"%x\r\n" % avail, data[pos:], b"\r\n")
+                payload += avail
+                left -= avail
+                own = True
+                break
+            if crlf:
+                # inside a span passed as it came, or already written by us
+                take = crlf if crlf < end - pos else end - pos
+                pos += take
+                crlf -= take
+                continue
+            if not self._line and not self._trailers:
+                # the common case, whole chunks one after another: one size
+                # line parsed per chunk, nothing else looked at
+                run = pos
+                while True:
+                    nl = data.find(b"\n", pos)
+                    if nl < 0:
+                        break
+                    try:
+                        size = int(data[pos:nl], 16)
+                    except ValueError:
+                        break  # an extension, or not a size: the step below decides
+                    after = nl + size + 3  # the size line's LF, the payload, its CRLF
+                    if size <= 0 or after > end:
+                        break
+                    payload += size
+                    pos = after
+                if pos > run:
+                    own = False
+                    if raw < 0:
+                        raw = run
+                    continue
+            nl = data.find(b"\n", pos)
+            if nl < 0:
+                if raw >= 0:
+                    out.append(data[raw:pos])
+                    raw = -1
+                self._line += data[pos:]
+                if len(self._line) > 4096:
+                    raise UpstreamError("chunk size line too long")
+                break
+            start = pos
+            pos = nl + 1
+            spanned = bool(self._line)  # the size line began in an earlier read
+            if spanned:
+                line = self._line + data[start:nl]
+                self._line = b""
+            else:
+                line = data[start:nl]
+            if self._trailers:
+                if not line.rstrip(b"\r"):
+                    self.done = True
+                    if pos < end:
+                        raise UpstreamError("data after the end of a chunked body")
+                    break
+                continue
+            try:
+                size = int(line, 16)  # the common case: no chunk extension
+            except ValueError:
+                size = _chunk_size(line.rstrip(b"\r"))
+            if size <= 0:
+                if size < 0:
+                    raise UpstreamError("negative chunk size")
+                if raw >= 0:
+                    out.append(data[raw:start])
+                    raw = -1
+                self._trailers = True
+                continue
+            if spanned:
+                own = True
+                left = size
+                continue
+            own = False
+            if raw < 0:
+                raw = start
+            hdr = start
+            if pos + size + 2 <= end:
+                # all of the chunk and its CRLF are here: the common case, one step
+                pos += size + 2
+                payload += size
+            else:
+                left = size
+        if raw >= 0:
+            if left:  # the read ended right after a size line: that chunk goes out framed here
+                if hdr > raw:
+                    out.append(data[raw:hdr])
+                own = True
+            else:
+                out.append(data if raw == 0 else data[raw:])
+                if crlf:  # the read ended between a chunk's payload and its CRLF
+                    out.append(b"\r\n"[2 - crlf :])
+        self._left, self._crlf, self._own = left, crlf, own
+        return out, payload
+
+
+def _chunk_size(line: bytes) -> int:
+    """A chunk size line's size (extensions after ``;`` ignored); raises :class:`UpstreamError`."""
+    size_text = line.split(b";", 1)[0].strip()
+    try:
+        size = int(size_text, 16)
+    except ValueError:
+        raise UpstreamError(f"bad chunk size {size_text[:20]!r}") from None
+    if size < 0:
+        raise UpstreamError("negative chunk size")
+    return size
 
 
 def parse_head(head: bytes) -> tuple[int, dict[bytes, bytes], bool]:
@@ -176,6 +341,7 @@ class UpstreamConnection(Protocol):
         self._framing = _LENGTH
         self._left = 0
         self._decoder: ChunkedDecoder | None = None
+        self._framed = False  # the sink takes the chunked body in its framing
 
     @property
     def sock(self) -> _Socket:
@@ -226,6 +392,18 @@ class UpstreamConnection(Protocol):
     def stopProducing(self) -> None:
         self.abort()
 
+    def pass_framing(self) -> bool:
+        """From now on give the sink this body's chunks in their own framing
+        (``response_framed``), not decoded; False when the body is not chunked.
+
+        For a sink whose client reads chunked framing too: it writes the
+        upstream's bytes on instead of decoding and re-encoding every chunk.
+        """
+        if self.state != _BODY or self._framing != _CHUNKED:
+            return False
+        self._framed = True
+        return True
+
     # -- the response --------------------------------------------------------
 
     def dataReceived(self, data: bytes) -> None:
@@ -236,13 +414,22 @@ class UpstreamConnection(Protocol):
             framing = self._framing
             if framing == _CHUNKED:
                 decoder = cast(ChunkedDecoder, self._decoder)
-                try:
-                    payload = decoder.feed(data)
-                except UpstreamError as e:
-                    self._fail(str(e))
-                    return
-                if payload:
-                    sink.response_data(payload)
+                if self._framed:
+                    try:
+                        pieces, nbytes = decoder.frame(data)
+                    except UpstreamError as e:
+                        self._fail(str(e))
+                        return
+                    if pieces:
+                        sink.response_framed(pieces, nbytes)
+                else:
+                    try:
+                        payload = decoder.feed(data)
+                    except UpstreamError as e:
+                        self._fail(str(e))
+                        return
+                    if payload:
+                        sink.response_data(payload)
                 if decoder.done and self.sink is not None:
                     self._finish()
             elif framing == _LENGTH:
@@ -290,6 +477,7 @@ class UpstreamConnection(Protocol):
         if b"chunked" in headers.get(b"transfer-encoding", b"").lower():
             self._framing = _CHUNKED
             self._decoder = ChunkedDecoder()
+            self._framed = False
         elif b"content-length" in headers:
             try:
                 length = int(headers[b"content-length"])
@@ -321,6 +509,7 @@ class UpstreamConnection(Protocol):
         self.sink = None
         self.state = _IDLE
         self._decoder = None
+        self._framed = False
         if self.paused:
             self.paused = False
             self.sock.resumeProducing()
