@@ -91,11 +91,12 @@ def effective_config(args: argparse.Namespace) -> configmod.Config:
     return config
 
 
-def check(config: configmod.Config) -> list[str]:
-    """Problems that need more than the schema: model files, plugins."""
+def check(config: configmod.Config, plugin_order: list[str] | None = None) -> list[str]:
+    """Problems that need more than the schema: model files, plugins (``plugin_order``
+    receives the plugins that loaded, in the order they are asked)."""
     from meshd.daemon import service
 
-    return service.preflight(config)
+    return service.preflight(config, plugin_order)
 
 
 def bad_join_tokens(config: configmod.Config) -> list[str]:
@@ -113,15 +114,23 @@ def main(argv: list[str] | None = None) -> int:
         for problem in e.problems:
             print(f"meshd: {problem}", file=sys.stderr)
         return EXIT_CONFIG
-    problems = check(config)
+    order: list[str] = []
+    problems = check(config, order)
     bad_tokens = bad_join_tokens(config)
     if args.check_config:
         problems += bad_tokens
         if problems:
             for problem in problems:
                 print(f"meshd: {problem}", file=sys.stderr)
+            names = ", ".join(line.partition(" ")[0] for line in order) or "none"
+            print(f"meshd: policy plugins that did load, asked in this order: {names}",
+                  file=sys.stderr)
             return EXIT_CONFIG
         print(configmod.dumps(config), end="")
+        # comments, so that the output stays the effective configuration file
+        print("\n# policy plugins, asked in this order (first answer wins):")
+        for i, line in enumerate(order, 1):
+            print(f"#   {i}. {line}")
         return EXIT_OK
     if bad_tokens:  # asked to join with what can never work: never found a mesh instead
         for problem in problems + bad_tokens:

@@ -60,8 +60,12 @@ if TYPE_CHECKING:
 log = logging.getLogger("meshd")
 
 
-def preflight(config: Config) -> list[str]:
-    """Problems found before starting: models that cannot be resolved, plugins that do not load."""
+def preflight(config: Config, plugin_order: list[str] | None = None) -> list[str]:
+    """Problems found before starting: models that cannot be resolved, plugins that do not load.
+
+    ``plugin_order``, when given, receives one line per policy plugin that
+    loaded, in the order they are asked (for ``meshd --check-config``).
+    """
     from meshd.models import scan as modelsmod
     from meshd.models.catalog import load_catalog
 
@@ -80,7 +84,10 @@ def preflight(config: Config) -> list[str]:
             problems.append(f"[models] serve[{i}]: {e}")
     from meshd.placement import plugins
 
-    problems += plugins.check(config)
+    plugin_problems, order = plugins.report(config)
+    problems += plugin_problems
+    if plugin_order is not None:
+        plugin_order.extend(order)
     return problems
 
 

@@ -480,13 +480,43 @@ def load(
     """Load every plugin the configuration names; raise PluginError with every problem.
 
     ``plugins_dir``: the drop-in directory (None: none; default: ``[policy]
-    plugins_dir`` when the schema has it, else ``/etc/meshd/plugins.d``).
+    plugins_dir``, ``/etc/meshd/plugins.d`` unless set; a directory other
+    than that default that does not exist is a problem).
     ``search_dirs``: where bare names are looked up as ``<name>.py`` when not
     importable (default: :func:`example_dirs`).  ``entry_points``: objects
     with ``name``, ``value`` and ``load()`` (default: the installed
     ``meshd.policies`` group).  Other options go to :class:`PolicyManager`;
-    ``slow_call_s`` defaults to ``[policy] slow_hook_ms`` when the schema has it.
+    ``slow_call_s`` defaults to ``[policy] slow_hook_ms``.
     """
+    manager, problems = _load(config, plugins_dir=plugins_dir, search_dirs=search_dirs,
+                              entry_points=entry_points, **manager_options)
+    if problems:
+        raise PluginError(problems)
+    log.info("policy plugins, asked in this order: %s", "; ".join(manager.summary()))
+    return manager
+
+
+def check(config: Config, **options: Any) -> list[str]:
+    """Every plugin problem as one line each, for ``meshd --check-config``."""
+    return report(config, **options)[0]
+
+
+def report(config: Config, **options: Any) -> tuple[list[str], list[str]]:
+    """``(problems, order)`` for ``meshd --check-config``: every problem, one line each
+    (none hides another), and one line per plugin that loaded, in the order asked."""
+    manager, problems = _load(config, **options)
+    return problems, manager.summary()
+
+
+def _load(
+    config: Config,
+    *,
+    plugins_dir: str | None = _FROM_CONFIG,
+    search_dirs: Iterable[str] | None = None,
+    entry_points: Iterable[Any] | None = None,
+    **manager_options: Any,
+) -> tuple[PolicyManager, list[str]]:
+    """The manager with every plugin that loaded, and every problem found on the way."""
     policy = config.policy
     if plugins_dir is _FROM_CONFIG:
         plugins_dir = getattr(policy, "plugins_dir", DEFAULT_PLUGINS_DIR)
@@ -505,6 +535,8 @@ def load(
     # every name we tried, loaded or not: a settings table for a plugin that
     # failed to load is not reported a second time
     attempted: set[str] = set(whole)
+    # every plugin name configured or found, disabled or not: what [policy] disable may name
+    candidates: set[str] = {DEFAULT_PLUGIN}
 
     def add_file(path: str) -> None:
         real = os.path.realpath(path)
@@ -513,6 +545,7 @@ def load(
         seen_files.add(real)
         name = Path(path).stem
         attempted.add(name)
+        candidates.add(name)
         if name in whole:
             log.info("plugin %s (%s) disabled by [policy] disable", name, path)
             return
@@ -527,7 +560,7 @@ def load(
             if glob.has_magic(pattern):
                 matches = sorted(glob.glob(pattern))
                 if not matches:
-                    log.info("[policy] plugins: %s matches no file", entry)
+                    problems.append(f"[policy] plugins: {entry}: matches no file")
                 for path in matches:
                     add_file(path)
             elif not os.path.isfile(pattern):
@@ -537,6 +570,7 @@ def load(
             continue
         name = entry.rpartition(".")[2]
         attempted.add(name)
+        candidates.add(name)
         if name in whole:
             log.info("plugin %s disabled by [policy] disable", name)
             continue
@@ -553,6 +587,11 @@ def load(
     if plugins_dir and os.path.isdir(plugins_dir):
         for path in sorted(glob.glob(os.path.join(glob.escape(plugins_dir), "*.py"))):
             add_file(path)
+    elif plugins_dir and os.path.exists(plugins_dir):
+        problems.append(f"[policy] plugins_dir: {plugins_dir}: not a directory")
+    elif plugins_dir and os.path.normpath(plugins_dir) != os.path.normpath(DEFAULT_PLUGINS_DIR):
+        # the default may well not exist; a directory someone configured must
+        problems.append(f"[policy] plugins_dir: {plugins_dir}: no such directory")
 
     # what pm.load_setuptools_entrypoints(ENTRY_POINT_GROUP) does, one entry point
     # at a time, so a broken one is one problem naming it rather than an exception
@@ -561,6 +600,7 @@ def load(
         eps = importlib.metadata.entry_points(group=ENTRY_POINT_GROUP)
     for ep in eps:
         attempted.add(ep.name)
+        candidates.add(ep.name)
         if ep.name in whole:
             log.info("plugin %s (entry point) disabled by [policy] disable", ep.name)
             continue
@@ -591,6 +631,11 @@ def load(
 
     attempted.add(DEFAULT_PLUGIN)
     loaded = set(manager.plugins)
+    for name in sorted(whole - candidates):
+        problems.append(
+            f"[policy] disable: {name!r}: no plugin of that name is configured or found "
+            f"({_names(candidates - whole, 'known')})"
+        )
     for name in sorted(per_hook):
         if name not in attempted:
             problems.append(f"[policy] disable: no plugin named {name!r} is loaded ({_names(loaded)})")
@@ -598,21 +643,10 @@ def load(
         if name not in attempted:
             problems.append(f"[policy.{name}]: no plugin named {name!r} is loaded ({_names(loaded)})")
     problems += manager.check_pending()
-    if not problems:
-        problems += manager.configure()
-    if problems:
-        raise PluginError(problems)
-    log.info("policy plugins, asked in this order: %s", "; ".join(manager.summary()))
-    return manager
-
-
-def check(config: Config, **options: Any) -> list[str]:
-    """Every plugin problem as one line each, for ``meshd --check-config``."""
-    try:
-        load(config, **options)
-    except PluginError as e:
-        return e.problems
-    return []
+    # the plugins that did load check their settings even when others failed, so one
+    # --check-config run shows every problem, not the first kind only
+    problems += manager.configure()
+    return manager, problems
 
 
 @lru_cache(maxsize=1)
@@ -665,9 +699,9 @@ def _hook_name(text: str) -> str:
     return text if text.startswith("meshd_") else "meshd_" + text
 
 
-def _names(names: Iterable[str]) -> str:
+def _names(names: Iterable[str], what: str = "loaded") -> str:
     names = sorted(names)
-    return "loaded: " + ", ".join(names) if names else "none loaded"
+    return f"{what}: " + ", ".join(names) if names else f"none {what}"
 
 
 def _looks_like_path(entry: str) -> bool:

@@ -328,3 +328,94 @@ def test_d_a_marked_function_with_any_name_is_a_hook_and_other_functions_are_not
         "def pick():\n    return helper()\n"))
     manager = load(policy(plugins=[path]))
     assert manager.plugins["named"].hooks == ("meshd_select_host",)
+
+
+# -- (e) --check-config finds every problem at once, and shows the order -------------------------
+
+
+def test_e_disabling_a_plugin_that_does_not_exist_is_a_problem():
+    assert problems_of(policy(disable=["nosuch"])) == [
+        "[policy] disable: 'nosuch': no plugin of that name is configured or found (known: default)"
+    ]
+
+
+def test_e_disabling_a_configured_plugin_is_fine_and_it_is_not_imported(tmp_path):
+    path = write(tmp_path, "broken.py", "raise RuntimeError('never imported')\n")
+    assert problems_of(policy(plugins=[path], disable=["broken"])) == []
+
+
+def test_e_a_configured_plugins_dir_that_does_not_exist_is_a_problem(tmp_path):
+    gone = str(tmp_path / "plugins.d")
+    assert problems_of(policy(plugins_dir=gone), plugins_dir=plugins._FROM_CONFIG) == [
+        f"[policy] plugins_dir: {gone}: no such directory"]
+    afile = write(tmp_path, "afile", "")
+    assert problems_of(policy(plugins_dir=afile), plugins_dir=plugins._FROM_CONFIG) == [
+        f"[policy] plugins_dir: {afile}: not a directory"]
+
+
+def test_e_a_glob_that_matches_nothing_is_a_problem(tmp_path):
+    pattern = str(tmp_path / "*.py")
+    assert problems_of(policy(plugins=[pattern])) == [f"[policy] plugins: {pattern}: matches no file"]
+
+
+def test_e_settings_problems_show_even_when_another_plugin_does_not_load(tmp_path):
+    bad = write(tmp_path, "bad.py", "def (:\n")
+    picky = write(tmp_path, "picky.py", MARKER + (
+        "@hookimpl\n"
+        "def meshd_configure(settings):\n"
+        "    raise ValueError('limit: required')\n"))
+    problems = problems_of(policy(plugins=[bad, picky]))
+    assert len(problems) == 2
+    assert problems[0].startswith(f"{bad}:1: plugin bad: syntax error")
+    assert problems[1] == f"[policy.picky] limit: required (plugin picky, {picky})"
+
+
+def test_e_report_lists_the_loaded_plugins_in_the_order_they_are_asked(tmp_path):
+    a = write(tmp_path, "a_first.py", MARKER + "@hookimpl\ndef meshd_select_host():\n    return None\n")
+    b = write(tmp_path, "b_last.py", MARKER + "@hookimpl(trylast=True)\ndef meshd_allow_download():\n    return None\n")
+    problems, order = plugins.report(policy(plugins=[a, b]), plugins_dir=None, entry_points=[], search_dirs=[])
+    assert problems == []
+    assert order[:2] == [f"a_first ({a}): select_host", f"b_last ({b}): allow_download (trylast)"]
+    assert order[2].startswith("default (built in, meshd.placement.default): allow_download, ")
+
+
+def test_e_check_config_prints_the_plugin_order_after_the_configuration(tmp_path):
+    import subprocess
+    import sys
+
+    plugin = write(tmp_path, "site.py", MARKER + "@hookimpl\ndef meshd_select_host():\n    return None\n")
+    cfg = tmp_path / "meshd.toml"
+    cfg.write_text(f'[node]\nstate_dir = "{tmp_path}"\nmodels_dir = "{tmp_path}"\n'
+                   f'[policy]\nplugins = ["{plugin}"]\nplugins_dir = ""\n')
+    root = Path(__file__).resolve().parents[2]
+    r = subprocess.run([sys.executable, "-m", "meshd.cli.meshd", "--config", str(cfg), "--check-config"],
+                       cwd=root, capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stderr
+    tail = r.stdout[r.stdout.index("# policy plugins"):].splitlines()
+    assert tail[0] == "# policy plugins, asked in this order (first answer wins):"
+    assert tail[1] == f"#   1. site ({plugin}): select_host"
+    assert tail[2].startswith("#   2. default (built in, meshd.placement.default): ")
+    # the output stays a TOML file: the order is in comments
+    import tomllib
+
+    assert tomllib.loads(r.stdout)["policy"]["plugins"] == [plugin]
+
+
+def test_e_check_config_shows_every_plugin_problem_and_what_loaded(tmp_path):
+    import subprocess
+    import sys
+
+    bad = write(tmp_path, "bad.py", "def (:\n")
+    cfg = tmp_path / "meshd.toml"
+    cfg.write_text(f'[node]\nstate_dir = "{tmp_path}"\nmodels_dir = "{tmp_path}"\n'
+                   f'[policy]\nplugins = ["{bad}", "{tmp_path}/none*.py"]\ndisable = ["nosuch"]\n'
+                   f'plugins_dir = "{tmp_path}/gone"\n')
+    root = Path(__file__).resolve().parents[2]
+    r = subprocess.run([sys.executable, "-m", "meshd.cli.meshd", "--config", str(cfg), "--check-config"],
+                       cwd=root, capture_output=True, text=True, timeout=60)
+    assert r.returncode == 2 and "Traceback" not in r.stderr
+    assert f"{bad}:1: plugin bad: syntax error" in r.stderr
+    assert f"[policy] plugins: {tmp_path}/none*.py: matches no file" in r.stderr
+    assert "[policy] disable: 'nosuch'" in r.stderr
+    assert f"[policy] plugins_dir: {tmp_path}/gone: no such directory" in r.stderr
+    assert "meshd: policy plugins that did load, asked in this order: default" in r.stderr

@@ -130,7 +130,8 @@ def test_files_in_the_plugins_dir_load_without_being_named(tmp_path):
     assert "dropin" in manager.plugins
 
 
-def test_a_missing_plugins_dir_is_not_a_problem(tmp_path):
+def test_a_missing_default_plugins_dir_is_not_a_problem(tmp_path, monkeypatch):
+    monkeypatch.setattr(plugins, "DEFAULT_PLUGINS_DIR", str(tmp_path / "nope"))
     assert check(config(), plugins_dir=str(tmp_path / "nope")) == []
 
 
