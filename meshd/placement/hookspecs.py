@@ -23,7 +23,8 @@ Rules that hold for every hook:
   (tables are mappings, lists are tuples; empty when there is none).
 - Hooks are synchronous and must be cheap: ``meshd_select_host`` runs for
   every request.  Do no I/O and never block.  Every call is timed; one that
-  takes longer than 50 ms is reported in the log with the plugin's name.
+  takes longer than ``[policy] slow_hook_ms`` (50 ms) is reported in the log
+  with the plugin's name.
 - Operator plugins are asked before the default plugin (``tryfirst`` /
   ``trylast`` order them among themselves; the default stays last); for the hooks marked
   *first answer wins*, the first plugin that returns something other than

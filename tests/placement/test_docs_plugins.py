@@ -95,3 +95,82 @@ def test_the_complete_example_rejects_bad_settings(doc, tmp_path):
     assert problems == [
         f"[policy.site_rules] max_download_gb: expected a number of GiB >= 0, got 'lots' (plugin site_rules, {path})"
     ]
+
+
+# -- (f) every [policy] key, (h) every snippet complete --------------------------------------------
+
+
+def python_snippets(doc):
+    return re.findall(r"```python\n(.*?)```", doc, flags=re.S)
+
+
+def undefined_names(code: str) -> set[str]:
+    """Names a snippet uses that it neither defines, imports nor gets from builtins."""
+    import builtins
+    import symtable
+
+    top = symtable.symtable(code, "<snippet>", "exec")
+    bound = {s.get_name() for s in top.get_symbols() if s.is_assigned() or s.is_imported()}
+    known = bound | set(dir(builtins))
+    missing: set[str] = set()
+
+    def walk(table):
+        for sym in table.get_symbols():
+            free_here = table.get_type() == "module" and not (sym.is_assigned() or sym.is_imported())
+            if sym.is_referenced() and (sym.is_global() or free_here) and sym.get_name() not in known:
+                missing.add(sym.get_name())
+        for child in table.get_children():
+            walk(child)
+
+    walk(top)
+    return missing
+
+
+def test_the_undefined_name_check_catches_a_missing_import():
+    assert undefined_names("def t():\n    return NodeView('a'), GB\n") == {"NodeView", "GB"}
+    assert undefined_names("from x import GB\ndef t(a):\n    return a * GB\n") == set()
+
+
+def test_every_python_snippet_imports_every_name_it_uses(doc):
+    snippets = python_snippets(doc)
+    assert len(snippets) >= 4
+    for code in snippets:
+        code = code.replace("    ...\n", "    pass\n")
+        assert undefined_names(code) == set(), code
+
+
+def test_the_testing_snippets_pass_as_written(doc, tmp_path, monkeypatch):
+    """The docs' own tests of site_rules, run against the docs' own site_rules."""
+    import sys
+
+    example = re.search(r"```python\n(.*?)```", section(doc, "## A complete example"), flags=re.S).group(1)
+    (tmp_path / "site_rules.py").write_text(example)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.delitem(sys.modules, "site_rules", raising=False)
+    unit, through = python_snippets(section(doc, "## Testing a plugin"))
+    through = through.replace("/path/to/site_rules.py", str(tmp_path / "site_rules.py"))
+    ran = []
+    for code in (unit, through):
+        namespace: dict = {"__name__": "docs_snippet"}
+        exec(compile(code, "docs/plugins.md", "exec"), namespace)
+        for name, fn in namespace.items():
+            if name.startswith("test_"):
+                work = tmp_path / name
+                work.mkdir()
+                if fn.__code__.co_argcount:
+                    fn(work)
+                else:
+                    fn()
+                ran.append(name)
+    assert ran == ["test_refuses_downloads_over_the_limit", "test_avoids_draining_hosts", "test_through_meshd"]
+    sys.modules.pop("site_rules", None)
+
+
+def test_every_policy_key_is_documented(doc):
+    import dataclasses
+
+    configuring = section(doc, "## Configuring")
+    for f in dataclasses.fields(configmod.PolicyConfig):
+        if f.name == "settings":
+            continue  # the [policy.<name>] tables, documented under Settings
+        assert f"\n{f.name} = " in configuring, f"[policy] {f.name} is missing from docs/plugins.md"
