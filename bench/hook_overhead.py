@@ -42,7 +42,7 @@ def main() -> None:
         NodeView(f"node-{i:02d}", role="host", vram_bytes=8 * GB, serving=("gemma",), load=i % 3)
         for i in range(args.hosts)
     )
-    mesh = MeshView("node-00", hosts)
+    mesh = MeshView("client", hosts)  # a passive client's view: the default hashes
     only_default = plugins.load(Config(), plugins_dir=None, entry_points=[], trace=False)
     with_plugin = plugins.load(
         Config().replace("policy", plugins=["least_loaded"]),
@@ -51,7 +51,7 @@ def main() -> None:
     client = "client-42"
 
     def direct():
-        default.meshd_select_host("gemma", client, hosts)
+        default.meshd_select_host("gemma", client, hosts, mesh)
 
     def through_hooks():
         placement.choose_host("gemma", client, hosts, mesh, policy=only_default)
@@ -60,7 +60,7 @@ def main() -> None:
         placement.choose_host("gemma", client, hosts, mesh, policy=with_plugin)
 
     assert placement.choose_host("gemma", client, hosts, mesh, policy=only_default) == \
-        default.meshd_select_host("gemma", client, hosts)
+        default.meshd_select_host("gemma", client, hosts, mesh)
 
     d = per_call_us(direct, args.calls, args.repeat)
     h = per_call_us(through_hooks, args.calls, args.repeat)
