@@ -17,12 +17,17 @@ time to first token.
 Both parts run nginx (``bench/nginx_baseline.py``: proxy_buffering off,
 keep-alive upstream, one worker) in front of the same backend in the same
 run, alternated with the others: the second baseline, a mature proxy's cost.
+``--before TREE`` adds meshd's API from another source tree (an older commit)
+to the same alternation: before and after measured in one run, under the
+same load.
 
 The load generator is an asyncio protocol that only counts ``data: `` per read
 (no JSON parsing); its own CPU share is printed so a client-bound result shows.
 
     python bench/proxy_overhead.py                 # both parts, about 1-2 minutes
     python bench/proxy_overhead.py --part a --rounds 5 --streams-32 640
+    mkdir /tmp/before && git archive COMMIT | tar -x -C /tmp/before
+    python bench/proxy_overhead.py --before /tmp/before
 """
 
 from __future__ import annotations
@@ -43,8 +48,6 @@ sys.path.insert(0, str(ROOT / "tests"))
 sys.path.insert(0, str(ROOT / "bench"))
 
 from nginx_baseline import Nginx  # noqa: E402
-
-from meshd.serving.proxy import ChunkedDecoder  # noqa: E402
 
 TICKS = os.sysconf("SC_CLK_TCK")
 
@@ -91,11 +94,62 @@ def stop(proc: subprocess.Popen) -> None:
 # -- the load generator ------------------------------------------------------------
 
 
+class Dechunk:
+    """The load generator's own chunked decoder, one step per chunk wholly inside a read.
+
+    Not meshd's: the measuring tool must not change with the code it measures
+    (a "before" run of an older meshd uses the same client).
+    """
+
+    __slots__ = ("left", "skip", "line", "done")
+
+    def __init__(self) -> None:
+        self.left = 0  # payload bytes to come in the current chunk
+        self.skip = 0  # CRLF bytes to skip after a payload
+        self.line = b""
+        self.done = False
+
+    def feed(self, data: bytes) -> bytes:
+        out = []
+        pos, end = 0, len(data)
+        while pos < end and not self.done:
+            if self.left:
+                take = min(self.left, end - pos)
+                out.append(data[pos:pos + take])
+                pos += take
+                self.left -= take
+                if not self.left:
+                    self.skip = 2
+            elif self.skip:
+                take = min(self.skip, end - pos)
+                pos += take
+                self.skip -= take
+            else:
+                nl = data.find(b"\n", pos)
+                if nl < 0:
+                    self.line += data[pos:]
+                    break
+                line, self.line = self.line + data[pos:nl], b""
+                pos = nl + 1
+                size = int(line.split(b";", 1)[0], 16)
+                if not size:
+                    self.done = True
+                elif pos + size + 2 <= end:
+                    out.append(data[pos:pos + size])
+                    pos += size + 2
+                else:
+                    self.left = size
+        return b"".join(out)
+
+
 class Stream(asyncio.Protocol):
     """One streamed request on its own connection (Connection: close); counts SSE events.
 
     Events are counted in the de-chunked body: a proxy may place its HTTP chunk
     boundaries anywhere, even inside ``data: ``, so counting raw bytes miscounts.
+    Times are taken when a read arrives, before the client decodes it: how
+    many chunks a read holds (a proxy passing 500 small ones vs one it framed
+    itself) must not show up as the proxy's latency.
     """
 
     def __init__(self, request: bytes, done: asyncio.Future):
@@ -107,13 +161,14 @@ class Stream(asyncio.Protocol):
         self.events = 0
         self.tail = b""
         self.head = b""
-        self.decoder: ChunkedDecoder | None = None
+        self.decoder: Dechunk | None = None
         self.in_body = False
 
     def connection_made(self, transport) -> None:
         transport.write(self.request)
 
     def data_received(self, data: bytes) -> None:
+        now = time.perf_counter()
         if not self.in_body:
             self.head += data
             end = self.head.find(b"\r\n\r\n")
@@ -122,13 +177,12 @@ class Stream(asyncio.Protocol):
             head, data = self.head[:end].lower(), self.head[end + 4:]
             self.in_body = True
             if b"transfer-encoding: chunked" in head:
-                self.decoder = ChunkedDecoder()
+                self.decoder = Dechunk()
         if self.decoder is not None:
             data = self.decoder.feed(data)
         buf = self.tail + data
         n = buf.count(b"data: ")
         if n:
-            now = time.perf_counter()
             if not self.events:
                 self.t_first = now
             self.t_last = now
@@ -203,70 +257,111 @@ def measure(port: int, request: bytes, total: int, concurrency: int) -> dict:
 # -- part A ---------------------------------------------------------------------------
 
 
+class Target:
+    """One way to the backend: its port and the processes whose CPU it costs."""
+
+    def __init__(self, name: str, port: int, pids=None):
+        self.name = name
+        self.port = port
+        self.pids = pids  # () -> [pid, ...], or None: not a proxy
+
+    def cpu(self) -> float:
+        return sum(map(cpu_seconds, self.pids())) if self.pids else 0.0
+
+
+def start_proxy(tree: Path, backend_port: int, model: str) -> tuple[subprocess.Popen, int]:
+    """meshd's API (``meshd.cli.static_api``) from the source tree ``tree`` in front of the backend."""
+    port = free_port()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "meshd.cli.static_api", "--static",
+         f"{model}=127.0.0.1:{backend_port}", "--listen", f"127.0.0.1:{port}"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=tree,
+        env={**os.environ, "PYTHONPATH": str(tree)})
+    print(f"  started pid {proc.pid}: meshd's API from {tree}", file=sys.stderr)
+    wait_port(port)
+    return proc, port
+
+
+def proxies(args, backend_port: int, model: str) -> tuple[list[subprocess.Popen], list[Target]]:
+    """meshd (this tree, and ``--before TREE`` when given) and nginx in front of the backend."""
+    procs, targets = [], []
+    for name, tree in (("meshd", ROOT), ("meshd before", args.before)):
+        if tree is None:
+            continue
+        proc, port = start_proxy(Path(tree).resolve(), backend_port, model)
+        procs.append(proc)
+        targets.append(Target(name, port, lambda p=proc.pid: [p]))
+    nginx = Nginx(backend_port, free_port())
+    nginx.start(wait_port)
+    targets.append(Target("nginx", nginx.port, nginx.pids))
+    return [*procs, nginx], targets
+
+
+def stop_all(procs: list) -> None:
+    for proc in procs:
+        if isinstance(proc, Nginx):
+            proc.stop()
+        else:
+            stop(proc)
+
+
 def part_a(args) -> None:
-    fake_port, proxy_port, nginx_port = free_port(), free_port(), free_port()
+    fake_port = free_port()
     fake = start([sys.executable, "tests/harness/fakebackend.py", "--port", str(fake_port),
                   "--chunks", str(args.chunks)], fake_port)
-    proxy = start([sys.executable, "-m", "meshd.cli.static_api", "--static", f"fake=127.0.0.1:{fake_port}",
-                   "--listen", f"127.0.0.1:{proxy_port}"], proxy_port)
-    nginx = Nginx(fake_port, nginx_port)
-    nginx.start(wait_port)
+    procs, via = proxies(args, fake_port, "fake")
+    targets = [Target("direct", fake_port), *via]
     try:
         request = stream_request("/v1/chat/completions", "fake", None)
         expect = args.chunks + 1  # the chunks and [DONE]
         print(f"\nPart A: fake backend, {args.chunks} chunks per stream, {args.rounds} rounds "
               "alternated, medians")
         for concurrency, total in ((1, args.streams_1), (32, args.streams_32)):
-            for port in (proxy_port, fake_port, nginx_port):  # warm up all three
-                measure(port, request, concurrency, concurrency)
-            direct, proxied, viangx, cpu, ngx_cpu = [], [], [], [], []
+            for t in targets:  # warm up all of them
+                measure(t.port, request, concurrency, concurrency)
+            runs: dict[str, list[dict]] = {t.name: [] for t in targets}
+            cpu: dict[str, list[float]] = {t.name: [] for t in targets}
             for _ in range(args.rounds):
-                direct.append(measure(fake_port, request, total, concurrency))
-                c0 = cpu_seconds(proxy.pid)
-                r = measure(proxy_port, request, total, concurrency)
-                cpu.append((cpu_seconds(proxy.pid) - c0) / (r["events"] / 1000))
-                proxied.append(r)
-                c0 = sum(map(cpu_seconds, nginx.pids()))
-                r = measure(nginx_port, request, total, concurrency)
-                ngx_cpu.append((sum(map(cpu_seconds, nginx.pids())) - c0) / (r["events"] / 1000))
-                viangx.append(r)
-            for r in direct + proxied + viangx:
-                bad = [s.events for s in r["streams"] if s.events != expect]
+                for t in targets:
+                    c0 = t.cpu()
+                    r = measure(t.port, request, total, concurrency)
+                    cpu[t.name].append((t.cpu() - c0) / (r["events"] / 1000))
+                    runs[t.name].append(r)
+            for name, rs in runs.items():
+                bad = [s.events for r in rs for s in r["streams"] if s.events != expect]
                 if bad:
-                    raise SystemExit(f"streams with the wrong number of events: {bad[:5]}")
-            d_rate = statistics.median(r["rate"] for r in direct)
-            p_rate = statistics.median(r["rate"] for r in proxied)
-            print(f"  concurrency {concurrency:2d}: direct {d_rate:9.0f} chunks/s, "
-                  f"via proxy {p_rate:9.0f} chunks/s, ratio {p_rate / d_rate:.3f}; "
-                  f"proxy CPU {statistics.median(cpu) * 1000:.1f} ms per 1,000 chunks; "
-                  f"client CPU {statistics.median(r['client_cpu'] for r in proxied):.0%} of wall")
-            n_rate = statistics.median(r["rate"] for r in viangx)
-            print(f"  concurrency {concurrency:2d}: via nginx {n_rate:9.0f} chunks/s, ratio "
-                  f"{n_rate / d_rate:.3f}; meshd / nginx {p_rate / n_rate:.3f}; nginx CPU "
-                  f"{statistics.median(ngx_cpu) * 1000:.1f} ms per 1,000 chunks")
+                    raise SystemExit(f"{name}: streams with the wrong number of events: {bad[:5]}")
+            rate = {name: statistics.median(r["rate"] for r in rs) for name, rs in runs.items()}
+            d_rate, n_rate = rate["direct"], rate["nginx"]
+            for t in via:
+                client = statistics.median(r["client_cpu"] for r in runs[t.name])
+                print(f"  concurrency {concurrency:2d}: via {t.name:12s} {rate[t.name]:9.0f} chunks/s, "
+                      f"÷ direct {rate[t.name] / d_rate:.3f}, ÷ nginx {rate[t.name] / n_rate:.3f}; "
+                      f"CPU {statistics.median(cpu[t.name]) * 1000:.1f} ms per 1,000 chunks; "
+                      f"client CPU {client:.0%} of wall")
+            print(f"  concurrency {concurrency:2d}: direct {d_rate:9.0f} chunks/s")
             if concurrency == 1:
-                def first(runs: list[dict]) -> float:
-                    return statistics.median(s.t_first - s.t0 for r in runs for s in r["streams"])
+                def first(rs: list[dict]) -> float:
+                    return statistics.median(s.t_first - s.t0 for r in rs for s in r["streams"])
 
-                d_t, p_t, n_t = first(direct), first(proxied), first(viangx)
-                print(f"  time to first chunk, concurrency 1: direct {d_t * 1000:.2f} ms, "
-                      f"via proxy {p_t * 1000:.2f} ms, added {(p_t - d_t) * 1000:.2f} ms; "
-                      f"via nginx added {(n_t - d_t) * 1000:.2f} ms")
+                d_t = first(runs["direct"])
+                print(f"  time to first chunk, 500-chunk streams: direct {d_t * 1000:.2f} ms; added "
+                      + ", ".join(f"via {t.name} {(first(runs[t.name]) - d_t) * 1000:+.2f} ms"
+                                  for t in via))
                 # the same with one-chunk streams: the proxy's own latency, without
                 # fake + proxy + client fighting over the CPUs while 500 chunks fly
                 short = stream_request("/v1/chat/completions", "fake", 1)
-                d_s, p_s, n_s = [], [], []
+                firsts: dict[str, list[float]] = {t.name: [] for t in targets}
                 for _ in range(args.rounds):
-                    d_s += [s.t_first - s.t0 for s in measure(fake_port, short, total, 1)["streams"]]
-                    p_s += [s.t_first - s.t0 for s in measure(proxy_port, short, total, 1)["streams"]]
-                    n_s += [s.t_first - s.t0 for s in measure(nginx_port, short, total, 1)["streams"]]
-                d_t, p_t, n_t = statistics.median(d_s), statistics.median(p_s), statistics.median(n_s)
-                print(f"  time to first chunk, 1-chunk streams: direct {d_t * 1000:.2f} ms, "
-                      f"via proxy {p_t * 1000:.2f} ms, added {(p_t - d_t) * 1000:.2f} ms; "
-                      f"via nginx added {(n_t - d_t) * 1000:.2f} ms")
+                    for t in targets:
+                        firsts[t.name] += [s.t_first - s.t0
+                                           for s in measure(t.port, short, total, 1)["streams"]]
+                med = {name: statistics.median(v) for name, v in firsts.items()}
+                print(f"  time to first chunk, 1-chunk streams: direct {med['direct'] * 1000:.2f} ms; "
+                      "added " + ", ".join(f"via {t.name} {(med[t.name] - med['direct']) * 1000:+.2f} ms"
+                                           for t in via))
     finally:
-        nginx.stop()
-        stop(proxy)
+        stop_all(procs)
         stop(fake)
 
 
@@ -280,15 +375,11 @@ def part_b(args) -> None:
     if not bin_dir or not model:
         print("\nPart B skipped: no llama.cpp build or model (run scripts/build-llama.sh)")
         return
-    llama_port, proxy_port = free_port(), free_port()
+    llama_port = free_port()
     llama = start([f"{bin_dir}/llama-server", "-m", model, "--host", "127.0.0.1",
                    "--port", str(llama_port), "--ctx-size", "2048", "--alias", "gemma"],
                   llama_port, timeout_s=120)
-    proxy = start([sys.executable, "-m", "meshd.cli.static_api", "--static", f"gemma=127.0.0.1:{llama_port}",
-                   "--listen", f"127.0.0.1:{proxy_port}"], proxy_port)
-    nginx_port = free_port()
-    nginx = Nginx(llama_port, nginx_port)
-    nginx.start(wait_port)
+    procs, via = proxies(args, llama_port, "gemma")
     try:
         request = stream_request("/v1/chat/completions", "gemma", args.max_tokens,
                                  ', "temperature": 0, "seed": 1, "ignore_eos": true')
@@ -297,19 +388,18 @@ def part_b(args) -> None:
             if r["events"] > 2:
                 break
             time.sleep(1)
-        measure(proxy_port, request, 1, 1)
-        measure(nginx_port, request, 1, 1)
-        (d_tps, d_t), (p_tps, p_t), (n_tps, n_t) = alternate_many(
-            [llama_port, proxy_port, nginx_port], request, args.real_requests)
+        for t in via:
+            measure(t.port, request, 1, 1)
+        results = alternate_many([llama_port] + [t.port for t in via], request, args.real_requests)
+        (d_tps, d_t), rest = results[0], results[1:]
         print(f"\nPart B: llama-server + {Path(model).name}, {args.real_requests} streamed requests "
               f"each way alternated, max_tokens {args.max_tokens}, medians")
-        print(f"  tokens/s: direct {d_tps:.1f}, via proxy {p_tps:.1f}, ratio {p_tps / d_tps:.3f}; "
-              f"via nginx {n_tps:.1f}, ratio {n_tps / d_tps:.3f}")
-        print(f"  time to first token: direct {d_t * 1000:.2f} ms, via proxy {p_t * 1000:.2f} ms, "
-              f"added {(p_t - d_t) * 1000:.2f} ms; via nginx added {(n_t - d_t) * 1000:.2f} ms")
+        print(f"  direct: {d_tps:.1f} tokens/s, time to first token {d_t * 1000:.2f} ms")
+        for t, (tps, ttft) in zip(via, rest, strict=True):
+            print(f"  via {t.name:12s}: {tps:.1f} tokens/s, ratio {tps / d_tps:.3f}; "
+                  f"time to first token added {(ttft - d_t) * 1000:+.2f} ms")
     finally:
-        nginx.stop()
-        stop(proxy)
+        stop_all(procs)
         stop(llama)
 
 
@@ -323,6 +413,9 @@ def main() -> int:
                         help="streams per round at concurrency 32")
     parser.add_argument("--real-requests", type=int, default=8)
     parser.add_argument("--max-tokens", type=int, default=48)
+    parser.add_argument("--before", type=Path, default=None, metavar="TREE",
+                        help="also run meshd from this source tree (an older commit: "
+                             "git archive COMMIT | tar -x -C /tmp/before), alternated in the same run")
     args = parser.parse_args()
     print(f"cpus: {os.cpu_count()}, python {sys.version.split()[0]}")
     if args.part in ("a", "all"):
