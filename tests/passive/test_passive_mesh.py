@@ -182,6 +182,12 @@ def test_a_standby_promotes_when_the_only_host_of_a_model_is_killed(
 
 
 SPARES_WAIT = """
+import pluggy
+
+hookimpl = pluggy.HookimplMarker("meshd")
+
+
+@hookimpl
 def meshd_assign_model(node, mesh):
     return None, "spares wait as standbys"
 """
