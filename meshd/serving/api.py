@@ -66,6 +66,7 @@ from twisted.internet.interfaces import IReactorTime
 from twisted.python.failure import Failure
 from twisted.web import http, resource, server
 
+from meshd import jsonbounds
 from meshd.config import ApiConfig
 from meshd.serving import routes
 from meshd.serving.proxy import ConnectionPool, UpstreamConnection, request_head
@@ -432,7 +433,7 @@ class ApiServer:
                                  "missing_model")
             return model, _peer_host(request)
         try:
-            doc = json.loads(body)
+            doc = jsonbounds.loads(body)  # depth-bounded: nested brackets are a 400, not a 500
         except ValueError as e:
             raise BadRequest(f"request body is not valid JSON: {e}", "invalid_json") from None
         if not isinstance(doc, dict):

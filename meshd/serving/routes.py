@@ -29,6 +29,8 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from enum import StrEnum
 
+from meshd import jsonbounds
+
 
 class ModelFrom(StrEnum):
     """Where a routed request names its model."""
@@ -188,7 +190,7 @@ def reshape_error(shape: Shape, status: int, body: bytes) -> bytes | None:
     if shape is not Shape.ANTHROPIC or status < 400:
         return None
     try:
-        doc = json.loads(body)
+        doc = jsonbounds.loads(body)
     except ValueError:
         return None
     if not isinstance(doc, dict) or doc.get("type") == "error":

@@ -193,6 +193,15 @@ async def test_malformed_json_is_400(serve):
 
 
 @pytest_twisted.ensureDeferred
+async def test_deeply_nested_json_is_400_not_a_500(serve):
+    # a few KB of brackets made json.loads raise RecursionError: a 500 HTML page before
+    _, url = serve(Router({}))
+    body = b'{"model": "m", "x": ' + b"[" * 5000 + b"]" * 5000 + b"}"
+    err = await error_of(await post(url + "/v1/chat/completions", data=body), 400)
+    assert err["code"] == "invalid_json" and "deep" in err["message"]
+
+
+@pytest_twisted.ensureDeferred
 async def test_json_that_is_not_an_object_is_400(serve):
     _, url = serve(Router({}))
     await error_of(await post(url + "/v1/chat/completions", ["model", "m"]), 400)
