@@ -78,6 +78,7 @@ class Meshd:
             stdout=self._log,
             stderr=subprocess.STDOUT,
             env=full_env,
+            preexec_fn=default_signal_handling,
         )
         where = f" in netns {self.netns}" if self.netns else ""
         print(f"started meshd {self.name} pid {self.proc.pid} api {self.api}{where}")
@@ -185,6 +186,17 @@ class Meshd:
             self.proc.wait(10)
         if self.proc is not None:
             self._log.close()
+
+
+def default_signal_handling() -> None:
+    """In the child before exec: SIGINT and SIGQUIT as a foreground program gets them.
+
+    A test suite started in the background by a non-interactive shell (``cmd &``,
+    ``nohup``) inherits SIGINT ignored, and Twisted, like Python, leaves an ignored
+    SIGINT ignored: a test of Ctrl-C would then wait for a stop that never comes.
+    """
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+    signal.signal(signal.SIGQUIT, signal.SIG_DFL)
 
 
 def fake_llama_bin_dir(base: Path, *flags: str) -> str:

@@ -45,22 +45,27 @@ def check_sdk_calls(oai: openai.OpenAI, ant: anthropic.Anthropic, model: str, ho
     assert raw.headers["x-meshd-node"] == host and raw.headers["x-meshd-model"] == model
     assert raw.parse().model == model
 
-    r = oai.responses.create(model=model, input="Say hello.", max_output_tokens=6)
+    raw_r = oai.responses.with_raw_response.create(model=model, input="Say hello.",
+                                                   max_output_tokens=6)
+    assert raw_r.headers["x-meshd-node"] == host
+    r = raw_r.parse()
     assert r.status == "completed" and r.output_text, r
     kinds = [e.type for e in oai.responses.create(model=model, input="Say hello.",
                                                   max_output_tokens=6, stream=True)]
     assert kinds[0] == "response.created" and kinds[-1] == "response.completed", kinds
     assert "response.output_text.delta" in kinds
 
-    m = ant.messages.create(model=model, max_tokens=6, messages=PROMPT)
+    raw_m = ant.messages.with_raw_response.create(model=model, max_tokens=6, messages=PROMPT)
+    assert raw_m.headers["x-meshd-node"] == host and raw_m.headers["x-meshd-model"] == model
+    m = raw_m.parse()
     assert m.type == "message" and m.content[0].type == "text" and m.content[0].text, m
     with ant.messages.stream(model=model, max_tokens=6, messages=PROMPT) as stream:
         text = "".join(stream.text_stream)
         final = stream.get_final_message()
     assert text and final.content[0].text == text
     assert stream.response.headers["x-meshd-node"] == host
-    counted = ant.messages.count_tokens(model=model, messages=PROMPT)
-    assert counted.input_tokens > 0
+    raw_c = ant.messages.with_raw_response.count_tokens(model=model, messages=PROMPT)
+    assert raw_c.headers["x-meshd-node"] == host and raw_c.parse().input_tokens > 0
 
     got = oai.models.retrieve(model)
     assert (got.id, got.owned_by) == (model, "meshd")
