@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol
 
 from twisted.internet import defer
+from twisted.python.failure import Failure
 
 from meshd import __version__
 from meshd.config import Config
@@ -30,7 +31,7 @@ if TYPE_CHECKING:
     from meshd.mesh.membership import PeerView
     from meshd.models.download import Downloader
     from meshd.models.gpu import GpuReport
-    from meshd.models.scan import ScanResult
+    from meshd.models.scan import LocalModel, ScanResult
     from meshd.passive.node import PassiveNode
     from meshd.passive.server import RouteServer
     from meshd.placement.election import Rebalancer
@@ -457,22 +458,39 @@ class Node:
             table["catalog"] = catalog_listing(load_catalog(), scan) if scan else []
         return table
 
-    def download(self, name: str) -> dict[str, Any]:
-        """Start a download by hand; gated like any other.  Progress shows in status."""
+    def download(self, name: str) -> defer.Deferred[dict[str, Any]]:
+        """Start a download by hand; gated like any other.  Progress shows in status.
+
+        Answers once the transfer has begun (``downloading``), the model turned
+        out to be on disk already (``on disk``), or it was refused: for an ``hf:``
+        name the gate decides only after the hub said how big the file is, and
+        the refusal, with its numbers, is the answer (``meshctl`` exit 3).
+        """
         from meshd.errors import Refused
 
         if self.downloader is None:
             raise Refused("downloads are not available on this node")
-        d = self.downloader.download(name)
-        failure: list[Any] = []
-        d.addErrback(failure.append)
-        if failure:  # refused or unknown before any transfer began
-            raise Refused(failure[0].getErrorMessage())
-        d.addCallback(self._downloaded)
-        d.addErrback(lambda f: log.error("download of %s failed: %s", name, f.getErrorMessage()))
-        return {"name": name, "state": "downloading"}
+        answer: defer.Deferred[dict[str, Any]] = defer.Deferred()
 
-    def _downloaded(self, model: Any) -> None:
+        def started() -> None:
+            if not answer.called:
+                answer.callback({"name": name, "state": "downloading"})
+
+        def done(model: LocalModel) -> None:
+            self._downloaded(model)
+            if not answer.called:
+                answer.callback({"name": model.name, "state": "on disk"})
+
+        def failed(f: Failure) -> None:
+            if not answer.called:  # refused, unknown, or failed before any transfer began
+                answer.errback(Failure(Refused(f.getErrorMessage())))
+            else:
+                log.error("download of %s failed: %s", name, f.getErrorMessage())
+
+        self.downloader.download(name, on_started=started).addCallbacks(done, failed)
+        return answer
+
+    def _downloaded(self, model: LocalModel) -> None:
         log.info("downloaded %s (%s)", model.name, model.path)
         self.rescan()
 

@@ -434,8 +434,10 @@ def _place(partial: str, target: str) -> None:
 class _Job:
     """One model's download, run in a thread; talks to the reactor only via callbacks."""
 
-    def __init__(self, downloader: Downloader, plan: Plan, split_peers_available: bool):
+    def __init__(self, downloader: Downloader, plan: Plan, split_peers_available: bool,
+                 on_started: Callable[[], None] | None = None):
         self.d, self.plan, self.split_peers = downloader, plan, split_peers_available
+        self.on_started = on_started
         self.cancelled = threading.Event()
 
     def _from_thread(self, f: Callable[..., Any], *args: Any) -> None:
@@ -469,6 +471,8 @@ class _Job:
         have = sum(os.path.getsize(p) if os.path.exists(p) else 0 for p in partials)
         self._blocking_in_reactor(d.check_space, plan.name, total, have)
         self._from_thread(d.downloads.start, plan.name, total, have)
+        if self.on_started is not None:  # past every gate: the transfer begins
+            self._from_thread(self.on_started)
         before = 0
         for rf, head, partial, target in zip(plan.files, heads, partials, targets, strict=True):
             if os.path.exists(target):
@@ -699,13 +703,16 @@ class Downloader:
                         pass
         return have
 
-    def download(self, entry: str, *, split_peers_available: bool = False) -> defer.Deferred[LocalModel]:
+    def download(self, entry: str, *, split_peers_available: bool = False,
+                 on_started: Callable[[], None] | None = None) -> defer.Deferred[LocalModel]:
         """Download ``entry`` (catalog name or ``hf:OWNER/REPO/FILE.gguf``) unless on disk.
 
         Fires with the placed LocalModel; fails with DownloadRefused,
         DownloadError or ModelError (an entry that names nothing
         downloadable).  A second call for a model already downloading waits
-        for the same job.
+        for the same job.  ``on_started`` is called (in the reactor) once the
+        transfer begins, past the gate and the disk check: for an ``hf:`` entry
+        the size, and so the gate's answer, is known only after the hub's HEAD.
         """
         try:
             plan = plan_for(entry, self.catalog)
@@ -726,7 +733,7 @@ class Downloader:
                 return defer.fail(e)
             except OSError as e:
                 return defer.fail(DownloadError(f"{e.filename}: {e.strerror or e}"))
-        job = _Job(self, plan, split_peers_available)
+        job = _Job(self, plan, split_peers_available, on_started)
         self._jobs[plan.name] = (job, [waiter])
         d = threads.deferToThreadPool(self.reactor, self.reactor.getThreadPool(), job.run)
         d.addBoth(self._done, plan.name)

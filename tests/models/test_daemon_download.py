@@ -72,7 +72,7 @@ def test_meshctl_download_fetches_a_model_and_the_scan_offers_it(hub, tmp_path):
     try:
         n.wait_running()
         r = n.ctl("download", ENTRY)
-        assert r.returncode == 0
+        assert r.returncode == 0 and "downloading" in r.stdout, r.stdout + r.stderr
         n.wait_for(on_disk, "the downloaded model in meshctl models", timeout=60)
         assert (tmp_path / "node" / "models" / FILE).read_bytes() == data
     finally:
@@ -92,5 +92,26 @@ def test_meshctl_download_too_big_is_refused_without_asking_the_hub(hub, tmp_pat
         (refused,) = n.status()["downloads_refused"]
         assert refused["name"] == "llama-3.1-8b-instruct-q4_k_m" and "needs" in refused["reason"]
         assert hub.requests() == []
+    finally:
+        n.stop()
+
+
+def test_meshctl_download_of_an_hf_file_too_big_answers_the_refusal(hub, tmp_path):  # noqa: F811
+    """For an hf: name the size is known only after the hub's HEAD: the refusal, with its
+    numbers, is still meshctl's answer (it answered "downloading", exit 0, and the log
+    read "'NoneType' object has no attribute 'name'")."""
+    hub.add(REPO, FILE, big_gguf(8))  # 8 MiB
+    n = node(tmp_path)
+    n.config["node"]["vram_gb"] = 0.001  # about 1 MiB
+    n.start()
+    try:
+        n.wait_running()
+        r = n.ctl("download", ENTRY, check=False)
+        assert r.returncode == 3, r.stdout + r.stderr
+        assert "needs" in r.stderr and "not downloading" in r.stderr, r.stderr
+        assert hub.requests(method="GET") == []  # the HEAD only: nothing was fetched
+        (refused,) = n.status()["downloads_refused"]
+        assert refused["name"] == NAME and "needs" in refused["reason"]
+        assert "NoneType" not in n.log() and "Traceback" not in n.log()
     finally:
         n.stop()
