@@ -277,7 +277,16 @@ async def _ready(node: Node, backends: LocalBackends, notifier: Notifier,
         notifier.ready(f"downloading {first.name}; API on {listen}")
         log.info("model %s is not on disk: downloading it", first.name)
         assert node.downloader is not None
-        model = await node.downloader.download(first.entry)
+        from meshd.models.download import DownloadRefused
+
+        try:
+            model = await node.downloader.download(first.entry)
+        except DownloadRefused as e:
+            # not a failed start: the node serves the mesh's other models and says
+            # why it runs none of its own (status: downloads_refused)
+            notifier.status(f"idle: not downloading {first.name}: {e}; API on {listen}")
+            log.warning("serving nothing of its own: %s was not downloaded: %s", first.name, e)
+            return
         node.rescan()
         backends.serve(first.name, str(model.path), model.size_bytes)
         await backends.when_serving(first.name)

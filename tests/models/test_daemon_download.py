@@ -115,3 +115,22 @@ def test_meshctl_download_of_an_hf_file_too_big_answers_the_refusal(hub, tmp_pat
         assert "NoneType" not in n.log() and "Traceback" not in n.log()
     finally:
         n.stop()
+
+
+def test_a_serve_entry_whose_download_is_refused_leaves_the_node_up_and_idle(hub, tmp_path):  # noqa: F811
+    """[models] serve names a file that cannot fit: the node stays up, serving nothing of its
+    own, and its status says why (it used to exit 1, and systemd restarted it in a loop)."""
+    hub.add(REPO, FILE, big_gguf(8))
+    n = node(tmp_path, serve=[ENTRY])
+    n.config["node"]["vram_gb"] = 0.001
+    n.start()
+    try:
+        refused = n.wait_for(lambda m: m.status()["downloads_refused"], "the refusal in status", 60)
+        assert refused[0]["name"] == NAME and "needs" in refused[0]["reason"]
+        status = n.status()
+        assert status["state"] == "running" and status["serving"] is None
+        assert n.proc.poll() is None
+        assert "cannot start" not in n.log()
+        assert "download refused" in n.ctl("status").stdout
+    finally:
+        n.stop()
