@@ -213,14 +213,15 @@ def test_no_downloads_never_asks_the_hub(tmp_path, gemma_model_path, hub):  # no
         assert status["serving"] is None and status["downloads"] == []
         assert hub.requests() == []
 
-        # told to serve it: it stops with the refusal instead of downloading
+        # told to serve it: it stays up, idle, the refusal in its status, nothing downloaded
         bare.stop()
         alone = node(tmp_path, "alone", gemma_model_path, serve=[CATALOG_MODEL],
                      plugins=["no_downloads"])
         nodes.append(alone)
         alone.start()
-        assert alone.wait_exit(60) == 1
-        assert "plugin no_downloads refused the download" in alone.log()
+        refused = alone.wait_for(lambda m: m.status()["downloads_refused"], "the refusal", 60)
+        assert "plugin no_downloads refused the download" in refused[0]["reason"]
+        assert alone.proc.poll() is None and alone.status()["serving"] is None
         assert hub.requests() == []
     finally:
         stop_all(nodes)
