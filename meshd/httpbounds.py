@@ -110,15 +110,14 @@ class BoundedRequest(server.Request):
         """Answer at once, discard the rest of the body, then close the connection."""
         self.refused = refusal
         site = self.bounded_site
-        body = site.error_body(refusal.status, refusal.message, refusal.code)
+        body = site.refusal_body(self._head[1], refusal)
         phrase = http.RESPONSES.get(refusal.status, b"Error")
         extra = b"".join(name + b": " + value + b"\r\n" for name, value in refusal.headers)
         transport: Any = self.channel.transport
         transport.write(
             b"HTTP/1.1 %d %s\r\nContent-Type: application/json\r\nConnection: close\r\n"
             b"Content-Length: %d\r\n%s\r\n%s" % (refusal.status, phrase, len(body), extra, body))
-        log.info("%s: refused a request before its body (%d %s)", site.what, refusal.status,
-                 refusal.message)
+        site.refused(self, refusal)
         site.reactor.callLater(site.linger_s, transport.loseConnection)
 
     def requestReceived(self, command: bytes, path: bytes, version: bytes) -> None:  # noqa: N802
@@ -163,9 +162,20 @@ class BoundedSite(server.Site):
         self.what = what
         self.linger_s = linger_s
 
+    # what a door may say its own way (the API: its error shapes, its metrics)
+
     def too_large(self, what: str) -> Refusal:
         return Refusal(413, f"request body too large ({what} exceeds {self.max_body_bytes} "
                             "bytes)", "body_too_large")
+
+    def refusal_body(self, path: bytes, refusal: Refusal) -> bytes:
+        """The refusal's body for a request to ``path`` (query left out)."""
+        return self.error_body(refusal.status, refusal.message, refusal.code)
+
+    def refused(self, request: server.Request, refusal: Refusal) -> None:
+        """A request was refused before its body: the door's log line (and counters)."""
+        log.info("%s: refused a request before its body (%d %s)", self.what, refusal.status,
+                 refusal.message)
 
     def log(self, request: http.Request) -> None:
         pass

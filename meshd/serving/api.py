@@ -53,8 +53,6 @@ the API alone in front of fixed upstreams (benchmarks, debugging).
 
 from __future__ import annotations
 
-import hmac
-import io
 import json
 import logging
 import time
@@ -64,10 +62,11 @@ from urllib.parse import unquote
 from twisted.internet import defer
 from twisted.internet.interfaces import IReactorTime
 from twisted.python.failure import Failure
-from twisted.web import http, resource, server
+from twisted.web import resource, server
 
 from meshd import jsonbounds
 from meshd.config import ApiConfig
+from meshd.httpbounds import BoundedRequest, BoundedSite, Refusal, api_key_matches
 from meshd.serving import routes
 from meshd.serving.proxy import ConnectionPool, UpstreamConnection, request_head
 from meshd.serving.routes import ModelFrom, Route, Shape
@@ -83,9 +82,6 @@ NODE_HEADER = b"X-Meshd-Node"
 MODEL_HEADER = b"X-Meshd-Model"
 # non-streamed responses up to this size are held until complete (clean 502 on failure)
 HOLD_BYTES = 4 * 1024 * 1024
-# after a 413 the rest of the body is read and thrown away for at most this
-# long, so the client gets to read the answer instead of a connection reset
-LINGER_S = 5.0
 # attempts per request: the first upstream and one failover
 MAX_ATTEMPTS = 2
 
@@ -195,82 +191,32 @@ def _label(value: str) -> str:
 # -- the HTTP server side ------------------------------------------------------
 
 
-class ApiRequest(server.Request):
-    """A request whose body is kept in memory up to ``max_body_bytes``, else refused with 413."""
-
-    _too_large = False
-    _received = 0
-    content: Any  # an io.BytesIO once the length is known (twisted.web: None until then)
-
-    @property
-    def api(self) -> ApiServer:
-        site: ApiSite = cast(Any, self.channel).site
-        return site.api
-
-    def gotLength(self, length: int | None) -> None:
-        # never a temporary file (twisted.web's default above 100 kB): the limit bounds memory
-        self.content = io.BytesIO()
-        limit = self.api.config.max_body_bytes
-        if length is not None and length > limit:
-            self._refuse_too_large(f"Content-Length {length}")
-
-    def handleContentChunk(self, data: bytes) -> None:
-        if self._too_large:
-            return
-        self._received += len(data)
-        if self._received > self.api.config.max_body_bytes:
-            self.content = io.BytesIO()
-            self._refuse_too_large("body")
-            return
-        self.content.write(data)
-
-    def _refuse_too_large(self, what: str) -> None:
-        """Answer 413 at once, discard the rest of the body, then close the connection."""
-        self._too_large = True
-        api = self.api
-        limit = api.config.max_body_bytes
-        body = routes.error_body(
-            Shape.OPENAI, 413,
-            f"request body too large ({what} exceeds [api] max_body_bytes = {limit})",
-            "invalid_request_error", "request_too_large",
-        )
-        transport: Any = self.channel.transport
-        transport.write(
-            b"HTTP/1.1 413 Request Entity Too Large\r\nContent-Type: application/json\r\n"
-            b"Connection: close\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body)
-        )
-        api.metrics.request_done("", 413, 0)
-        log.warning("refused a request body over %d bytes from %s", limit, _peer_host(self))
-        api.reactor.callLater(LINGER_S, transport.loseConnection)
-
-    def requestReceived(self, command: bytes, path: bytes, version: bytes) -> None:
-        if self._too_large:
-            transport: Any = self.channel.transport
-            transport.loseConnection()
-            return
-        super().requestReceived(command, path, version)
-
-
-class ApiChannel(http.HTTPChannel):
-    def _send100Continue(self) -> None:
-        # a body we already refused must not be invited (the 413 is on the wire)
-        if self.requests and getattr(self.requests[-1], "_too_large", False):
-            return
-        super()._send100Continue()
-
-
-class ApiSite(server.Site):
-    requestFactory = ApiRequest
-    # the plain HTTP/1.1 channel, not twisted.web's HTTP/2-negotiating wrapper
-    protocol = ApiChannel  # type: ignore[assignment]
-    noisy = False
+class ApiSite(BoundedSite):
+    """The API's site: bodies bounded by ``[api] max_body_bytes`` before they are read
+    (``meshd.httpbounds``), refusals in the shape of the path's API, counted."""
 
     def __init__(self, root: resource.Resource, api: ApiServer, reactor: IReactorTime):
-        super().__init__(root, reactor=reactor)
+        super().__init__(root, max_body_bytes=api.config.max_body_bytes,
+                         error_body=self._openai_error, what="API", reactor=reactor)
         self.api = api
 
-    def log(self, request: http.Request) -> None:
-        """Access lines come from the API itself (``meshd.serving.api`` at debug level)."""
+    @staticmethod
+    def _openai_error(status: int, message: str, code: str) -> bytes:
+        return routes.error_body(Shape.OPENAI, status, message, "invalid_request_error", code)
+
+    def too_large(self, what: str) -> Refusal:
+        return Refusal(413, f"request body too large ({what} exceeds [api] max_body_bytes = "
+                            f"{self.max_body_bytes})", "request_too_large")
+
+    def refusal_body(self, path: bytes, refusal: Refusal) -> bytes:
+        route = routes.route_of(path)
+        shape = route.shape if route is not None else Shape.OPENAI
+        return routes.error_body(shape, refusal.status, refusal.message,
+                                 "invalid_request_error", refusal.code)
+
+    def refused(self, request: server.Request, refusal: Refusal) -> None:
+        self.api.metrics.request_done("", refusal.status, 0)
+        log.warning("refused a request from %s: %s", _peer_host(request), refusal.message)
 
 
 class _Root(resource.Resource):
@@ -348,7 +294,7 @@ class ApiServer:
             return self._json(request, 200, {"status": "draining" if self.draining else "ok"})
         route = routes.route_of(path)
         shape = route.shape if route is not None else Shape.OPENAI
-        if self._api_key and not self._authorized(request):
+        if self._api_key and not api_key_matches(request, self._api_key):
             return self._error(request, shape, 401,
                                "missing or wrong API key "
                                "(Authorization: Bearer KEY, or x-api-key: KEY)",
@@ -375,16 +321,6 @@ class ApiServer:
                            f"{request.uri.decode(errors='replace')})"
                            + (f": meshd does not route it ({why})" if why else ""),
                            "invalid_request_error", "not_found")
-
-    def _authorized(self, request: server.Request) -> bool:
-        """``Authorization: Bearer KEY`` (OpenAI's SDKs) or ``x-api-key: KEY`` (Anthropic's)."""
-        auth = request.getHeader(b"authorization")
-        if auth is not None:
-            scheme, _, key = auth.partition(b" ")
-            if scheme.lower() == b"bearer" and hmac.compare_digest(key.strip(), self._api_key):
-                return True
-        api_key = request.getHeader(b"x-api-key")
-        return api_key is not None and hmac.compare_digest(api_key.strip(), self._api_key)
 
     def _model(self, request: server.Request, raw_id: bytes) -> bytes:
         """``GET /v1/models/{id}``: the entry ``/v1/models`` lists for it, from the mesh's table."""
@@ -466,7 +402,7 @@ class ApiServer:
             self.metrics.request_done("", 503, 0)
             return self._error(request, shape, 503, "this node is shutting down", "server_error",
                                "shutting_down", {b"Retry-After": b"1"})
-        body = cast(ApiRequest, request).content.getvalue()
+        body = cast(BoundedRequest, request).content.getvalue()
         try:
             model, client_id = self._model_of(request, route, body)
         except BadRequest as e:

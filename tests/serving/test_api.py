@@ -324,6 +324,19 @@ async def test_oversized_body_with_expect_100_continue_gets_413_without_100(serv
 
 
 @pytest_twisted.ensureDeferred
+async def test_oversized_body_on_an_anthropic_path_is_413_in_anthropics_shape(serve):
+    _, url = serve(Router({}), max_body_bytes=1000)
+    port = int(url.rsplit(":", 1)[1])
+    head = (b"POST /v1/messages HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+            b"Content-Length: 5000\r\n\r\n")
+    answer = await threads.deferToThread(raw_exchange, port, [head, b"x" * 5000])
+    assert answer.startswith(b"HTTP/1.1 413 "), answer[:100]
+    doc = json.loads(answer.split(b"\r\n\r\n", 1)[1])
+    assert doc["type"] == "error" and doc["error"]["type"] == "request_too_large", doc
+    assert "max_body_bytes" in doc["error"]["message"]
+
+
+@pytest_twisted.ensureDeferred
 async def test_body_under_the_limit_is_forwarded_whole(serve, fake):
     _, url = serve(Router({"m": [tcp_upstream("a", fake.port)]}), max_body_bytes=MIB)
     doc = chat(padding="z" * (MIB - 200))
