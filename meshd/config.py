@@ -72,6 +72,15 @@ class ApiConfig:
     # an upstream (llama-server, tunnel) that does not accept the connection
     # within this long counts as unreachable: the request fails over
     connect_timeout_s: float = 10.0
+    # a last resort against an upstream that accepted a request and sends
+    # nothing: no response byte within this long and the request fails over (or
+    # is answered 504). Long: llama-server sends nothing until the first token,
+    # and a request queued for a busy slot waits for it; a hung llama-server is
+    # found sooner by its /health ([llama] live_interval_s, live_misses)
+    first_byte_timeout_s: float = 300.0
+    # once a response began, this long without a byte ends it (an SSE error
+    # event on a stream, a 504 for an answer not yet passed on)
+    stream_idle_timeout_s: float = 120.0
 
 
 @dataclass(frozen=True)
@@ -114,6 +123,11 @@ class LlamaConfig:
     health_interval_s: float = 0.25
     # one /health poll (or rpc-server connect) gives up after this long
     health_timeout_s: float = 2.0
+    # a ready llama-server's /health is probed this often; live_misses probes
+    # in a row without an answer (each within health_timeout_s) mean it hung:
+    # it is restarted (llama-server answers /health even with every slot busy)
+    live_interval_s: float = 2.0
+    live_misses: int = 3
 
 
 @dataclass(frozen=True)
@@ -329,6 +343,8 @@ def validate(config: Config) -> list[str]:
         ("llama", "ctx_size"), ("llama", "load_timeout_s"), ("llama", "stop_timeout_s"),
         ("llama", "restart_min_s"), ("llama", "restart_max_s"), ("llama", "restart_reset_s"),
         ("llama", "health_interval_s"), ("llama", "health_timeout_s"),
+        ("llama", "live_interval_s"), ("llama", "live_misses"),
+        ("api", "first_byte_timeout_s"), ("api", "stream_idle_timeout_s"),
     ]
     for section, key in positive:
         if getattr(getattr(config, section), key) <= 0:

@@ -19,8 +19,20 @@ The states (``meshd.states.BackendState``; the allowed moves are
     stopped --start()--> starting --probe "loading"--> loading --probe "ready"--> ready
     starting/loading/ready --exits--> restarting --delay--> starting
     starting/loading --load_timeout_s--> (SIGKILL) --exits--> restarting
+    ready --live_misses probes unanswered--> restarting (SIGTERM, SIGCONT; SIGKILL
+          after stop_timeout_s) --exits--> restarting --delay--> starting
     any --stop()--> stopping --exits--> stopped      (restarting --stop()--> stopped)
     stopped/restarting/failed --start() cannot spawn--> failed
+
+Liveness while ready (llama-server only): ``/health`` is probed every
+``[llama] live_interval_s``; llama-server answers it even while every slot is
+busy, so ``live_misses`` probes in a row with no answer (each given
+``health_timeout_s``) mean the process is hung (stopped, deadlocked, swapping):
+it is restarted, and its state leaves ``ready`` at once, so the router stops
+sending it requests and status stops calling the model warm.  A slow first
+token is no sign of a hang (a request queued for a slot looks the same), which
+is why the probe, not the proxy's deadlines, decides.  rpc-server has no probe
+that could tell (a stopped process's port still accepts), so it is not checked.
 
 Time comes from the injected ``reactor`` (a ``Clock`` in tests); the spawn
 function and the probe are injectable (``_spawn``, ``_probe``, ``_pick_port``),
@@ -301,6 +313,8 @@ class Supervised:
     """One supervised child process on a loopback port; subclasses say which."""
 
     kind = "process"
+    # probe the child while ready, and restart it when it stops answering
+    live_checks = False
 
     def __init__(
         self,
@@ -332,6 +346,9 @@ class Supervised:
         self._restart_backoff = Backoff(llama.restart_min_s, llama.restart_max_s)
         self._ready_since: float | None = None
         self._probe_d: Deferred | None = None
+        # liveness while ready: probes unanswered in a row, and when the first of them began
+        self._misses = 0
+        self._first_miss_at = 0.0
         self._calls: dict[str, Any] = {}
         self._listeners: list[Callable[[BackendState], Any]] = []
         self._ready_waiters: list[Deferred] = []
@@ -467,9 +484,74 @@ class Supervised:
         self._ready_since = self._reactor.seconds()
         log.info("%s: ready on %s:%s (pid %s)", self.label, LOOPBACK, self.port, self.pid)
         self._set_state(READY)
+        self._misses = 0
+        if self.live_checks and self.state == READY:
+            self._later("live", self.llama.live_interval_s, self._live_check)
         waiters, self._ready_waiters = self._ready_waiters, []
         for d in waiters:
             d.callback(self)
+
+    def _live_check(self) -> None:
+        self._calls.pop("live", None)
+        port = self.port
+        if self.state != READY or port is None:
+            return
+        protocol = self._protocol
+        began = self._reactor.seconds()
+        d = self._probe(port)
+        d.addTimeout(self.llama.health_timeout_s, self._reactor)
+        d.addErrback(lambda _: PROBE_DOWN)
+        self._probe_d = d
+
+        def answered(verdict: BackendState | None) -> None:
+            if self._probe_d is d:
+                self._probe_d = None
+            if protocol is not self._protocol or self.state != READY:
+                return
+            if verdict is PROBE_DOWN:
+                if not self._misses:
+                    self._first_miss_at = began
+                self._misses += 1
+                if self._misses >= self.llama.live_misses:
+                    self._hung()
+                    return
+                log.debug("%s: pid %s did not answer a liveness probe (%d of %d)",
+                          self.label, self.pid, self._misses, self.llama.live_misses)
+            else:
+                # any answer, even "loading": the process serves its socket
+                self._misses = 0
+            # probes start live_interval_s apart; one that took that long is followed at once
+            spent = self._reactor.seconds() - began
+            self._later("live", max(0.0, self.llama.live_interval_s - spent), self._live_check)
+
+        d.addCallback(answered)
+
+    def _hung(self) -> None:
+        """Restart a child that stopped answering: SIGTERM, SIGCONT (a stopped process
+        acts on SIGTERM only once continued), SIGKILL after ``stop_timeout_s``.
+
+        The state leaves ``ready`` now, not when the child is gone: nothing should
+        be sent to it meanwhile.  Its end (``child_ended``) schedules the restart.
+        """
+        waited = self._reactor.seconds() - self._first_miss_at
+        log.warning(
+            "%s: pid %s did not answer /health %d times in %.0f s: hung; restarting "
+            "(SIGTERM, SIGKILL after %g s)",
+            self.label, self.pid, self._misses, waited, self.llama.stop_timeout_s,
+        )
+        self.last_exit = f"hung: did not answer /health {self._misses} times in {waited:.0f} s"
+        self._misses = 0
+        self._stop_probing()
+        self._set_state(RESTARTING)
+        self._signal("TERM")
+        self._signal("CONT")
+        self._later("kill", self.llama.stop_timeout_s, self._hung_kill)
+
+    def _hung_kill(self) -> None:
+        self._calls.pop("kill", None)
+        log.warning("%s: hung pid %s still running %g s after SIGTERM; sending SIGKILL",
+                    self.label, self.pid, self.llama.stop_timeout_s)
+        self._signal("KILL")
 
     def _load_timed_out(self) -> None:
         self._calls.pop("deadline", None)
@@ -508,9 +590,11 @@ class Supervised:
             return
         how = describe_exit(reason)
         pid = self.pid
+        # restarting with a child still running: _hung() is ending it
+        was = "hung" if self.state == RESTARTING else str(self.state)
         self._process = self._protocol = None
         self.pid = None
-        self.last_exit = how
+        self.last_exit = how if was != "hung" else f"{how} after it hung"
         self._cancel_all()
         if self.state == STOPPING:
             log.info("%s: pid %s %s; stopped", self.label, pid, how)
@@ -523,7 +607,7 @@ class Supervised:
             self._restart_backoff.reset()
         delay = self._restart_backoff.next_delay()
         log.warning(
-            "%s: pid %s %s while %s; restarting in %g s", self.label, pid, how, self.state, delay
+            "%s: pid %s %s while %s; restarting in %g s", self.label, pid, how, was, delay
         )
         self._set_state(RESTARTING)
         self._later("restart", delay, self._restart)
@@ -563,6 +647,7 @@ class Supervised:
 
     def _stop_probing(self) -> None:
         self._cancel("poll")
+        self._cancel("live")
         if self._probe_d is not None:
             d, self._probe_d = self._probe_d, None
             d.cancel()
@@ -582,6 +667,7 @@ class LlamaServer(Supervised):
     """llama-server for one model, OpenAI API on a loopback port, ready when /health is 200."""
 
     kind = "llama-server"
+    live_checks = True
 
     def __init__(
         self,

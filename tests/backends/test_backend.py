@@ -109,13 +109,123 @@ def test_when_ready_fires_with_the_server_once_ready():
     assert fired == [h.server]
 
 
-def test_probing_stops_once_ready():
+def test_once_ready_probing_slows_to_live_interval_s_and_an_answering_server_is_never_restarted():
     h = Harness()
     h.server.start()
     h.make_ready()
     probes = len(h.probed_ports)
-    h.clock.advance(100)
-    assert len(h.probed_ports) == probes
+    run_for(h, 100)
+    # one probe per live_interval_s (2 s), none at the loading pace
+    assert len(h.probed_ports) == probes + 50
+    h.verdict = backend.PROBE_LOADING  # answering, not ready: alive all the same
+    run_for(h, 100)
+    assert h.server.state == "ready" and h.process.signals == [] and len(h.children) == 1
+    assert h.states == ["starting", "ready"]
+
+
+def test_rpc_server_is_not_probed_once_ready():
+    h = Harness(cls=RpcServer)
+    h.server.start()
+    h.make_ready()
+    probes = len(h.probed_ports)
+    h.hang = True
+    run_for(h, 100)
+    assert len(h.probed_ports) == probes and h.server.state == "ready"
+
+
+def run_for(h: Harness, seconds: float, step: float = 0.25) -> None:
+    """Clock.advance fires each call once: step through, as a reactor would."""
+    h.clock.pump([step] * round(seconds / step))
+
+
+def hang_while_ready(h: Harness) -> None:
+    """Ready, then every probe goes unanswered until the third miss (8 s: a probe at
+    2 s, each waited 2 s, the next at once)."""
+    h.server.start()
+    h.make_ready()
+    h.hang = True
+    run_for(h, LIVE_CHECK_S - 0.25)
+    assert h.server.state == "ready" and h.process.signals == []  # two misses: not yet
+    h.clock.advance(0.25)
+
+
+LIVE_CHECK_S = 2.0 + 3 * 2.0  # live_interval_s, then live_misses probes of health_timeout_s
+
+
+def test_a_ready_server_whose_health_goes_silent_is_restarted_after_live_misses(caplog):
+    caplog.set_level(logging.INFO, logger="meshd.backends.supervisor")
+    h = Harness()
+    hang_while_ready(h)
+    # out of ready at once, before the process is gone: nothing is routed to it
+    assert h.server.state == "restarting"
+    # SIGCONT: a stopped process acts on SIGTERM only once continued
+    assert h.process.signals == ["TERM", "CONT"]
+    warning = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING][-1]
+    assert warning.startswith(
+        "llama-server[tiny]: pid 1000 did not answer /health 3 times in 6 s: hung; restarting")
+    # SIGTERM not obeyed within stop_timeout_s: SIGKILL
+    h.clock.advance(LLAMA.stop_timeout_s)
+    assert h.process.signals == ["TERM", "CONT", "KILL"]
+    h.end(signal=9)
+    assert h.server.state == "restarting" and h.server.last_exit.endswith("after it hung")
+    assert "while hung; restarting in 1 s" in caplog.records[-1].getMessage()
+    h.clock.advance(1.0)
+    assert len(h.children) == 2 and h.server.state == "starting"
+    h.hang = False
+    h.make_ready()
+    assert h.states == ["starting", "ready", "restarting", "starting", "ready"]
+    assert all(new in BACKEND_MOVES[BackendState(old)]
+               for old, new in zip(["stopped", *h.states], h.states, strict=False))
+
+
+def test_a_hung_server_that_obeys_sigterm_gets_no_sigkill():
+    h = Harness()
+    hang_while_ready(h)
+    h.end(signal=15)
+    h.clock.advance(LLAMA.stop_timeout_s * 2)
+    assert h.children[0][2].signals == ["TERM", "CONT"]
+    assert len(h.children) == 2
+
+
+def test_one_answer_between_misses_starts_the_count_again():
+    h = Harness()
+    h.server.start()
+    h.make_ready()
+    answers = iter([False, False, True] * 5)
+    asked = []
+
+    def probe(port):
+        asked.append(port)
+        return succeed(backend.PROBE_READY) if next(answers) else Deferred()
+
+    h.server._probe = probe
+    run_for(h, 5 * (2.0 + 2.0 + 2.0))  # each round: two misses (2 s each), one answer
+    assert len(asked) == 15
+    assert h.server.state == "ready" and h.process.signals == []
+
+
+def test_stop_of_a_hung_server_being_restarted_stops_it():
+    h = Harness()
+    hang_while_ready(h)
+    d = h.server.stop()
+    assert h.server.state == "stopping"
+    h.end(signal=15)
+    assert d.called and h.server.state == "stopped"
+    run_for(h, 100)
+    assert len(h.children) == 1
+
+
+def test_a_server_that_is_refused_while_ready_and_then_dies_restarts_once():
+    # connection refused answers at once (no probe timeout); the exit usually comes first
+    h = Harness()
+    h.server.start()
+    h.make_ready()
+    h.verdict = backend.PROBE_DOWN
+    run_for(h, 2.0 * 2)
+    assert h.server.state == "ready"
+    h.end(signal=11)
+    h.clock.advance(1.0)
+    assert len(h.children) == 2
 
 
 def test_listeners_see_every_transition_in_order():

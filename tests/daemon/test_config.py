@@ -39,6 +39,13 @@ BAD = [
     ("[api]\ndrain_s = -inf\n", "[api] drain_s: -inf is not a finite number"),
     ("[node]\nvram_gb = nan\n", "[node] vram_gb: nan is not a finite number"),
     ("[models]\ntensor_split = [1.0, nan]\n", "[models] tensor_split[1]: nan is not a finite number"),
+    ("[llama]\nlive_interval_s = 0\n", "[llama] live_interval_s: must be greater than 0"),
+    ("[llama]\nlive_misses = 0\n", "[llama] live_misses: must be greater than 0"),
+    ("[llama]\nlive_misses = 2.5\n", "[llama] live_misses: expected an integer, got 2.5"),
+    ("[api]\nfirst_byte_timeout_s = -1\n", "[api] first_byte_timeout_s: must be greater than 0"),
+    ("[api]\nfirst_byte_timeout_s = inf\n", "[api] first_byte_timeout_s: inf is not a finite number"),
+    ("[api]\nstream_idle_timeout_s = 0\n", "[api] stream_idle_timeout_s: must be greater than 0"),
+    ("[api]\nstream_idle_timeout_s = nan\n", "[api] stream_idle_timeout_s: nan is not a finite number"),
 ]
 
 
