@@ -270,10 +270,14 @@ class Target:
 
 
 def start_proxy(tree: Path, backend_port: int, model: str) -> tuple[subprocess.Popen, int]:
-    """meshd's API (``meshd.cli.static_api``) from the source tree ``tree`` in front of the backend."""
+    """meshd's API (``meshd.cli.static_api``) from the source tree ``tree`` in front of the backend.
+
+    A tree from before the redesign (the CLI was ``meshd.api``'s main) runs as it was.
+    """
     port = free_port()
+    module = "meshd.cli.static_api" if (tree / "meshd/cli/static_api.py").exists() else "meshd.api"
     proc = subprocess.Popen(
-        [sys.executable, "-m", "meshd.cli.static_api", "--static",
+        [sys.executable, "-m", module, "--static",
          f"{model}=127.0.0.1:{backend_port}", "--listen", f"127.0.0.1:{port}"],
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=tree,
         env={**os.environ, "PYTHONPATH": str(tree)})
