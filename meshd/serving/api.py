@@ -26,6 +26,16 @@ What a reader needs to know:
   failed before a byte: 503 + Retry-After if no upstream could be reached
   (nothing is serving right now), 502 if one accepted the request and then
   failed (a backend fault).
+- Deadlines (``[api] first_byte_timeout_s``, ``stream_idle_timeout_s``): an
+  upstream that accepted the request and sends no byte within the first is
+  treated like one that closed before responding (failover, else 504
+  ``upstream_timeout``); a response that began and then stays silent for the
+  second ends as a broken one does (an SSE ``error`` event, or a 504 when our
+  client has no head yet).  Last resorts: llama-server sends nothing before the
+  first token, so a request queued for a busy slot looks like a hang; a hung
+  llama-server is found by its /health (``meshd.backends.supervisor``), and its
+  restart cuts these connections long before.  Silence while our client is not
+  reading (the upstream paused by backpressure) is not the upstream's.
 - Responses: ``text/event-stream`` is passed through as it arrives, with the
   upstream connection registered as the producer of our client's connection (a
   client that stops reading pauses the upstream socket; one that goes away
@@ -56,11 +66,12 @@ from __future__ import annotations
 import json
 import logging
 import time
+from collections.abc import Callable
 from typing import Any, cast
 from urllib.parse import unquote
 
 from twisted.internet import defer
-from twisted.internet.interfaces import IReactorTime
+from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.python.failure import Failure
 from twisted.web import resource, server
 
@@ -503,6 +514,10 @@ class Forward:
         self.length: int | None = None
         self.nbytes = 0
         self.started_at = time.monotonic()
+        # the one pending deadline: first byte (SENT), silence (after the head)
+        self.deadline: IDelayedCall | None = None
+        self.last_byte = 0.0  # reactor time of the last response byte
+        self._seconds = api.reactor.seconds
         request.notifyFinish().addErrback(self._client_lost)
 
     @property
@@ -529,6 +544,7 @@ class Forward:
         self._connect(fresh=False)
 
     def _connect(self, fresh: bool) -> None:
+        self._disarm()
         if self.state is not ForwardState.CONNECTING:
             self._move(ForwardState.CONNECTING)
         pool = self.api.pool
@@ -546,6 +562,7 @@ class Forward:
             return
         self._move(ForwardState.SENT)
         self.conn = conn
+        self._arm(self.api.config.first_byte_timeout_s, self._first_byte_timed_out)
         conn.send(self.head, self.body, self)
 
     def _connect_failed(self, failure: Failure) -> None:
@@ -558,7 +575,7 @@ class Forward:
             reason = failure.getErrorMessage()
         self._upstream_down(f"cannot connect: {reason}")
 
-    def _upstream_down(self, reason: str) -> None:
+    def _upstream_down(self, reason: str, timed_out: bool = False) -> None:
         up = self._current()
         self.api.router.request_finished(up)
         self.api.router.upstream_failed(up, reason)
@@ -574,18 +591,70 @@ class Forward:
             self._finished(502 if self.reached_any else 503, upstream_done=True)
             self.request.channel.loseConnection()
             return
-        if self.reached_any:
+        if timed_out:
+            self._fail_before_head(504, f"the backend for {self.model!r} did not answer: {reason}",
+                                   "upstream_timeout")
+        elif self.reached_any:
             self._fail_before_head(502, f"the backend for {self.model!r} failed: {reason}",
                                    "upstream_error")
         else:
             self._fail_before_head(503, f"no host for {self.model!r} is reachable: {reason}",
                                    "model_not_ready", {b"Retry-After": b"5"})
 
+    # -- deadlines ---------------------------------------------------------------------
+
+    def _arm(self, delay: float, fn: Callable[[], None]) -> None:
+        self._disarm()
+        self.deadline = self.api.reactor.callLater(delay, fn)
+
+    def _disarm(self) -> None:
+        call, self.deadline = self.deadline, None
+        if call is not None and call.active():
+            call.cancel()
+
+    def _first_byte_timed_out(self) -> None:
+        self.deadline = None
+        if self.state is not ForwardState.SENT:
+            return
+        conn, self.conn = self.conn, None
+        started = conn is not None and conn.started  # part of a head came
+        if conn is not None:
+            conn.abort()
+        reason = (f"no response within {self.api.config.first_byte_timeout_s:g} s "
+                  "([api] first_byte_timeout_s)")
+        if started:
+            self._failed_after_start(reason, 504, "upstream_timeout")
+        else:
+            self._upstream_down(reason, timed_out=True)
+
+    def _idle_check(self) -> None:
+        self.deadline = None
+        if self.state not in (ForwardState.HOLDING, ForwardState.STREAMING,
+                              ForwardState.RELAYING):
+            return
+        limit = self.api.config.stream_idle_timeout_s
+        now = self._seconds()
+        conn = self.conn
+        if conn is not None and conn.paused:
+            # our client is not reading: the silence is not the upstream's
+            self.last_byte = now
+        silent = now - self.last_byte
+        if silent < limit - 0.001:
+            self._arm(limit - silent, self._idle_check)
+            return
+        self.conn = None
+        if conn is not None:
+            conn.abort()
+        self._failed_after_start(
+            f"no data for {limit:g} s ([api] stream_idle_timeout_s)", 504, "upstream_timeout")
+
     # -- ResponseSink ---------------------------------------------------------------
 
     def response_head(self, status: int, headers: dict[bytes, bytes], length: int | None) -> None:
         self.status = status
         self.length = length
+        self.last_byte = self._seconds()
+        self._arm(self.api.config.stream_idle_timeout_s, self._idle_check)
         ctype = headers.get(b"content-type", b"application/octet-stream")
         request = self.request
         request.setResponseCode(status)
@@ -623,6 +692,7 @@ class Forward:
         return b"".join(held)
 
     def response_data(self, data: bytes) -> None:
+        self.last_byte = self._seconds()
         if self.state is not ForwardState.HOLDING:
             self.nbytes += len(data)
             self.request.write(data)
@@ -638,6 +708,7 @@ class Forward:
     def response_framed(self, pieces: list[bytes], payload: int) -> None:
         # only after _pass_framing: STREAMING or RELAYING, to a chunked client
         self.nbytes += payload
+        self.last_byte = self._seconds()
         write_framed(self.request, pieces, payload)
 
     def response_end(self) -> None:
@@ -667,6 +738,11 @@ class Forward:
                 return
             self._upstream_down(reason)
             return
+        self._failed_after_start(reason, 502, "upstream_error")
+
+    def _failed_after_start(self, reason: str, status: int, code: str) -> None:
+        """The upstream sent a byte, then broke or went silent: never retried."""
+        self._disarm()
         up = self._current()
         self.api.router.request_finished(up)
         self.api.metrics.upstream_error(up.name)
@@ -674,20 +750,20 @@ class Forward:
         request = self.request
         if self.state in (ForwardState.SENT, ForwardState.HOLDING):  # our client has no head yet
             self._take_hold()
-            self._respond_error(502, f"the backend for {self.model!r} failed mid-response: {reason}",
-                                "server_error", "upstream_error")
-            self._finished(502, upstream_done=True)
+            self._respond_error(status, f"the backend for {self.model!r} failed mid-response: "
+                                f"{reason}", "server_error", code)
+            self._finished(status, upstream_done=True)
             return
         request.unregisterProducer()
         if self.state is ForwardState.STREAMING:
-            event = routes.error_body(self.shape, 502, f"the backend failed mid-stream: {reason}",
-                                      "server_error", "upstream_error")
+            event = routes.error_body(self.shape, status, f"the backend failed mid-stream: {reason}",
+                                      "server_error", code)
             request.write(b"\n\nevent: error\ndata: " + event + b"\n\n")
             request.channel.persistent = False
             request.finish()
         else:
             request.loseConnection()
-        self._finished(502, upstream_done=True)
+        self._finished(status, upstream_done=True)
 
     # -- endings ----------------------------------------------------------------------
 
@@ -719,6 +795,7 @@ class Forward:
         """Account for the end of this request; ``upstream_done``: request_finished already said."""
         if self.done:
             return
+        self._disarm()
         self._move(ForwardState.DONE)
         if self.upstream is not None and not upstream_done:
             self.api.router.request_finished(self.upstream)
