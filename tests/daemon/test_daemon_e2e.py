@@ -165,6 +165,62 @@ def test_killed_llama_server_is_restarted_with_503_meanwhile(tmp_path, llama_bin
         n.stop()
 
 
+def test_a_stopped_llama_server_is_found_hung_and_restarted(tmp_path, llama_bin_dir, gemma_model_path):
+    # issue 12: kill -STOP llama-server; the node must notice, say so, and serve again
+    n = serving_node(tmp_path, llama_bin_dir, gemma_model_path,
+                     llama={"live_interval_s": 1.0, "live_misses": 3, "health_timeout_s": 1.0,
+                            "stop_timeout_s": 2.0})
+    n.start()
+    stopped = None
+    try:
+        stopped = n.wait_model_warm(MODEL)["models"][0]["backend"]["pid"]
+        os.kill(stopped, signal.SIGSTOP)
+        # a request sent to the stopped process gets a clean error once it is
+        # found hung (its connection is cut by the restart), not silence for ever
+        held: dict[str, object] = {}
+
+        def ask() -> None:
+            import urllib.error
+            import urllib.request
+            body = json.dumps({"model": MODEL, "prompt": "a", "max_tokens": 1}).encode()
+            req = urllib.request.Request(f"{n.api}/v1/completions", data=body,
+                                         headers={"Content-Type": "application/json"})
+            try:
+                with urllib.request.urlopen(req, timeout=60) as r:
+                    held["code"] = r.status
+            except urllib.error.HTTPError as e:
+                held["code"], held["body"] = e.code, json.loads(e.read())
+            except OSError as e:
+                held["error"] = e
+
+        asker = threading.Thread(target=ask, daemon=True)
+        asker.start()
+        # found within live_interval_s + live_misses x health_timeout_s (4 s) and a margin
+        n.wait_for(lambda m: m.status()["models"][0]["state"] != "warm",
+                   "the model not warm while its llama-server is stopped", timeout=30)
+        n.wait_for(lambda m: f"pid {stopped} did not answer /health 3 times" in m.log()
+                   and "hung; restarting" in m.log(), "a log line naming the hang", timeout=10)
+        after = n.wait_model_warm(MODEL, timeout=120)["models"][0]["backend"]
+        assert after["pid"] != stopped and after["restarts"] >= 1
+        assert not pid_alive(stopped)  # SIGCONT and SIGTERM, or SIGKILL: gone
+        asker.join(timeout=60)
+        assert not asker.is_alive() and "error" not in held, held
+        # 502 when it reached the stopped one, 503 when it came after the state left ready
+        assert held["code"] in (502, 503), held
+        assert set(held["body"]) == {"error"}  # type: ignore[arg-type]
+        r = client(n).chat.completions.create(
+            model=MODEL, messages=[{"role": "user", "content": "Say hello."}], max_tokens=8)
+        assert r.choices[0].message.content is not None
+    finally:
+        if stopped is not None and pid_alive(stopped):
+            try:
+                os.kill(stopped, signal.SIGCONT)
+                os.kill(stopped, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        n.stop()
+
+
 def test_sigterm_with_an_open_stream_finishes_it_and_leaves_no_orphan(tmp_path, llama_bin_dir, gemma_model_path):
     # a generous drain: on a loaded 2-core machine 64 tokens can take many seconds
     n = serving_node(tmp_path, llama_bin_dir, gemma_model_path, api={"drain_s": 120.0})
