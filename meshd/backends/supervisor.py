@@ -45,6 +45,7 @@ import hashlib
 import logging
 import os
 import re
+import secrets
 import shutil
 import signal
 import socket
@@ -363,6 +364,10 @@ class Supervised:
     def _default_probe(self) -> Probe:
         raise NotImplementedError
 
+    def child_env(self) -> dict[str, str]:
+        """The environment of the run about to start (called once per start)."""
+        return self._env
+
     # -- public API
 
     @property
@@ -434,7 +439,7 @@ class Supervised:
         argv = self.argv(self.port)
         protocol = _ChildProtocol(self)
         try:
-            process = self._spawn(protocol, argv, self._env)
+            process = self._spawn(protocol, argv, self.child_env())
         except OSError as e:
             self.port = None
             self.last_exit = f"cannot start {argv[0]}: {e.strerror or e}"
@@ -688,7 +693,16 @@ class LlamaServer(Supervised):
         self.bin_dir = bin_dir
         self.rpc_workers = list(rpc_workers)
         self.tensor_split = list(tensor_split)
+        # the bearer key of the current run: without it the child's API refuses (401), so
+        # no local process or browser page reaches the model around meshd's own api_key
+        self.api_key = ""
         super().__init__(name=name, llama=llama, reactor=reactor, extra_env=extra_env, **seams)
+
+    def child_env(self) -> dict[str, str]:
+        # a fresh key each start, so one seen by a past run's environment is dead; in the
+        # environment, not the command line, which every local user can read in /proc
+        self.api_key = secrets.token_urlsafe(32)
+        return {**self._env, "LLAMA_API_KEY": self.api_key}
 
     def argv(self, port: int) -> list[str]:
         llama = self.llama

@@ -363,6 +363,7 @@ class UpstreamConnection(Protocol):
         self.started = False
         self.exchanges += 1
         self._buf = b""
+        head = authorized(head, self.upstream)
         if body:
             self.sock.writeSequence((head, body))
         else:
@@ -646,6 +647,25 @@ def request_head(method: bytes, path: bytes, headers: list[tuple[bytes, bytes]],
         lines += [name, b": ", value, b"\r\n"]
     lines.append(b"\r\n")
     return b"".join(lines)
+
+
+def authorized(head: bytes, upstream: Upstream) -> bytes:
+    """``head`` with the bearer key of ``upstream``'s llama-server, when it wants one.
+
+    Added per connection, not in :func:`request_head`: one head is tried on several
+    upstreams in turn, and only a local llama-server takes this node's key (a tunnel's
+    far end adds its own).  Any ``Authorization`` already in ``head`` is not ours to
+    pass on and is dropped.
+    """
+    key = upstream.api_key() if upstream.api_key is not None else ""
+    if not key:
+        return head
+    line_end = head.index(b"\r\n") + 2
+    rest = head[line_end:]
+    if b"authorization:" in rest.lower():
+        rest = b"".join(line for line in rest.splitlines(keepends=True)
+                        if not line.lower().startswith(b"authorization:"))
+    return b"".join((head[:line_end], b"Authorization: Bearer ", key.encode(), b"\r\n", rest))
 
 
 Connector = Callable[[Upstream], defer.Deferred]

@@ -331,7 +331,10 @@ class MeshRouter:
         if node_id == self.node.node_id:
             backend = self.node.served[model].backend
             up = routing.Upstream(name="local", endpoint=backend.endpoint,
-                                  pool_key=f"local:{model}:{backend.port}", node_id=node_id)
+                                  pool_key=f"local:{model}:{backend.port}", node_id=node_id,
+                                  # read per request: each start has its own key (a fake
+                                  # backend in tests, or rpc-less tooling, may have none)
+                                  api_key=lambda: getattr(backend, "api_key", ""))
         else:
             up = routing.Upstream(name=node_id,
                                   endpoint=functools.partial(self._tunnel, node_id, model),

@@ -62,6 +62,9 @@ class Upstream:
     # the mesh node whose llama-server this is (the X-Meshd-Node of its answers);
     # "" for an upstream outside a mesh (a static one), named by ``name`` instead
     node_id: str = ""
+    # the bearer key this upstream's llama-server wants, read for each request (a local
+    # one's key changes with every start); None for a tunnel, whose far end adds its own
+    api_key: Callable[[], str] | None = field(default=None, compare=False)
 
 
 class Router(Protocol):

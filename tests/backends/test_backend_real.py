@@ -188,6 +188,7 @@ def test_llama_server_splits_onto_a_supervised_rpc_server(llama_bin_dir, gemma_m
         response = yield treq.post(
             f"http://127.0.0.1:{server.port}/v1/completions",
             json={"prompt": "Hello", "max_tokens": 4}, timeout=60,
+            headers={"Authorization": f"Bearer {server.api_key}"},  # what meshd's proxy adds
         )
         assert response.code == 200
         body = yield response.json()

@@ -123,6 +123,40 @@ def test_status_shows_the_node_and_its_warm_model(node):
     assert MODEL in human and s["node_id"] in human
 
 
+def _post(url: str, body: dict, headers: dict[str, str] | None = None) -> tuple[int, dict]:
+    import urllib.error
+    import urllib.request
+
+    req = urllib.request.Request(url, data=json.dumps(body).encode(),
+                                 headers={"Content-Type": "application/json", **(headers or {})})
+    try:
+        with urllib.request.urlopen(req, timeout=60) as r:
+            return r.status, json.loads(r.read())
+    except urllib.error.HTTPError as e:
+        return e.code, json.loads(e.read() or b"{}")
+
+
+def test_llama_server_answers_only_meshd_a_direct_request_is_401(node):
+    backend = node.status()["models"][0]["backend"]
+    direct = f"http://127.0.0.1:{backend['port']}"
+    body = {"model": MODEL, "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 2}
+    code, answer = _post(f"{direct}/v1/chat/completions", body)
+    assert code == 401 and answer["error"]["type"] == "authentication_error"
+    # a web page in a local browser, or a guess at the key, fares no better
+    assert _post(f"{direct}/v1/chat/completions", body,
+                 {"Origin": "http://evil.example", "Authorization": "Bearer guess"})[0] == 401
+    code, answer = _post(f"{node.api}/v1/chat/completions", body)
+    assert code == 200 and answer["choices"]
+    # the log and the command line never show the key; /health stays public (the probe)
+    with open(f"/proc/{backend['pid']}/cmdline", "rb") as f:
+        assert b"api-key" not in f.read()
+    assert "LLAMA_API_KEY" not in node.log()
+    import urllib.request
+
+    with urllib.request.urlopen(f"{direct}/health", timeout=10) as r:
+        assert r.status == 200
+
+
 def _wait_for_status(api: str, want: int, timeout: float) -> int:
     import urllib.error
     import urllib.request
