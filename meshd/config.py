@@ -81,6 +81,13 @@ class ApiConfig:
     # once a response began, this long without a byte ends it (an SSE error
     # event on a stream, a 504 for an answer not yet passed on)
     stream_idle_timeout_s: float = 120.0
+    # slowloris: a request's head must be in this long after its first byte, its
+    # body this long after the head (not restarted by each byte); else 408
+    head_timeout_s: float = 10.0
+    body_timeout_s: float = 60.0
+    # our client has not read for this long while the upstream waits on it: the
+    # upstream is closed (llama-server stops generating) and so is our client
+    client_stall_timeout_s: float = 60.0
 
 
 @dataclass(frozen=True)
@@ -345,6 +352,7 @@ def validate(config: Config) -> list[str]:
         ("llama", "health_interval_s"), ("llama", "health_timeout_s"),
         ("llama", "live_interval_s"), ("llama", "live_misses"),
         ("api", "first_byte_timeout_s"), ("api", "stream_idle_timeout_s"),
+        ("api", "head_timeout_s"), ("api", "body_timeout_s"), ("api", "client_stall_timeout_s"),
     ]
     for section, key in positive:
         if getattr(getattr(config, section), key) <= 0:

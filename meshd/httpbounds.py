@@ -17,6 +17,14 @@ A refusal is written straight to the connection with ``Connection: close`` and n
 ``100 Continue`` is sent for it; the rest of the body is read and thrown away
 for at most ``linger_s`` (so the client reads the answer, not a reset), then the
 connection closes.  The error body is the door's own shape (``error_body``).
+
+Deadlines (slowloris): twisted.web's idle timeout restarts on every byte, so a
+client sending one header byte a second holds a connection for ever.  A
+:class:`BoundedChannel` gives a request's head ``head_timeout_s`` from its first
+byte and its body ``body_timeout_s`` from the head's end, neither reset by
+arriving bytes; past either it answers 408 (in the door's shape) and closes.  On
+a keep-alive connection the next head's deadline starts at its first byte (a
+silent keep-alive connection is twisted.web's idle timeout's).
 """
 
 from __future__ import annotations
@@ -28,13 +36,18 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, cast
 
-from twisted.internet.interfaces import IReactorTime
+from twisted.internet.interfaces import IDelayedCall, IReactorTime
+from twisted.internet.protocol import connectionDone
+from twisted.python.failure import Failure
 from twisted.web import http, resource, server
 
 log = logging.getLogger("meshd.httpbounds")
 
 # after a refusal the rest of the body is read and discarded for at most this long
 LINGER_S = 5.0
+# a request's head must be in this long after its first byte, its body this long after the head
+HEAD_TIMEOUT_S = 10.0
+BODY_TIMEOUT_S = 60.0
 
 
 @dataclass(frozen=True)
@@ -130,18 +143,96 @@ class BoundedRequest(server.Request):
 
 class BoundedChannel(http.HTTPChannel):
     """The plain HTTP/1.1 channel, telling the request its request line before the
-    headers end, and sending no ``100 Continue`` for a body already refused."""
+    headers end, sending no ``100 Continue`` for a body already refused, and
+    cutting a head or a body that takes longer than the site's deadline."""
+
+    # where the current request is: "idle" (no byte of it yet), "head", "body",
+    # "handling" (read whole: later bytes are pipelined, buffered by twisted.web)
+    _phase = "idle"
+    _deadline: IDelayedCall | None = None
+    _lost = False
+
+    @property
+    def bounded_site(self) -> BoundedSite:
+        return cast(BoundedSite, cast(Any, self).site)
+
+    def dataReceived(self, data: bytes) -> None:  # noqa: N802 - Twisted's name
+        # the first byte of a head starts its deadline (a pipelined head's when
+        # twisted.web replays it, through here, after the request before it)
+        if data and self._phase == "idle":
+            self._phase = "head"
+            self._arm(self.bounded_site.head_timeout_s, "head")
+        super().dataReceived(data)
 
     def allHeadersReceived(self) -> None:  # noqa: N802 - Twisted's name
+        self._phase = "body"
+        self._disarm()
+        if self.length != 0:
+            self._arm(self.bounded_site.body_timeout_s, "body")
         request = self.requests[-1]
         if isinstance(request, BoundedRequest):
             request.head_received(self._command, self._path)
         super().allHeadersReceived()
 
+    def allContentReceived(self) -> None:  # noqa: N802 - Twisted's name
+        self._phase = "handling"
+        self._disarm()
+        super().allContentReceived()
+
+    def requestDone(self, request: http.Request) -> None:  # noqa: N802 - Twisted's name
+        if self.persistent:
+            self._phase = "idle"
+        super().requestDone(request)
+
+    def connectionLost(self, reason: Failure = connectionDone) -> None:  # noqa: N802
+        self._phase = "closed"
+        self._lost = True
+        self._disarm()
+        super().connectionLost(reason)
+
     def _send100Continue(self) -> None:  # noqa: N802 - Twisted's name
         if self.requests and getattr(self.requests[-1], "refused", None) is not None:
             return
         super()._send100Continue()
+
+    # -- deadlines ---------------------------------------------------------------
+
+    def _arm(self, delay: float, part: str) -> None:
+        self._disarm()
+        self._deadline = cast(Any, self).callLater(delay, self._timed_out, part, delay)
+
+    def _disarm(self) -> None:
+        call, self._deadline = self._deadline, None
+        if call is not None and call.active():
+            call.cancel()
+
+    def _timed_out(self, part: str, delay: float) -> None:
+        self._deadline = None
+        self._phase = "closed"
+        site = self.bounded_site
+        transport: Any = self.transport
+        if self._lost or getattr(transport, "disconnecting", False):
+            return  # already closing (a 400 for a bad head, say)
+        request = self.requests[-1] if self.requests else None
+        path = getattr(self, "_path", b"").split(b"?", 1)[0]
+        site.cut(self, part, delay)
+        if getattr(request, "refused", None) is None:  # a refusal already answered
+            key = "head_timeout_s" if part == "head" else "body_timeout_s"
+            refusal = Refusal(408, f"the request {part} took longer than {delay:g} s "
+                                   f"({site.deadline_name(key)})", "request_timeout")
+            body = site.refusal_body(path, refusal)
+            transport.write(
+                b"HTTP/1.1 408 Request Timeout\r\nContent-Type: application/json\r\n"
+                b"Connection: close\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body))
+        # stop parsing: whatever else this client sends is not read
+        self.dataReceived = lambda data: None  # type: ignore[method-assign]
+        transport.loseConnection()
+        # a client that does not read the 408 either is dropped after abortTimeout
+        cast(Any, self).callLater(self.abortTimeout or 15, self._abort_if_open)
+
+    def _abort_if_open(self) -> None:
+        if not self._lost:
+            cast(Any, self.transport).abortConnection()
 
 
 class BoundedSite(server.Site):
@@ -154,13 +245,16 @@ class BoundedSite(server.Site):
 
     def __init__(self, root: resource.Resource, *, max_body_bytes: int, error_body: ErrorBody,
                  what: str, before_body: BeforeBody | None = None,
-                 reactor: IReactorTime | None = None, linger_s: float = LINGER_S):
+                 reactor: IReactorTime | None = None, linger_s: float = LINGER_S,
+                 head_timeout_s: float = HEAD_TIMEOUT_S, body_timeout_s: float = BODY_TIMEOUT_S):
         super().__init__(root, reactor=reactor)
         self.max_body_bytes = max_body_bytes
         self.error_body = error_body
         self.before_body = before_body
         self.what = what
         self.linger_s = linger_s
+        self.head_timeout_s = head_timeout_s
+        self.body_timeout_s = body_timeout_s
 
     # what a door may say its own way (the API: its error shapes, its metrics)
 
@@ -177,5 +271,23 @@ class BoundedSite(server.Site):
         log.info("%s: refused a request before its body (%d %s)", self.what, refusal.status,
                  refusal.message)
 
+    def deadline_name(self, key: str) -> str:
+        """How a deadline is named in a 408's message (the API: its config key)."""
+        return key.removesuffix("_timeout_s") + " deadline"
+
+    def cut(self, channel: http.HTTPChannel, part: str, delay: float) -> None:
+        """A request's head or body missed its deadline: the door's log line."""
+        transport: Any = channel.transport
+        log.info("%s: cut a connection from %s: the request %s took longer than %g s",
+                 self.what, _peer(transport), part, delay)
+
     def log(self, request: http.Request) -> None:
         pass
+
+
+def _peer(transport: Any) -> str:
+    try:
+        peer = transport.getPeer()
+    except Exception:  # noqa: BLE001 - a transport without a peer address
+        return "?"
+    return str(getattr(peer, "host", peer))

@@ -36,6 +36,11 @@ What a reader needs to know:
   llama-server is found by its /health (``meshd.backends.supervisor``), and its
   restart cuts these connections long before.  Silence while our client is not
   reading (the upstream paused by backpressure) is not the upstream's.
+- A client that does not read for ``[api] client_stall_timeout_s`` while the
+  upstream is paused for it has both connections closed: llama-server stops
+  generating when its client goes away, so a never-reading client does not hold
+  a slot to ``max_tokens``.  Its head and body have deadlines too
+  (``head_timeout_s``, ``body_timeout_s``: ``meshd.httpbounds``).
 - Responses: ``text/event-stream`` is passed through as it arrives, with the
   upstream connection registered as the producer of our client's connection (a
   client that stops reading pauses the upstream socket; one that goes away
@@ -71,9 +76,10 @@ from typing import Any, cast
 from urllib.parse import unquote
 
 from twisted.internet import defer
-from twisted.internet.interfaces import IDelayedCall, IReactorTime
+from twisted.internet.interfaces import IDelayedCall, IPushProducer, IReactorTime
 from twisted.python.failure import Failure
-from twisted.web import resource, server
+from twisted.web import http, resource, server
+from zope.interface import implementer
 
 from meshd import jsonbounds
 from meshd.config import ApiConfig
@@ -208,7 +214,9 @@ class ApiSite(BoundedSite):
 
     def __init__(self, root: resource.Resource, api: ApiServer, reactor: IReactorTime):
         super().__init__(root, max_body_bytes=api.config.max_body_bytes,
-                         error_body=self._openai_error, what="API", reactor=reactor)
+                         error_body=self._openai_error, what="API", reactor=reactor,
+                         head_timeout_s=api.config.head_timeout_s,
+                         body_timeout_s=api.config.body_timeout_s)
         self.api = api
 
     @staticmethod
@@ -224,6 +232,13 @@ class ApiSite(BoundedSite):
         shape = route.shape if route is not None else Shape.OPENAI
         return routes.error_body(shape, refusal.status, refusal.message,
                                  "invalid_request_error", refusal.code)
+
+    def deadline_name(self, key: str) -> str:
+        return f"[api] {key}"
+
+    def cut(self, channel: http.HTTPChannel, part: str, delay: float) -> None:
+        self.api.metrics.request_done("", 408, 0)
+        super().cut(channel, part, delay)
 
     def refused(self, request: server.Request, refusal: Refusal) -> None:
         self.api.metrics.request_done("", refusal.status, 0)
@@ -517,6 +532,8 @@ class Forward:
         # the one pending deadline: first byte (SENT), silence (after the head)
         self.deadline: IDelayedCall | None = None
         self.last_byte = 0.0  # reactor time of the last response byte
+        # pending while our client does not read (the upstream paused for it)
+        self.stall: IDelayedCall | None = None
         self._seconds = api.reactor.seconds
         request.notifyFinish().addErrback(self._client_lost)
 
@@ -648,6 +665,33 @@ class Forward:
         self._failed_after_start(
             f"no data for {limit:g} s ([api] stream_idle_timeout_s)", 504, "upstream_timeout")
 
+    def client_paused(self) -> None:
+        """Our client stopped reading: it has ``client_stall_timeout_s`` to start again."""
+        if self.stall is None and not self.done:
+            self.stall = self.api.reactor.callLater(self.api.config.client_stall_timeout_s,
+                                                    self._client_stalled)
+
+    def client_resumed(self) -> None:
+        call, self.stall = self.stall, None
+        if call is not None and call.active():
+            call.cancel()
+
+    def _client_stalled(self) -> None:
+        self.stall = None
+        if self.done:
+            return
+        log.info("client of %s has not read for %g s ([api] client_stall_timeout_s); closing "
+                 "it and the upstream %s", self.model, self.api.config.client_stall_timeout_s,
+                 self.upstream.name if self.upstream else "-")
+        conn, self.conn = self.conn, None
+        if conn is not None:
+            conn.abort()  # llama-server stops generating once its client is gone
+        request = self.request
+        request.unregisterProducer()
+        self._finished(499)
+        # its buffer will not drain: no close that waits for it
+        cast(Any, request.channel.transport).abortConnection()
+
     # -- ResponseSink ---------------------------------------------------------------
 
     def response_head(self, status: int, headers: dict[bytes, bytes], length: int | None) -> None:
@@ -676,7 +720,8 @@ class Forward:
             self.request.setHeader(b"Content-Length", b"%d" % self.length)
         # the upstream connection produces for our client's connection: when
         # our client's socket buffer fills, twisted.web pauses it
-        self.request.registerProducer(self.conn, True)
+        if self.conn is not None:
+            self.request.registerProducer(_ClientPace(self, self.conn), True)
 
     def _pass_framing(self) -> None:
         """When our client reads chunked framing (twisted.web chose it at the head's
@@ -796,6 +841,7 @@ class Forward:
         if self.done:
             return
         self._disarm()
+        self.client_resumed()  # no stall deadline past the end
         self._move(ForwardState.DONE)
         if self.upstream is not None and not upstream_done:
             self.api.router.request_finished(self.upstream)
@@ -805,6 +851,28 @@ class Forward:
                   self.model, self.upstream.name if self.upstream else "-", status,
                   (time.monotonic() - self.started_at) * 1000, self.nbytes)
         self.api.forward_done(self)
+
+
+@implementer(IPushProducer)
+class _ClientPace:
+    """The upstream connection as the producer of our client's connection, telling
+    the forward when our client stops and starts reading (its stall deadline)."""
+
+    def __init__(self, fwd: Forward, conn: UpstreamConnection):
+        self.fwd = fwd
+        self.conn = conn
+
+    def pauseProducing(self) -> None:  # noqa: N802 - Twisted's name
+        self.conn.pauseProducing()
+        self.fwd.client_paused()
+
+    def resumeProducing(self) -> None:  # noqa: N802 - Twisted's name
+        self.fwd.client_resumed()
+        self.conn.resumeProducing()
+
+    def stopProducing(self) -> None:  # noqa: N802 - Twisted's name
+        self.fwd.client_resumed()
+        self.conn.stopProducing()
 
 
 def make_site(router: Router, api: ApiConfig, *,

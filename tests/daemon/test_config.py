@@ -46,6 +46,13 @@ BAD = [
     ("[api]\nfirst_byte_timeout_s = inf\n", "[api] first_byte_timeout_s: inf is not a finite number"),
     ("[api]\nstream_idle_timeout_s = 0\n", "[api] stream_idle_timeout_s: must be greater than 0"),
     ("[api]\nstream_idle_timeout_s = nan\n", "[api] stream_idle_timeout_s: nan is not a finite number"),
+    ("[api]\nhead_timeout_s = 0\n", "[api] head_timeout_s: must be greater than 0"),
+    ("[api]\nhead_timeout_s = nan\n", "[api] head_timeout_s: nan is not a finite number"),
+    ("[api]\nbody_timeout_s = -5\n", "[api] body_timeout_s: must be greater than 0"),
+    ("[api]\nbody_timeout_s = inf\n", "[api] body_timeout_s: inf is not a finite number"),
+    ("[api]\nclient_stall_timeout_s = 0\n", "[api] client_stall_timeout_s: must be greater than 0"),
+    ("[api]\nclient_stall_timeout_s = nan\n",
+     "[api] client_stall_timeout_s: nan is not a finite number"),
 ]
 
 

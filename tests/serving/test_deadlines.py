@@ -208,7 +208,8 @@ def test_a_partial_head_then_silence_is_a_504_not_a_retry():
 
 
 def test_silence_while_our_client_is_not_reading_is_not_the_upstreams():
-    api, router, clock, ups, channel, client = memory_api(stream_idle_timeout_s=10)
+    api, router, clock, ups, channel, client = memory_api(stream_idle_timeout_s=10,
+                                                          client_stall_timeout_s=1000)
     send_stream_request(channel)
     upstream = ups.connections[0]
     upstream.dataReceived(SSE_HEAD + sse(0))
