@@ -163,6 +163,11 @@ class BoundedChannel(http.HTTPChannel):
             self._phase = "head"
             self._arm(self.bounded_site.head_timeout_s, "head")
         super().dataReceived(data)
+        if self._phase == "head" and getattr(self, "_HTTPChannel__first_line", False) \
+                and not getattr(self, "_buffer", b""):
+            # only the blank line some clients send after a body: no head has begun
+            self._phase = "idle"
+            self._disarm()
 
     def allHeadersReceived(self) -> None:  # noqa: N802 - Twisted's name
         self._phase = "body"

@@ -120,6 +120,17 @@ def test_a_keep_alive_second_request_gets_its_own_head_deadline():
     assert error_of(client.value(), 408)["error"]["code"] == "request_timeout"
 
 
+def test_a_blank_line_after_a_body_starts_no_head_deadline():
+    api, router, clock, ups, channel, client = memory_api(head_timeout_s=10)
+    channel.dataReceived(HEALTH)
+    client.clear()
+    channel.dataReceived(b"\r\n")  # what some clients send after a request
+    clock.advance(30)
+    assert client.value() == b"" and not client.disconnecting
+    channel.dataReceived(HEALTH)
+    assert client.value().startswith(b"HTTP/1.1 200 ")
+
+
 def test_pipelined_requests_are_not_cut():
     api, router, clock, ups, channel, client = memory_api(head_timeout_s=10)
     send_stream_request(channel)
