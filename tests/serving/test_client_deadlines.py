@@ -12,8 +12,10 @@ from __future__ import annotations
 import json
 
 from twisted.internet.address import IPv4Address
+from twisted.internet.error import ConnectionDone
 from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
+from twisted.python.failure import Failure
 from twisted.web import resource
 
 from meshd.config import ApiConfig
@@ -211,3 +213,15 @@ def test_a_stream_that_ends_while_paused_leaves_no_stall_deadline():
     clock.advance(120)
     assert not client.disconnected and api.metrics.requests == {("m", 200): 1}
 
+
+
+def test_a_client_that_goes_away_while_paused_leaves_no_deadline_behind():
+    api, router, clock, ups, channel, client = memory_api()
+    send_stream_request(channel)
+    (fwd,) = api.forwards
+    ups.connections[0].dataReceived(SSE_HEAD + sse(0))
+    channel.pauseProducing()
+    assert fwd.stall is not None
+    channel.connectionLost(Failure(ConnectionDone()))
+    assert fwd.stall is None and fwd.state is ForwardState.DONE
+    assert clock.getDelayedCalls() == []
