@@ -43,6 +43,20 @@ class Invites:
 
     def __init__(self, state: StateDir, now: Callable[[], float]):
         self.book = tokensmod.TokenBook(state, now=now)
+        self._state = state
+
+    def key_of(self, token_id: str, mesh_id: str) -> bytes | None:
+        """The key of a token issued here for ``mesh_id``, usable or not; None if there is none.
+
+        A refused token's holder may learn why (it stops trying) once it proved this key.
+        """
+        try:
+            record = self._state.load_tokens().get(token_id)
+            if not isinstance(record, dict) or record.get("mesh_id") != mesh_id:
+                return None
+            return bytes.fromhex(record["key"])
+        except (StateDirError, KeyError, TypeError, ValueError):
+            return None
 
     def issue(self, mesh: MeshState | None, *, issuer: str, pin: bytes, addrs: list[str],
               ttl_s: float, once: bool) -> dict[str, Any]:
@@ -82,7 +96,8 @@ class GateMesh(Protocol):
 
 class Gate:
     """The listening side's rules (``peer.ServerGate``): the mesh secret, or a token
-    this node issued; a refused token closes with its own code."""
+    this node issued; a refused token closes with its own code, told to the peer only
+    once it proved the token's key (a stranger learns nothing of the tokens here)."""
 
     def __init__(self, mesh: GateMesh, invites: Invites):
         self._mesh = mesh
@@ -93,9 +108,10 @@ class Gate:
         return mesh.mesh_id if mesh is not None else None
 
     def key_for(self, hello: Hello) -> bytes:
-        if self._mesh.leaving:
-            raise AuthRefused("this node is leaving the mesh", CloseCode.LEAVING)
         mesh = self._mesh.mesh
+        if self._mesh.leaving:
+            raise AuthRefused("this node is leaving the mesh", CloseCode.LEAVING,
+                              proof_key=self._named_key(hello, mesh))
         if mesh is None:  # checked by the connection before it asks; kept for the types
             raise AuthRefused("this node has not joined a mesh yet", CloseCode.WRONG_MESH)
         if hello.auth == "mesh":
@@ -103,7 +119,8 @@ class Gate:
         try:
             return self._invites.book.check(hello.token_id or "", mesh.mesh_id)
         except tokensmod.TokenError as e:
-            raise AuthRefused(str(e), e.code) from None
+            raise AuthRefused(str(e), e.code,
+                              proof_key=self._named_key(hello, mesh)) from None
         except StateDirError as e:
             # damaged since the start: the operator reads which file; the joiner a refusal
             log.error("cannot check invite token %s: %s", hello.token_id, e)
@@ -118,3 +135,11 @@ class Gate:
                 log.error("cannot mark invite token %s used: %s", hello.token_id, e)
                 raise AuthRefused("this node cannot check invite tokens now") from None
             log.info("node %s presented invite token %s", hello.node_id, hello.token_id)
+
+    def _named_key(self, hello: Hello, mesh: MeshState | None) -> bytes | None:
+        """The key ``hello`` claims to prove, when this node has it."""
+        if mesh is None:
+            return None
+        if hello.auth == "mesh":
+            return mesh.secret
+        return self._invites.key_of(hello.token_id or "", mesh.mesh_id)

@@ -28,7 +28,9 @@ Authentication, all of it before a single gossip frame is accepted:
 
 A failure closes the connection with a CLOSE frame carrying the reason (so the
 other operator reads why) and a ``wire.CloseCode`` (so the other program acts on
-it without reading words), and one log line; never a traceback.
+it without reading words), and one log line; never a traceback.  The listening
+side tells a peer that proved no key only "authentication failed" (see
+:class:`AuthRefused`); the detail stays in its own log.
 
 This module knows nothing of gossip: after OPEN it hands frames to its
 ``delegate`` (``meshd.mesh.gossip``); PING/PONG and the heartbeat it handles itself.
@@ -79,11 +81,27 @@ PING2 = struct.Struct(">II")  # seq, the sender's last measured RTT in microseco
 
 class AuthRefused(Exception):
     """A peer failed authentication; ``str()`` is the reason for the log and CLOSE,
-    ``code`` the CLOSE frame's code."""
+    ``code`` the CLOSE frame's code.
 
-    def __init__(self, reason: str, code: CloseCode = CloseCode.AUTH_FAILED):
+    The listening side tells a peer that has not proven a key only
+    :data:`UNPROVEN_REFUSAL` (its detail would tell a stranger the mesh id, or
+    which token ids exist and in what state).  ``proof_key``: the key whose proof
+    earns the peer this refusal's own reason and code all the same (a token's, so
+    its holder learns it expired and stops trying); ``proven`` is set once it did.
+    """
+
+    def __init__(self, reason: str, code: CloseCode = CloseCode.AUTH_FAILED, *,
+                 proof_key: bytes | None = None):
         super().__init__(reason)
         self.code = code
+        self.proof_key = proof_key
+        self.proven = False
+
+
+# what the listening side sends a peer that proved no key, whatever the refusal
+UNPROVEN_REFUSAL = ("authentication failed", CloseCode.AUTH_FAILED)
+# refusals about the HELLO itself, not this node or its mesh: told to anyone
+TOLD_UNPROVEN = frozenset({CloseCode.BAD_HELLO, CloseCode.VERSION_MISMATCH})
 
 
 class PeerClosed(Exception):
@@ -203,7 +221,8 @@ class ServerGate(Protocol):
     def mesh_id(self) -> str | None: ...
 
     def key_for(self, hello: Hello) -> bytes:
-        """The key this HELLO must prove; AuthRefused(reason) when none will do."""
+        """The key this HELLO must prove; AuthRefused(reason) when none will do, with
+        the ``proof_key`` that earns the peer that reason if there is one."""
 
     def authenticated(self, hello: Hello) -> None:
         """The proof was right (e.g. mark a one-use token used)."""
@@ -212,6 +231,11 @@ class ServerGate(Protocol):
 def proof(key: bytes, side: bytes, mesh_id: str, node_id: str, ekm: bytes) -> bytes:
     msg = b"|".join([PROOF_LABEL, side, mesh_id.encode(), node_id.encode(), ekm])
     return hmac.new(key, msg, hashlib.sha256).digest()
+
+
+def _proves(key: bytes, side: bytes, hello: Hello, ekm: bytes) -> bool:
+    """Whether ``hello``'s proof is the one ``key`` makes on this session."""
+    return hmac.compare_digest(proof(key, side, hello.mesh_id, hello.node_id, ekm), hello.proof)
 
 
 def versions_overlap(hello: Hello) -> int:
@@ -446,7 +470,10 @@ class PeerProtocol(protocol.Protocol):
             try:
                 self._hello(Hello.parse(frame.json()))
             except AuthRefused as e:
-                self.close(f"refused: {e}", code=e.code)
+                told = None
+                if self.gate is not None and not e.proven and e.code not in TOLD_UNPROVEN:
+                    told = UNPROVEN_REFUSAL  # the detail goes to this node's log only
+                self.close(f"refused: {e}", code=e.code, told=told)
             except wire.FrameError as e:
                 self.close(f"refused: {e}", code=CloseCode.BAD_HELLO)
             return
@@ -502,16 +529,23 @@ class PeerProtocol(protocol.Protocol):
             if hello.mesh_id != ours:
                 raise AuthRefused(f"peer is in mesh {hello.mesh_id}, not {ours}",
                                   CloseCode.WRONG_MESH)
-            key = self.gate.key_for(hello)
             side = b"client"
-        expected = proof(key, side, hello.mesh_id, hello.node_id, ekm)
-        if not hmac.compare_digest(expected, hello.proof):
+            try:
+                key = self.gate.key_for(hello)
+            except AuthRefused as e:
+                e.proven = e.proof_key is not None and _proves(e.proof_key, side, hello, ekm)
+                raise
+        if not _proves(key, side, hello, ekm):
             what = "invite token key" if hello.auth == "token" or (
                 self.client and self.client.token_id) else "mesh secret"
             raise AuthRefused(f"wrong proof of the {what} (a different secret?)")
         self.hello = hello
         if self.gate is not None:
-            self.gate.authenticated(hello)
+            try:
+                self.gate.authenticated(hello)
+            except AuthRefused as e:
+                e.proven = True  # after the proof: the peer may read why
+                raise
             self.purpose = hello.purpose
             self._send_hello(hello.mesh_id, key, b"server", auth=hello.auth,
                              token_id=hello.token_id)
@@ -652,17 +686,17 @@ class PeerProtocol(protocol.Protocol):
         self.send(frame_type, wire.dump_json(body))
 
     def close(self, reason: str, *, code: CloseCode = CloseCode.OTHER, notify: bool = True,
-              abort: bool = False) -> None:
+              abort: bool = False, told: tuple[str, CloseCode] | None = None) -> None:
         """Close with ``reason`` (logged once; sent to the peer in a CLOSE frame with
-        ``code`` if ``notify``).
+        ``code`` if ``notify``, or ``told``'s reason and code instead when given).
 
         ``abort`` drops the TCP connection at once (a dead or hostile peer would
         never acknowledge a graceful TLS close).
         """
-        self._close(reason, code=code, notify=notify, abort=abort, logged=False)
+        self._close(reason, code=code, notify=notify, abort=abort, logged=False, told=told)
 
     def _close(self, reason: str, *, code: CloseCode, notify: bool, abort: bool,
-               logged: bool) -> None:
+               logged: bool, told: tuple[str, CloseCode] | None = None) -> None:
         """``close``; ``logged``: the peer's CLOSE, already logged when it came."""
         if self.close_reason is not None or self.state is PeerState.CLOSED:
             return
@@ -676,7 +710,7 @@ class PeerProtocol(protocol.Protocol):
         self._stop_timers()
         if notify and self.state in (PeerState.HELLO, PeerState.CONFIRM, PeerState.OPEN):
             try:
-                self.send_json(FrameType.CLOSE, wire.encode_close_body(reason, code))
+                self.send_json(FrameType.CLOSE, wire.encode_close_body(*(told or (reason, code))))
             except wire.FrameError:
                 pass
         link = self._link

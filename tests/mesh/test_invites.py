@@ -77,6 +77,21 @@ def test_each_refused_token_closes_with_its_own_code(tmp_path):
     assert refusal(gate, hello(expired)) is CloseCode.TOKEN_EXPIRED
 
 
+def test_a_refused_token_names_its_key_so_only_its_holder_learns_why(tmp_path):
+    invites, gate, now = setup(tmp_path)
+    with pytest.raises(AuthRefused) as e:
+        gate.key_for(hello("ffff0000"))
+    assert e.value.proof_key is None  # unknown: nobody is told which
+    revoked = issue(invites)
+    key = invites.key_of(revoked, MESH.mesh_id)
+    assert key is not None and len(key) == 32
+    invites.revoke(revoked)
+    with pytest.raises(AuthRefused) as e:
+        gate.key_for(hello(revoked))
+    assert e.value.code is CloseCode.TOKEN_REVOKED and e.value.proof_key == key
+    assert invites.key_of(revoked, "another-mesh") is None
+
+
 def test_a_leaving_node_refuses_everyone_as_leaving(tmp_path):
     _, gate, _ = setup(tmp_path, leaving=True)
     assert refusal(gate, hello(None)) is CloseCode.LEAVING

@@ -41,9 +41,9 @@ class Recorder:
 
 class Gate:
     def __init__(self, secret=SECRET, tokens=None, refuse=None,
-                 refuse_code=wire.CloseCode.AUTH_FAILED):
+                 refuse_code=wire.CloseCode.AUTH_FAILED, proof_key=None):
         self.secret, self.tokens, self.refuse = secret, tokens or {}, refuse
-        self.refuse_code = refuse_code
+        self.refuse_code, self.proof_key = refuse_code, proof_key
         self.authed = []
 
     def mesh_id(self):
@@ -51,7 +51,7 @@ class Gate:
 
     def key_for(self, hello):
         if self.refuse:
-            raise peer.AuthRefused(self.refuse, self.refuse_code)
+            raise peer.AuthRefused(self.refuse, self.refuse_code, proof_key=self.proof_key)
         if hello.auth == "token":
             if hello.token_id not in self.tokens:
                 raise peer.AuthRefused(f"unknown token {hello.token_id}")
@@ -126,8 +126,10 @@ def test_wrong_secret_is_refused_before_open(ids, caplog):
     assert s.state is c.state is peer.PeerState.CLOSED
     assert cd.opened == sd.opened == []
     assert "wrong proof of the mesh secret" in s.close_reason
-    assert "wrong proof of the mesh secret" in c.close_reason  # the CLOSE frame told it
-    assert "wrong proof" in caplog.text
+    # the peer proved nothing: it is told no more than that
+    assert c.close_reason == "peer closed: authentication failed"
+    assert c.close_code is wire.CloseCode.AUTH_FAILED
+    assert "wrong proof of the mesh secret" in caplog.text
 
 
 def test_wrong_pinned_fingerprint_is_refused_by_the_joiner(ids):
@@ -184,9 +186,10 @@ def test_token_join_proves_the_token_key_and_reports_it(ids):
     assert [h.token_id for h in gate.authed] == ["abc123"]
 
 
-def test_refused_token_reason_reaches_the_joiner(ids):
+def test_refused_token_reason_reaches_a_joiner_that_proved_its_key(ids):
     a, b, _ = ids
-    gate = Gate(refuse="token abc123 was revoked")
+    gate = Gate(refuse="token abc123 was revoked", refuse_code=wire.CloseCode.TOKEN_REVOKED,
+                proof_key=b"t" * 32)
     auth = peer.ClientAuth(MESH, b"t" * 32, token_id="abc123", pin=b.spki_sha256)
     c, s, cd, sd, _, _ = connect(a, b, auth, gate)
     assert "token abc123 was revoked" in c.close_reason
@@ -195,13 +198,39 @@ def test_refused_token_reason_reaches_the_joiner(ids):
 
 def test_refusal_code_reaches_the_joiner_and_its_open_waiter(ids):
     a, b, _ = ids
-    gate = Gate(refuse="no such token here", refuse_code=wire.CloseCode.TOKEN_REVOKED)
+    gate = Gate(refuse="token abc123 was revoked", refuse_code=wire.CloseCode.TOKEN_REVOKED,
+                proof_key=b"t" * 32)
     auth = peer.ClientAuth(MESH, b"t" * 32, token_id="abc123", pin=b.spki_sha256)
     c, s, cd, sd, _, _ = connect(a, b, auth, gate)
     assert s.close_code is c.close_code is wire.CloseCode.TOKEN_REVOKED
     failure = []
     c.when_opened().addErrback(failure.append)
     assert failure[0].value.codes == {wire.CloseCode.TOKEN_REVOKED}
+
+
+def test_a_token_refusal_without_the_tokens_key_is_only_auth_failed(ids, caplog):
+    a, b, _ = ids
+    caplog.set_level(logging.WARNING, "meshd.mesh.peer")
+    gate = Gate(refuse="token abc123 was revoked", refuse_code=wire.CloseCode.TOKEN_REVOKED,
+                proof_key=b"t" * 32)
+    auth = peer.ClientAuth(MESH, b"x" * 32, token_id="abc123", pin=b.spki_sha256)
+    c, s, cd, sd, _, _ = connect(a, b, auth, gate)
+    assert s.close_code is wire.CloseCode.TOKEN_REVOKED  # this node knows
+    assert c.close_code is wire.CloseCode.AUTH_FAILED  # a guesser learns nothing
+    assert c.close_reason == "peer closed: authentication failed"
+    assert "token abc123 was revoked" in caplog.text
+
+
+def test_an_unknown_token_id_gets_only_auth_failed_the_detail_is_logged(ids, caplog):
+    a, b, _ = ids
+    caplog.set_level(logging.WARNING, "meshd.mesh.peer")
+    auth = peer.ClientAuth(MESH, b"t" * 32, token_id="feed0000", pin=b.spki_sha256)
+    c, s, cd, sd, _, _ = connect(a, b, auth, Gate(tokens={"abc123": b"t" * 32}))
+    assert (c.state, s.state) == (peer.PeerState.CLOSED, peer.PeerState.CLOSED)
+    assert c.close_code is wire.CloseCode.AUTH_FAILED
+    assert c.close_reason == "peer closed: authentication failed"
+    assert "feed0000" not in c.close_reason
+    assert "unknown token feed0000" in s.close_reason and "unknown token feed0000" in caplog.text
 
 
 def test_close_from_an_older_peer_without_a_code_is_classified_by_its_words(ids):
@@ -225,10 +254,44 @@ def test_close_sends_its_code_to_the_peer(ids):
     assert c.ended_by_peer and not s.ended_by_peer
 
 
-def test_wrong_mesh_is_refused_with_its_code(ids):
+def test_wrong_mesh_is_logged_with_its_code_the_stranger_gets_only_auth_failed(ids, caplog):
     a, b, _ = ids
+    caplog.set_level(logging.WARNING, "meshd.mesh.peer")
     c, s, cd, sd, _, _ = connect(a, b, peer.ClientAuth("othermesh", SECRET), Gate())
-    assert s.close_code is c.close_code is wire.CloseCode.WRONG_MESH
+    assert s.close_code is wire.CloseCode.WRONG_MESH
+    assert c.close_code is wire.CloseCode.AUTH_FAILED
+    assert c.close_reason == "peer closed: authentication failed"  # not our mesh id
+    assert "peer is in mesh othermesh, not mesh0001" in caplog.text
+
+
+def test_the_real_gate_tells_a_proven_token_holder_it_expired_a_stranger_nothing(ids, tmp_path):
+    from meshd.mesh import invites as invitesmod
+
+    a, b, _ = ids
+    state = statedir.StateDir(tmp_path / "issuer")
+    state.ensure()
+    now = [1_700_000_000.0]
+    book = invitesmod.Invites(state, now=lambda: now[0])
+
+    @dataclass
+    class Mesh:
+        mesh: statedir.MeshState = statedir.MeshState(MESH, SECRET)
+        leaving: bool = False
+
+    gate = invitesmod.Gate(Mesh(), book)
+    token_id = book.issue(Mesh().mesh, issuer=b.node_id, pin=b.spki_sha256,
+                          addrs=["127.0.0.1:7842"], ttl_s=60.0, once=False)["id"]
+    key = book.key_of(token_id, MESH)
+    now[0] += 61
+    c, s, _, _, _, _ = connect(a, b, peer.ClientAuth(MESH, key, token_id=token_id,
+                                                     pin=b.spki_sha256), gate)
+    assert c.close_code is wire.CloseCode.TOKEN_EXPIRED and "expired" in c.close_reason
+    # the same expired token id with the wrong key, or an id never issued: nothing learned
+    for token, guess in ((token_id, b"x" * 32), ("feed0000", key)):
+        c, s, _, _, _, _ = connect(a, b, peer.ClientAuth(MESH, guess, token_id=token,
+                                                         pin=b.spki_sha256), gate)
+        assert c.close_code is wire.CloseCode.AUTH_FAILED
+        assert c.close_reason == "peer closed: authentication failed"
 
 
 def test_a_malformed_hello_is_refused_as_bad_hello():
@@ -249,6 +312,7 @@ def test_wrong_mesh_id_is_refused(ids):
     a, b, _ = ids
     c, s, cd, sd, _, _ = connect(a, b, peer.ClientAuth("othermesh", SECRET), Gate())
     assert "not mesh0001" in s.close_reason
+    assert "mesh0001" not in c.close_reason
     assert cd.opened == sd.opened == []
 
 
