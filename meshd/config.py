@@ -376,6 +376,12 @@ def validate(config: Config) -> list[str]:
     for i, gpu in enumerate(config.node.gpus):
         if gpu < 0:
             problems.append(f"[node] gpus[{i}]: GPU index must not be negative")
+    for i, arg in enumerate(config.llama.extra_args):
+        # meshd gives each llama-server start a key of its own (LLAMA_API_KEY) and
+        # sends it on every request: another key would lock meshd out of its backend
+        if arg.split("=", 1)[0] in ("--api-key", "--api-key-file"):
+            problems.append(f"[llama] extra_args[{i}]: {arg.split('=', 1)[0]} is meshd's to set "
+                            "(each llama-server gets a key only meshd holds); remove it")
     if config.llama.bin_dir and not Path(config.llama.bin_dir).is_dir():
         problems.append(f"[llama] bin_dir: {config.llama.bin_dir!r} is not a directory")
     return problems

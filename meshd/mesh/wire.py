@@ -72,7 +72,9 @@ class CloseCode(enum.StrEnum):
     PROTOCOL_ERROR = "protocol-error"  # a malformed or unexpected frame
     BAD_HELLO = "bad-hello"  # a HELLO that is not one (missing fields, not JSON)
     VERSION_MISMATCH = "version-mismatch"  # no protocol version both sides speak
-    AUTH_FAILED = "auth-failed"  # wrong proof, certificate or node id
+    # wrong proof, certificate or node id; and every refusal of a peer that has not
+    # proven a key (it learns no mesh id or token state: meshd.mesh.peer)
+    AUTH_FAILED = "auth-failed"
     WRONG_MESH = "wrong-mesh"  # the peer is in another mesh, or in none yet
     TOKEN_UNKNOWN = "token-unknown"  # the invite token was not issued here for this mesh
     TOKEN_REVOKED = "token-revoked"

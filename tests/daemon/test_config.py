@@ -53,6 +53,10 @@ BAD = [
     ("[api]\nclient_stall_timeout_s = 0\n", "[api] client_stall_timeout_s: must be greater than 0"),
     ("[api]\nclient_stall_timeout_s = nan\n",
      "[api] client_stall_timeout_s: nan is not a finite number"),
+    ("[llama]\nextra_args = [\"--api-key\", \"k\"]\n",
+     "[llama] extra_args[0]: --api-key is meshd's to set"),
+    ("[llama]\nextra_args = [\"--threads-http\", \"2\", \"--api-key-file=/k\"]\n",
+     "[llama] extra_args[2]: --api-key-file is meshd's to set"),
 ]
 
 
