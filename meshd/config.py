@@ -152,6 +152,8 @@ class PolicyConfig:
 @dataclass(frozen=True)
 class LogConfig:
     level: str = "info"
+    # "text" (one readable line per event) or "json" (one JSON object per line)
+    format: str = "text"
 
 
 @dataclass(frozen=True)
@@ -178,6 +180,7 @@ SECTIONS: dict[str, type] = {
 }
 
 LOG_LEVELS = ("debug", "info", "warning", "error")
+LOG_FORMATS = ("text", "json")
 ADDRESS_KEYS = {("mesh", "listen"), ("api", "listen"), ("console", "listen")}
 
 
@@ -371,6 +374,8 @@ def validate(config: Config) -> list[str]:
         problems.append("[mesh] max_frame_bytes: must be at least 4096")
     if config.log.level.lower() not in LOG_LEVELS:
         problems.append(f"[log] level: {config.log.level!r} is not one of {', '.join(LOG_LEVELS)}")
+    if config.log.format not in LOG_FORMATS:
+        problems.append(f"[log] format: {config.log.format!r} is not one of {', '.join(LOG_FORMATS)}")
     if config.node.client and config.node.standby:
         problems.append("[node] client: a client never serves, so it cannot also be standby")
     for i, gpu in enumerate(config.node.gpus):
