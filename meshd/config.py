@@ -265,12 +265,24 @@ def _coerce(value: Any, tp: Any) -> Any:
             raise TypeError
         return value
     if tp is float and isinstance(value, int) and not isinstance(value, bool):
-        return float(value)
+        try:
+            return float(value)
+        except OverflowError:  # an integer beyond any float (TOML's are unbounded)
+            raise TypeError from None
     if tp in (int, float) and isinstance(value, bool):
         raise TypeError
     if not isinstance(value, tp):
         raise TypeError
     return value
+
+
+def _shown(value: Any) -> str:
+    """``repr(value)`` for a message, also for an integer too long for ``repr`` (over
+    4300 digits, a ValueError) -- a message must never become a traceback."""
+    try:
+        return repr(value)
+    except ValueError:
+        return f"an integer of {value.bit_length()} bits" if isinstance(value, int) else "?"
 
 
 def _hints(cls: type) -> dict[str, Any]:
@@ -302,7 +314,7 @@ def from_dict(data: dict[str, Any], path: str | None = None) -> Config:
                 values[key] = _coerce(value, hints[key])
             except TypeError:
                 problems.append(
-                    f"[{name}] {key}: expected {_type_name(hints[key])}, got {value!r}"
+                    f"[{name}] {key}: expected {_type_name(hints[key])}, got {_shown(value)}"
                 )
         try:
             sections[name] = cls(**values)

@@ -295,7 +295,10 @@ def parse_head(head: bytes) -> tuple[int, dict[bytes, bytes], bool]:
     """Status, headers (lower-cased names, last one wins) and whether it is HTTP/1.1."""
     lines = head.split(b"\r\n")
     parts = lines[0].split(b" ", 2)
-    if len(parts) < 2 or not parts[0].startswith(b"HTTP/1.") or not parts[1].isdigit():
+    # a status is three digits (RFC 9112); a longer run of digits is no status, and
+    # int() refuses one over 4300 digits with a ValueError, not an UpstreamError
+    if len(parts) < 2 or not parts[0].startswith(b"HTTP/1.") or not parts[1].isdigit() \
+            or len(parts[1]) != 3:
         raise UpstreamError(f"bad status line {lines[0][:60]!r}")
     headers: dict[bytes, bytes] = {}
     for line in lines[1:]:
