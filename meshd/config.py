@@ -430,6 +430,9 @@ def load(path: str | None = None, *, required: bool | None = None) -> Config:
         data = toml.loads(text)
     except toml.TomlDecodeError as e:
         raise ConfigError([f"{path}: not valid TOML: {e}"]) from None
+    except Exception as e:  # noqa: BLE001 - the toml package fails on some malformed
+        # documents with its own bugs ("[a]\n[[a]]": AttributeError): still a message
+        raise ConfigError([f"{path}: not valid TOML ({type(e).__name__}: {e})"]) from None
     try:
         return from_dict(data, path=path)
     except ConfigError as e:

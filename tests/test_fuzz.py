@@ -20,7 +20,7 @@ import os
 import string
 from typing import Any
 
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 from twisted.internet.address import IPv4Address
 from twisted.internet.error import ConnectionDone
@@ -246,11 +246,19 @@ def with_checksum(body: bytes) -> str:
 token_field_values = st.one_of(
     json_values, node_ids, addresses, st.lists(st.one_of(addresses, json_scalars), max_size=3),
     st.binary(min_size=0, max_size=40).map(lambda b: base64.urlsafe_b64encode(b).decode().rstrip("=")),
-    st.sampled_from([10**30, -(10**30), 2**63, -1, 0, 1e308, float("inf"), float("nan")]),
+    st.sampled_from([10**30, -(10**30), 10**400, -(2**63), 2**63, -1, 0, 1e308, float("inf"), float("nan")]),
 )
 
 
+SOME_TOKEN = tokens.Token("m", "0123abcd", "a" * 26, b"p" * 32, ("10.0.0.1:7842",), 1e9, True,
+                          b"k" * tokens.KEY_BYTES)
+
+
 @FUZZ
+# expiries beyond a float or any date the platform can show: OverflowError, OSError once
+@example(SOME_TOKEN, {"e": 10**400}, [], None)
+@example(SOME_TOKEN, {"e": -(10**30)}, [], 2e9)
+@example(SOME_TOKEN, {"e": -(2**63)}, [], 2e9)
 @given(valid_tokens, st.dictionaries(st.sampled_from(list("minpaeokx")), token_field_values,
                                      max_size=4),
        st.lists(st.sampled_from(list("minpaeok")), max_size=2),
@@ -349,6 +357,7 @@ toml_texts = st.one_of(
 
 
 @FUZZ
+@example("[a]\n[[a]]")  # the toml package's own AttributeError, once a traceback
 @given(toml_texts)
 def test_any_config_file_loads_or_raises_config_error(text):
     import tempfile

@@ -180,6 +180,8 @@ def decode(text: str, *, now: float | None = None) -> Token:
         except ValueError as e:
             raise TokenMalformed(f"token address {addr!r} is not host:port ({e})") from None
     expires_at = _field(body, "e", "expiry time", int)
+    if not -(2**53) <= expires_at <= 2**53:  # beyond a float (OverflowError) or any date
+        raise TokenMalformed("token's expiry time is out of range")
     once = _field(body, "o", "one-use flag", bool)
     key = _bytes_field(body, "k", "join key", KEY_BYTES)
     token = Token(mesh_id, token_id, issuer, pin, tuple(addrs), float(expires_at), once, key)
@@ -192,8 +194,17 @@ def check_expiry(token: Token, now: float) -> None:
     if now >= token.expires_at:
         raise TokenExpired(
             f"token {token.token_id} expired {_ago(now - token.expires_at)} ago "
-            f"({time.strftime('%Y-%m-%d %H:%M:%S UTC', time.gmtime(token.expires_at))})"
+            f"({_date(token.expires_at)})"
         )
+
+
+def _date(ts: float) -> str:
+    """A UTC date for a message; a time the platform cannot show (OverflowError, OSError)
+    is shown as seconds, never raised."""
+    try:
+        return time.strftime('%Y-%m-%d %H:%M:%S UTC', time.gmtime(ts))
+    except (OverflowError, OSError, ValueError):
+        return f"{ts:.0f} s after the epoch"
 
 
 def _ago(seconds: float) -> str:
