@@ -144,7 +144,7 @@ def main(argv: list[str] | None = None) -> int:
     from meshd import logs
     from meshd.daemon import service
 
-    logs.setup(config.log.level)
+    logs.setup(config.log.level, fmt=config.log.format)
     return service.run(config)
 
 

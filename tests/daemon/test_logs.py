@@ -82,11 +82,6 @@ def test_unknown_format_is_refused():
         logs.formatter("xml")
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="meshd/cli/meshd.py calls logs.setup(config.log.level) without the format; "
-    "it must pass fmt=config.log.format (outside this change's files)",
-)
 def test_real_daemon_writes_json_lines(tmp_path):
     """The daemon CLI, started with ``[log] format = "json"``: every line it writes parses."""
     node = Meshd(
