@@ -200,6 +200,14 @@ class BoundedChannel(http.HTTPChannel):
             return
         super()._send100Continue()
 
+    def _respondToBadRequestAndDisconnect(self) -> None:  # noqa: N802 - Twisted's name
+        # bad framing in a body being discarded after a refusal: the refusal (with
+        # "Connection: close") was the answer, a 400 after it would be a second one
+        if self.requests and getattr(self.requests[-1], "refused", None) is not None:
+            self.loseConnection()
+            return
+        super()._respondToBadRequestAndDisconnect()
+
     # -- deadlines ---------------------------------------------------------------
 
     def _arm(self, delay: float, part: str) -> None:
