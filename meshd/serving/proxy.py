@@ -483,11 +483,11 @@ class UpstreamConnection(Protocol):
             self._decoder = ChunkedDecoder()
             self._framed = False
         elif b"content-length" in headers:
-            try:
-                length = int(headers[b"content-length"])
-            except ValueError:
+            text = headers[b"content-length"].strip()
+            if not text.isdigit() or len(text) > 18:  # digits only: no sign, no 4,300-digit int
                 self._fail("bad Content-Length")
                 return
+            length = int(text)
             self._framing = _LENGTH
             self._left = length
         elif status in (204, 304):

@@ -558,6 +558,16 @@ def test_chunk_reaches_the_client_before_the_upstream_sends_the_next():
     assert b'data: {"n": 1}' in client.value()
 
 
+@pytest.mark.parametrize("length", [b"-5", b"+5", b"5x", b"9" * 5000])
+def test_an_upstream_content_length_that_is_not_digits_is_a_502(length):
+    api, router, clock, ups, channel, client = memory_api()
+    send_stream_request(channel)
+    upstream = ups.connections[0]
+    upstream.dataReceived(b"HTTP/1.1 200 OK\r\nContent-Length: " + length + b"\r\n\r\nhello")
+    assert client.value().startswith(b"HTTP/1.1 502 "), client.value()[:80]
+    assert b"bad Content-Length" in client.value()
+
+
 def test_a_forward_moves_sent_streaming_done_as_its_stream_arrives_and_ends():
     api, router, clock, ups, channel, client = memory_api()
     send_stream_request(channel)
