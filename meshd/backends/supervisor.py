@@ -459,16 +459,21 @@ class Supervised:
         self._later("deadline", self.llama.load_timeout_s, self._load_timed_out)
         self._later("poll", self.llama.health_interval_s, self._poll)
 
+    def _probe_once(self, port: int) -> Deferred[BackendState | None]:
+        """One /health probe within ``health_timeout_s``; no answer at all reads PROBE_DOWN."""
+        d = self._probe(port)
+        d.addTimeout(self.llama.health_timeout_s, self._reactor)
+        d.addErrback(lambda _: PROBE_DOWN)
+        self._probe_d = d
+        return d
+
     def _poll(self) -> None:
         self._calls.pop("poll", None)
         port = self.port
         if self.state not in (STARTING, LOADING) or port is None:
             return
         protocol = self._protocol
-        d = self._probe(port)
-        d.addTimeout(self.llama.health_timeout_s, self._reactor)
-        d.addErrback(lambda _: PROBE_DOWN)
-        self._probe_d = d
+        d = self._probe_once(port)
 
         def answered(verdict: BackendState | None) -> None:
             if self._probe_d is d:
@@ -503,10 +508,7 @@ class Supervised:
             return
         protocol = self._protocol
         began = self._reactor.seconds()
-        d = self._probe(port)
-        d.addTimeout(self.llama.health_timeout_s, self._reactor)
-        d.addErrback(lambda _: PROBE_DOWN)
-        self._probe_d = d
+        d = self._probe_once(port)
 
         def answered(verdict: BackendState | None) -> None:
             if self._probe_d is d:
