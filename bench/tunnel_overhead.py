@@ -101,7 +101,11 @@ class Setup:
                 ba, bb = pair(base / "before", bin_dir, gguf, model, extra_args,
                               tree=args.before.resolve())
                 self.pairs.append((ba, bb))
-                self.ways.append(("before", ba.api_port, [ba.pid, bb.pid]))
+                # its own direct baseline too: each pair's B then serves the same
+                # traffic (with only "direct" on the first B, the first pair did
+                # twice the work and ran 5-20 % slower than a copy of itself)
+                self.ways += [("before", ba.api_port, [ba.pid, bb.pid]),
+                              ("b-direct", bb.api_port, [bb.pid])]
             self.nginx = Nginx(b.api_port, free_port())
             self.nginx.start(wait_port)
             self.ways.append(("nginx", self.nginx.port, [b.pid]))
@@ -151,10 +155,12 @@ def part_a(args, base: Path) -> None:
             req = {n: statistics.median(len(r["streams"]) / r["wall"] for r in rs)
                    for n, rs in runs.items()}
             for name, _, _ in setup.ways:
-                what = {"direct": "B's CPU", "nginx": "B's CPU (nginx not counted)"}.get(
-                    name, "A+B CPU")
-                print(f"  concurrency {concurrency}: {name:7s} {rate[name]:8.0f} chunks/s "
-                      f"(÷ direct {rate[name] / rate['direct']:.3f}), requests/s {req[name]:6.1f}; "
+                what = {"direct": "B's CPU", "b-direct": "B's CPU",
+                        "nginx": "B's CPU (nginx not counted)"}.get(name, "A+B CPU")
+                # the older tree's tunnel against its own B's API
+                base = "b-direct" if name in ("before", "b-direct") else "direct"
+                print(f"  concurrency {concurrency}: {name:8s} {rate[name]:8.0f} chunks/s "
+                      f"(÷ {base} {rate[name] / rate[base]:.3f}), requests/s {req[name]:6.1f}; "
                       f"{what} {statistics.median(cpu[name]) * 1000:.1f} ms per 1,000 chunks")
         short = stream_request("/v1/chat/completions", "fake", 1)
         firsts: dict[str, list[float]] = {name: [] for name, _, _ in setup.ways}
@@ -163,9 +169,13 @@ def part_a(args, base: Path) -> None:
                 firsts[name] += [s.t_first - s.t0
                                  for s in measure(port, short, args.streams_1, 1)["streams"]]
         med = {n: statistics.median(v) for n, v in firsts.items()}
+        def added(n: str) -> float:
+            base = "b-direct" if n == "before" else "direct"
+            return (med[n] - med[base]) * 1000
+
         print(f"  time to first chunk (1-chunk streams): direct {med['direct'] * 1000:.2f} ms; added "
-              + ", ".join(f"{n} {(med[n] - med['direct']) * 1000:+.2f} ms"
-                          for n, _, _ in setup.ways if n != "direct"))
+              + ", ".join(f"{n} {added(n):+.2f} ms"
+                          for n, _, _ in setup.ways if n not in ("direct", "b-direct")))
     finally:
         setup.stop()
 
@@ -182,13 +192,17 @@ def part_b(args, base: Path) -> None:
         for _, port, _ in setup.ways:
             measure(port, request, 1, 1)
         results = alternate_many([port for _, port, _ in setup.ways], request, args.real_requests)
-        d_tps, d_t = results[0]
+        by_name = {name: r for (name, _, _), r in zip(setup.ways, results, strict=True)}
+        d_tps, d_t = by_name["direct"]
         print(f"\nPart B: llama-server + {Path(gguf).name} on B, {args.real_requests} streamed "
               f"requests each way alternated, max_tokens {args.max_tokens}, medians")
         print(f"  direct (B's API): {d_tps:.1f} tokens/s, time to first token {d_t * 1000:.2f} ms")
-        for (name, _, _), (tps, ttft) in zip(setup.ways[1:], results[1:], strict=True):
-            print(f"  {name:7s}: {tps:.1f} tokens/s, ratio {tps / d_tps:.3f}; time to first "
-                  f"token added {(ttft - d_t) * 1000:+.2f} ms")
+        for name, (tps, ttft) in by_name.items():
+            if name in ("direct", "b-direct"):
+                continue
+            base_tps, base_t = by_name["b-direct" if name == "before" else "direct"]
+            print(f"  {name:7s}: {tps:.1f} tokens/s, ratio {tps / base_tps:.3f}; time to first "
+                  f"token added {(ttft - base_t) * 1000:+.2f} ms")
     finally:
         setup.stop()
 
