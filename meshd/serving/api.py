@@ -99,6 +99,7 @@ NODE_HEADER = b"X-Meshd-Node"
 MODEL_HEADER = b"X-Meshd-Model"
 # non-streamed responses up to this size are held until complete (clean 502 on failure)
 HOLD_BYTES = 4 * 1024 * 1024
+KEY_REFUSED = "missing or wrong API key (Authorization: Bearer KEY, or x-api-key: KEY)"
 # attempts per request: the first upstream and one failover
 MAX_ATTEMPTS = 2
 
@@ -216,8 +217,19 @@ class ApiSite(BoundedSite):
         super().__init__(root, max_body_bytes=api.config.max_body_bytes,
                          error_body=self._openai_error, what="API", reactor=reactor,
                          head_timeout_s=api.config.head_timeout_s,
-                         body_timeout_s=api.config.body_timeout_s)
+                         body_timeout_s=api.config.body_timeout_s,
+                         before_body=self._key_before_body)
         self.api = api
+        self._key = api.config.api_key.encode()
+
+    def _key_before_body(self, request: server.Request, method: bytes,
+                         path: bytes) -> Refusal | None:
+        """A missing or wrong API key is refused before the body is read: a stranger
+        must not make the API hold ``max_body_bytes`` for it (``handle`` checks again
+        for requests without a body)."""
+        if not self._key or path == b"/health" or api_key_matches(request, self._key):
+            return None
+        return Refusal(401, KEY_REFUSED, "invalid_api_key", ((b"WWW-Authenticate", b"Bearer"),))
 
     @staticmethod
     def _openai_error(status: int, message: str, code: str) -> bytes:
@@ -242,7 +254,9 @@ class ApiSite(BoundedSite):
 
     def refused(self, request: server.Request, refusal: Refusal) -> None:
         self.api.metrics.request_done("", refusal.status, 0)
-        log.warning("refused a request from %s: %s", _peer_host(request), refusal.message)
+        # a wrong key is the client's business (and a stranger's flood): not a warning
+        say = log.info if refusal.status == 401 else log.warning
+        say("refused a request from %s: %s", _peer_host(request), refusal.message)
 
 
 class _Root(resource.Resource):
@@ -321,9 +335,7 @@ class ApiServer:
         route = routes.route_of(path)
         shape = route.shape if route is not None else Shape.OPENAI
         if self._api_key and not api_key_matches(request, self._api_key):
-            return self._error(request, shape, 401,
-                               "missing or wrong API key "
-                               "(Authorization: Bearer KEY, or x-api-key: KEY)",
+            return self._error(request, shape, 401, KEY_REFUSED,
                                "invalid_request_error", "invalid_api_key",
                                {b"WWW-Authenticate": b"Bearer"})
         method = request.method

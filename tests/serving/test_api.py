@@ -324,6 +324,22 @@ async def test_oversized_body_with_expect_100_continue_gets_413_without_100(serv
 
 
 @pytest_twisted.ensureDeferred
+async def test_a_wrong_api_key_is_refused_before_the_body_is_read(serve, fake):
+    # the head alone: a 401 comes back without the 10 MB the head announces being sent
+    _, url = serve(Router({"m": [tcp_upstream("a", fake.port)]}), api_key="sekrit")
+    port = int(url.rsplit(":", 1)[1])
+    answer = await threads.deferToThread(
+        raw_exchange, port, [_head(b"Authorization: Bearer wrong\r\nContent-Length: 10000000\r\n\r\n")])
+    assert answer.startswith(b"HTTP/1.1 401 "), answer[:100]
+    assert b"WWW-Authenticate: Bearer" in answer
+    assert json.loads(answer.split(b"\r\n\r\n", 1)[1])["error"]["code"] == "invalid_api_key"
+    assert fake.requests == 0
+    # the right key, through x-api-key as Anthropic's SDK sends it, still gets in
+    r = await post(url + "/v1/chat/completions", chat(), headers={"x-api-key": ["sekrit"]})
+    assert r.code == 200
+
+
+@pytest_twisted.ensureDeferred
 async def test_oversized_body_on_an_anthropic_path_is_413_in_anthropics_shape(serve):
     _, url = serve(Router({}), max_body_bytes=1000)
     port = int(url.rsplit(":", 1)[1])
