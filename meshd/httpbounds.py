@@ -41,6 +41,8 @@ from twisted.internet.protocol import connectionDone
 from twisted.python.failure import Failure
 from twisted.web import http, resource, server
 
+from meshd.states import RequestPhase
+
 log = logging.getLogger("meshd.httpbounds")
 
 # after a refusal the rest of the body is read and discarded for at most this long
@@ -76,6 +78,16 @@ def api_key_matches(request: server.Request, api_key: bytes) -> bool:
             return True
     header = request.getHeader(b"x-api-key")
     return header is not None and hmac.compare_digest(header.strip(), api_key)
+
+
+def write_refusal(transport: Any, refusal: Refusal, body: bytes) -> None:
+    """The whole answer to a request refused before it was read, straight to the
+    connection (twisted.web has no Request to answer with yet): it closes after."""
+    phrase = http.RESPONSES.get(refusal.status, b"Error")
+    extra = b"".join(name + b": " + value + b"\r\n" for name, value in refusal.headers)
+    transport.write(
+        b"HTTP/1.1 %d %s\r\nContent-Type: application/json\r\nConnection: close\r\n"
+        b"Content-Length: %d\r\n%s\r\n%s" % (refusal.status, phrase, len(body), extra, body))
 
 
 class BoundedRequest(server.Request):
@@ -123,13 +135,8 @@ class BoundedRequest(server.Request):
         """Answer at once, discard the rest of the body, then close the connection."""
         self.refused = refusal
         site = self.bounded_site
-        body = site.refusal_body(self._head[1], refusal)
-        phrase = http.RESPONSES.get(refusal.status, b"Error")
-        extra = b"".join(name + b": " + value + b"\r\n" for name, value in refusal.headers)
         transport: Any = self.channel.transport
-        transport.write(
-            b"HTTP/1.1 %d %s\r\nContent-Type: application/json\r\nConnection: close\r\n"
-            b"Content-Length: %d\r\n%s\r\n%s" % (refusal.status, phrase, len(body), extra, body))
+        write_refusal(transport, refusal, site.refusal_body(self._head[1], refusal))
         site.refused(self, refusal)
         site.reactor.callLater(site.linger_s, transport.loseConnection)
 
@@ -146,9 +153,7 @@ class BoundedChannel(http.HTTPChannel):
     headers end, sending no ``100 Continue`` for a body already refused, and
     cutting a head or a body that takes longer than the site's deadline."""
 
-    # where the current request is: "idle" (no byte of it yet), "head", "body",
-    # "handling" (read whole: later bytes are pipelined, buffered by twisted.web)
-    _phase = "idle"
+    _phase = RequestPhase.IDLE
     _deadline: IDelayedCall | None = None
     _lost = False
 
@@ -159,18 +164,18 @@ class BoundedChannel(http.HTTPChannel):
     def dataReceived(self, data: bytes) -> None:  # noqa: N802 - Twisted's name
         # the first byte of a head starts its deadline (a pipelined head's when
         # twisted.web replays it, through here, after the request before it)
-        if data and self._phase == "idle":
-            self._phase = "head"
+        if data and self._phase is RequestPhase.IDLE:
+            self._phase = RequestPhase.HEAD
             self._arm(self.bounded_site.head_timeout_s, "head")
         super().dataReceived(data)
-        if self._phase == "head" and getattr(self, "_HTTPChannel__first_line", False) \
+        if self._phase is RequestPhase.HEAD and getattr(self, "_HTTPChannel__first_line", False) \
                 and not getattr(self, "_buffer", b""):
             # only the blank line some clients send after a body: no head has begun
-            self._phase = "idle"
+            self._phase = RequestPhase.IDLE
             self._disarm()
 
     def allHeadersReceived(self) -> None:  # noqa: N802 - Twisted's name
-        self._phase = "body"
+        self._phase = RequestPhase.BODY
         self._disarm()
         if self.length != 0:
             self._arm(self.bounded_site.body_timeout_s, "body")
@@ -180,17 +185,17 @@ class BoundedChannel(http.HTTPChannel):
         super().allHeadersReceived()
 
     def allContentReceived(self) -> None:  # noqa: N802 - Twisted's name
-        self._phase = "handling"
+        self._phase = RequestPhase.HANDLING
         self._disarm()
         super().allContentReceived()
 
     def requestDone(self, request: http.Request) -> None:  # noqa: N802 - Twisted's name
         if self.persistent:
-            self._phase = "idle"
+            self._phase = RequestPhase.IDLE
         super().requestDone(request)
 
     def connectionLost(self, reason: Failure = connectionDone) -> None:  # noqa: N802
-        self._phase = "closed"
+        self._phase = RequestPhase.CLOSED
         self._lost = True
         self._disarm()
         super().connectionLost(reason)
@@ -221,7 +226,7 @@ class BoundedChannel(http.HTTPChannel):
 
     def _timed_out(self, part: str, delay: float) -> None:
         self._deadline = None
-        self._phase = "closed"
+        self._phase = RequestPhase.CLOSED
         site = self.bounded_site
         transport: Any = self.transport
         if self._lost or getattr(transport, "disconnecting", False):
@@ -233,10 +238,7 @@ class BoundedChannel(http.HTTPChannel):
             key = "head_timeout_s" if part == "head" else "body_timeout_s"
             refusal = Refusal(408, f"the request {part} took longer than {delay:g} s "
                                    f"({site.deadline_name(key)})", "request_timeout")
-            body = site.refusal_body(path, refusal)
-            transport.write(
-                b"HTTP/1.1 408 Request Timeout\r\nContent-Type: application/json\r\n"
-                b"Connection: close\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body))
+            write_refusal(transport, refusal, site.refusal_body(path, refusal))
         # stop parsing: whatever else this client sends is not read
         self.dataReceived = lambda data: None  # type: ignore[method-assign]
         transport.loseConnection()

@@ -195,3 +195,14 @@ FORWARD_MOVES: dict[ForwardState, frozenset[ForwardState]] = {
     ForwardState.RELAYING: frozenset({ForwardState.DONE}),
     ForwardState.DONE: frozenset(),
 }
+
+
+class RequestPhase(StrEnum):
+    """Where an HTTP door's current request is (``meshd.httpbounds``): what its
+    deadline is counting."""
+
+    IDLE = "idle"  # no byte of it yet
+    HEAD = "head"
+    BODY = "body"
+    HANDLING = "handling"  # read whole: later bytes are pipelined, buffered by twisted.web
+    CLOSED = "closed"
