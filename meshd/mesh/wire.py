@@ -123,25 +123,23 @@ def decode_close(payload: bytes) -> Close:
         return Close(reason, CloseCode.OTHER)  # a newer peer's code
 
 
+# the words version-1 peers without codes wrote, and the code each meant (first match)
+_LEGACY_PHRASES = (
+    ("duplicate connection", CloseCode.DUPLICATE),
+    ("revoked", CloseCode.TOKEN_REVOKED),
+    ("expired", CloseCode.TOKEN_EXPIRED),
+    ("one use", CloseCode.TOKEN_USED),
+    ("not issued by", CloseCode.TOKEN_UNKNOWN),
+    ("leaving the mesh", CloseCode.LEAVING),
+)
+
+
 def legacy_close_code(reason: str) -> CloseCode:
     """The code a peer older than codes meant, from the words its version wrote.
 
-    Kept for rolling upgrades, and only here: every other decision reads the
-    code.  The phrases are exactly those version-1 peers without codes send.
+    Kept for rolling upgrades, and only here: every other decision reads the code.
     """
-    if "duplicate connection" in reason:
-        return CloseCode.DUPLICATE
-    if "revoked" in reason:
-        return CloseCode.TOKEN_REVOKED
-    if "expired" in reason:
-        return CloseCode.TOKEN_EXPIRED
-    if "one use" in reason:
-        return CloseCode.TOKEN_USED
-    if "not issued by" in reason:
-        return CloseCode.TOKEN_UNKNOWN
-    if "leaving the mesh" in reason:
-        return CloseCode.LEAVING
-    return CloseCode.OTHER
+    return next((code for phrase, code in _LEGACY_PHRASES if phrase in reason), CloseCode.OTHER)
 
 
 class FrameError(Exception):
