@@ -95,6 +95,8 @@ class BoundedRequest(server.Request):
     memory up to the site's ``max_body_bytes``."""
 
     refused: Refusal | None = None
+    # the door's head check (``before_body``) ran and passed: the resource need not repeat it
+    head_checked = False
     _received = 0
     _head: tuple[bytes, bytes] = (b"", b"")
     content: Any  # an io.BytesIO once the length is known (twisted.web: None until then)
@@ -117,6 +119,7 @@ class BoundedRequest(server.Request):
             if refusal is not None:
                 self._refuse(refusal)
                 return
+            self.head_checked = True
         if length is not None and length > site.max_body_bytes:
             self._refuse(site.too_large(f"Content-Length {length}"))
 

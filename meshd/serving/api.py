@@ -334,7 +334,9 @@ class ApiServer:
             return self._json(request, 200, {"status": "draining" if self.draining else "ok"})
         route = routes.route_of(path)
         shape = route.shape if route is not None else Shape.OPENAI
-        if self._api_key and not api_key_matches(request, self._api_key):
+        # a request with a body had its key checked before the body was read
+        checked = cast(BoundedRequest, request).head_checked
+        if self._api_key and not checked and not api_key_matches(request, self._api_key):
             return self._error(request, shape, 401, KEY_REFUSED,
                                "invalid_request_error", "invalid_api_key",
                                {b"WWW-Authenticate": b"Bearer"})
