@@ -135,6 +135,13 @@ class LlamaConfig:
     # it is restarted (llama-server answers /health even with every slot busy)
     live_interval_s: float = 2.0
     live_misses: int = 3
+    # a split worker's rpc-server keeps the tensors it was sent (-c) in
+    # <rpc_cache_dir>/rpc, so a re-plan or restart does not send them again
+    rpc_cache: bool = True
+    # empty: the unit's cache directory (CACHE_DIRECTORY), else <state_dir>/cache
+    rpc_cache_dir: str = ""
+    # the least recently used files go before an rpc-server starts, down to this
+    rpc_cache_max_gb: float = 20.0
 
 
 @dataclass(frozen=True)
@@ -365,7 +372,7 @@ def validate(config: Config) -> list[str]:
         ("llama", "ctx_size"), ("llama", "load_timeout_s"), ("llama", "stop_timeout_s"),
         ("llama", "restart_min_s"), ("llama", "restart_max_s"), ("llama", "restart_reset_s"),
         ("llama", "health_interval_s"), ("llama", "health_timeout_s"),
-        ("llama", "live_interval_s"), ("llama", "live_misses"),
+        ("llama", "live_interval_s"), ("llama", "live_misses"), ("llama", "rpc_cache_max_gb"),
         ("api", "first_byte_timeout_s"), ("api", "stream_idle_timeout_s"),
         ("api", "head_timeout_s"), ("api", "body_timeout_s"), ("api", "client_stall_timeout_s"),
     ]
@@ -374,8 +381,15 @@ def validate(config: Config) -> list[str]:
             problems.append(f"[{section}] {key}: must be greater than 0")
     non_negative = [
         ("node", "vram_gb"), ("node", "max_vram_gb"), ("api", "drain_s"), ("llama", "threads"),
-        ("models", "max_rtt_ms"), ("models", "min_free_gb"),
+        ("models", "min_free_gb"),
     ]
+    # 0 would leave every measured peer out of every split
+    if not config.models.max_rtt_ms > 0:
+        problems.append("[models] max_rtt_ms: must be greater than 0")
+    for i, weight in enumerate(config.models.tensor_split):
+        if (isinstance(weight, bool) or not isinstance(weight, (int, float))
+                or not math.isfinite(weight) or weight <= 0):
+            problems.append(f"[models] tensor_split[{i}]: {weight!r} is not a finite number > 0")
     for section, key in non_negative:
         value = getattr(getattr(config, section), key)
         if value is not None and value < 0:

@@ -16,6 +16,7 @@ functions defined in the plugin module count as its hooks).
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -174,8 +175,16 @@ def plan(
     group: tuple[NodeView, ...],
     mesh: MeshView,
     force_split: bool,
+    tensor_split: tuple[float, ...] = (),
 ) -> SplitPlan:
-    """Solo when the model fits (and split is not forced), else split or wait."""
+    """Solo when the model fits one node (and split is not forced), else split or wait.
+
+    Solo wins whenever any node fits, so peers around never cause an accidental
+    split.  A split uses the host and the peers within ``mesh.max_rtt_ms`` (the
+    others stay in the mesh, left out of this split only); shares follow VRAM,
+    or ``tensor_split``'s weights (host first, then the others by node id) when
+    they are valid for that node set.
+    """
     need = need_bytes(size_bytes)
     fitting = tuple(n.node_id for n in sorted(group, key=_by_id) if fits(n.vram_bytes, size_bytes))
     if fitting and not force_split:
@@ -185,15 +194,7 @@ def plan(
         )
     by_id = {n.node_id: n for n in group}
     host_node = by_id[host]
-    near: list[NodeView] = [host_node]
-    skipped: list[str] = []
-    for n in sorted(group, key=_by_id):
-        if n.node_id == host:
-            continue
-        if n.rtt_ms is not None and n.rtt_ms > mesh.max_rtt_ms:
-            skipped.append(f"{n.node_id} ({n.rtt_ms:.0f} ms > {mesh.max_rtt_ms:.0f} ms)")
-            continue
-        near.append(n)
+    near, skipped = split_nodes(host_node, group, mesh.max_rtt_ms)
     skip_text = f"; skipped {', '.join(skipped)}" if skipped else ""
     if len(near) == 1 and fits(host_node.vram_bytes, size_bytes):
         return SplitPlan(
@@ -204,21 +205,95 @@ def plan(
     if have < need:
         return SplitPlan(
             mode=PlanMode.WAIT, host=host, need_bytes=need, have_bytes=have,
-            reason=f"need {gib(need)}, have {gib(have)}{skip_text}",
+            reason=f"need {gib(need)}, group has {gib(have)} of {_nodes_text(len(near))}{skip_text}",
         )
-    shares = tuple((n.node_id, n.vram_bytes / have) for n in near)
+    shares, weights_problem = _shares(near, tensor_split)
     why = "split forced" if fitting else "fits no single node"
+    weights_text = f"; {weights_problem}" if weights_problem else ""
     return SplitPlan(
         mode=PlanMode.SPLIT, host=host, shares=shares, need_bytes=need, have_bytes=have,
-        reason=f"{why}: split over {len(near)} nodes{skip_text}",
+        reason=f"{why}: split over {len(near)} nodes{skip_text}{weights_text}",
     )
+
+
+def split_nodes(
+    host: NodeView, group: tuple[NodeView, ...], max_rtt_ms: float
+) -> tuple[list[NodeView], list[str]]:
+    """The nodes a split uses (the host first, then the others by node id) and the skipped ones.
+
+    A peer whose RTT is over ``max_rtt_ms`` is left out: llama.cpp's RPC makes
+    several round trips per token, so one far peer slows the whole split.  A
+    peer not measured yet (``rtt_ms`` None) counts as near.
+    """
+    near: list[NodeView] = [host]
+    skipped: list[str] = []
+    for n in sorted(group, key=_by_id):
+        if n.node_id == host.node_id:
+            continue
+        if n.rtt_ms is not None and n.rtt_ms > max_rtt_ms:
+            skipped.append(f"{n.node_id} ({n.rtt_ms:.0f} ms > {max_rtt_ms:.0f} ms)")
+            continue
+        near.append(n)
+    return near, skipped
+
+
+def tensor_split_problem(weights: tuple[float, ...], nodes: int) -> str | None:
+    """Why ``[models] tensor_split`` cannot give the shares of ``nodes`` nodes (None: it can)."""
+    if len(weights) != nodes:
+        return f"[models] tensor_split has {len(weights)} weights for {_nodes_text(nodes)}"
+    for i, w in enumerate(weights):
+        if isinstance(w, bool) or not isinstance(w, (int, float)) or not math.isfinite(w) or w <= 0:
+            return f"[models] tensor_split[{i}] is {w!r}, not a finite number > 0"
+    return None
+
+
+def _shares(
+    near: list[NodeView], tensor_split: tuple[float, ...]
+) -> tuple[tuple[tuple[str, float], ...], str | None]:
+    """The shares of ``near`` and, when ``tensor_split`` was given but unusable, why."""
+    problem = None
+    if tensor_split:
+        problem = tensor_split_problem(tuple(tensor_split), len(near))
+        if problem is None:
+            total = float(sum(tensor_split))
+            pairs = zip(near, tensor_split, strict=True)
+            return tuple((n.node_id, float(w) / total) for n, w in pairs), None
+        problem += ": shares follow VRAM"
+    have = sum(n.vram_bytes for n in near)
+    return tuple((n.node_id, n.vram_bytes / have) for n in near), problem
+
+
+def _nodes_text(n: int) -> str:
+    return "1 node" if n == 1 else f"{n} nodes"
 
 
 @hookimpl(trylast=True)
 def meshd_plan_split(
-    size_bytes: int, host: str, group: tuple[NodeView, ...], mesh: MeshView, force_split: bool
+    size_bytes: int,
+    host: str,
+    group: tuple[NodeView, ...],
+    mesh: MeshView,
+    force_split: bool,
+    tensor_split: tuple[float, ...],
 ) -> SplitPlan:
-    return plan(size_bytes, host, group, mesh, force_split)
+    return plan(size_bytes, host, group, mesh, force_split, tensor_split)
+
+
+def split_peers_available(size_bytes: int, me: NodeView, view: MeshView) -> bool:
+    """Whether peers the planner would use make a model that does not fit ``me`` fit the group.
+
+    The download gate's ``split_peers_available``: the active (non-passive)
+    peers within ``view.max_rtt_ms`` plus this node hold at least the VRAM the
+    model needs, and there is at least one such peer.  Peers count with their
+    whole ``vram_bytes``: a NodeView says which models a node serves but not
+    how much of its VRAM each takes (a worker's share is not in the view), so
+    what a peer already serves is not subtracted.
+    """
+    group = tuple(n for n in view.nodes if not n.passive and n.node_id != me.node_id)
+    near, _ = split_nodes(me, (me, *group), view.max_rtt_ms)
+    if len(near) < 2:
+        return False
+    return sum(n.vram_bytes for n in near) >= need_bytes(size_bytes)
 
 
 # -- downloads -------------------------------------------------------------------

@@ -186,6 +186,7 @@ def meshd_plan_split(
     group: tuple[NodeView, ...],
     mesh: MeshView,
     force_split: bool,
+    tensor_split: tuple[float, ...],
     settings: Mapping[str, Any],
 ) -> SplitPlan | None:
     """Whether a group runs ``model`` solo or split, over which peers, in what shares.
@@ -201,14 +202,21 @@ def meshd_plan_split(
     - ``mesh``: the mesh; ``mesh.max_rtt_ms`` is ``[models] max_rtt_ms`` and
       each node's ``rtt_ms`` is measured from ``mesh.self_id``.
     - ``force_split``: ``[models] split`` (or ``meshd --split``).
+    - ``tensor_split``: ``[models] tensor_split`` as read on this node, as
+      given (``()`` when unset; not checked against the group: the plan
+      decides).  Plugins written before this argument leave it out of their
+      signature and keep working.
 
     Return a ``meshd.placement.snapshot.SplitPlan`` (``mode`` ``"solo"`` with the node
     ids that run alone, ``"split"`` with ``host`` and ``shares``, or
     ``"wait"`` with a ``reason``), or ``None``.  First answer wins.
     Default: solo on every node with VRAM >= size x 1.1 unless split is
     forced; otherwise split over the host and the peers within
-    ``max_rtt_ms``, shares proportional to VRAM; ``"wait"`` with
-    "need X GiB, have Y GiB" while they hold less than size x 1.1
+    ``max_rtt_ms``, shares proportional to VRAM, or to ``tensor_split``'s
+    weights in the order host first, then the others by node id (a length
+    that does not match, or a weight that is not finite and > 0, falls back
+    to VRAM and the reason says so); ``"wait"`` with "need X GiB, group has
+    Y GiB of N nodes" while they hold less than size x 1.1
     (``meshd.placement.fit``).
     """
 
@@ -229,8 +237,9 @@ def meshd_allow_download(
 
     - ``model``, ``size_bytes``: the model and its download size.
     - ``node``: this node.
-    - ``split_peers_available``: the split plan says this node joins a split
-      group that needs the model.
+    - ``split_peers_available``: the active peers within ``max_rtt_ms`` that
+      a split would use, with this node, hold the VRAM the model needs
+      (``meshd.placement.default.split_peers_available``).
     - ``mesh``: the mesh.
 
     Return ``True`` (download), ``False`` (do not), or ``None`` (no opinion,

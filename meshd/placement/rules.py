@@ -193,16 +193,21 @@ def plan_split(
     mesh: MeshView,
     *,
     force_split: bool = False,
+    tensor_split: tuple[float, ...] = (),
     policy: PolicyManager | None = None,
 ) -> SplitPlan:
-    """Solo or split for ``model`` over ``group``: elects the host, then asks for the plan."""
+    """Solo or split for ``model`` over ``group``: elects the host, then asks for the plan.
+
+    ``tensor_split``: ``[models] tensor_split`` as read on the host; the plan
+    (not config load) judges whether it matches the nodes of the split.
+    """
     members = _members(group)
     if not members:
         raise ValueError(f"no active node in the group of {model!r}")
     host = elect_host(model, members, mesh, policy=policy)
     kwargs = {
         "model": model, "size_bytes": size_bytes, "host": host, "group": members,
-        "mesh": mesh, "force_split": force_split,
+        "mesh": mesh, "force_split": force_split, "tensor_split": tuple(tensor_split),
     }
     result, by = _ask(policy, "meshd_plan_split", **kwargs)
     if result is None:

@@ -231,7 +231,7 @@ class SplitPlan:
       the nodes in ``shares`` (``(node_id, share)``, the host first, shares
       summing to 1).
     - ``mode == "wait"``: the group cannot run the model yet; ``reason``
-      says why ("need 51.7 GiB, have 24.0 GiB") and ``need_bytes`` /
+      says why ("need 51.7 GiB, group has 24.0 GiB of 2 nodes") and ``need_bytes`` /
       ``have_bytes`` carry the numbers for status.
     """
 

@@ -96,9 +96,11 @@ class Recorder:
         self._record("meshd_elect_host", model=model, group=group, mesh=mesh, settings=settings)
 
     @hookspecs.hookimpl
-    def meshd_plan_split(self, model, size_bytes, host, group, mesh, force_split, settings):
+    def meshd_plan_split(self, model, size_bytes, host, group, mesh, force_split, tensor_split,
+                         settings):
         self._record("meshd_plan_split", model=model, size_bytes=size_bytes, host=host, group=group,
-                     mesh=mesh, force_split=force_split, settings=settings)
+                     mesh=mesh, force_split=force_split, tensor_split=tensor_split,
+                     settings=settings)
 
     @hookspecs.hookimpl
     def meshd_allow_download(self, model, size_bytes, node, split_peers_available, mesh, settings):

@@ -284,7 +284,7 @@ def test_plan_waits_with_need_and_have_when_the_group_is_short():
     group = (node("a", "host", vram_gb=12, rtt_ms=0), node("b", "host", vram_gb=12, rtt_ms=1))
     plan = placement.plan_split("m", 47 * GB, group, mesh_of(*group))
     assert plan.mode == "wait" and plan.host == "a"
-    assert plan.reason == "need 51.7 GiB, have 24.0 GiB"
+    assert plan.reason == "need 51.7 GiB, group has 24.0 GiB of 2 nodes"
     assert (plan.need_bytes, plan.have_bytes) == (default.need_bytes(47 * GB), 24 * GB)
     assert abs(plan.need_bytes - 51.7 * GB) < GB / 10
 
