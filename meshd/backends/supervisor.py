@@ -120,25 +120,27 @@ def cache_bin_dir(environ: Mapping[str, str] = os.environ) -> str:
     return os.path.join(cache, f"llama.cpp-{key}", "bin")
 
 
-def find_bin_dir(llama: LlamaConfig, *, environ: Mapping[str, str] = os.environ) -> str:
-    """Where llama-server lives: ``[llama] bin_dir``, else the cached build, else PATH.
+def find_bin_dir(llama: LlamaConfig, *, environ: Mapping[str, str] = os.environ,
+                 binary: str = "llama-server") -> str:
+    """Where ``binary`` (llama-server, ggml-rpc-server) lives: ``[llama] bin_dir``, else the
+    cached build, else PATH.
 
     Raises BackendError with what to do when none has it.
     """
     if llama.bin_dir:
-        if _executable(os.path.join(llama.bin_dir, "llama-server")):
+        if _executable(os.path.join(llama.bin_dir, binary)):
             return llama.bin_dir
         raise BackendError(
-            f"[llama] bin_dir {llama.bin_dir!r} has no executable llama-server"
+            f"[llama] bin_dir {llama.bin_dir!r} has no executable {binary}"
         )
     cached = cache_bin_dir(environ)
-    if _executable(os.path.join(cached, "llama-server")):
+    if _executable(os.path.join(cached, binary)):
         return cached
-    found = shutil.which("llama-server", path=environ.get("PATH", os.defpath))
+    found = shutil.which(binary, path=environ.get("PATH", os.defpath))
     if found:
         return os.path.dirname(os.path.abspath(found))
     raise BackendError(
-        f"llama-server not found (looked in {cached} and on PATH): build it with "
+        f"{binary} not found (looked in {cached} and on PATH): build it with "
         "`bash scripts/build-llama.sh` or set [llama] bin_dir to a llama.cpp bin directory"
     )
 
@@ -717,7 +719,9 @@ class LlamaServer(Supervised):
         if llama.threads:
             argv += ["--threads", str(llama.threads)]
         if self.rpc_workers:
-            argv += ["--rpc", ",".join(self.rpc_workers)]
+            # every layer on the devices of the split (RPC devices, then local GPUs); the
+            # CPU device of this process takes no share
+            argv += ["--rpc", ",".join(self.rpc_workers), "--n-gpu-layers", "999"]
         if self.tensor_split:
             argv += ["--tensor-split", ",".join(f"{share:g}" for share in self.tensor_split)]
         if self.chat_template:
@@ -742,15 +746,25 @@ class RpcServer(Supervised):
         bin_dir: str,
         reactor: Any,
         extra_env: Mapping[str, str] | None = None,
+        cache_dir: Path | None = None,
         **seams: Any,
     ):
         self.bin_dir = bin_dir
-        super().__init__(name=name, llama=llama, reactor=reactor, extra_env=extra_env, **seams)
+        # LLAMA_CACHE: rpc-server keeps the tensors it was sent in <cache_dir>/rpc (-c)
+        self.cache_dir = cache_dir
+        env = dict(extra_env or {})
+        if cache_dir is not None:
+            env["LLAMA_CACHE"] = str(cache_dir)
+        super().__init__(name=name, llama=llama, reactor=reactor, extra_env=env, **seams)
 
     def argv(self, port: int) -> list[str]:
+        # 127.0.0.1 only, always: llama.cpp's RPC has no authentication (peers reach it
+        # through the mesh's mTLS tunnels, meshd.serving.rpctunnel)
         argv = [os.path.join(self.bin_dir, "ggml-rpc-server"), "-H", LOOPBACK, "-p", str(port)]
         if self.llama.threads:
             argv += ["-t", str(self.llama.threads)]
+        if self.cache_dir is not None:
+            argv += ["-c"]
         return argv
 
     def _default_probe(self) -> Probe:

@@ -32,6 +32,10 @@ class LocalBackends(service.Service):
         self.reactor = reactor
         self.notifier = notifier
         self.files: dict[str, tuple[str, int]] = {}  # model -> (path, size_bytes)
+        # a split host's start waits for the previous run's stop (stop order), and a start
+        # overtaken by a newer decision gives up: generation per model
+        self._stopping: dict[str, defer.Deferred[None]] = {}
+        self._generation: dict[str, int] = {}
 
     def serve(self, name: str, path: str, size_bytes: int) -> None:
         """This node is to serve ``name``: the election decides whether its llama-server runs
@@ -41,7 +45,7 @@ class LocalBackends(service.Service):
         if rebalancer is None:
             self.spawn(name)
         else:
-            rebalancer.serve(name)
+            rebalancer.serve(name, size_bytes or None)
 
     async def when_serving(self, name: str) -> None:
         """Wait for ``name``'s llama-server, if the election started one."""
@@ -50,7 +54,53 @@ class LocalBackends(service.Service):
             await served.backend.when_ready()
 
     def spawn(self, name: str) -> None:
-        """Start a llama-server for ``name`` and publish it as served."""
+        """Start a llama-server for ``name`` (solo) and publish it as served."""
+        self._spawn(name)
+
+    def spawn_split(self, name: str, shares: tuple[tuple[str, float], ...]) -> None:
+        """Run ``name`` as a split host over ``shares``: once the workers answer (and the
+        previous run of it is gone), llama-server with ``--rpc`` and ``--tensor-split``."""
+        split = self.node.split
+        if split is None:
+            log.error("cannot host a split of %s: this node has no split runtime", name)
+            return
+        previous = self._stopping.get(name, defer.succeed(None))
+        self._generation[name] = generation = self._generation.get(name, 0) + 1
+
+        def prepare(_: Any) -> Any:
+            return split.prepare(name, shares)
+
+        def start(planned: tuple[list[str], list[float]]) -> None:
+            if self._generation.get(name) != generation or not self.running:
+                split.release(name)
+                return
+            rpc, weights = planned
+            self._spawn(name, rpc=rpc, tensor_split=weights)
+
+        def failed(f: Any) -> None:
+            if not f.check(defer.CancelledError):
+                log.error("cannot host the split of %s: %s", name, f.getErrorMessage())
+
+        d = previous.addBoth(lambda _: None)
+        d.addCallback(prepare)
+        d.addCallbacks(start, failed)
+
+    def stop_split_or_solo(self, name: str) -> defer.Deferred[None]:
+        """Stop ``name``'s llama-server, then (stop order) its split's rpc-servers and entries."""
+        self._generation[name] = self._generation.get(name, 0) + 1
+        split = self.node.split
+        d = self.node.stop_serving(name)
+        if split is not None:
+            if name in split.hosting:
+                split.hosting[name].cancelled = True  # a prepare still probing gives up
+            d.addBoth(lambda _: split.release(name))
+        self._stopping[name] = d
+        d.addBoth(lambda r: self._stopping.pop(name, None) if self._stopping.get(name) is d
+                  else None)
+        return d
+
+    def _spawn(self, name: str, *, rpc: list[str] | None = None,
+               tensor_split: list[float] | None = None) -> None:
         from meshd.backends import supervisor as backend
         from meshd.daemon.node import ServedModel
         from meshd.models.scan import fallback_chat_template
@@ -77,6 +127,8 @@ class LocalBackends(service.Service):
             reactor=self.reactor,
             extra_env={"CUDA_VISIBLE_DEVICES": visible} if visible is not None else None,
             chat_template=fallback_chat_template(path),
+            rpc_workers=rpc or (),
+            tensor_split=tensor_split or (),
         )
         node.add_served(ServedModel(name, path, size_bytes, server))
 
@@ -104,3 +156,5 @@ class LocalBackends(service.Service):
             if not ok:
                 log.error("stopping llama-server for %s failed: %s", m.name,
                           result.getErrorMessage())
+        if self.node.split is not None:  # after the llama-servers: the rpc-servers
+            await self.node.split.stop()

@@ -15,7 +15,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable, Sized
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol, cast
 
 from twisted.internet import defer
 from twisted.python.failure import Failure
@@ -28,6 +28,7 @@ from meshd.serving.router import RoutedMesh
 from meshd.states import MODEL_STATE_OF_BACKEND, BackendState, ModelState, NodeState, Role
 
 if TYPE_CHECKING:
+    from meshd.daemon.split import SplitRuntime
     from meshd.mesh.membership import PeerView
     from meshd.models.download import Downloader
     from meshd.models.gpu import GpuReport
@@ -141,6 +142,8 @@ class Node:
         self.mesh: NodeMesh | None = None
         self.router: MeshRouter | None = None  # the API's router on an active node
         self.rebalancer: Rebalancer | None = None  # this node's model, election, assignment
+        # rpc-servers and tunnel entries of split models (meshd.daemon.split), whatever the role
+        self.split: SplitRuntime | None = None
         self.route_server: RouteServer | None = None  # answers passive nodes (active side)
         self.passive: PassiveNode | None = None  # while this node is passive
         # models dropped mesh-wide (meshctl drop): not served, not routed, not assigned again
@@ -303,6 +306,11 @@ class Node:
         """Models this node is set to serve but does not run (short of VRAM, a split worker)."""
         return self.rebalancer.waiting_models() if self.rebalancer is not None else []
 
+    def waiting_reasons(self) -> dict[str, str]:
+        """Why each model of :meth:`waiting_models` waits (the plan's numbers), for the 503."""
+        d = self.rebalancer.decision if self.rebalancer is not None else None
+        return {d.model: d.reason} if d is not None and d.reason else {}
+
     def model_status(self) -> list[dict[str, Any]]:
         """``models`` of ``meshctl status``: every model of the mesh once there is a router."""
         if self.router is not None:
@@ -331,6 +339,16 @@ class Node:
                             "size_bytes": None, "split": None})
         return out
 
+    def _split_status(self, model: str, decision: Any) -> dict[str, Any] | None:
+        """``models[].split``: the plan's host and shares; on the host its RPC tunnels too."""
+        if decision is None or decision.model != model:
+            return None
+        out = decision.split_status()
+        tunnels = self.split.tunnels(model) if self.split is not None else None
+        if out is not None and tunnels is not None:
+            out["tunnels"] = tunnels
+        return cast("dict[str, Any] | None", out)
+
     def _mesh_model_status(self, router: MeshRouter) -> list[dict[str, Any]]:
         snap = router.snapshot()
         decision = self.rebalancer.decision if self.rebalancer is not None else None
@@ -339,7 +357,7 @@ class Node:
             entry: dict[str, Any] = {
                 "name": m.name, "state": m.state, "hosts": list(m.hosts),
                 "size_bytes": m.size_bytes,
-                "split": decision.split_status() if decision and decision.model == m.name else None,
+                "split": self._split_status(m.name, decision),
                 "loading": list(m.loading), "waiting": list(m.waiting), "reason": m.reason,
             }
             if decision is not None and decision.model == m.name and m.name not in self.served:

@@ -49,12 +49,14 @@ from meshd.states import NodeState
 from meshd.units import gib
 
 if TYPE_CHECKING:
+    from meshd.daemon.split import SplitRuntime
     from meshd.mesh.identity import Identity
     from meshd.models.download import Downloader
     from meshd.models.scan import Resolved
     from meshd.placement.plugins import PolicyManager
     from meshd.serving.api import ApiServer
     from meshd.serving.router import MeshRouter
+    from meshd.serving.tunnel import TunnelServer
     from meshd.statedir import StateDir
 
 log = logging.getLogger("meshd")
@@ -223,6 +225,7 @@ def create_daemon(
     for problem in node.scan.problems if node.scan is not None else ():
         log.warning("models: %s", problem)
     downloader = node.downloader = _downloader(cfg, reactor, node)
+    node.split = _split_runtime(cfg, reactor, node)
     first = None if node.roles.passive else _resolve_models(cfg, node)
 
     from meshd.daemon.control import ControlService
@@ -350,22 +353,30 @@ class Groups:
         mesh = MeshService(cfg, self.state, self.identity, reactor=reactor,
                            local_info=node.local_info)
         route_server = RouteServer(mesh, node, clock=reactor, refresh_s=cfg.mesh.refresh_s)
+        split = node.split
         rebalancer = Rebalancer(node, reactor=reactor, start=self.backends.spawn,
-                                stop=node.stop_serving, changed=self._placement_changed,
-                                settle_s=cfg.models.assign_settle_s, unassigned=roles.unassigned)
+                                stop=self.backends.stop_split_or_solo,
+                                start_split=self.backends.spawn_split,
+                                lend=split.lend if split is not None else None,
+                                unlend=split.unlend if split is not None else None,
+                                changed=self._placement_changed,
+                                settle_s=cfg.models.assign_settle_s, unassigned=roles.unassigned,
+                                recheck_s=cfg.mesh.heartbeat_s)
         local = LocalOnlyRouter(router)
         # mTLS authenticated the peer: the tunnel API asks no API key
         tunnel_api = ApiServer(local, dataclasses.replace(cfg.api, api_key=""), reactor=reactor,
                                relay=True)
         tunnels = TunnelServer(local.check, tunnel_api)
         tunnels.attach(mesh)
+        if split is not None:
+            split.attach(mesh)
         mesh.add_listener(router.invalidate)
         mesh.add_listener(rebalancer.on_event)
         mesh.add_drop_listener(node.drop_local)
         mesh.add_listener(node.membership_changed)
         return RoleGroup(
             "active",
-            [CallbackService("tunnels", on_stop=tunnels.close_all),
+            [CallbackService("tunnels", on_stop=lambda: _close_tunnels(tunnels, split)),
              CallbackService("election", on_stop=rebalancer.stop),
              route_server, mesh],
             router=router, tunnels=tunnels, facing=("route-server", "mesh"),
@@ -395,6 +406,37 @@ class Groups:
         self.notifier.status(node.status_line())
 
 
+def _close_tunnels(tunnels: TunnelServer, split: SplitRuntime | None) -> None:
+    tunnels.close_all()
+    if split is not None:
+        split.tunnel_host.close_all()
+
+
+def _split_runtime(config: Config, reactor: Any, node: Node) -> SplitRuntime:
+    """This node's split parts: rpc-servers on demand, built with the node's llama.cpp."""
+    from meshd.backends import supervisor as backend
+    from meshd.daemon.split import SplitRuntime
+
+    def make_rpc(name: str, cache_dir: Path | None) -> backend.RpcServer:
+        try:
+            bin_dir = backend.find_bin_dir(config.llama, binary="ggml-rpc-server")
+        except backend.BackendError as e:
+            raise StartupError(str(e)) from None
+        visible = node.gpu_report.cuda_visible_devices() if node.gpu_report is not None else None
+        return backend.RpcServer(name=name, llama=config.llama, bin_dir=bin_dir, reactor=reactor,
+                                 cache_dir=cache_dir,
+                                 extra_env={"CUDA_VISIBLE_DEVICES": visible} if visible else None)
+
+    def llama_pid(model: str) -> int | None:
+        served = node.served.get(model)
+        return served.backend.pid if served is not None else None
+
+    gpus = node.gpu_report.used_gpus() if node.gpu_report is not None else []
+    return SplitRuntime(config, reactor=reactor, node_id=node.node_id, make_rpc=make_rpc,
+                        mesh=lambda: node.mesh, llama_pid=llama_pid, has_gpus=bool(gpus),
+                        gpu_weights=[float(g.total_bytes) for g in gpus])
+
+
 def _load_policy(config: Config) -> PolicyManager:
     from meshd.placement import plugins
 
@@ -406,14 +448,20 @@ def _load_policy(config: Config) -> PolicyManager:
 
 def _downloader(config: Config, reactor: Any, node: Node) -> Downloader:
     from meshd.models.download import Downloader
+    from meshd.placement import default as default_policy
     from meshd.placement import rules as placement
 
     def gate(model: str, size_bytes: int, split_peers_available: bool) -> Any:
+        me, view = node.node_view(), node.mesh_view()
+        # a model that fits the group the planner would use, though not this node,
+        # may come down: it will be split
+        if not split_peers_available:
+            split_peers_available = default_policy.split_peers_available(size_bytes, me, view)
         return placement.allow_download(
             model,
             size_bytes,
-            node.node_view(),
-            node.mesh_view(),
+            me,
+            view,
             split_peers_available=split_peers_available,
             policy=node.policy,
         )

@@ -102,6 +102,8 @@ class AuthRefused(Exception):
 UNPROVEN_REFUSAL = ("authentication failed", CloseCode.AUTH_FAILED)
 # refusals about the HELLO itself, not this node or its mesh: told to anyone
 TOLD_UNPROVEN = frozenset({CloseCode.BAD_HELLO, CloseCode.VERSION_MISMATCH})
+# the weight of each new RTT sample in the smoothed RTT (RFC 6298 uses 1/8)
+RTT_GAIN = 0.25
 
 
 class PeerClosed(Exception):
@@ -634,7 +636,11 @@ class PeerProtocol(protocol.Protocol):
         sent = self._ping_sent.pop(seq, None)
         if sent is not None:
             rtt = self.clock.seconds() - sent
-            self.rtt_ms = round(rtt * 1000.0, 3)
+            # smoothed (RFC 6298's SRTT, a quarter weight for each sample): one slow answer
+            # on a busy machine must not move a split worker across [models] max_rtt_ms
+            sample = rtt * 1000.0
+            prev = self.rtt_ms
+            self.rtt_ms = round(sample if prev is None else prev + RTT_GAIN * (sample - prev), 3)
             probe = self._probes.pop(seq, None)
             if probe is not None:
                 probe.callback(rtt)

@@ -12,10 +12,12 @@ membership event, and when this node's own model changes, this node asks
   VRAM, tie by node id, ``placement.elect_host``) waits with "need X GiB, have
   Y GiB"; the others are its workers (``role: worker``), waiting too.
 - **split** (enough VRAM together): the host runs llama-server over its
-  workers' rpc-servers, the others are workers.  Wiring the rpc-servers is
-  the split issue's work: here the host reports ``waiting-for-split`` and the
-  worker set is tracked, so that once wired llama-server restarts only when
-  that set really changes (no restart storm on unrelated events).
+  workers' rpc-servers (``meshd.daemon.split``), the others are workers and
+  run an rpc-server for it.  The shares are tracked, so llama-server
+  restarts only when the worker set or the shares really change (no restart
+  storm on unrelated events).  A split group is planned again every
+  ``recheck_s`` too: a worker's RTT crossing ``[models] max_rtt_ms`` is no
+  membership event.
 
 A node that is in the mesh with nothing to serve (and is neither a client
 nor a standby: those are the passive path's) asks ``placement.assign_model``
@@ -42,7 +44,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-from collections.abc import Callable, Collection, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -77,6 +79,8 @@ class Decision:
     host: str | None = None
     workers: tuple[tuple[str, float], ...] = ()  # (node id, share), the host left out
     reason: str = ""
+    # (node id, share) of every node of a split, the host first; () when not a split
+    shares: tuple[tuple[str, float], ...] = ()
     need_bytes: int = 0
     have_bytes: int = 0
 
@@ -93,12 +97,19 @@ class Decision:
             return ModelState.WAITING_SPLIT
         return ModelState.WAITING
 
+    @property
+    def split_key(self) -> tuple[tuple[str, float], ...]:
+        """What a split host's llama-server runs with: a change of it means a restart."""
+        return tuple((n, round(s, 4)) for n, s in self.shares)
+
     def split_status(self) -> dict[str, Any] | None:
-        """``meshctl status`` ``split``: ``{host, workers: [{node_id, share}]}`` or None (solo)."""
+        """``meshctl status`` ``split``: ``{host, workers: [{node_id, share}]}`` (every node
+        with a share, the host first) or None (solo)."""
         if self.mode == PlanMode.SOLO or self.host is None:
             return None
+        shares = self.shares or ((self.host, 0.0),) + self.workers
         return {"host": self.host,
-                "workers": [{"node_id": n, "share": round(s, 4)} for n, s in self.workers]}
+                "workers": [{"node_id": n, "share": round(s, 4)} for n, s in shares]}
 
 
 def group_of(model: str, view: MeshView, targets: dict[str, tuple[str, ...]]) -> tuple[NodeView, ...]:
@@ -117,11 +128,12 @@ def decide(
     view: MeshView,
     *,
     force_split: bool = False,
+    tensor_split: tuple[float, ...] = (),
     policy: PolicyManager | None = None,
 ) -> Decision:
     """This node's part in running ``model`` over ``group`` (which includes this node)."""
     plan = placement.plan_split(model, size_bytes, group, view, force_split=force_split,
-                                policy=policy)
+                                tensor_split=tensor_split, policy=policy)
     me = next(n for n in group if n.node_id == self_id)
     if plan.mode == PlanMode.SOLO:
         if self_id in plan.solo:
@@ -142,10 +154,16 @@ def decide(
     if plan.host == self_id:
         return Decision(model, RUN, PlanMode.SPLIT, host=plan.host, workers=plan.workers,
                         reason=plan.reason, need_bytes=plan.need_bytes,
-                        have_bytes=plan.have_bytes)
+                        have_bytes=plan.have_bytes, shares=tuple(plan.shares))
+    if all(n != self_id for n, _ in plan.shares):  # left out of the split (its RTT)
+        return Decision(model, WAIT, PlanMode.SPLIT, host=plan.host,
+                        reason=f"not in host {plan.host}'s split: {plan.reason}",
+                        need_bytes=plan.need_bytes, have_bytes=plan.have_bytes,
+                        shares=tuple(plan.shares))
     return Decision(model, WORKER, PlanMode.SPLIT, host=plan.host, workers=plan.workers,
                     reason=f"worker of host {plan.host}: {plan.reason}",
-                    need_bytes=plan.need_bytes, have_bytes=plan.have_bytes)
+                    need_bytes=plan.need_bytes, have_bytes=plan.have_bytes,
+                    shares=tuple(plan.shares))
 
 
 class ElectionPeer(Protocol):
@@ -195,6 +213,9 @@ class ElectionNode(Protocol):
     @property
     def role(self) -> str: ...
 
+    @property
+    def served(self) -> Mapping[str, Any]: ...
+
     def node_view(self) -> NodeView: ...
 
     def mesh_view(self) -> MeshView: ...
@@ -208,9 +229,11 @@ class Rebalancer:
     ``node`` is what it reads of this node (:class:`ElectionNode`).  Once
     :meth:`stop` ped (the daemon stops, or the node stood by) it neither assigns
     nor promotes any more.  ``start(model)`` starts the llama-server for the model
-    (solo), ``stop(model)`` stops it, ``start_split(model, workers)`` runs it
-    as a split host (the split issue).  ``changed()`` is called whenever this
-    node's announce may differ (role, waiting models).
+    (solo), ``stop(model)`` stops it, ``start_split(model, shares)`` runs it
+    as a split host over ``shares`` (every node's, the host first);
+    ``lend(model, host)`` / ``unlend()`` start and stop this node's rpc-server
+    as a worker.  ``changed()`` is called whenever this node's announce may
+    differ (role, waiting models).
     """
 
     def __init__(
@@ -224,6 +247,9 @@ class Rebalancer:
         changed: Callable[[], Any] | None = None,
         settle_s: float = 2.0,
         unassigned: Callable[[str], Any] | None = None,
+        lend: Callable[[str, str], Any] | None = None,
+        unlend: Callable[[], Any] | None = None,
+        recheck_s: float = 5.0,
     ):
         self.node = node
         self.reactor = reactor
@@ -232,11 +258,17 @@ class Rebalancer:
         self._start_split = start_split
         self._changed = changed or (lambda: None)
         self._unassigned = unassigned or (lambda reason: None)
+        self._lend = lend
+        self._unlend = unlend
+        self.recheck_s = recheck_s
+        self._recheck_call: Any = None
+        self.lent: tuple[str, str] | None = None  # (model, host) this node's rpc-server is for
         self.settle_s = settle_s
         self.target: str | None = None
+        self.target_size: int | None = None
         self.decision: Decision | None = None
-        # the worker set llama-server runs with; None: not running (by our decision)
-        self.running: frozenset[str] | None = None
+        # what llama-server runs with: () solo, the split's shares; None: not running
+        self.running: tuple[tuple[str, float], ...] | None = None
         self.assigning = False
         self._assign_call: Any = None
         self._assign_deadline: float | None = None
@@ -245,9 +277,11 @@ class Rebalancer:
 
     # -- this node's model ----------------------------------------------------------------
 
-    def serve(self, model: str) -> None:
-        """This node is to serve ``model`` ([models] serve, or an assignment)."""
+    def serve(self, model: str, size_bytes: int | None = None) -> None:
+        """This node is to serve ``model`` ([models] serve, or an assignment); ``size_bytes``
+        when known (a file outside the models directories is in no scan)."""
         self.target = model
+        self.target_size = size_bytes
         self._cancel_assign()
         self.evaluate(f"serving {model}")
 
@@ -268,7 +302,7 @@ class Rebalancer:
         if d is None or (d.action == RUN and d.mode == PlanMode.SOLO):
             return []
         if d.action == RUN and self.running is not None and d.mode == PlanMode.SPLIT \
-                and self._start_split is not None:
+                and self._start_split is not None and d.model in self.node.served:
             return []
         return [d.model]
 
@@ -294,6 +328,8 @@ class Rebalancer:
         return out
 
     def size_of(self, model: str, view: MeshView) -> int:
+        if model == self.target and self.target_size:
+            return self.target_size
         scan = self.node.scan
         local = scan.models.get(model) if scan is not None else None
         if local is not None:
@@ -312,7 +348,9 @@ class Rebalancer:
         if not any(n.node_id == me.node_id for n in group):  # a passive node never decides
             return None
         d = decide(model, self.size_of(model, view), me.node_id, group, view,
-                   force_split=self.node.config.models.split, policy=self.node.policy)
+                   force_split=self.node.config.models.split,
+                   tensor_split=tuple(self.node.config.models.tensor_split),
+                   policy=self.node.policy)
         self.decisions += 1
         old, self.decision = self.decision, d
         self._act(old, d)
@@ -323,11 +361,20 @@ class Rebalancer:
         return d
 
     def _act(self, old: Decision | None, d: Decision) -> None:
+        self._recheck(d)
+        if d.action == WORKER and d.mode == PlanMode.SPLIT and d.host is not None:
+            if self._lend is not None:
+                self.lent = (d.model, d.host)
+                self._lend(d.model, d.host)
+        elif self.lent is not None:
+            self.lent = None
+            if self._unlend is not None:
+                self._unlend()
         if d.action == RUN and d.mode == PlanMode.SOLO:
-            if self.running != frozenset():
+            if self.running != ():
                 if self.running is not None:
                     self._stop(d.model)
-                self.running = frozenset()
+                self.running = ()
                 self._start(d.model)
         elif d.action == RUN:  # split host
             if self._start_split is None:
@@ -335,17 +382,33 @@ class Rebalancer:
                     self._stop(d.model)
                     self.running = None
                 return
-            workers = d.worker_ids
-            if self.running != workers:
+            key = d.split_key
+            if self.running != key:
                 if self.running is not None:
-                    log.info("%s: worker set changed (%s -> %s): restarting llama-server", d.model,
-                             _ids(self.running), _ids(workers))
+                    log.info("%s: split changed (%s -> %s): restarting llama-server", d.model,
+                             _shares(self.running), _shares(key))
                     self._stop(d.model)
-                self.running = workers
-                self._start_split(d.model, d.workers)
+                self.running = key
+                self._start_split(d.model, d.shares)
         elif self.running is not None:  # WAIT or WORKER: nothing of ours runs the model
             self.running = None
             self._stop(d.model)
+
+    def _recheck(self, d: Decision) -> None:
+        """A split group is planned again every ``recheck_s``: RTTs move without events."""
+        call = self._recheck_call
+        if d.mode == PlanMode.SOLO or self.stopped:
+            if call is not None and call.active():
+                call.cancel()
+            self._recheck_call = None
+            return
+        if call is None or not call.active():
+            self._recheck_call = self.reactor.callLater(self.recheck_s, self._recheck_now)
+
+    def _recheck_now(self) -> None:
+        self._recheck_call = None
+        if not self.stopped:
+            self.evaluate("re-checking the split")
 
     def _log(self, d: Decision, why: str) -> None:
         because = f" ({why})" if why else ""
@@ -354,10 +417,10 @@ class Rebalancer:
         elif d.action == RUN:
             if self._start_split is None:
                 log.warning("model %s: elected split host over %s: %s; the rpc-server split is "
-                            "not wired yet, waiting%s", d.model, _ids(d.worker_ids), d.reason,
+                            "not wired here, waiting%s", d.model, _ids(d.worker_ids), d.reason,
                             because)
             else:
-                log.info("model %s: split host over %s: %s%s", d.model, _ids(d.worker_ids),
+                log.info("model %s: split host, shares %s: %s%s", d.model, _shares(d.split_key),
                          d.reason, because)
         elif d.action == WAIT:
             log.warning("model %s: waiting for VRAM: %s%s", d.model, d.reason, because)
@@ -481,6 +544,9 @@ class Rebalancer:
     def stop(self) -> None:
         self.stopped = True
         self._cancel_assign()
+        if self._recheck_call is not None and self._recheck_call.active():
+            self._recheck_call.cancel()
+        self._recheck_call = None
 
 
 def _orphaning(event: Any) -> str | None:
@@ -520,4 +586,10 @@ def _ids(ids: frozenset[str] | None) -> str:
     if not ids:
         return "no workers"
     return ", ".join(sorted(ids))
+
+
+def _shares(shares: tuple[tuple[str, float], ...] | None) -> str:
+    if not shares:
+        return "none"
+    return ", ".join(f"{n} {s:.0%}" for n, s in shares)
 

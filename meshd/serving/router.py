@@ -96,6 +96,7 @@ def build_snapshot(
     peer_loading: dict[str, tuple[str, ...]],
     peer_waiting: dict[str, tuple[str, ...]],
     local_waiting: tuple[str, ...] = (),
+    local_reasons: dict[str, str] | None = None,
     local_sizes: dict[str, int] | None = None,
     dropped: frozenset[str] = frozenset(),
 ) -> RouteSnapshot:
@@ -103,7 +104,7 @@ def build_snapshot(
 
     ``local_states``: this node's served models -> ``BackendState``; ``peer_loading`` / ``peer_waiting``: node id -> models it
     is loading / waiting for VRAM to run; ``local_waiting``: the same for this
-    node; ``local_sizes``: sizes of the models this node serves (they may live
+    node, and ``local_reasons`` why (the plan's numbers); ``local_sizes``: sizes of the models this node serves (they may live
     outside the scanned directories); ``dropped``: models this node was told
     to drop (left out entirely).
     Pure: tested without a mesh.
@@ -144,6 +145,8 @@ def build_snapshot(
             state, reason = WARM, ""
         elif load:
             state, reason = LOADING, f"loading on {', '.join(load)}"
+        elif wait and (local_reasons or {}).get(name):
+            state, reason = WAITING, f"waiting: {(local_reasons or {})[name]}"
         elif wait:
             state, reason = WAITING, f"waiting for VRAM on {', '.join(wait)}"
         elif known is not None and known.requested_by:
@@ -229,6 +232,8 @@ class RoutedNode(Protocol):
 
     def waiting_models(self) -> list[str]: ...
 
+    def waiting_reasons(self) -> dict[str, str]: ...
+
     def mesh_view(self) -> MeshView: ...
 
 
@@ -284,6 +289,7 @@ class MeshRouter:
             peer_loading=peer_loading,
             peer_waiting=peer_waiting,
             local_waiting=local_waiting,
+            local_reasons=node.waiting_reasons(),
             local_sizes={name: m.size_bytes for name, m in node.served.items()},
             dropped=frozenset(node.dropped),
         )

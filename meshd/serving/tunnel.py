@@ -164,36 +164,68 @@ Check = Callable[[str], None]
 ``TunnelRefused(reason)`` when it does not (or not right now)."""
 
 
-class TunnelServer:
-    """Accepts ``"http"`` connections from peers and serves each with the tunnel API's site.
+class TunnelHost:
+    """Accepts tunnel connections of one purpose from peers; subclasses say what a tunnel
+    carries (``channel``) and whom it is for (``refusal``).
 
-    ``api`` is the tunnel-only ``meshd.serving.api.ApiServer`` (``relay=True``);
     ``attach(mesh)`` registers the handler; ``tunnels`` are the ones open now.
     """
 
-    def __init__(self, check: Check, api: TunnelApi):
-        self.check = check
-        self.api = api
+    purpose = PURPOSE
+
+    def __init__(self) -> None:
         self.tunnels: set[HostTunnel] = set()
         self.opened = 0  # tunnels accepted, since start
 
     def attach(self, mesh: TunnelMesh) -> None:
-        mesh.register_purpose(PURPOSE, self.handle)
+        mesh.register_purpose(self.purpose, self.handle)
 
     def handle(self, peer: PeerLink) -> None:
-        """An authenticated peer connection with purpose ``"http"``: take it over."""
+        """An authenticated peer connection with this purpose: take it over."""
         tunnel = HostTunnel(peer, self)
         self.tunnels.add(tunnel)
         tunnel.start()
 
-    def drain(self, timeout_s: float) -> defer.Deferred:
-        """Refuse new tunnels and requests; fires once the requests carried now ended (or timeout)."""
-        return self.api.drain(timeout_s)
+    def refusal(self, model: str, who: str) -> str:
+        """Why a tunnel for ``model`` from node ``who`` is refused; ``""`` to open it."""
+        raise NotImplementedError
+
+    def channel(self, addr: Any) -> _Stream | None:
+        """The protocol that gets the tunnel's bytes once it is open."""
+        raise NotImplementedError
 
     def close_all(self) -> None:
         """Shut every open tunnel (the node stops)."""
         for tunnel in list(self.tunnels):
             tunnel.close("this node is stopping")
+
+
+class TunnelServer(TunnelHost):
+    """Accepts ``"http"`` connections from peers and serves each with the tunnel API's site.
+
+    ``api`` is the tunnel-only ``meshd.serving.api.ApiServer`` (``relay=True``).
+    """
+
+    def __init__(self, check: Check, api: TunnelApi):
+        super().__init__()
+        self.check = check
+        self.api = api
+
+    def refusal(self, model: str, who: str) -> str:
+        if self.api.draining:
+            return "this node is stopping"
+        try:
+            self.check(model)
+        except TunnelRefused as e:
+            return e.reason
+        return ""
+
+    def channel(self, addr: Any) -> _Stream | None:
+        return cast("_Stream | None", self.api.site.buildProtocol(addr))
+
+    def drain(self, timeout_s: float) -> defer.Deferred:
+        """Refuse new tunnels and requests; fires once the requests carried now ended (or timeout)."""
+        return self.api.drain(timeout_s)
 
 
 class HostTunnel:
@@ -206,7 +238,7 @@ class HostTunnel:
 
     HEADER, OPEN, CLOSED = TunnelState.HEADER, TunnelState.OPEN, TunnelState.CLOSED
 
-    def __init__(self, peer: PeerLink, server: TunnelServer):
+    def __init__(self, peer: PeerLink, server: TunnelHost):
         self.peer = peer
         self.server = server
         self.state = TunnelState.HEADER
@@ -246,24 +278,19 @@ class HostTunnel:
             self._refuse(f"bad tunnel header: {e}")
             return
         self.model = model
-        if self.server.api.draining:
-            self._refuse("this node is stopping")
-            return
-        try:
-            self.server.check(model)
-        except TunnelRefused as e:
-            self._refuse(e.reason)
+        refused = self.server.refusal(model, self.who)
+        if refused:
+            self._refuse(refused)
             return
         self._open(rest)
 
     def _open(self, rest: bytes) -> None:
         peer = self.peer
-        peer.transport.write(_tunnel_frame({"ok": True}))
-        built = self.server.api.site.buildProtocol(peer.transport.getPeer())
-        if built is None:
-            self._refuse("the tunnel API refused the connection")
+        channel = self.server.channel(peer.transport.getPeer())
+        if channel is None:
+            self._refuse("the tunnel's protocol refused the connection")
             return
-        channel = cast(_Stream, built)
+        peer.transport.write(_tunnel_frame({"ok": True}))
         self.channel = channel
         self._move(TunnelState.OPEN)
         self.server.opened += 1
@@ -350,6 +377,8 @@ class TunnelTransport:
 
     def abortConnection(self) -> None:  # noqa: N802
         self.disconnecting = True
+        if self._peer.closed.called:
+            return  # gone already (a spliced socket's close stops its producer: us)
         self._t.abortConnection()
 
     def getPeer(self) -> Any:  # noqa: N802
@@ -396,10 +425,11 @@ class TunnelEndpoint:
     ``peer_unreachable(node_id, reason)`` (``meshd.mesh.gossip.MeshService``).
     """
 
-    def __init__(self, mesh: TunnelMesh, node_id: str, model: str):
+    def __init__(self, mesh: TunnelMesh, node_id: str, model: str, purpose: str = PURPOSE):
         self.mesh = mesh
         self.node_id = node_id
         self.model = model
+        self.purpose = purpose
 
     def connect(self, factory: IProtocolFactory) -> defer.Deferred[IProtocol]:
         return _ClientOpen(self, cast(_StreamFactory, factory)).start()
@@ -421,7 +451,7 @@ class _ClientOpen:
         self._done = False  # the result has fired
 
     def start(self) -> defer.Deferred[IProtocol]:
-        d = self.ep.mesh.connect_peer(self.ep.node_id, PURPOSE)
+        d = self.ep.mesh.connect_peer(self.ep.node_id, self.ep.purpose)
         d.addCallbacks(self._opened, self._open_failed)
         return self.result
 

@@ -41,7 +41,7 @@ def test_a_node_too_small_for_a_solo_model_waits_with_the_numbers():
 def test_too_big_for_the_group_elects_the_biggest_host_which_waits_and_others_are_workers():
     out = decide_all(40, [nv("a", 8), nv("b", 16), nv("c", 12)])
     assert out["b"].action == WAIT and out["b"].host == "b"
-    assert out["b"].reason == "need 44.0 GiB, have 36.0 GiB"
+    assert out["b"].reason == "need 44.0 GiB, group has 36.0 GiB of 3 nodes"
     assert out["a"].action == WORKER and out["c"].action == WORKER
     assert out["a"].host == out["c"].host == "b"
     assert out["b"].split_status()["host"] == "b"
@@ -59,7 +59,9 @@ def test_enough_vram_together_splits_with_shares_by_vram():
     assert (host.action, host.mode) == (RUN, "split")
     assert dict(host.workers) == pytest.approx({"a": 8 / 24})
     assert out["a"].action == WORKER and out["a"].host == "b"
-    assert host.split_status() == {"host": "b", "workers": [{"node_id": "a", "share": 0.3333}]}
+    # every node with a share, the host first
+    assert host.split_status() == {"host": "b", "workers": [{"node_id": "b", "share": 0.6667},
+                                                            {"node_id": "a", "share": 0.3333}]}
 
 
 def test_forced_split_splits_a_model_that_fits():
@@ -87,8 +89,9 @@ class Actions:
     def stop(self, model):
         self.log.append(("stop", model))
 
-    def start_split(self, model, workers):
-        self.log.append(("split", model, tuple(sorted(n for n, _ in workers))))
+    def start_split(self, model, shares):
+        host = shares[0][0]
+        self.log.append(("split", model, tuple(sorted(n for n, _ in shares if n != host))))
 
 
 def rebalancer(node, *, split_wired: bool = True, settle_s: float = 2.0):

@@ -1,0 +1,203 @@
+"""The tensor split end to end: real meshd nodes on loopback, real ggml-rpc-servers, the real
+Gemma model, VRAM set by config so that the model fits no single node.
+
+- two nodes: the host runs llama-server with ``--rpc`` entries that are 127.0.0.1 tunnel ports
+  (its own share in a local rpc-server: a CPU host), every rpc-server listens on 127.0.0.1
+  only, the ``openai`` SDK gets a streamed answer through every node's API and a passive
+  client's; kill -9 of the worker: the host re-plans to waiting (503 + Retry-After), and
+  serves again once the worker is back;
+- three nodes short of VRAM two by two: waiting until the third joins, then one split over all.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import openai
+import pytest
+
+from tests.harness.daemon import Meshd
+
+pytestmark = pytest.mark.e2e
+
+MODEL = "gemma-3-270m-q4_k_m"
+FAST = {"heartbeat_s": 0.5, "heartbeat_timeout_s": 1.5, "verify_timeout_s": 0.5}
+
+
+@pytest.fixture
+def procs():
+    started: list[Meshd] = []
+    yield started
+    for n in reversed(started):
+        n.stop()
+
+
+def split_node(base: Path, name: str, bin_dir: str, model_path: str, vram_gb: float,
+               join: str | None = None, **extra) -> Meshd:
+    config = {
+        "node": {"vram_gb": vram_gb},
+        # loopback on a loaded 2-core machine: a wide RTT gate (its own test uses a relay)
+        "models": {"serve": [model_path], "min_free_gb": 0.0, "max_rtt_ms": 1000.0},
+        "llama": {"bin_dir": bin_dir, "ctx_size": 1024, "restart_min_s": 0.5,
+                  "restart_max_s": 2.0, "rpc_cache_dir": str(base / "cache")},
+        "mesh": dict(FAST, **({"join": [join]} if join else {})),
+    }
+    for section, values in extra.items():
+        config.setdefault(section, {}).update(values)
+    return Meshd(base / name, config, name=name)
+
+
+def token_of(node: Meshd) -> str:
+    return node.ctl("token").stdout.strip().splitlines()[-1]
+
+
+def model_entry(node: Meshd) -> dict:
+    return next(m for m in node.status()["models"] if m["name"] == MODEL)
+
+
+def streamed(node: Meshd) -> str:
+    sdk = openai.OpenAI(base_url=f"{node.api}/v1", api_key="unused", max_retries=0, timeout=120)
+    pieces = []
+    for chunk in sdk.chat.completions.create(
+            model=MODEL, max_tokens=12, stream=True,
+            messages=[{"role": "user", "content": "Count from one to five."}]):
+        if chunk.choices and chunk.choices[0].delta.content:
+            pieces.append(chunk.choices[0].delta.content)
+    return "".join(pieces)
+
+
+def post(node: Meshd) -> tuple[int, dict, dict]:
+    body = {"model": MODEL, "max_tokens": 4, "messages": [{"role": "user", "content": "hi"}]}
+    req = urllib.request.Request(f"{node.api}/v1/chat/completions", data=json.dumps(body).encode(),
+                                 headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(req, timeout=60) as r:
+            return r.status, dict(r.headers), json.load(r)
+    except urllib.error.HTTPError as e:
+        return e.code, dict(e.headers), json.load(e)
+
+
+def llama_argv(node: Meshd) -> list[str]:
+    pid = model_entry(node)["backend"]["pid"] if "backend" in model_entry(node) else None
+    if pid is None:
+        pid = node.status()["backends"][0]["pid"]
+    return Path(f"/proc/{pid}/cmdline").read_bytes().decode().split("\0")
+
+
+def rpc_listeners() -> list[str]:
+    """Local addresses of every listening ggml-rpc-server (ss -ltnp)."""
+    out = subprocess.run(["ss", "-ltnpH"], capture_output=True, text=True, check=True).stdout
+    return [line.split()[3] for line in out.splitlines() if "ggml-rpc-server" in line]
+
+
+def children_of(pid: int) -> list[tuple[int, str]]:
+    """(pid, comm) of the processes whose parent is ``pid``."""
+    out = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            stat = Path(f"/proc/{entry}/stat").read_text()
+        except OSError:
+            continue
+        comm = stat[stat.index("(") + 1:stat.rindex(")")]
+        ppid = int(stat[stat.rindex(")") + 2:].split()[1])
+        if ppid == pid:
+            out.append((int(entry), comm))
+    return out
+
+
+def warm_split(node: Meshd, workers: int, timeout: float = 180) -> dict:
+    def ready(n: Meshd):
+        m = model_entry(n)
+        split = m.get("split") or {}
+        return (m["state"] == "warm" and (m.get("local") or {}).get("state") == "warm"
+                and len(split.get("workers", [])) == workers and m)
+    return node.wait_for(ready, f"{MODEL} warm as a split over {workers} nodes", timeout,
+                         interval=0.25)
+
+
+def test_two_nodes_split_a_model_neither_fits_and_replan_when_the_worker_dies(
+        tmp_path, procs, llama_bin_dir, gemma_model_path):
+    # the model is 0.24 GiB (0.26 GiB with the margin): neither 0.2 nor 0.15 GiB holds it
+    a = split_node(tmp_path, "a", llama_bin_dir, gemma_model_path, 0.2).start()
+    procs.append(a)
+    a.wait_for(lambda n: model_entry(n)["state"].startswith("waiting"), "a waiting for VRAM", 60)
+    b = split_node(tmp_path, "b", llama_bin_dir, gemma_model_path, 0.15,
+                   join=token_of(a)).start()
+    procs.append(b)
+    entry = warm_split(a, 2)
+    a_id, b_id = a.status()["node_id"], b.status()["node_id"]
+    split = entry["split"]
+    assert split["host"] == a_id
+    assert [w["node_id"] for w in split["workers"]] == [a_id, b_id]
+    assert sum(w["share"] for w in split["workers"]) == pytest.approx(1.0, abs=1e-3)
+    assert split["workers"][0]["share"] == pytest.approx(0.2 / 0.35, abs=1e-3)
+    assert [t["node_id"] for t in split["tunnels"]] == [b_id]
+    assert b.status()["role"] == "worker"
+
+    # llama-server runs over 127.0.0.1 RPC endpoints: its own rpc-server and b's tunnel entry
+    argv = llama_argv(a)
+    rpc = argv[argv.index("--rpc") + 1].split(",")
+    assert all(re.fullmatch(r"127\.0\.0\.1:\d+", r) for r in rpc) and len(rpc) == 2
+    entry_port = split["tunnels"][0]["local_port"]
+    assert rpc[1] == f"127.0.0.1:{entry_port}"
+    weights = [float(w) for w in argv[argv.index("--tensor-split") + 1].split(",")]
+    assert weights == pytest.approx([w["share"] for w in split["workers"]], abs=1e-3)
+    # every rpc-server (a's own, b's) listens on loopback only
+    listeners = rpc_listeners()
+    assert len(listeners) >= 2 and all(addr.startswith("127.0.0.1:") for addr in listeners)
+
+    # answers through both nodes' APIs and a passive client's
+    client = Meshd(tmp_path / "c", {"node": {"client": True},
+                                    "mesh": {"join": [token_of(a)], **FAST}}, name="client")
+    client.start()
+    procs.append(client)
+    client.wait_for(lambda n: any(m["name"] == MODEL and m["state"] == "warm"
+                                  for m in n.status()["models"]), "the client sees the model", 60)
+    for node in (a, b, client):
+        assert streamed(node).strip(), f"no answer through {node.name}"
+
+    # kill -9 of the worker (its meshd; its rpc-server dies with it): a cannot run it alone
+    b_children = children_of(b.pid)
+    b.kill()
+    for pid, _ in b_children:
+        a.wait_for(lambda n, pid=pid: not Path(f"/proc/{pid}").exists(),
+                   f"b's child {pid} gone", 20)
+    a.wait_for(lambda n: model_entry(n)["state"].startswith("waiting"), "a waiting again", 60)
+    status, headers, body = post(a)
+    assert status == 503 and headers.get("Retry-After")
+    assert "need" in model_entry(a)["reason"] and "need" in body["error"]["message"]
+
+    # the worker comes back (same state dir, same identity): the split serves again
+    b2 = split_node(tmp_path, "b", llama_bin_dir, gemma_model_path, 0.15,
+                    join=token_of(a))
+    b2.start()
+    procs.append(b2)
+    warm_split(a, 2)
+    assert streamed(a).strip()
+
+
+def test_a_third_node_joining_a_waiting_group_starts_the_split(
+        tmp_path, procs, llama_bin_dir, gemma_model_path):
+    a = split_node(tmp_path, "a", llama_bin_dir, gemma_model_path, 0.12).start()
+    procs.append(a)
+    tok = token_of(a)
+    b = split_node(tmp_path, "b", llama_bin_dir, gemma_model_path, 0.1, join=tok).start()
+    procs.append(b)
+    a.wait_for(lambda n: len(n.status()["peers"]) == 1, "a sees b", 30)
+    a.wait_for(lambda n: "group has" in (model_entry(n).get("reason") or "")
+               or "need" in (model_entry(n).get("reason") or ""), "a waiting with numbers", 30)
+    assert model_entry(a)["state"].startswith("waiting")
+    c = split_node(tmp_path, "c", llama_bin_dir, gemma_model_path, 0.1, join=tok).start()
+    procs.append(c)
+    entry = warm_split(a, 3)
+    assert {w["node_id"] for w in entry["split"]["workers"]} == {
+        n.status()["node_id"] for n in (a, b, c)}
+    assert streamed(b).strip()
