@@ -188,6 +188,7 @@ def test_a_third_node_joining_a_waiting_group_starts_the_split(
         tmp_path, procs, llama_bin_dir, gemma_model_path):
     a = split_node(tmp_path, "a", llama_bin_dir, gemma_model_path, 0.12).start()
     procs.append(a)
+    a.wait_running()
     tok = token_of(a)
     b = split_node(tmp_path, "b", llama_bin_dir, gemma_model_path, 0.1, join=tok).start()
     procs.append(b)
