@@ -298,14 +298,68 @@ DOWNLOAD_COLUMNS = [
 ]
 
 
+def _split_parts(split: Any) -> list[dict]:
+    """Every node of a split with its share, the host first: ``[{node_id, share}]``."""
+    if not isinstance(split, dict):
+        return []
+    return [w for w in split.get("workers") or [] if isinstance(w, dict)]
+
+
+def _share(part: dict) -> str:
+    """A node's share of the layers; ``-`` until it has one (a split still waiting for
+    VRAM lists its group with share 0)."""
+    share = part.get("share")
+    ok = isinstance(share, int | float) and not isinstance(share, bool) and share > 0
+    return f"{share:.0%}" if ok else "-"
+
+
 def _split_text(split: Any) -> str:
+    """The MODELS table's SPLIT cell: who holds which share (the tunnels have a section)."""
     if not isinstance(split, dict):
         return "-"
-    workers = ", ".join(
-        f"{short_id(w.get('node_id'))} {float(w.get('share') or 0):.0%}"
-        for w in split.get("workers") or []
-    )
-    return f"host {short_id(split.get('host'))}" + (f"; workers {workers}" if workers else "")
+    host = split.get("host")
+    parts = [f"{short_id(p.get('node_id'))} {_share(p)}" + (" (host)" if p.get("node_id") == host
+                                                          else "")
+             for p in _split_parts(split)]
+    return ", ".join(parts) if parts else f"host {short_id(host)}"
+
+
+TUNNEL_COLUMNS = [
+    ("model", "MODEL"),
+    ("node_id", "WORKER"),
+    ("share", "SHARE"),
+    ("state", "TUNNEL"),
+    ("connections", "CONNECTIONS"),
+    ("local_port", "PORT"),
+]
+
+
+def _tunnel_rows(models: Sequence[dict]) -> list[dict]:
+    """One row per worker of each split this node hosts: its RPC tunnel's state.
+
+    Only the host reports ``tunnels`` (a worker's status has none, and gets no rows);
+    a worker of the plan with no entry port yet reads ``none``, and an entry port for
+    a node no longer in the plan is still listed, so nothing the host holds is hidden.
+    """
+    rows = []
+    for m in models:
+        split = m.get("split")
+        if not isinstance(split, dict) or not isinstance(split.get("tunnels"), list):
+            continue
+        tunnels = {t.get("node_id"): t for t in split["tunnels"] if isinstance(t, dict)}
+        workers = [p for p in _split_parts(split) if p.get("node_id") != split.get("host")]
+        planned = {p.get("node_id") for p in workers}
+        for p in workers + [{"node_id": n} for n in tunnels if n not in planned]:
+            t = tunnels.get(p.get("node_id"), {})
+            rows.append({
+                "model": m.get("name"),
+                "node_id": p.get("node_id"),
+                "share": _share(p) if "share" in p else "not in the plan",
+                "state": t.get("state", "none"),
+                "connections": t.get("connections"),
+                "local_port": t.get("local_port"),
+            })
+    return rows
 
 
 def _download_rows(downloads: list[dict]) -> list[dict]:
@@ -348,9 +402,13 @@ def format_status(s: dict) -> list[str]:
         ]
     )
     lines += section("PEERS", s.get("peers") or [], PEER_COLUMNS)
-    models = [dict(m, split=_split_text(m.get("split"))) for m in s.get("models") or []]
+    raw_models = [m for m in s.get("models") or [] if isinstance(m, dict)]
+    models = [dict(m, split=_split_text(m.get("split"))) for m in raw_models]
     with_split = any(m["split"] != "-" for m in models)
     lines += section("MODELS", models, MODEL_COLUMNS + ([("split", "SPLIT")] if with_split else []))
+    tunnels = _tunnel_rows(raw_models)
+    if tunnels:  # on a split's host: is each worker's rpc-server reachable, and in use
+        lines += section("RPC TUNNELS", tunnels, TUNNEL_COLUMNS)
     downloads = s.get("downloads") or []
     if downloads:
         lines += section("DOWNLOADS", _download_rows(downloads), DOWNLOAD_COLUMNS)

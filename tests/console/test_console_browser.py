@@ -19,18 +19,8 @@ import pytest
 
 from tests.conftest import DEFAULT_MODEL_NAME as MODEL
 from tests.conftest import free_port
-from tests.harness.browser import Chromium, find_chromium
+from tests.harness.browser import Chromium
 from tests.harness.daemon import Meshd, fake_llama_bin_dir
-
-
-@pytest.fixture
-def chromium_bin() -> str:
-    found = find_chromium()
-    if found is None:
-        if os.environ.get("MESHD_SKIP_BROWSER") == "1":
-            pytest.skip("no chromium and MESHD_SKIP_BROWSER=1")
-        pytest.fail("no chromium: apt-get install chromium (./dev test installs it)")
-    return found
 
 
 def js_string(text: str) -> str:
