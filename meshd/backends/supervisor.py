@@ -24,15 +24,24 @@ The states (``meshd.states.BackendState``; the allowed moves are
     any --stop()--> stopping --exits--> stopped      (restarting --stop()--> stopped)
     stopped/restarting/failed --start() cannot spawn--> failed
 
-Liveness while ready (llama-server only): ``/health`` is probed every
-``[llama] live_interval_s``; llama-server answers it even while every slot is
-busy, so ``live_misses`` probes in a row with no answer (each given
-``health_timeout_s``) mean the process is hung (stopped, deadlocked, swapping):
-it is restarted, and its state leaves ``ready`` at once, so the router stops
-sending it requests and status stops calling the model warm.  A slow first
-token is no sign of a hang (a request queued for a slot looks the same), which
-is why the probe, not the proxy's deadlines, decides.  rpc-server has no probe
-that could tell (a stopped process's port still accepts), so it is not checked.
+Liveness while ready: every ``[llama] live_interval_s`` the child is probed;
+``live_misses`` probes in a row with no answer (each given ``health_timeout_s``)
+mean the process is hung (stopped, deadlocked, swapping): it is restarted, and
+its state leaves ``ready`` at once, so the router stops sending it requests and
+status stops calling the model warm.  A slow first token is no sign of a hang
+(a request queued for a slot looks the same), which is why the probe, not the
+proxy's deadlines, decides.  What is probed:
+
+- a solo llama-server: ``/health``, which its HTTP threads answer even while
+  every slot is busy;
+- a split llama-server: ``/slots``, which its main loop answers between two
+  decode steps.  A split's main loop wedges for good when an RPC peer stops
+  answering (llama.cpp's RPC client has no receive timeout), and ``/health``
+  would still say "ok";
+- rpc-server: its process state in ``/proc``.  A stopped (SIGSTOP) process's
+  port still accepts, and rpc-server serves one client at a time, so no
+  connection could tell; a stopped one is killed and started again, which
+  closes its tunnels and makes the host's llama-server start over.
 
 Time comes from the injected ``reactor`` (a ``Clock`` in tests); the spawn
 function and the probe are injectable (``_spawn``, ``_probe``, ``_pick_port``),
@@ -61,6 +70,7 @@ from twisted.internet.interfaces import IStreamClientEndpoint
 from twisted.internet.protocol import ProcessProtocol, Protocol
 from twisted.python.failure import Failure
 from twisted.web.client import Agent, HTTPConnectionPool
+from twisted.web.http_headers import Headers
 
 from meshd.backoff import Backoff
 from meshd.config import LlamaConfig
@@ -198,13 +208,18 @@ def spawn_with_pdeathsig(reactor: Any) -> Spawn:
     return spawn
 
 
-def http_health_probe(reactor: Any, timeout_s: float) -> Probe:
-    """GET /health: 200 is ready, any other answer is loading, no answer is down."""
+def http_health_probe(reactor: Any, timeout_s: float, *, path: str = "/health",
+                      key: Callable[[], str] | None = None) -> Probe:
+    """GET ``path``: 200 is ready, any other answer is loading, no answer is down.
+
+    ``key``: the bearer key the child asks for on ``path`` (``/health`` asks none).
+    """
 
     def probe(port: int) -> Deferred:
         pool = HTTPConnectionPool(reactor, persistent=False)
         agent = Agent(reactor, connectTimeout=timeout_s, pool=pool)
-        d = agent.request(b"GET", f"http://{LOOPBACK}:{port}/health".encode())
+        headers = Headers({b"Authorization": [f"Bearer {key()}".encode()]}) if key else None
+        d = agent.request(b"GET", f"http://{LOOPBACK}:{port}{path}".encode(), headers)
 
         def answered(response: Any) -> Deferred:
             verdict = PROBE_READY if response.code == 200 else PROBE_LOADING
@@ -243,6 +258,25 @@ def tcp_connect_probe(reactor: Any, timeout_s: float) -> Probe:
 
         d.addCallbacks(connected, lambda _: PROBE_DOWN)
         return d
+
+    return probe
+
+
+# /proc/<pid>/stat states of a process that cannot run until someone continues it
+STOPPED_STATES = frozenset("Tt")
+
+
+def process_state_probe(pid: Callable[[], int | None], *, proc: str = "/proc") -> Probe:
+    """Down while the child is stopped (SIGSTOP, a tracer), else ready; no I/O with it."""
+
+    def probe(port: int) -> Deferred:
+        current = pid()
+        try:
+            stat = Path(proc, str(current), "stat").read_text()
+            state = stat[stat.rindex(")") + 2]
+        except (OSError, ValueError, IndexError):
+            return succeed(PROBE_DOWN)  # gone: the exit is reported on its own
+        return succeed(PROBE_DOWN if state in STOPPED_STATES else PROBE_READY)
 
     return probe
 
@@ -328,6 +362,7 @@ class Supervised:
         extra_env: Mapping[str, str] | None = None,
         _spawn: Spawn | None = None,
         _probe: Probe | None = None,
+        _live_probe: Probe | None = None,
         _pick_port: Callable[[], int] | None = None,
     ):
         self.name = name
@@ -336,6 +371,7 @@ class Supervised:
         self._env = {**os.environ, **(extra_env or {})}
         self._spawn = _spawn or spawn_with_pdeathsig(reactor)
         self._probe = _probe or self._default_probe()
+        self._live_probe_seam = _live_probe
         self._pick_port = _pick_port or pick_free_port
 
         self.state: BackendState = STOPPED
@@ -365,6 +401,14 @@ class Supervised:
 
     def _default_probe(self) -> Probe:
         raise NotImplementedError
+
+    def _default_live_probe(self) -> Probe:
+        """What tells, while ready, that the child still serves (the readiness probe)."""
+        return self._probe
+
+    def live_probe_name(self) -> str:
+        """The liveness probe, as the log names it."""
+        return "its probe"
 
     def child_env(self) -> dict[str, str]:
         """The environment of the run about to start (called once per start)."""
@@ -461,9 +505,10 @@ class Supervised:
         self._later("deadline", self.llama.load_timeout_s, self._load_timed_out)
         self._later("poll", self.llama.health_interval_s, self._poll)
 
-    def _probe_once(self, port: int) -> Deferred[BackendState | None]:
-        """One /health probe within ``health_timeout_s``; no answer at all reads PROBE_DOWN."""
-        d = self._probe(port)
+    def _probe_once(self, port: int, probe: Probe | None = None) -> Deferred[BackendState | None]:
+        """One probe (the readiness probe unless told) within ``health_timeout_s``; no
+        answer at all reads PROBE_DOWN."""
+        d = (probe or self._probe)(port)
         d.addTimeout(self.llama.health_timeout_s, self._reactor)
         d.addErrback(lambda _: PROBE_DOWN)
         self._probe_d = d
@@ -510,7 +555,7 @@ class Supervised:
             return
         protocol = self._protocol
         began = self._reactor.seconds()
-        d = self._probe_once(port)
+        d = self._probe_once(port, self._live_probe_seam or self._default_live_probe())
 
         def answered(verdict: BackendState | None) -> None:
             if self._probe_d is d:
@@ -544,11 +589,13 @@ class Supervised:
         """
         waited = self._reactor.seconds() - self._first_miss_at
         log.warning(
-            "%s: pid %s did not answer /health %d times in %.0f s: hung; restarting "
+            "%s: pid %s did not answer %s %d times in %.0f s: hung; restarting "
             "(SIGTERM, SIGKILL after %g s)",
-            self.label, self.pid, self._misses, waited, self.llama.stop_timeout_s,
+            self.label, self.pid, self.live_probe_name(), self._misses, waited,
+            self.llama.stop_timeout_s,
         )
-        self.last_exit = f"hung: did not answer /health {self._misses} times in {waited:.0f} s"
+        self.last_exit = (f"hung: did not answer {self.live_probe_name()} {self._misses} times "
+                          f"in {waited:.0f} s")
         self._misses = 0
         self._stop_probing()
         self._set_state(RESTARTING)
@@ -732,11 +779,22 @@ class LlamaServer(Supervised):
     def _default_probe(self) -> Probe:
         return http_health_probe(self._reactor, self.llama.health_timeout_s)
 
+    def live_probe_name(self) -> str:
+        return "/slots" if self.rpc_workers else "/health"
+
+    def _default_live_probe(self) -> Probe:
+        if not self.rpc_workers:
+            return self._probe
+        # the bearer key changes with every start: read it when probing
+        return http_health_probe(self._reactor, self.llama.health_timeout_s, path="/slots",
+                                 key=lambda: self.api_key)
+
 
 class RpcServer(Supervised):
     """ggml-rpc-server for split inference; loopback only, ready when its port accepts."""
 
     kind = "rpc-server"
+    live_checks = True
 
     def __init__(
         self,
@@ -769,3 +827,9 @@ class RpcServer(Supervised):
 
     def _default_probe(self) -> Probe:
         return tcp_connect_probe(self._reactor, self.llama.health_timeout_s)
+
+    def _default_live_probe(self) -> Probe:
+        return process_state_probe(lambda: self.pid)
+
+    def live_probe_name(self) -> str:
+        return "its process-state check (stopped)"

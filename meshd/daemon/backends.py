@@ -48,10 +48,20 @@ class LocalBackends(service.Service):
             rebalancer.serve(name, size_bytes or None)
 
     async def when_serving(self, name: str) -> None:
-        """Wait for ``name``'s llama-server, if the election started one."""
-        served = self.node.served.get(name)
-        if served is not None:
-            await served.backend.when_ready()
+        """Wait for ``name``'s llama-server, if the election started one.
+
+        A re-plan may stop it before it is ready (a peer joined, and the model runs as
+        a split now): then the run that replaced it is waited for, if there is one yet.
+        """
+        from meshd.backends.supervisor import BackendStopped
+
+        while (served := self.node.served.get(name)) is not None:
+            try:
+                await served.backend.when_ready()
+                return
+            except BackendStopped:
+                if self.node.served.get(name) is served:
+                    raise
 
     def spawn(self, name: str) -> None:
         """Start a llama-server for ``name`` (solo) and publish it as served."""
@@ -68,6 +78,8 @@ class LocalBackends(service.Service):
         self._generation[name] = generation = self._generation.get(name, 0) + 1
 
         def prepare(_: Any) -> Any:
+            if self._generation.get(name) != generation:  # overtaken while the old run stopped
+                raise defer.CancelledError(f"the split of {name} was re-planned")
             return split.prepare(name, shares)
 
         def start(planned: tuple[list[str], list[float]]) -> None:
@@ -85,6 +97,19 @@ class LocalBackends(service.Service):
         d.addCallback(prepare)
         d.addCallbacks(start, failed)
 
+    def split_broken(self, name: str, why: str) -> None:
+        """A part of ``name``'s split went away under its llama-server (llama.cpp cannot
+        go on without it and has no recovery): the same split again, from the stop.  Its
+        prepare waits until every worker answers; a re-plan meanwhile overtakes it."""
+        split = self.node.split
+        hosted = split.hosting.get(name) if split is not None else None
+        if hosted is None or hosted.cancelled or not self.running:
+            return
+        log.warning("split of %s: starting it over (llama-server, then its RPC parts): %s",
+                    name, why)
+        self.stop_split_or_solo(name)
+        self.spawn_split(name, hosted.shares)
+
     def stop_split_or_solo(self, name: str) -> defer.Deferred[None]:
         """Stop ``name``'s llama-server, then (stop order) its split's rpc-servers and entries."""
         self._generation[name] = self._generation.get(name, 0) + 1
@@ -95,8 +120,13 @@ class LocalBackends(service.Service):
                 split.hosting[name].cancelled = True  # a prepare still probing gives up
             d.addBoth(lambda _: split.release(name))
         self._stopping[name] = d
-        d.addBoth(lambda r: self._stopping.pop(name, None) if self._stopping.get(name) is d
-                  else None)
+
+        def stopped(result: Any) -> Any:
+            if self._stopping.get(name) is d:
+                del self._stopping[name]
+            return result
+
+        d.addBoth(stopped)
         return d
 
     def _spawn(self, name: str, *, rpc: list[str] | None = None,

@@ -235,6 +235,8 @@ def create_daemon(
     router = SwitchableRouter()
     api = ApiServer(router, cfg.api, reactor=reactor)
     backends = LocalBackends(node, cfg, reactor=reactor, notifier=notifier)
+    if node.split is not None:
+        node.split.on_broken = backends.split_broken
     groups = (_groups or Groups)(cfg, node, identity, state, reactor=reactor, backends=backends,
                                  notifier=notifier)
     roles = RoleService(node, router, groups, reactor=reactor, serve=backends.serve,

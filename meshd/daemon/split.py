@@ -124,6 +124,9 @@ class SplitRuntime:
         self._llama_pid = llama_pid
         self.has_gpus = has_gpus
         self.gpu_weights = tuple(gpu_weights) or (1.0,)
+        # on_broken(model, why): a hosted split lost a part it cannot run without (a
+        # worker's tunnel, the local rpc-server); the owner starts the split over
+        self.on_broken: Callable[[str, str], Any] | None = None
         # worker side
         self.lending: tuple[str, str] | None = None  # (model, host)
         self.worker_rpc: RpcServer | None = None
@@ -219,7 +222,8 @@ class SplitRuntime:
             hosted.local_rpc = self._start_rpc(f"{model} host")
         for worker, share in remote:
             entry = rpctunnel.EntryPort(mesh, worker, model,
-                                        allowed_pid=lambda: self._llama_pid(model))
+                                        allowed_pid=lambda: self._llama_pid(model),
+                                        on_broken=lambda why: self._broken(hosted, why))
             hosted.entries[worker] = entry
             port = entry.listen(self.reactor)
             rpc.append(f"{rpctunnel.LOOPBACK}:{port}")
@@ -229,10 +233,14 @@ class SplitRuntime:
         if hosted.cancelled:
             raise defer.CancelledError(f"the split of {model} was re-planned")
         if hosted.local_rpc is not None:
-            await hosted.local_rpc.when_ready()
-            assert hosted.local_rpc.port is not None
-            rpc.insert(0, f"{rpctunnel.LOOPBACK}:{hosted.local_rpc.port}")
+            local = hosted.local_rpc
+            await local.when_ready()
+            assert local.port is not None
+            rpc.insert(0, f"{rpctunnel.LOOPBACK}:{local.port}")
             weights.insert(0, own)
+            # it restarts on another port, which the running llama-server does not know
+            local.add_listener(lambda state: self._broken(hosted, f"its local rpc-server is {state}")
+                               if state != BackendState.READY else None)
         elif own > 0:  # the local GPUs come after the RPC devices
             total = sum(self.gpu_weights)
             weights += [own * w / total for w in self.gpu_weights]
@@ -257,6 +265,13 @@ class SplitRuntime:
                 continue
             hosted.waiting_for.discard(worker)
             return
+
+    def _broken(self, hosted: HostedSplit, why: str) -> None:
+        if hosted.cancelled or self.hosting.get(hosted.model) is not hosted:
+            return  # being taken down, or replaced already
+        log.warning("split of %s: %s", hosted.model, why)
+        if self.on_broken is not None:
+            self.on_broken(hosted.model, why)
 
     def release(self, model: str) -> defer.Deferred[None]:
         """The llama-server of ``model``'s split stopped: close its entries and local rpc-server."""

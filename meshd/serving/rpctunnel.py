@@ -244,11 +244,15 @@ class EntryPort(protocol.Factory):
 
     def __init__(self, mesh: TunnelMesh, worker: str, model: str, *,
                  allowed_pid: Callable[[], int | None],
+                 on_broken: Callable[[str], Any] | None = None,
                  _owned_by: Callable[[int, int, int], bool] = owned_by):
         self.mesh = mesh
         self.worker = worker
         self.model = model
         self.allowed_pid = allowed_pid
+        # called with why, when the worker's end of an admitted connection went away first
+        # (its rpc-server died, or the worker): the llama-server using it cannot go on
+        self.on_broken = on_broken
         self._owned_by = _owned_by
         self.port: int | None = None
         self.listener: Any = None
@@ -318,15 +322,23 @@ class _EntryEnd(_Side):
             if self.closed:
                 remote.transport.loseConnection()
                 return
+            remote.on_lost = lambda _: self._worker_gone("the worker closed its RPC tunnel")
             splice(self, remote)
 
         def failed(f: Failure) -> None:
             log.warning("rpc tunnel to worker %s for %s failed: %s", entry.worker, entry.model,
                         f.getErrorMessage())
             if not self.closed:
+                self._worker_gone(f"the RPC tunnel to the worker failed: {f.getErrorMessage()}")
                 self.transport.abortConnection()
 
         d.addCallbacks(opened, failed)
+
+    def _worker_gone(self, why: str) -> None:
+        # llama-server closing first is its own business (it ended, or was stopped)
+        entry = self.entry
+        if not self.closed and not entry.closed and entry.on_broken is not None:
+            entry.on_broken(f"{why} (worker {entry.worker})")
 
     def connectionLost(self, reason: Failure = protocol.connectionDone) -> None:  # noqa: N802
         self.entry.connections.discard(self)

@@ -6,6 +6,7 @@ import logging
 import os
 
 import pytest
+import pytest_twisted
 from twisted.internet import error
 from twisted.internet.defer import Deferred, succeed
 from twisted.internet.task import Clock
@@ -123,14 +124,58 @@ def test_once_ready_probing_slows_to_live_interval_s_and_an_answering_server_is_
     assert h.states == ["starting", "ready"]
 
 
-def test_rpc_server_is_not_probed_once_ready():
+def test_a_stopped_rpc_server_is_restarted_and_a_running_one_is_left_alone(tmp_path):
+    # rpc-server's port accepts even while it is stopped: its liveness is its process state
+    stat = tmp_path / "proc" / "4242" / "stat"
+    stat.parent.mkdir(parents=True)
+    stat.write_text("4242 (ggml-rpc-server) S 1 4242 4242 0 -1\n")
     h = Harness(cls=RpcServer)
+    h.server._live_probe_seam = backend.process_state_probe(lambda: 4242,
+                                                            proc=str(tmp_path / "proc"))
     h.server.start()
     h.make_ready()
     probes = len(h.probed_ports)
-    h.hang = True
     run_for(h, 100)
+    # the readiness probe is not used once ready, and a sleeping process is fine
     assert len(h.probed_ports) == probes and h.server.state == "ready"
+    assert h.process.signals == []
+    stat.write_text("4242 (ggml-rpc-server) T 1 4242 4242 0 -1\n")
+    run_for(h, LIVE_CHECK_S)
+    assert h.server.state == "restarting" and h.process.signals[:2] == ["TERM", "CONT"]
+
+
+@pytest_twisted.inlineCallbacks
+def test_a_split_llama_server_is_probed_on_slots_with_its_key_a_solo_one_on_health():
+    # a split's main loop wedges when an RPC peer stops answering while /health still
+    # says ok: its liveness asks /slots (answered by the main loop), with the run's key
+    from twisted.internet import reactor
+    from twisted.web import resource, server
+
+    asked: list[tuple[str, str]] = []
+
+    class Record(resource.Resource):
+        isLeaf = True
+
+        def render_GET(self, request):  # noqa: N802 - Twisted's name
+            asked.append((request.path.decode(),
+                          (request.getHeader("authorization") or "")))
+            return b"[]"
+
+    port = reactor.listenTCP(0, server.Site(Record()), interface="127.0.0.1")
+    try:
+        llama = LlamaConfig(health_timeout_s=5.0)
+        solo = LlamaServer(name="m", model_path="/m.gguf", llama=llama, bin_dir="/bin",
+                           reactor=reactor)
+        split = LlamaServer(name="m", model_path="/m.gguf", llama=llama, bin_dir="/bin",
+                            reactor=reactor, rpc_workers=["127.0.0.1:1"])
+        split.api_key = "run-key"
+        verdicts = []
+        for b in (solo, split):
+            verdicts.append((yield b._default_live_probe()(port.getHost().port)))
+    finally:
+        yield port.stopListening()
+    assert verdicts == [backend.PROBE_READY, backend.PROBE_READY]
+    assert asked == [("/health", ""), ("/slots", "Bearer run-key")]
 
 
 def run_for(h: Harness, seconds: float, step: float = 0.25) -> None:

@@ -202,3 +202,62 @@ def test_a_third_node_joining_a_waiting_group_starts_the_split(
     assert {w["node_id"] for w in entry["split"]["workers"]} == {
         n.status()["node_id"] for n in (a, b, c)}
     assert streamed(b).strip()
+
+
+def rpc_server_of(node: Meshd) -> int:
+    """The pid of the ggml-rpc-server ``node``'s meshd runs (exactly one)."""
+    pids = [pid for pid, comm in children_of(node.pid) if comm == "ggml-rpc-server"]
+    assert len(pids) == 1, f"{node.name} runs rpc-servers {pids}"
+    return pids[0]
+
+
+def llama_pid(node: Meshd) -> int | None:
+    return (model_entry(node).get("backend") or {}).get("pid")
+
+
+def test_a_forced_split_survives_its_rpc_server_dying_or_stopping_and_goes_solo_without_it(
+        tmp_path, procs, llama_bin_dir, gemma_model_path):
+    # both nodes hold the model: only [models] split = true makes it a split
+    forced = {"models": {"split": True}, "llama": {"live_interval_s": 0.5, "live_misses": 3}}
+    a = split_node(tmp_path, "a", llama_bin_dir, gemma_model_path, 1.0, **forced).start()
+    procs.append(a)
+    a.wait_running()
+    b = split_node(tmp_path, "b", llama_bin_dir, gemma_model_path, 1.0, join=token_of(a),
+                   **forced).start()
+    procs.append(b)
+    entry = warm_split(a, 2)
+    assert entry["split"]["workers"][0]["share"] == pytest.approx(0.5, abs=1e-3)
+    assert streamed(a).strip()
+
+    # the worker's rpc-server alone dies: its meshd starts another, the host starts over
+    first_llama, first_rpc = llama_pid(a), rpc_server_of(b)
+    os.kill(first_rpc, 9)
+    a.wait_for(lambda n: llama_pid(n) not in (None, first_llama) and warm_split(n, 2),
+               "a serving again on a new llama-server", 120)
+    assert rpc_server_of(b) != first_rpc
+    assert "starting it over" in a.log()
+    assert streamed(a).strip() and streamed(b).strip()
+
+    # the worker's rpc-server is stopped (SIGSTOP): no RPC answer ever comes, llama.cpp has
+    # no receive timeout; b's liveness check restarts it and a starts over again
+    second_llama, stopped = llama_pid(a), rpc_server_of(b)
+    os.kill(stopped, 19)
+    try:
+        b.wait_for(lambda n: not Path(f"/proc/{stopped}").exists()
+                   or Path(f"/proc/{stopped}/stat").read_text().split(") ")[1][0] == "Z",
+                   "the stopped rpc-server ended by b", 60)
+    finally:
+        if Path(f"/proc/{stopped}").exists():
+            os.kill(stopped, 18)
+    a.wait_for(lambda n: llama_pid(n) not in (None, second_llama) and warm_split(n, 2),
+               "a serving again after the stopped rpc-server", 120)
+    assert "process-state check (stopped)" in b.log()
+    assert streamed(a).strip()
+
+    # the worker goes for good: the model fits a alone, so a runs it solo
+    b.kill()
+    a.wait_for(lambda n: model_entry(n)["state"] == "warm" and not model_entry(n).get("split")
+               and llama_pid(n) is not None, "a serving solo", 120)
+    argv = llama_argv(a)
+    assert "--rpc" not in argv
+    assert streamed(a).strip()
