@@ -144,13 +144,15 @@ def decide(
                         reason=f"need {gib(need)}, have {gib(me.vram_bytes)} "
                                f"(it runs solo on {len(plan.solo)} other node(s))")
     if plan.mode == PlanMode.WAIT:
+        # every node's status lists the whole waiting group, the host first
+        others = tuple((n.node_id, 0.0) for n in group if n.node_id != plan.host)
         if plan.host == self_id:
             return Decision(model, WAIT, PlanMode.WAIT, host=plan.host, reason=plan.reason,
                             need_bytes=plan.need_bytes, have_bytes=plan.have_bytes,
-                            workers=tuple((n.node_id, 0.0) for n in group if n.node_id != self_id))
+                            workers=others)
         return Decision(model, WORKER, PlanMode.WAIT, host=plan.host,
                         reason=f"worker of host {plan.host}: {plan.reason}",
-                        need_bytes=plan.need_bytes, have_bytes=plan.have_bytes)
+                        need_bytes=plan.need_bytes, have_bytes=plan.have_bytes, workers=others)
     if plan.host == self_id:
         return Decision(model, RUN, PlanMode.SPLIT, host=plan.host, workers=plan.workers,
                         reason=plan.reason, need_bytes=plan.need_bytes,

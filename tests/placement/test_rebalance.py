@@ -44,7 +44,10 @@ def test_too_big_for_the_group_elects_the_biggest_host_which_waits_and_others_ar
     assert out["b"].reason == "need 44.0 GiB, group has 36.0 GiB of 3 nodes"
     assert out["a"].action == WORKER and out["c"].action == WORKER
     assert out["a"].host == out["c"].host == "b"
-    assert out["b"].split_status()["host"] == "b"
+    # every node's status shows the whole waiting group, the host first
+    for d in out.values():
+        assert d.split_status() == {"host": "b", "workers": [
+            {"node_id": n, "share": 0.0} for n in ("b", "a", "c")]}
 
 
 def test_equal_vram_elects_the_lowest_node_id():
