@@ -413,6 +413,33 @@ def test_release_while_workers_are_probed_cancels_the_prepare(tmp_path, monkeypa
     assert len(rig.probes.calls) == calls  # asking stopped
 
 
+def test_a_broken_part_of_a_hosted_split_is_reported_until_it_is_released(
+        tmp_path, monkeypatch):
+    rig = Rig(tmp_path, monkeypatch)
+    broken: list[tuple[str, str]] = []
+    rig.runtime.on_broken = lambda model, why: broken.append((model, why))
+    rig.prepare((("node-h", 0.5), ("node-b", 0.5)))
+    entry = rig.runtime.hosting["m"].entries["node-b"]
+    assert entry.on_broken is not None
+    entry.on_broken("the worker closed its RPC tunnel (worker node-b)")
+    assert broken == [("m", "the worker closed its RPC tunnel (worker node-b)")]
+    rig.runtime.release("m")
+    entry.on_broken("late")
+    assert len(broken) == 1
+
+
+def test_a_local_rpc_server_that_leaves_ready_breaks_the_split(tmp_path, monkeypatch):
+    rig = Rig(tmp_path, monkeypatch, has_gpus=False)
+    broken: list[tuple[str, str]] = []
+    rig.runtime.on_broken = lambda model, why: broken.append((model, why))
+    rig.prepare((("node-h", 0.5), ("node-b", 0.5)))
+    (listener,) = rig.rpcs[0].listeners
+    listener(BackendState.READY)
+    assert broken == []
+    listener(BackendState.RESTARTING)  # it comes back on another port
+    assert broken == [("m", "its local rpc-server is restarting")]
+
+
 def test_stop_releases_every_split_and_stops_lending(tmp_path, monkeypatch):
     rig = Rig(tmp_path, monkeypatch, has_gpus=False)
     rig.prepare((("node-h", 0.5), ("node-b", 0.5)), model="m1")
@@ -532,6 +559,22 @@ def test_a_stop_while_the_workers_are_probed_gives_the_start_up_quietly(
     assert [e for e in rig.log if e[0] == "spawn"] == []
     assert rig.split.runtime.hosting == {}
     assert caplog.records == []
+
+
+def test_a_broken_split_starts_over_with_its_shares_once_llama_server_stopped(
+        tmp_path, monkeypatch):
+    rig = BackendsRig(tmp_path, monkeypatch)
+    rig.split.runtime.on_broken = rig.backends.split_broken
+    rig.backends.spawn_split("m", S1)
+    entry = rig.split.runtime.hosting["m"].entries["node-b"]
+    rig.log.clear()
+    entry.on_broken("the worker closed its RPC tunnel (worker node-b)")
+    entry.on_broken("a second connection of the same llama-server")  # one start-over
+    assert rig.log == ["llama-server stopping"]
+    rig.llamas[0].exit()
+    assert rig.log == ["llama-server stopping", "llama-server gone", ("release", "m"),
+                       ("prepare", ("node-h", "node-b")), ("spawn", ("127.0.0.1:41002",))]
+    assert rig.split.runtime.hosting["m"].shares == S1
 
 
 def two_quick_replans(rig: BackendsRig) -> None:

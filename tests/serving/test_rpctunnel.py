@@ -329,11 +329,12 @@ class Owner:
         return self.owns
 
 
-def entry_port(*, owns: bool = True, pid: int | None = 4242
-               ) -> tuple[EntryPort, FakeMesh, Owner]:
+def entry_port(*, owns: bool = True, pid: int | None = 4242,
+               broken: list[str] | None = None) -> tuple[EntryPort, FakeMesh, Owner]:
     mesh: Any = FakeMesh()
     owner = Owner(owns)
-    entry = EntryPort(mesh, "node-w", "m", allowed_pid=lambda: pid, _owned_by=owner)
+    entry = EntryPort(mesh, "node-w", "m", allowed_pid=lambda: pid, _owned_by=owner,
+                      on_broken=broken.append if broken is not None else None)
     return entry, mesh, owner
 
 
@@ -437,6 +438,54 @@ def test_llama_servers_bytes_reach_the_rpc_server_and_back_through_both_ends():
     rpc.dataReceived(b"\x01reply")
     pump(host_peer, worker_peer)
     assert llama_t.value() == b"\x01reply"
+
+
+def open_entry_tunnel(broken: list[str]) -> tuple[EntryPort, Any, StringTransport, FakePeer]:
+    """An entry port whose llama-server connection is spliced to an open tunnel."""
+    entry, mesh, _ = entry_port(broken=broken)
+    end, t = llama_connects(entry)
+    peer = FakePeer("node-w")
+    mesh.dials[0][2].callback(peer)
+    peer.feed(tunnel_frame({"ok": True}))
+    peer.sent()
+    return entry, end, t, peer
+
+
+def test_the_worker_closing_its_tunnel_first_reports_the_split_broken():
+    broken: list[str] = []
+    _, _, t, peer = open_entry_tunnel(broken)
+    peer.lost()
+    assert t.disconnecting
+    assert broken == ["the worker closed its RPC tunnel (worker node-w)"]
+
+
+def test_llama_server_closing_first_breaks_nothing():
+    broken: list[str] = []
+    _, end, _, peer = open_entry_tunnel(broken)
+    end.connectionLost(DONE)
+    assert peer.transport.disconnecting
+    peer.lost()
+    assert broken == []
+
+
+def test_a_closed_entry_port_reports_nothing_when_its_tunnels_end():
+    broken: list[str] = []
+    entry, _, _, peer = open_entry_tunnel(broken)
+    entry.close()
+    peer.lost()
+    assert broken == []
+
+
+def test_a_tunnel_the_worker_refused_reports_the_split_broken():
+    broken: list[str] = []
+    entry, mesh, _ = entry_port(broken=broken)
+    llama_connects(entry)
+    peer = FakePeer("node-w")
+    mesh.dials[0][2].callback(peer)
+    peer.feed(tunnel_frame({"error": "this node's rpc-server is restarting"}))
+    (why,) = broken
+    assert why.startswith("the RPC tunnel to the worker failed: ")
+    assert "rpc-server is restarting" in why and why.endswith("(worker node-w)")
 
 
 # -- the probe ---------------------------------------------------------------------------------
