@@ -74,7 +74,7 @@ class LocalBackends(service.Service):
         if split is None:
             log.error("cannot host a split of %s: this node has no split runtime", name)
             return
-        previous = self._stopping.get(name, defer.succeed(None))
+        previous = self._stopping.get(name)
         self._generation[name] = generation = self._generation.get(name, 0) + 1
 
         def prepare(_: Any) -> Any:
@@ -93,7 +93,7 @@ class LocalBackends(service.Service):
             if not f.check(defer.CancelledError):
                 log.error("cannot host the split of %s: %s", name, f.getErrorMessage())
 
-        d = previous.addBoth(lambda _: None)
+        d = _after(previous) if previous is not None else defer.succeed(None)
         d.addCallback(prepare)
         d.addCallbacks(start, failed)
 
@@ -114,7 +114,11 @@ class LocalBackends(service.Service):
         """Stop ``name``'s llama-server, then (stop order) its split's rpc-servers and entries."""
         self._generation[name] = self._generation.get(name, 0) + 1
         split = self.node.split
+        pending = self._stopping.get(name)
         d = self.node.stop_serving(name)
+        if pending is not None:  # a re-plan while the last stop runs: that llama-server too
+            d = defer.DeferredList([_after(pending), d], consumeErrors=True)
+            d.addCallback(lambda _: None)
         if split is not None:
             if name in split.hosting:
                 split.hosting[name].cancelled = True  # a prepare still probing gives up
@@ -188,3 +192,16 @@ class LocalBackends(service.Service):
                           result.getErrorMessage())
         if self.node.split is not None:  # after the llama-servers: the rpc-servers
             await self.node.split.stop()
+
+
+def _after(d: defer.Deferred[Any]) -> defer.Deferred[None]:
+    """A fresh Deferred that fires once ``d`` has, leaving ``d``'s own result alone (a chain
+    added to ``d`` itself would hold up everyone else waiting on it)."""
+    waiter: defer.Deferred[None] = defer.Deferred()
+
+    def fire(result: Any) -> Any:
+        waiter.callback(None)
+        return result
+
+    d.addBoth(fire)
+    return waiter

@@ -213,6 +213,8 @@ class SplitRuntime:
         mesh = self._mesh()
         if mesh is None:
             raise RuntimeError("not in a mesh")
+        if model in self.hosting:  # not released (no stop came between): its ports go now
+            self.release(model)
         hosted = self.hosting[model] = HostedSplit(model, shares)
         own = sum(s for n, s in shares if n == self.node_id)
         remote = [(n, s) for n, s in shares if n != self.node_id]

@@ -296,6 +296,7 @@ class Rebalancer:
         if self.running is not None:
             self.running = None
             self._stop(model)
+        self._stop_lending()
         self._changed()
 
     def waiting_models(self) -> list[str]:
@@ -362,16 +363,20 @@ class Rebalancer:
             self._changed()
         return d
 
+    def _stop_lending(self) -> None:
+        if self.lent is not None:
+            self.lent = None
+            if self._unlend is not None:
+                self._unlend()
+
     def _act(self, old: Decision | None, d: Decision) -> None:
         self._recheck(d)
         if d.action == WORKER and d.mode == PlanMode.SPLIT and d.host is not None:
             if self._lend is not None:
                 self.lent = (d.model, d.host)
                 self._lend(d.model, d.host)
-        elif self.lent is not None:
-            self.lent = None
-            if self._unlend is not None:
-                self._unlend()
+        else:
+            self._stop_lending()
         if d.action == RUN and d.mode == PlanMode.SOLO:
             if self.running != ():
                 if self.running is not None:

@@ -83,6 +83,9 @@ class _Side(protocol.Protocol):
         self.closed = True
         other, self.other = self.other, None
         if other is not None and not other.closed and other.transport is not None:
+            # this side's transport, now dead, is the other's producer: left registered, a
+            # paused one makes the other's flush resume it instead of closing, for ever
+            other.transport.unregisterProducer()
             other.transport.loseConnection()
         if self.on_lost is not None:
             self.on_lost(reason)

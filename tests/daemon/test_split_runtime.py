@@ -587,18 +587,12 @@ def two_quick_replans(rig: BackendsRig) -> None:
     rig.backends.spawn_split("m", S3)
 
 
-@pytest.mark.xfail(strict=True, reason="bug: a second stop_split_or_solo while the first "
-                   "llama-server is still stopping replaces _stopping[name] with an already "
-                   "fired Deferred, so release and the next start no longer wait for it")
 def test_two_quick_replans_still_wait_for_the_first_llama_server_to_stop(tmp_path, monkeypatch):
     rig = BackendsRig(tmp_path, monkeypatch)
     two_quick_replans(rig)
     assert rig.log == ["llama-server stopping"]
 
 
-@pytest.mark.xfail(strict=True, reason="bug: after two quick re-plans the first stop's release "
-                   "closes the newest split's entries (release pops hosting[name], whoever "
-                   "prepared it)")
 def test_after_two_quick_replans_the_last_plan_runs_with_its_entries_open(tmp_path, monkeypatch):
     rig = BackendsRig(tmp_path, monkeypatch)
     two_quick_replans(rig)
@@ -708,8 +702,6 @@ def test_a_split_worker_lends_to_its_elected_host_and_unlends_when_no_longer_one
     assert lending.log.count(("unlend",)) == 1
 
 
-@pytest.mark.xfail(strict=True, reason="bug: Rebalancer.forget clears the decision but not "
-                   "self.lent, so a worker whose model was dropped keeps lending its rpc-server")
 def test_a_worker_whose_model_is_dropped_stops_lending():
     node = make_node("b", vram_gb=8, disk={"m": 20 * GB})
     node.mesh.members["a"] = peer("a", waiting=["m"], vram_gb=16)

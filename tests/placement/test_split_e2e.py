@@ -217,16 +217,20 @@ def llama_pid(node: Meshd) -> int | None:
 
 def test_a_forced_split_survives_its_rpc_server_dying_or_stopping_and_goes_solo_without_it(
         tmp_path, procs, llama_bin_dir, gemma_model_path):
-    # both nodes hold the model: only [models] split = true makes it a split
+    # both nodes hold the model: only [models] split = true makes it a split.  a offers
+    # more VRAM, so a is the host whatever node ids the two draw (ties go to the lower id)
     forced = {"models": {"split": True}, "llama": {"live_interval_s": 0.5, "live_misses": 3}}
     a = split_node(tmp_path, "a", llama_bin_dir, gemma_model_path, 1.0, **forced).start()
     procs.append(a)
     a.wait_running()
-    b = split_node(tmp_path, "b", llama_bin_dir, gemma_model_path, 1.0, join=token_of(a),
+    b = split_node(tmp_path, "b", llama_bin_dir, gemma_model_path, 0.8, join=token_of(a),
                    **forced).start()
     procs.append(b)
     entry = warm_split(a, 2)
-    assert entry["split"]["workers"][0]["share"] == pytest.approx(0.5, abs=1e-3)
+    assert entry["split"]["host"] == a.status()["node_id"]
+    shares = {w["node_id"]: w["share"] for w in entry["split"]["workers"]}
+    assert shares == {a.status()["node_id"]: pytest.approx(1.0 / 1.8, abs=1e-3),
+                      b.status()["node_id"]: pytest.approx(0.8 / 1.8, abs=1e-3)}
     assert streamed(a).strip()
 
     # the worker's rpc-server alone dies: its meshd starts another, the host starts over
@@ -261,3 +265,4 @@ def test_a_forced_split_survives_its_rpc_server_dying_or_stopping_and_goes_solo_
     argv = llama_argv(a)
     assert "--rpc" not in argv
     assert streamed(a).strip()
+

@@ -163,10 +163,6 @@ def test_a_side_gone_while_the_other_was_connecting_still_delivers_its_bytes_the
     assert b.transport.disconnecting
 
 
-@pytest.mark.xfail(strict=True, reason="bug: _Side.connectionLost closes the other socket with "
-                   "the dead side still registered as its producer; a socket that was "
-                   "backpressured then never closes (FileDescriptor.loseConnection waits for "
-                   "the producer)")
 def test_a_backpressured_socket_still_closes_once_flushed_after_the_tunnel_went_away():
     reactor = MemoryReactorClock()
     sock = SlowSocket(reactor)
