@@ -40,6 +40,7 @@ a tunnel), and ``take_over()`` hands the raw byte stream to someone else.
 
 from __future__ import annotations
 
+import collections
 import hashlib
 import hmac
 import logging
@@ -102,8 +103,11 @@ class AuthRefused(Exception):
 UNPROVEN_REFUSAL = ("authentication failed", CloseCode.AUTH_FAILED)
 # refusals about the HELLO itself, not this node or its mesh: told to anyone
 TOLD_UNPROVEN = frozenset({CloseCode.BAD_HELLO, CloseCode.VERSION_MISMATCH})
-# the weight of each new RTT sample in the smoothed RTT (RFC 6298 uses 1/8)
-RTT_GAIN = 0.25
+# the RTT is the lowest of the last few samples (the handshake's, then each PONG's): the
+# path's distance, which [models] max_rtt_ms gates a split on.  A slow answer while the
+# reactor relays a split's weights, or a busy CPU, is no distance; a path that really got
+# slower shows once the window holds only its samples (RTT_WINDOW heartbeats)
+RTT_WINDOW = 5
 
 
 class PeerClosed(Exception):
@@ -328,6 +332,8 @@ class PeerProtocol(protocol.Protocol):
         # the other end ended it (its CLOSE, or a clean close of the connection), not this one
         self.ended_by_peer = False
         self.rtt_ms: float | None = None
+        self._hello_sent: float | None = None  # the handshake's round trip: the first RTT
+        self._rtt_samples: collections.deque[float] = collections.deque(maxlen=RTT_WINDOW)
         self._open_waiters: list[defer.Deferred[PeerProtocol]] = []
         self._peer_addr = "?"
         self.closed: defer.Deferred[str] = defer.Deferred()
@@ -571,6 +577,7 @@ class PeerProtocol(protocol.Protocol):
         if token_id:
             body["token_id"] = token_id
         self.send_json(FrameType.HELLO, body)
+        self._hello_sent = self.clock.seconds()
 
     def _tls(self) -> SSL.Connection:
         link = self._link
@@ -582,6 +589,10 @@ class PeerProtocol(protocol.Protocol):
         return self._tls().export_keying_material(EKM_LABEL, 32, None)
 
     def _open(self) -> None:
+        if self._hello_sent is not None:
+            # HELLO -> HELLO (dialler) or HELLO -> READY (acceptor): the peer is announced
+            # with an RTT, so the split planner never takes a far peer for a near one
+            self._rtt_sample(self.clock.seconds() - self._hello_sent)
         self._move(PeerState.OPEN)
         if self._timer is not None and self._timer.active():
             self._timer.cancel()
@@ -636,14 +647,14 @@ class PeerProtocol(protocol.Protocol):
         sent = self._ping_sent.pop(seq, None)
         if sent is not None:
             rtt = self.clock.seconds() - sent
-            # smoothed (RFC 6298's SRTT, a quarter weight for each sample): one slow answer
-            # on a busy machine must not move a split worker across [models] max_rtt_ms
-            sample = rtt * 1000.0
-            prev = self.rtt_ms
-            self.rtt_ms = round(sample if prev is None else prev + RTT_GAIN * (sample - prev), 3)
+            self._rtt_sample(rtt)
             probe = self._probes.pop(seq, None)
             if probe is not None:
                 probe.callback(rtt)
+
+    def _rtt_sample(self, seconds: float) -> None:
+        self._rtt_samples.append(seconds * 1000.0)
+        self.rtt_ms = round(min(self._rtt_samples), 3)
 
     def probe(self, timeout_s: float) -> defer.Deferred[float | None]:
         """Ping now; fires with the RTT in seconds, or None if no PONG within ``timeout_s``."""

@@ -217,18 +217,27 @@ def plan(
 
 
 def split_nodes(
-    host: NodeView, group: tuple[NodeView, ...], max_rtt_ms: float
+    host: NodeView, group: tuple[NodeView, ...], max_rtt_ms: float, *,
+    unmeasured_near: bool = False,
 ) -> tuple[list[NodeView], list[str]]:
     """The nodes a split uses (the host first, then the others by node id) and the skipped ones.
 
     A peer whose RTT is over ``max_rtt_ms`` is left out: llama.cpp's RPC makes
     several round trips per token, so one far peer slows the whole split.  A
-    peer not measured yet (``rtt_ms`` None) counts as near.
+    peer not measured yet (``rtt_ms`` None: just connected, or known only from
+    gossip, with no connection of ours to carry a tunnel) is left out too, until
+    its first PONG: counted as near, a far peer would join the first plan and
+    force a restart a heartbeat later, its share of the weights sent over the
+    slow link for nothing.  ``unmeasured_near`` counts it (the download gate:
+    it is measured long before a download ends).
     """
     near: list[NodeView] = [host]
     skipped: list[str] = []
     for n in sorted(group, key=_by_id):
         if n.node_id == host.node_id:
+            continue
+        if n.rtt_ms is None and not unmeasured_near:
+            skipped.append(f"{n.node_id} (RTT not measured yet)")
             continue
         if n.rtt_ms is not None and n.rtt_ms > max_rtt_ms:
             skipped.append(f"{n.node_id} ({n.rtt_ms:.0f} ms > {max_rtt_ms:.0f} ms)")
@@ -290,7 +299,7 @@ def split_peers_available(size_bytes: int, me: NodeView, view: MeshView) -> bool
     what a peer already serves is not subtracted.
     """
     group = tuple(n for n in view.nodes if not n.passive and n.node_id != me.node_id)
-    near, _ = split_nodes(me, (me, *group), view.max_rtt_ms)
+    near, _ = split_nodes(me, (me, *group), view.max_rtt_ms, unmeasured_near=True)
     if len(near) < 2:
         return False
     return sum(n.vram_bytes for n in near) >= need_bytes(size_bytes)

@@ -44,6 +44,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import re
 from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol
@@ -110,6 +111,15 @@ class Decision:
         shares = self.shares or ((self.host, 0.0),) + self.workers
         return {"host": self.host,
                 "workers": [{"node_id": n, "share": round(s, 4)} for n, s in shares]}
+
+
+_RTT_FIGURE = re.compile(r"\d+ ms\b")
+
+
+def _gist(reason: str) -> str:
+    """A plan's reason without its RTT figures: a skipped peer measured at 302 ms, then
+    at 303 ms, is the same plan, logged once, not at every re-check."""
+    return _RTT_FIGURE.sub("N ms", reason)
 
 
 def group_of(model: str, view: MeshView, targets: dict[str, tuple[str, ...]]) -> tuple[NodeView, ...]:
@@ -357,8 +367,8 @@ class Rebalancer:
         self.decisions += 1
         old, self.decision = self.decision, d
         self._act(old, d)
-        if old is None or (old.action, old.mode, old.host, old.reason) != (
-                d.action, d.mode, d.host, d.reason):
+        if old is None or (old.action, old.mode, old.host, old.split_key, _gist(old.reason)) != (
+                d.action, d.mode, d.host, d.split_key, _gist(d.reason)):
             self._log(d, why)
             self._changed()
         return d

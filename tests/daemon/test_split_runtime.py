@@ -12,6 +12,7 @@ reactor that hands out distinct ports.  The Rebalancer tests reuse the fakes of
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 from pathlib import Path
@@ -640,6 +641,24 @@ def test_a_split_host_restarts_llama_server_when_the_shares_change_over_the_same
     r.on_event(PeerChanged(node.mesh.members["b"], old))
     assert acts.log == [first, ("stop", "m"), ("split", "m", (("a", 0.5), ("b", 0.5)))]
     assert r.running == (("a", 0.5), ("b", 0.5))
+
+
+def test_a_skipped_peers_moving_rtt_is_the_same_plan_logged_once(caplog):
+    # the re-check plans again every recheck_s; "c (302 ms > 80 ms)" then "(303 ms ...)"
+    # is no news for the operator
+    node = make_node("a", vram_gb=16, disk={"m": 20 * GB})
+    node.mesh.members["b"] = peer("b", waiting=["m"], vram_gb=8)
+    node.mesh.members["c"] = dataclasses.replace(peer("c", waiting=["m"], vram_gb=8), rtt_ms=302.0)
+    r, acts = share_rebalancer(node)
+    with caplog.at_level(logging.INFO, logger="meshd.placement.election"):
+        r.serve("m")
+        node.mesh.members["c"] = dataclasses.replace(node.mesh.members["c"], rtt_ms=303.4)
+        node.reactor.advance(r.recheck_s)
+        assert r.decisions == 2 and "303 ms" in r.decision.reason
+    plans = [rec.getMessage() for rec in caplog.records if "split host" in rec.getMessage()]
+    assert plans == ["model m: split host, shares a 67%, b 33%: fits no single node: split over "
+                     "2 nodes; skipped c (302 ms > 80 ms) (serving m)"]
+    assert acts.log == [("split", "m", (("a", 0.6667), ("b", 0.3333)))]
 
 
 def test_a_share_change_below_the_rounding_restarts_nothing():

@@ -455,3 +455,45 @@ def test_hello_that_never_comes_times_out(ids):
     clock.advance(5.0)
     assert p.close_reason == "TLS handshake not done within 5 s"
     assert t.disconnecting
+
+
+def test_a_connection_opens_with_the_handshakes_rtt_and_keeps_the_lowest_of_the_last_few(ids):
+    # the planner reads rtt_ms from the PeerUp on: a peer measured only at its first PING
+    # would count as near for a heartbeat, and a far one would join the first split plan
+    a, b, _ = ids
+    clock = Clock()
+    cd, sd = Recorder(), Recorder()
+
+    def build(ident, delegate, **kw):
+        return peer.PeerProtocol(identity=ident, incarnation=lambda: 1, delegate=delegate,
+                                 clock=clock, timing=peer.Timing(), **kw)
+
+    built = {}
+    cf = TLSMemoryBIOFactory(peer.TLSOptions(a), True, peer.PeerFactory(
+        lambda: built.setdefault("c", build(a, cd, client=peer.ClientAuth(MESH, SECRET)))), clock)
+    sf = TLSMemoryBIOFactory(peer.TLSOptions(b), False, peer.PeerFactory(
+        lambda: built.setdefault("s", build(b, sd, gate=Gate()))), clock)
+    addr = IPv4Address("TCP", "127.0.0.1", 7842)
+    _, _, pump = iosim.connectedServerAndClient(
+        lambda: sf.buildProtocol(addr), lambda: cf.buildProtocol(addr), clock=clock,
+        greet=False)
+    for _ in range(20):  # each step of bytes both ways takes 50 ms: a 100 ms round trip
+        if not pump.pump():
+            break
+        clock.advance(0.05)
+    c, s = built["c"], built["s"]
+    assert c.state is s.state is peer.PeerState.OPEN
+    assert c.rtt_ms == pytest.approx(100.0) and s.rtt_ms == pytest.approx(100.0)
+    c.start_heartbeat(active=True)
+    s.start_heartbeat(active=False)
+    clock.advance(peer.Timing().heartbeat_s)
+    pump.flush()  # now an instant link: the lowest sample is the path's RTT
+    assert c.rtt_ms == 0.0
+    # answers slowed down (a busy reactor, or a longer path): counted only once the
+    # window holds nothing else
+    for i in range(peer.RTT_WINDOW):
+        assert c.rtt_ms == 0.0, f"after {i} slow PONGs"
+        clock.advance(peer.Timing().heartbeat_s)
+        clock.advance(0.2)
+        pump.flush()
+    assert c.rtt_ms == pytest.approx(200.0)

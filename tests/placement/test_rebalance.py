@@ -14,7 +14,7 @@ from tests.harness.meshfakes import MB, make_node, peer, serve
 
 
 def nv(node_id: str, vram_gb: float, role: str = "host") -> NodeView:
-    return NodeView(node_id, role=role, vram_bytes=int(vram_gb * GB))
+    return NodeView(node_id, role=role, vram_bytes=int(vram_gb * GB), rtt_ms=1.0)
 
 
 def decide_all(size_gb: float, nodes: list[NodeView], *, force_split: bool = False):

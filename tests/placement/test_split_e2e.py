@@ -266,3 +266,60 @@ def test_a_forced_split_survives_its_rpc_server_dying_or_stopping_and_goes_solo_
     assert "--rpc" not in argv
     assert streamed(a).strip()
 
+
+def test_a_peer_beyond_max_rtt_is_left_out_of_the_split_and_stays_in_the_mesh(
+        tmp_path, procs, llama_bin_dir, gemma_model_path):
+    # a (0.2 GiB) and b (0.15) hold the model together; c (0.15) is reached only through a
+    # relay that adds 150 ms each way (this kernel has no netem): over max_rtt_ms = 100
+    import dataclasses
+    import subprocess
+    import sys
+
+    from meshd.mesh import tokens
+    from tests.conftest import ROOT, free_port
+
+    gate = {"models": {"max_rtt_ms": 100.0}}
+    a = split_node(tmp_path, "a", llama_bin_dir, gemma_model_path, 0.2, **gate).start()
+    procs.append(a)
+    a.wait_running()
+    b = split_node(tmp_path, "b", llama_bin_dir, gemma_model_path, 0.15, join=token_of(a),
+                   **gate).start()
+    procs.append(b)
+    warm_split(a, 2)
+
+    to_a, to_c = free_port(), free_port()
+    c = split_node(tmp_path, "c", llama_bin_dir, gemma_model_path, 0.15, **gate)
+    relay = subprocess.Popen(
+        [sys.executable, str(ROOT / "bench/delay_relay.py"), "--delay-ms", "150",
+         f"127.0.0.1:{to_a}=127.0.0.1:{a.mesh_port}", f"127.0.0.1:{to_c}=127.0.0.1:{c.mesh_port}"],
+        stdout=subprocess.PIPE, text=True)
+    try:
+        assert relay.stdout is not None and relay.stdout.readline().strip() == "ready"
+        # c dials a through the relay, and every node dials c through it
+        slow = dataclasses.replace(tokens.decode(token_of(a)), addrs=(f"127.0.0.1:{to_a}",))
+        c.config["mesh"].update(join=[tokens.encode(slow)], advertise=[f"127.0.0.1:{to_c}"])
+        c.start()
+        procs.append(c)
+        c_id = c.wait_running()["node_id"]
+
+        def c_measured_far(n: Meshd):
+            peer = next((p for p in n.status()["peers"] if p["node_id"] == c_id), None)
+            return peer is not None and (peer.get("rtt_ms") or 0) > 100
+
+        a.wait_for(c_measured_far, "a measuring c over 100 ms", 60)
+        a_id, b_id = a.status()["node_id"], b.status()["node_id"]
+
+        def split_without_c(n: Meshd):
+            entry = warm_split(n, 2)
+            return [w["node_id"] for w in entry["split"]["workers"]] == [a_id, b_id] and entry
+
+        a.wait_for(split_without_c, "a's split leaving c out", 120)
+        # the log says why; the handshake measured c, so no plan ever took it for near
+        assert re.search(rf"split over 2 nodes; skipped {c_id} \(\d+ ms > 100 ms\)", a.log())
+        assert "split over 3 nodes" not in a.log()
+        # c stays in the mesh, and its API answers through the split
+        assert any(p["node_id"] == c_id for p in a.status()["peers"])
+        assert streamed(c).strip()
+    finally:
+        relay.kill()
+        relay.wait(10)

@@ -87,6 +87,15 @@ def test_rtt_gate_leaves_far_peers_out_and_waits_when_the_rest_is_short():
     assert p.reason == "need 9.9 GiB, group has 8.0 GiB of 1 node; skipped far (120 ms > 80 ms)"
 
 
+def test_a_peer_not_measured_yet_is_left_out_until_its_rtt_is_known():
+    # counted as near, a far peer just connected would join the first plan, then force a
+    # restart once its first PONG put it over the gate
+    p = plan(9, node("a", 8, 0), node("new", 8, None))
+    assert p.mode == "wait"
+    assert p.reason == "need 9.9 GiB, group has 8.0 GiB of 1 node; skipped new (RTT not measured yet)"
+    assert plan(9, node("a", 8, 0), node("new", 8, 3)).mode == "split"
+
+
 def test_not_enough_vram_waits_with_the_numbers():
     p = plan(4.8, node("a", 2, 0), node("b", 2))
     assert p.mode == "wait" and p.host == "a"
@@ -125,6 +134,12 @@ def test_fits_the_group_but_not_the_node_may_download():
 def test_peers_beyond_the_rtt_gate_do_not_count():
     me = node("a", 4, 0)
     assert not default.split_peers_available(6 * GB, me, mesh_of(me, node("b", 4, 200)))
+
+
+def test_a_peer_not_measured_yet_counts_for_the_download_gate():
+    # measured within a round trip of its connection, long before a download ends
+    me = node("a", 4, 0)
+    assert default.split_peers_available(6 * GB, me, mesh_of(me, node("b", 4, None)))
 
 
 def test_passive_peers_do_not_count():
