@@ -413,6 +413,10 @@ def validate(config: Config) -> list[str]:
         if arg.split("=", 1)[0] in ("--api-key", "--api-key-file"):
             problems.append(f"[llama] extra_args[{i}]: {arg.split('=', 1)[0]} is meshd's to set "
                             "(each llama-server gets a key only meshd holds); remove it")
+        if arg == "--no-slots":  # a split host's liveness is asked on /slots
+            problems.append(f"[llama] extra_args[{i}]: --no-slots would blind meshd to a "
+                            "split llama-server wedged on a dead worker (its liveness check "
+                            "asks /slots); remove it")
     if config.llama.bin_dir and not Path(config.llama.bin_dir).is_dir():
         problems.append(f"[llama] bin_dir: {config.llama.bin_dir!r} is not a directory")
     return problems

@@ -60,9 +60,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--split",
         action="store_true",
-        help="treat the model as split even when it fits here ([models] split): its group "
-        "elects one host and the others become workers; running the split itself "
-        "(rpc-server workers) is not built yet, so the host waits and says so",
+        help="split the model even when it fits one node ([models] split): its group "
+        "elects one host, which runs llama-server over the others' rpc-servers (the "
+        "peers within [models] max_rtt_ms; none near: solo)",
     )
     p.add_argument(
         "--check-config",

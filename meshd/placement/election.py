@@ -381,7 +381,11 @@ class Rebalancer:
 
     def _act(self, old: Decision | None, d: Decision) -> None:
         self._recheck(d)
-        if d.action == WORKER and d.mode == PlanMode.SPLIT and d.host is not None:
+        # a worker lends while the group splits or waits: its own RTTs may leave a peer out
+        # that the host keeps (each node measures its own), and a worker that then
+        # thought the group short must not refuse the host's tunnels; waiting, its
+        # rpc-server is there the moment the group is complete
+        if d.action == WORKER and d.host is not None:
             if self._lend is not None:
                 self.lent = (d.model, d.host)
                 self._lend(d.model, d.host)

@@ -66,6 +66,8 @@ from meshd.mesh.wire import FrameType
 from meshd.states import TUNNEL_MOVES, TunnelState, check_move
 
 log = logging.getLogger("meshd.serving.tunnel")
+# (peer, model) -> the last reason its tunnel was refused for: logged when it changes
+_last_refusal: dict[tuple[str, str], str] = {}
 
 
 class _Stream(TypingProtocol):
@@ -317,8 +319,14 @@ class HostTunnel:
         self.peer.transport.abortConnection()
 
     def _refuse(self, reason: str) -> None:
-        log.warning("refused a tunnel from node %s%s: %s", self.who,
-                    f" for {self.model}" if self.model else "", reason)
+        # a host probes a worker every few seconds while they disagree: news once
+        key = (self.who, self.model or "")
+        level = logging.DEBUG if _last_refusal.get(key) == reason else logging.WARNING
+        if len(_last_refusal) >= 256:
+            _last_refusal.clear()
+        _last_refusal[key] = reason
+        log.log(level, "refused a tunnel from node %s%s: %s", self.who,
+                f" for {self.model}" if self.model else "", reason)
         self._close_state()
         peer_t = self.peer.transport
         if peer_t is not None:

@@ -63,6 +63,8 @@ BAD = [
      "[llama] extra_args[0]: --api-key is meshd's to set"),
     ("[llama]\nextra_args = [\"--threads-http\", \"2\", \"--api-key-file=/k\"]\n",
      "[llama] extra_args[2]: --api-key-file is meshd's to set"),
+    ("[llama]\nextra_args = [\"--no-slots\"]\n",
+     "[llama] extra_args[0]: --no-slots would blind meshd to a split llama-server wedged"),
 ]
 
 

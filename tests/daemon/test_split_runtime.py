@@ -721,6 +721,18 @@ def test_a_split_worker_lends_to_its_elected_host_and_unlends_when_no_longer_one
     assert lending.log.count(("unlend",)) == 1
 
 
+def test_a_worker_of_a_group_it_thinks_short_still_lends_to_the_host():
+    # each node measures RTTs itself: b sees c far (a 'wait' from where b stands) while the
+    # host a sees c near and splits; b lending anyway keeps a's tunnels from being refused
+    node = make_node("b", vram_gb=8, disk={"m": 20 * GB})
+    node.mesh.members["a"] = peer("a", waiting=["m"], vram_gb=12)
+    node.mesh.members["c"] = dataclasses.replace(peer("c", waiting=["m"], vram_gb=8), rtt_ms=300.0)
+    r, acts, lending = lending_rebalancer(node)
+    r.serve("m")
+    assert (r.decision.action, r.decision.mode, r.decision.host) == (WORKER, "wait", "a")
+    assert r.lent == ("m", "a") and lending.log == [("lend", "m", "a")] and acts.log == []
+
+
 def test_a_worker_whose_model_is_dropped_stops_lending():
     node = make_node("b", vram_gb=8, disk={"m": 20 * GB})
     node.mesh.members["a"] = peer("a", waiting=["m"], vram_gb=16)

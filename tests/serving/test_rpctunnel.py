@@ -11,6 +11,7 @@ in this file is the check that ``owned_by`` reads the real ``/proc`` as it shoul
 
 from __future__ import annotations
 
+import logging
 import os
 import socket
 from pathlib import Path
@@ -247,6 +248,22 @@ def test_worker_refuses_with_its_reason_and_carries_nothing():
     assert answer(peer) == {"error": "this node's rpc-server is lent to host node-x, not node-h"}
     assert peer.transport.disconnecting
     assert w.host.opened == 0 and w.host.tunnels == set()
+
+
+def test_a_refusal_repeated_for_every_probe_is_a_warning_once(caplog):
+    # a host probes its worker every few seconds while they disagree: one warning, until
+    # the reason changes
+    w = Worker(refusal="this node's rpc-server is starting")
+    with caplog.at_level(logging.DEBUG, logger="meshd.serving.tunnel"):
+        for _ in range(3):
+            w.tunnel("node-probing")
+        w.refusal_reason = "this node is no split worker now"
+        w.tunnel("node-probing")
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert warnings == [
+        "refused a tunnel from node node-probing for m: this node's rpc-server is starting",
+        "refused a tunnel from node node-probing for m: this node is no split worker now"]
+    assert sum("refused a tunnel" in r.getMessage() for r in caplog.records) == 4
 
 
 def test_no_rpc_server_running_closes_the_tunnel_on_its_first_byte():
