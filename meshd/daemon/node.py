@@ -184,6 +184,10 @@ class Node:
         (the role machine builds a new mesh at a promotion; listeners stay)."""
         self._membership_listeners.append(cb)
 
+    def remove_membership_listener(self, cb: Callable[[Any], None]) -> None:
+        if cb in self._membership_listeners:
+            self._membership_listeners.remove(cb)
+
     def membership_changed(self, event: Any) -> None:
         for cb in list(self._membership_listeners):
             try:

@@ -281,26 +281,78 @@ async def _ready(node: Node, backends: LocalBackends, notifier: Notifier,
         # not on disk yet: the API answers 503 for it until the download is done
         notifier.ready(f"downloading {first.name}; API on {listen}")
         log.info("model %s is not on disk: downloading it", first.name)
-        assert node.downloader is not None
-        from meshd.models.download import DownloadRefused
-
-        try:
-            model = await node.downloader.download(first.entry)
-        except DownloadRefused as e:
-            # not a failed start: the node serves the mesh's other models and says
-            # why it runs none of its own (status: downloads_refused)
-            notifier.status(f"idle: not downloading {first.name}: {e}; API on {listen}")
-            log.warning("serving nothing of its own: %s was not downloaded: %s", first.name, e)
+        if not await _download_first(node, backends, notifier, first):
             return
-        node.rescan()
-        backends.serve(first.name, str(model.path), model.size_bytes)
-        await backends.when_serving(first.name)
     elif first is not None:
         backends.serve(first.name, str(first.path), first.size_bytes or 0)
         notifier.status(f"loading {first.name}; API on {listen}")
         await backends.when_serving(first.name)
     notifier.ready(node.status_line())
     log.info("ready: %s", node.status_line())
+
+
+async def _download_first(node: Node, backends: LocalBackends, notifier: Notifier,
+                          first: Resolved) -> bool:
+    """Download the first ``[models] serve`` entry and serve it; False when refused.
+
+    A refusal of the gate (too big for this node, no split peers to share it) is
+    not the last word: peers that a split would use may join later (a node
+    started with ``--join`` asks before its join is done), so the gate is asked
+    again, with the size it refused, at every membership event, and the download
+    starts once it says yes.
+    """
+    from meshd.models.download import DownloadRefused
+
+    listen = node.config.api.listen
+    downloader = node.downloader
+    assert downloader is not None
+    try:
+        model = await downloader.download(first.entry)
+    except DownloadRefused as e:
+        # not a failed start: the node serves the mesh's other models and says
+        # why it runs none of its own (status: downloads_refused)
+        notifier.status(f"idle: not downloading {first.name}: {e}; API on {listen}")
+        log.warning("serving nothing of its own: %s was not downloaded: %s", first.name, e)
+        if e.size_bytes is not None:
+            _retry_when_the_mesh_holds_it(node, backends, notifier, first, e.size_bytes)
+        return False
+    node.rescan()
+    backends.serve(first.name, str(model.path), model.size_bytes)
+    await backends.when_serving(first.name)
+    return True
+
+
+def _retry_when_the_mesh_holds_it(node: Node, backends: LocalBackends, notifier: Notifier,
+                                  first: Resolved, size_bytes: int) -> None:
+    from meshd.placement import default as default_policy
+
+    def peers_hold_it() -> bool:
+        return default_policy.split_peers_available(size_bytes, node.node_view(), node.mesh_view())
+
+    # asked again when split peers appear, not at every event (the gate logs its answer,
+    # and a plugin's own refusal would only be said again)
+    had = peers_hold_it()
+
+    def changed(_: Any) -> None:
+        nonlocal had
+        now, was = peers_hold_it(), had
+        had = now
+        if not now or was or not backends.running:
+            return
+        node.remove_membership_listener(changed)  # one retry; its refusal arms another
+        log.info("the mesh can hold %s now: downloading it", first.name)
+        notifier.status(f"downloading {first.name}; API on {node.config.api.listen}")
+        d = defer.ensureDeferred(_download_first(node, backends, notifier, first))
+        d.addCallback(lambda served: served and notifier.status(node.status_line()))
+        d.addErrback(failed)
+
+    def failed(f: Any) -> None:
+        from meshd.models.download import DownloadCancelled
+
+        if not f.check(DownloadCancelled):  # cancelled: the daemon stops
+            log.error("downloading %s failed: %s", first.name, f.getErrorMessage())
+
+    node.add_membership_listener(changed)
 
 
 async def _drain(api: ApiServer, roles: RoleService, drain_s: float) -> None:

@@ -88,7 +88,14 @@ class DownloadError(Exception):
 
 
 class DownloadRefused(DownloadError):
-    """The gate or the disk check said no; nothing was requested from the hub."""
+    """The gate or the disk check said no; nothing was requested from the hub.
+
+    ``size_bytes`` is set when the gate said no (not the disk): the daemon asks the
+    gate again with it when the mesh changes (peers that a split would use joined)."""
+
+    def __init__(self, reason: str, size_bytes: int | None = None):
+        super().__init__(reason)
+        self.size_bytes = size_bytes
 
 
 class DownloadCancelled(DownloadError):
@@ -668,7 +675,7 @@ class Downloader:
         if not decision.allowed:
             self.downloads.refuse(name, size_bytes, decision.reason)
             log.warning("download %s refused: %s", name, decision.reason)
-            raise DownloadRefused(decision.reason)
+            raise DownloadRefused(decision.reason, size_bytes)
         log.info("download %s allowed: %s", name, decision.reason)
 
     def check_space(self, name: str, total: int, have: int) -> None:

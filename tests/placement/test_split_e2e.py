@@ -323,3 +323,39 @@ def test_a_peer_beyond_max_rtt_is_left_out_of_the_split_and_stays_in_the_mesh(
     finally:
         relay.kill()
         relay.wait(10)
+
+
+def test_a_model_too_big_for_the_node_comes_down_once_split_peers_join_then_splits(
+        tmp_path, procs, llama_bin_dir, gemma_model_path, monkeypatch):
+    # a (0.2 GiB) is to serve the model from the local hub: alone, the gate refuses it (too
+    # big, no split peers); once b (0.15 GiB, holding the file) joins, the group holds it:
+    # the gate is asked again, a downloads it, and hosts the split
+    from tests.harness.localhub import LocalHub
+
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf-home"))
+    monkeypatch.setenv("HF_HUB_DISABLE_XET", "1")
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.delenv("HF_TOKEN", raising=False)
+    data = Path(gemma_model_path).read_bytes()
+    with LocalHub() as hub:
+        monkeypatch.setenv("HF_ENDPOINT", hub.url)
+        hub.add("test/gemma-GGUF", f"{MODEL}.gguf", data)
+        a = split_node(tmp_path, "a", llama_bin_dir, gemma_model_path, 0.2,
+                       models={"serve": [f"hf:test/gemma-GGUF/{MODEL}.gguf"]}).start()
+        procs.append(a)
+        a.wait_running()
+        refusal = a.wait_for(lambda n: n.status()["downloads_refused"],
+                             "a refusing the download alone", 60)
+        assert refusal[0]["name"] == MODEL and "not downloading" in refusal[0]["reason"]
+        assert not (tmp_path / "a" / "models" / f"{MODEL}.gguf").exists()
+        assert hub.requests(method="GET") == []
+
+        b = split_node(tmp_path, "b", llama_bin_dir, gemma_model_path, 0.15,
+                       join=token_of(a)).start()
+        procs.append(b)
+        entry = warm_split(a, 2, timeout=240)
+        assert entry["split"]["host"] == a.status()["node_id"]
+        assert (tmp_path / "a" / "models" / f"{MODEL}.gguf").read_bytes() == data
+        log = a.log()
+        assert "the mesh can hold" in log and "split peers will share it" in log
+        assert streamed(a).strip() and streamed(b).strip()
