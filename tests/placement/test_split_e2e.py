@@ -6,7 +6,13 @@ Gemma model, VRAM set by config so that the model fits no single node.
   only, the ``openai`` SDK gets a streamed answer through every node's API and a passive
   client's; kill -9 of the worker: the host re-plans to waiting (503 + Retry-After), and
   serves again once the worker is back;
-- three nodes short of VRAM two by two: waiting until the third joins, then one split over all.
+- three nodes short of VRAM two by two: waiting until the third joins, then one split over all;
+- a forced split (both nodes fit it) whose worker's rpc-server dies, then is stopped: the host
+  starts over each time, then runs solo once the worker is gone;
+- a peer behind a 150 ms relay is left out of the split and stays in the mesh;
+- a model too big for the node, refused alone, comes down from the local hub once a split
+  peer joins, then splits;
+- llama.cpp's device order for --tensor-split (--list-devices).
 """
 
 from __future__ import annotations
@@ -359,3 +365,38 @@ def test_a_model_too_big_for_the_node_comes_down_once_split_peers_join_then_spli
         log = a.log()
         assert "the mesh can hold" in log and "split peers will share it" in log
         assert streamed(a).strip() and streamed(b).strip()
+
+
+def test_llama_cpp_takes_the_rpc_devices_in_the_order_of_rpc_and_gives_the_cpu_no_share(
+        llama_bin_dir):
+    # --tensor-split's weights go to the devices in --list-devices' order: the --rpc
+    # entries as given; a CPU-only host's CPU is no device there (its share runs in a local
+    # rpc-server, listed first by meshd's prepare)
+    import socket
+    import time
+
+    from tests.conftest import free_port
+
+    ports = [free_port(), free_port()]
+    servers = [subprocess.Popen([str(Path(llama_bin_dir) / "ggml-rpc-server"), "-H", "127.0.0.1",
+                                 "-p", str(p)], stdout=subprocess.DEVNULL,
+                                stderr=subprocess.DEVNULL) for p in ports]
+    try:
+        for p in ports:
+            deadline = time.monotonic() + 30
+            while True:
+                try:
+                    socket.create_connection(("127.0.0.1", p), timeout=1).close()
+                    break
+                except OSError:
+                    assert time.monotonic() < deadline, f"rpc-server on {p} never listened"
+                    time.sleep(0.1)
+        given = [f"127.0.0.1:{ports[1]}", f"127.0.0.1:{ports[0]}"]
+        out = subprocess.run([str(Path(llama_bin_dir) / "llama-server"), "--rpc", ",".join(given),
+                              "--list-devices"], capture_output=True, text=True, timeout=60)
+        listed = re.findall(r"^\s+(\S+): (\S+) \(", out.stdout + out.stderr, re.M)
+        assert listed == [("RPC0", given[0]), ("RPC1", given[1])], out.stdout + out.stderr
+    finally:
+        for s in servers:
+            s.kill()
+            s.wait(10)
