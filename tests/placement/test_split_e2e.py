@@ -21,6 +21,7 @@ import json
 import os
 import re
 import subprocess
+import threading
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -210,6 +211,40 @@ def test_a_third_node_joining_a_waiting_group_starts_the_split(
     assert streamed(b).strip()
 
 
+class InFlight(threading.Thread):
+    """A long streamed answer read chunk by chunk (bounded: 600 tokens, 120 s)."""
+
+    def __init__(self, node: Meshd):
+        super().__init__(daemon=True)
+        self.node, self.chunks, self.ended = node, 0, ""
+        self.first_chunk = threading.Event()
+        self.start()
+
+    def run(self) -> None:
+        body = {"model": MODEL, "max_tokens": 600, "stream": True, "ignore_eos": True,
+                "messages": [{"role": "user", "content": "Tell a very long story."}]}
+        req = urllib.request.Request(f"{self.node.api}/v1/chat/completions",
+                                     data=json.dumps(body).encode(),
+                                     headers={"Content-Type": "application/json"})
+        try:
+            with urllib.request.urlopen(req, timeout=120) as r:
+                for line in r:
+                    if line.startswith(b"data: {") and b'"error"' in line:
+                        self.ended = f"error event: {line[:200]!r}"
+                        return
+                    if line.startswith(b"data: {"):
+                        self.chunks += 1
+                        self.first_chunk.set()
+                    elif line.startswith(b"data: [DONE]"):
+                        self.ended = "done"
+                        return
+                self.ended = "closed without [DONE]"
+        except (OSError, urllib.error.URLError) as e:
+            self.ended = f"connection error: {e}"
+        finally:
+            self.first_chunk.set()
+
+
 def rpc_server_of(node: Meshd) -> int:
     """The pid of the ggml-rpc-server ``node``'s meshd runs (exactly one)."""
     pids = [pid for pid, comm in children_of(node.pid) if comm == "ggml-rpc-server"]
@@ -239,9 +274,15 @@ def test_a_forced_split_survives_its_rpc_server_dying_or_stopping_and_goes_solo_
                       b.status()["node_id"]: pytest.approx(0.8 / 1.8, abs=1e-3)}
     assert streamed(a).strip()
 
-    # the worker's rpc-server alone dies: its meshd starts another, the host starts over
+    # the worker's rpc-server alone dies, mid-answer: the stream in flight ends (no hang),
+    # its meshd starts another rpc-server, the host starts over
     first_llama, first_rpc = llama_pid(a), rpc_server_of(b)
+    flight = InFlight(a)
+    flight.first_chunk.wait(60)
     os.kill(first_rpc, 9)
+    flight.join(90)
+    assert not flight.is_alive(), "the request in flight hangs after its worker died"
+    assert flight.chunks >= 1 and flight.ended.startswith("error event"), flight.ended
     a.wait_for(lambda n: llama_pid(n) not in (None, first_llama) and warm_split(n, 2),
                "a serving again on a new llama-server", 120)
     assert rpc_server_of(b) != first_rpc
