@@ -406,6 +406,12 @@ def format_status(s: dict) -> list[str]:
     models = [dict(m, split=_split_text(m.get("split"))) for m in raw_models]
     with_split = any(m["split"] != "-" for m in models)
     lines += section("MODELS", models, MODEL_COLUMNS + ([("split", "SPLIT")] if with_split else []))
+    # why a model waits ("need 5.3 GiB, group has 4.0 GiB of 2 nodes"): the numbers to act on
+    for m in raw_models:
+        if str(m.get("state") or "").startswith("waiting"):
+            reason = m.get("reason") or (m.get("local") or {}).get("reason")
+            if reason:
+                lines.append(f"{m.get('name')} {m.get('state')}: {reason}")
     tunnels = _tunnel_rows(raw_models)
     if tunnels:  # on a split's host: is each worker's rpc-server reachable, and in use
         lines += section("RPC TUNNELS", tunnels, TUNNEL_COLUMNS)

@@ -101,6 +101,16 @@ def test_a_split_waiting_for_vram_shows_no_share_yet():
     assert row.endswith(f"{HOST[:12]} - (host), {WORKER[:12]} -")
 
 
+def test_a_waiting_model_says_why_under_the_models():
+    s = worker_status()
+    s["models"][0].update(state="waiting-for-vram",
+                          reason="need 44.0 GiB, group has 36.0 GiB of 3 nodes")
+    lines = meshctl.format_status(s)
+    assert (f"{MODEL} waiting-for-vram: need 44.0 GiB, group has 36.0 GiB of 3 nodes"
+            in lines)
+    assert not any(line.startswith("tiny ") for line in lines)  # warm: nothing to say
+
+
 def test_odd_split_shapes_do_not_break_the_status():
     s = copy.deepcopy(HOST_STATUS)
     s["models"][0]["split"] = {"host": HOST, "workers": None, "tunnels": [None, "x"]}
