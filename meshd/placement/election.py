@@ -104,13 +104,15 @@ class Decision:
         return tuple((n, round(s, 4)) for n, s in self.shares)
 
     def split_status(self) -> dict[str, Any] | None:
-        """``meshctl status`` ``split``: ``{host, workers: [{node_id, share}]}`` (every node
-        with a share, the host first) or None (solo)."""
+        """``meshctl status`` ``split``: ``{host, workers: [{node_id, share}], reason}``
+        (every node with a share, the host first; why this plan: a skipped peer, a
+        ``tensor_split`` that did not fit) or None (solo)."""
         if self.mode == PlanMode.SOLO or self.host is None:
             return None
         shares = self.shares or ((self.host, 0.0),) + self.workers
         return {"host": self.host,
-                "workers": [{"node_id": n, "share": round(s, 4)} for n, s in shares]}
+                "workers": [{"node_id": n, "share": round(s, 4)} for n, s in shares],
+                "reason": self.reason}
 
 
 _RTT_FIGURE = re.compile(r"\d+ ms\b")

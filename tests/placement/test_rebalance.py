@@ -47,7 +47,8 @@ def test_too_big_for_the_group_elects_the_biggest_host_which_waits_and_others_ar
     # every node's status shows the whole waiting group, the host first
     for d in out.values():
         assert d.split_status() == {"host": "b", "workers": [
-            {"node_id": n, "share": 0.0} for n in ("b", "a", "c")]}
+            {"node_id": n, "share": 0.0} for n in ("b", "a", "c")], "reason": d.reason}
+        assert d.reason.endswith("need 44.0 GiB, group has 36.0 GiB of 3 nodes")
 
 
 def test_equal_vram_elects_the_lowest_node_id():
@@ -64,7 +65,8 @@ def test_enough_vram_together_splits_with_shares_by_vram():
     assert out["a"].action == WORKER and out["a"].host == "b"
     # every node with a share, the host first
     assert host.split_status() == {"host": "b", "workers": [{"node_id": "b", "share": 0.6667},
-                                                            {"node_id": "a", "share": 0.3333}]}
+                                                            {"node_id": "a", "share": 0.3333}],
+                                   "reason": "fits no single node: split over 2 nodes"}
 
 
 def test_forced_split_splits_a_model_that_fits():
