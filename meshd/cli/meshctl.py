@@ -407,11 +407,16 @@ def format_status(s: dict) -> list[str]:
     with_split = any(m["split"] != "-" for m in models)
     lines += section("MODELS", models, MODEL_COLUMNS + ([("split", "SPLIT")] if with_split else []))
     # why a model waits ("need 5.3 GiB, group has 4.0 GiB of 2 nodes"): the numbers to act on
+    # and why a split is planned so (peers skipped for RTT, a tensor_split that did not fit)
     for m in raw_models:
+        raw_split = m.get("split")
+        split: dict[str, Any] = raw_split if isinstance(raw_split, dict) else {}
         if str(m.get("state") or "").startswith("waiting"):
             reason = m.get("reason") or (m.get("local") or {}).get("reason")
             if reason:
                 lines.append(f"{m.get('name')} {m.get('state')}: {reason}")
+        elif split.get("reason"):
+            lines.append(f"{m.get('name')} split: {split['reason']}")
     tunnels = _tunnel_rows(raw_models)
     if tunnels:  # on a split's host: is each worker's rpc-server reachable, and in use
         lines += section("RPC TUNNELS", tunnels, TUNNEL_COLUMNS)

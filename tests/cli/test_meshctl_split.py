@@ -111,6 +111,15 @@ def test_a_waiting_model_says_why_under_the_models():
     assert not any(line.startswith("tiny ") for line in lines)  # warm: nothing to say
 
 
+def test_a_split_says_why_it_is_planned_so():
+    s = copy.deepcopy(HOST_STATUS)
+    s["models"][0]["split"]["reason"] = (
+        "fits no single node: split over 2 nodes; [models] tensor_split has 3 weights for "
+        "2 nodes: shares follow VRAM")
+    assert (f"{MODEL} split: fits no single node: split over 2 nodes; [models] tensor_split "
+            "has 3 weights for 2 nodes: shares follow VRAM") in meshctl.format_status(s)
+
+
 def test_odd_split_shapes_do_not_break_the_status():
     s = copy.deepcopy(HOST_STATUS)
     s["models"][0]["split"] = {"host": HOST, "workers": None, "tunnels": [None, "x"]}
