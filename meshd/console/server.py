@@ -119,19 +119,34 @@ class VramUse:
         pids = [m.backend.pid for m in loaded if getattr(m.backend, "pid", None)]
         measured = self._measured(pids)
         out = {}
+        share = self._split_shares()
         if measured > 0:
             out[node.node_id] = {"bytes": measured, "source": "nvml"}
         else:
             out[node.node_id] = {
-                "bytes": sum(m.size_bytes or 0 for m in loaded),
+                "bytes": int(sum((m.size_bytes or 0) * share(m.name, node.node_id)
+                                 for m in loaded)),
                 "source": "model size" if loaded else "none",
             }
         mesh = node.mesh
         for p in mesh.peers() if mesh is not None else ():
             sizes = {m.name: m.size_bytes for m in p.available_models}
-            used = sum(sizes.get(name) or 0 for name in p.serving)
+            used = int(sum((sizes.get(name) or 0) * share(name, p.node_id) for name in p.serving))
             out[p.node_id] = {"bytes": used, "source": "model size" if p.serving else "none"}
         return out
+
+    def _split_shares(self) -> Callable[[str, str], float]:
+        """``share(model, node_id)``: the part of ``model`` a node holds, 1.0 unless this
+        node's plan splits it (then each node of the split holds its share of the layers)."""
+        rebalancer = self.node.rebalancer
+        decision = rebalancer.decision if rebalancer is not None else None
+        shares = dict(decision.shares) if decision is not None and decision.shares else {}
+        model = decision.model if decision is not None else None
+
+        def share(name: str, node_id: str) -> float:
+            return shares.get(node_id, 1.0) if name == model else 1.0
+
+        return share
 
 
 def chat_policy(config: Config) -> tuple[bool, str | None]:

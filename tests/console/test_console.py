@@ -7,6 +7,7 @@ the chat proxy) or go through ``treq.testing.StubTreq`` (plain answers).
 from __future__ import annotations
 
 import json
+import types
 from dataclasses import dataclass, field
 
 import pytest
@@ -85,6 +86,7 @@ class FakeNode:
         self.downloader = FakeDownloader()
         self.status_listeners = []
         self.state = "running"
+        self.rebalancer = None
 
     def add_status_listener(self, cb):
         self.status_listeners.append(cb)
@@ -195,6 +197,19 @@ def test_vram_used_of_a_peer_is_the_size_of_the_model_it_serves(node, clock):
     used = make_feed(node, clock).status()["console"]["vram_used"]
     assert used["busy"] == {"bytes": 5 * GB, "source": "model size"}
     assert used["idle"] == {"bytes": 0, "source": "none"}
+
+
+def test_vram_used_of_a_split_is_each_nodes_share_of_the_model(node, clock):
+    from meshd.placement.election import RUN, Decision
+
+    node.served = {"big": FakeServed("big", 10 * GB)}
+    node.mesh.peer_list = [FakePeer("worker", serving=("big",),
+                                    available_models=(FakeDisk("big", 10 * GB),))]
+    node.rebalancer = types.SimpleNamespace(decision=Decision(
+        "big", RUN, "split", host="selfnode", shares=(("selfnode", 0.7), ("worker", 0.3))))
+    used = make_feed(node, clock).status()["console"]["vram_used"]
+    assert used["selfnode"] == {"bytes": 7 * GB, "source": "model size"}
+    assert used["worker"] == {"bytes": 3 * GB, "source": "model size"}
 
 
 def test_nothing_served_uses_no_vram(node, clock):

@@ -69,6 +69,7 @@ class SplitNode:
         self.served: dict[str, Any] = {}
         self.mesh = None
         self.downloader = None
+        self.rebalancer = None
         self.status_listeners: list[Any] = []
         self.doc = copy.deepcopy(HOST_STATUS)
 
