@@ -458,8 +458,9 @@ class Supervised:
         self._ready_waiters.append(d)
         return d
 
-    def stop(self) -> Deferred:
-        """SIGTERM, SIGKILL after stop_timeout_s; fires once the child is gone."""
+    def stop(self, *, kill: bool = False) -> Deferred:
+        """SIGTERM, SIGKILL after stop_timeout_s (``kill``: SIGKILL now); fires once the
+        child is gone."""
         if self.state in (STOPPED, FAILED):
             return succeed(None)
         d: Deferred[None] = Deferred()
@@ -472,8 +473,13 @@ class Supervised:
             self._set_state(STOPPED)
             self._fire_stop_waiters()
             return d
-        log.info("%s: stopping pid %s (SIGTERM)", self.label, self.pid)
         self._set_state(STOPPING)
+        if kill:
+            log.info("%s: stopping pid %s (SIGKILL: nothing in it can be saved)", self.label,
+                     self.pid)
+            self._signal("KILL")
+            return d
+        log.info("%s: stopping pid %s (SIGTERM)", self.label, self.pid)
         self._signal("TERM")
         self._later("kill", self.llama.stop_timeout_s, self._stop_timed_out)
         return d

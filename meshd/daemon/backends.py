@@ -107,15 +107,17 @@ class LocalBackends(service.Service):
             return
         log.warning("split of %s: starting it over (llama-server, then its RPC parts): %s",
                     name, why)
-        self.stop_split_or_solo(name)
+        # SIGKILL: llama.cpp cannot go on without the part (it aborts, or waits for ever
+        # on a stopped one), and a graceful stop only costs the re-plan its time
+        self.stop_split_or_solo(name, kill=True)
         self.spawn_split(name, hosted.shares)
 
-    def stop_split_or_solo(self, name: str) -> defer.Deferred[None]:
+    def stop_split_or_solo(self, name: str, *, kill: bool = False) -> defer.Deferred[None]:
         """Stop ``name``'s llama-server, then (stop order) its split's rpc-servers and entries."""
         self._generation[name] = self._generation.get(name, 0) + 1
         split = self.node.split
         pending = self._stopping.get(name)
-        d = self.node.stop_serving(name)
+        d = self.node.stop_serving(name, kill=kill)
         if pending is not None:  # a re-plan while the last stop runs: that llama-server too
             d = defer.DeferredList([_after(pending), d], consumeErrors=True)
             d.addCallback(lambda _: None)

@@ -58,7 +58,7 @@ class Backend(Protocol):
 
     def when_ready(self) -> defer.Deferred[Any]: ...
 
-    def stop(self) -> defer.Deferred[Any]: ...
+    def stop(self, *, kill: bool = False) -> defer.Deferred[Any]: ...
 
 
 class NodeMesh(RoutedMesh, Protocol):
@@ -414,8 +414,9 @@ class Node:
         if self.rebalancer is not None:
             self.rebalancer.on_event()  # an idle node may take another model
 
-    def stop_serving(self, model: str) -> defer.Deferred[Any]:
-        """Stop this node's llama-server for ``model`` and forget it; fires once it is gone."""
+    def stop_serving(self, model: str, *, kill: bool = False) -> defer.Deferred[Any]:
+        """Stop this node's llama-server for ``model`` and forget it; fires once it is gone.
+        ``kill``: SIGKILL at once (a split that lost a part: it cannot recover)."""
         served = self.served.pop(model, None)
         if served is None:
             return defer.succeed(None)
@@ -425,7 +426,7 @@ class Node:
         if self.mesh is not None:
             self.mesh.local_changed()
         self.status_changed()
-        return served.backend.stop()
+        return served.backend.stop(kill=kill)
 
     def status(self) -> dict[str, Any]:
         out = self._status()

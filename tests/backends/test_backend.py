@@ -411,6 +411,21 @@ def test_stop_sends_sigterm_then_sigkill_after_stop_timeout_s():
     assert (h.server.state, h.server.pid) == ("stopped", None)
 
 
+def test_stop_with_kill_sends_sigkill_at_once():
+    # a split that lost a part: nothing in llama-server can be saved, its graceful stop
+    # only delays the re-plan
+    h = Harness()
+    h.server.start()
+    h.make_ready()
+    d = h.server.stop(kill=True)
+    assert h.process.signals == ["KILL"] and h.server.state == "stopping"
+    assert not d.called
+    h.end(signal=9)
+    assert d.called and h.server.state == "stopped"
+    h.clock.advance(LLAMA.stop_timeout_s * 2)
+    assert h.process.signals == ["KILL"]
+
+
 def test_stop_sends_no_sigkill_when_sigterm_suffices():
     h = Harness()
     h.server.start()

@@ -143,7 +143,7 @@ class FakeRpc:
         self._waiters.append(d)
         return d
 
-    def stop(self) -> defer.Deferred[None]:
+    def stop(self, *, kill: bool = False) -> defer.Deferred[None]:
         self.stopped += 1
         self.state = BackendState.STOPPED
         waiters, self._waiters = self._waiters, []
@@ -463,9 +463,9 @@ class Llama(FakeBackend):
         self.log = log
         self.stopping: defer.Deferred[None] | None = None
 
-    def stop(self) -> defer.Deferred[None]:
+    def stop(self, *, kill: bool = False) -> defer.Deferred[None]:
         self.stopped += 1
-        self.log.append("llama-server stopping")
+        self.log.append("llama-server killed" if kill else "llama-server stopping")
         self.stopping = defer.Deferred()
         return self.stopping
 
@@ -571,9 +571,9 @@ def test_a_broken_split_starts_over_with_its_shares_once_llama_server_stopped(
     rig.log.clear()
     entry.on_broken("the worker closed its RPC tunnel (worker node-b)")
     entry.on_broken("a second connection of the same llama-server")  # one start-over
-    assert rig.log == ["llama-server stopping"]
+    assert rig.log == ["llama-server killed"]  # it cannot recover: no graceful stop
     rig.llamas[0].exit()
-    assert rig.log == ["llama-server stopping", "llama-server gone", ("release", "m"),
+    assert rig.log == ["llama-server killed", "llama-server gone", ("release", "m"),
                        ("prepare", ("node-h", "node-b")), ("spawn", ("127.0.0.1:41002",))]
     assert rig.split.runtime.hosting["m"].shares == S1
 

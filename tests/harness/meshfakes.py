@@ -37,7 +37,7 @@ class FakeBackend:
     def endpoint(self) -> Any:
         return ("local-endpoint", self.port)
 
-    def stop(self) -> defer.Deferred:
+    def stop(self, *, kill: bool = False) -> defer.Deferred:
         self.stopped += 1
         self.state = "stopped"
         return defer.succeed(None)
