@@ -70,7 +70,7 @@ sys.path.insert(0, str(ROOT))
 
 from meshd.mesh import tokens  # noqa: E402
 from tests.conftest import find_llama_bin_dir, find_model, free_port  # noqa: E402
-from tests.harness.daemon import Meshd  # noqa: E402
+from tests.harness.daemon import Meshd, children_of  # noqa: E402
 
 TICKS = os.sysconf("SC_CLK_TCK")
 PROMPT = "Write a short story about a robot who learns to paint."
@@ -88,20 +88,6 @@ def cpu_seconds(pids: list[int]) -> float:
         total += (int(fields[11]) + int(fields[12])) / TICKS
     return total
 
-
-def children_of(pid: int, comm: str) -> list[int]:
-    out = []
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            stat = Path(f"/proc/{entry}/stat").read_text()
-        except OSError:
-            continue
-        name = stat[stat.index("(") + 1:stat.rindex(")")]
-        if name == comm and int(stat[stat.rindex(")") + 2:].split()[1]) == pid:
-            out.append(int(entry))
-    return out
 
 
 # -- processes started here ------------------------------------------------------------
@@ -463,7 +449,7 @@ class MeshdLine(Line):
         self.load_warm = self.pair.load
         a, b = self.pair.a, self.pair.b
         pid, self.port, self.key = llama_of(a, self.pair.model)
-        rpcs = [p for n in (a, b) for p in children_of(n.pid, "ggml-rpc-server")]
+        rpcs = [p for n in (a, b) for p, comm in children_of(n.pid) if comm == "ggml-rpc-server"]
         self.relay_pids, self.llama_pids = [a.pid, b.pid], [pid, *rpcs]
         if self.pair.relay is not None:
             b_id = b.status()["node_id"]

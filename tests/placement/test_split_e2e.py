@@ -29,7 +29,7 @@ from pathlib import Path
 import openai
 import pytest
 
-from tests.harness.daemon import Meshd
+from tests.harness.daemon import Meshd, children_of
 
 pytestmark = pytest.mark.e2e
 
@@ -102,22 +102,6 @@ def rpc_listeners() -> list[str]:
     out = subprocess.run(["ss", "-ltnpH"], capture_output=True, text=True, check=True).stdout
     return [line.split()[3] for line in out.splitlines() if "ggml-rpc-server" in line]
 
-
-def children_of(pid: int) -> list[tuple[int, str]]:
-    """(pid, comm) of the processes whose parent is ``pid``."""
-    out = []
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            stat = Path(f"/proc/{entry}/stat").read_text()
-        except OSError:
-            continue
-        comm = stat[stat.index("(") + 1:stat.rindex(")")]
-        ppid = int(stat[stat.rindex(")") + 2:].split()[1])
-        if ppid == pid:
-            out.append((int(entry), comm))
-    return out
 
 
 def warm_split(node: Meshd, workers: int, timeout: float = 180) -> dict:
