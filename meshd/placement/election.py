@@ -515,12 +515,30 @@ class Rebalancer:
         self._assign_deadline = None
         if not self._may_assign():
             return None
+        waiting = self._waiting_group_to_join()
+        if waiting is not None:
+            log.info("model %s: its group waits and this node has it on disk: joining the "
+                     "group", waiting)
+            return self._take(waiting, download=False, what="joined the waiting group of")
         view, me = self._spare_view()
         decision = placement.assign_model(me, view, policy=self.node.policy)
         if decision.model is None:
             self._unassigned(decision.reason)  # the daemon may make it a standby
             return None
         return self._take(decision.model, download=decision.download, what="assigned")
+
+    def _waiting_group_to_join(self) -> str | None:
+        """A model on this node's disk whose group waits (nobody serves or loads it: short
+        of VRAM): joining brings the VRAM a split needs, or a node that runs it alone.
+        The assignment hook only hands out models that fit a node alone, so a node that
+        got a big model's file (``meshctl download``) would otherwise never join."""
+        mesh, scan = self.node.mesh, self.node.scan
+        if mesh is None or scan is None:
+            return None
+        peers = mesh.peers()
+        busy = {m for p in peers for m in (*p.serving, *p.loading)}
+        waiting = {m for p in peers for m in p.waiting} - busy - set(self.node.dropped)
+        return next((m for m in sorted(waiting) if m in scan.models), None)
 
     def _spare_view(self) -> tuple[MeshView, NodeView]:
         """The mesh and this node as assignment and promotion see them: dropped models left

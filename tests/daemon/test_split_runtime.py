@@ -733,6 +733,29 @@ def test_a_worker_of_a_group_it_thinks_short_still_lends_to_the_host():
     assert r.lent == ("m", "a") and lending.log == [("lend", "m", "a")] and acts.log == []
 
 
+def test_an_idle_node_with_the_file_of_a_waiting_group_joins_it_and_lends():
+    # b got the big model by meshctl download; the assignment hook only hands out models
+    # that fit a node alone, so b joins a's waiting group itself: the split can start
+    node = make_node("b", vram_gb=8, disk={"m": 20 * GB, "small": GB})
+    node.mesh.members["a"] = peer("a", waiting=["m"], vram_gb=16)
+    r, acts, lending = lending_rebalancer(node)
+    assert r.assign() == "m"
+    assert r.target == "m" and (r.decision.action, r.decision.host) == (WORKER, "a")
+    assert lending.log == [("lend", "m", "a")] and acts.log == []
+
+
+def test_an_idle_node_leaves_a_running_or_dropped_model_to_the_assignment_hook():
+    node = make_node("b", vram_gb=8, disk={"m": 20 * GB})
+    node.mesh.members["a"] = peer("a", serving=["m"], vram_gb=16)
+    node.mesh.members["c"] = peer("c", waiting=["m"], vram_gb=8)  # a worker of a's split
+    r, _, lending = lending_rebalancer(node)
+    assert r._waiting_group_to_join() is None  # noqa: SLF001 - the rule alone
+    node.mesh.members["a"] = peer("a", waiting=["m"], vram_gb=16)
+    node.dropped.add("m")
+    assert r._waiting_group_to_join() is None  # noqa: SLF001
+    assert lending.log == []
+
+
 def test_a_worker_whose_model_is_dropped_stops_lending():
     node = make_node("b", vram_gb=8, disk={"m": 20 * GB})
     node.mesh.members["a"] = peer("a", waiting=["m"], vram_gb=16)

@@ -356,11 +356,13 @@ def test_a_peer_beyond_max_rtt_is_left_out_of_the_split_and_stays_in_the_mesh(
         relay.wait(10)
 
 
-def test_a_model_too_big_for_the_node_comes_down_once_split_peers_join_then_splits(
-        tmp_path, procs, llama_bin_dir, gemma_model_path, monkeypatch):
-    # a (0.2 GiB) is to serve the model from the local hub: alone, the gate refuses it (too
-    # big, no split peers); once b (0.15 GiB, holding the file) joins, the group holds it:
-    # the gate is asked again, a downloads it, and hosts the split
+HUB_REPO = "test/gemma-GGUF"
+HUB_ENTRY = f"hf:{HUB_REPO}/{MODEL}.gguf"
+
+
+@pytest.fixture
+def gemma_hub(tmp_path, monkeypatch, gemma_model_path):
+    """The local hub serving the Gemma GGUF (``HF_ENDPOINT`` for the daemons); its bytes."""
     from tests.harness.localhub import LocalHub
 
     monkeypatch.setenv("HF_HOME", str(tmp_path / "hf-home"))
@@ -370,26 +372,58 @@ def test_a_model_too_big_for_the_node_comes_down_once_split_peers_join_then_spli
     data = Path(gemma_model_path).read_bytes()
     with LocalHub() as hub:
         monkeypatch.setenv("HF_ENDPOINT", hub.url)
-        hub.add("test/gemma-GGUF", f"{MODEL}.gguf", data)
-        a = split_node(tmp_path, "a", llama_bin_dir, gemma_model_path, 0.2,
-                       models={"serve": [f"hf:test/gemma-GGUF/{MODEL}.gguf"]}).start()
-        procs.append(a)
-        a.wait_running()
-        refusal = a.wait_for(lambda n: n.status()["downloads_refused"],
-                             "a refusing the download alone", 60)
-        assert refusal[0]["name"] == MODEL and "not downloading" in refusal[0]["reason"]
-        assert not (tmp_path / "a" / "models" / f"{MODEL}.gguf").exists()
-        assert hub.requests(method="GET") == []
+        hub.add(HUB_REPO, f"{MODEL}.gguf", data)
+        yield hub, data
 
-        b = split_node(tmp_path, "b", llama_bin_dir, gemma_model_path, 0.15,
-                       join=token_of(a)).start()
-        procs.append(b)
-        entry = warm_split(a, 2, timeout=240)
-        assert entry["split"]["host"] == a.status()["node_id"]
-        assert (tmp_path / "a" / "models" / f"{MODEL}.gguf").read_bytes() == data
-        log = a.log()
-        assert "the mesh can hold" in log and "split peers will share it" in log
-        assert streamed(a).strip() and streamed(b).strip()
+
+def test_a_model_too_big_for_the_node_comes_down_once_split_peers_join_then_splits(
+        tmp_path, procs, llama_bin_dir, gemma_model_path, gemma_hub):
+    # a (0.2 GiB) is to serve the model from the local hub: alone, the gate refuses it (too
+    # big, no split peers); once b (0.15 GiB, holding the file) joins, the group holds it:
+    # the gate is asked again, a downloads it, and hosts the split
+    hub, data = gemma_hub
+    a = split_node(tmp_path, "a", llama_bin_dir, gemma_model_path, 0.2,
+                   models={"serve": [HUB_ENTRY]}).start()
+    procs.append(a)
+    a.wait_running()
+    refusal = a.wait_for(lambda n: n.status()["downloads_refused"],
+                         "a refusing the download alone", 60)
+    assert refusal[0]["name"] == MODEL and "not downloading" in refusal[0]["reason"]
+    assert not (tmp_path / "a" / "models" / f"{MODEL}.gguf").exists()
+    assert hub.requests(method="GET") == []
+
+    b = split_node(tmp_path, "b", llama_bin_dir, gemma_model_path, 0.15,
+                   join=token_of(a)).start()
+    procs.append(b)
+    entry = warm_split(a, 2, timeout=240)
+    assert entry["split"]["host"] == a.status()["node_id"]
+    assert (tmp_path / "a" / "models" / f"{MODEL}.gguf").read_bytes() == data
+    log = a.log()
+    assert "the mesh can hold" in log and "split peers will share it" in log
+    assert streamed(a).strip() and streamed(b).strip()
+
+
+def test_meshctl_download_on_an_idle_node_fills_a_waiting_group_which_then_splits(
+        tmp_path, procs, llama_bin_dir, gemma_model_path, gemma_hub):
+    # a (0.2 GiB) waits for VRAM; b (0.15 GiB) joined with no model: `meshctl download`
+    # of a model b cannot hold alone proceeds (a and b hold it together), and b, now
+    # holding the file of a waiting group, joins it: the split starts
+    hub, data = gemma_hub
+    a = split_node(tmp_path, "a", llama_bin_dir, gemma_model_path, 0.2).start()
+    procs.append(a)
+    a.wait_for(lambda n: model_entry(n)["state"].startswith("waiting"), "a waiting for VRAM", 60)
+    b = split_node(tmp_path, "b", llama_bin_dir, gemma_model_path, 0.15, join=token_of(a),
+                   models={"serve": []}).start()
+    procs.append(b)
+    b.wait_running()
+    r = b.ctl("download", HUB_ENTRY)
+    assert r.returncode == 0 and "downloading" in r.stdout, r.stdout + r.stderr
+    entry = warm_split(a, 2, timeout=240)
+    assert [w["node_id"] for w in entry["split"]["workers"]] == [
+        a.status()["node_id"], b.status()["node_id"]]
+    assert (tmp_path / "b" / "models" / f"{MODEL}.gguf").read_bytes() == data
+    assert "joining the group" in b.log()
+    assert streamed(b).strip()
 
 
 def test_llama_cpp_takes_the_rpc_devices_in_the_order_of_rpc_and_gives_the_cpu_no_share(
