@@ -516,8 +516,8 @@ class Node:
     def _downloaded(self, model: LocalModel) -> None:
         log.info("downloaded %s (%s)", model.name, model.path)
         self.rescan()
-        if self.rebalancer is not None:  # an idle node may serve it now, or join its group
-            self.rebalancer.on_event()
+        if self.rebalancer is not None:
+            self.rebalancer.downloaded()
 
     def rescan(self) -> None:
         """Scan the model directories again (after a download, on SIGHUP) and re-gossip."""

@@ -466,6 +466,11 @@ class Rebalancer:
         if self._may_assign():
             self._schedule_assign()
 
+    def downloaded(self) -> None:
+        """A download ended: an idle node may serve the model now, or join its group."""
+        if self._may_assign():
+            self._schedule_assign()
+
     def _may_promote(self) -> bool:
         node = self.node
         if self.stopped or node.config.node.client or self.assigning or self.target is not None:

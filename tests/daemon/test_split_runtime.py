@@ -739,7 +739,9 @@ def test_an_idle_node_with_the_file_of_a_waiting_group_joins_it_and_lends():
     node = make_node("b", vram_gb=8, disk={"m": 20 * GB, "small": GB})
     node.mesh.members["a"] = peer("a", waiting=["m"], vram_gb=16)
     r, acts, lending = lending_rebalancer(node)
-    assert r.assign() == "m"
+    r.downloaded()  # what the node calls when a download ends: assignment after settle_s
+    assert r.target is None
+    node.reactor.advance(r.settle_s)
     assert r.target == "m" and (r.decision.action, r.decision.host) == (WORKER, "a")
     assert lending.log == [("lend", "m", "a")] and acts.log == []
 
