@@ -297,9 +297,8 @@ async def _download_first(node: Node, backends: LocalBackends, notifier: Notifie
 
     A refusal of the gate (too big for this node, no split peers to share it) is
     not the last word: peers that a split would use may join later (a node
-    started with ``--join`` asks before its join is done), so the gate is asked
-    again, with the size it refused, at every membership event, and the download
-    starts once it says yes.
+    started with ``--join`` asks before its join is done), so the download is
+    tried again once such peers hold the size it refused.
     """
     from meshd.models.download import DownloadRefused
 
@@ -342,15 +341,18 @@ def _retry_when_the_mesh_holds_it(node: Node, backends: LocalBackends, notifier:
         node.remove_membership_listener(changed)  # one retry; its refusal arms another
         log.info("the mesh can hold %s now: downloading it", first.name)
         notifier.status(f"downloading {first.name}; API on {node.config.api.listen}")
-        d = defer.ensureDeferred(_download_first(node, backends, notifier, first))
-        d.addCallback(lambda served: served and notifier.status(node.status_line()))
-        d.addErrback(failed)
+        defer.ensureDeferred(retry())
 
-    def failed(f: Any) -> None:
+    async def retry() -> None:
         from meshd.models.download import DownloadCancelled
 
-        if not f.check(DownloadCancelled):  # cancelled: the daemon stops
-            log.error("downloading %s failed: %s", first.name, f.getErrorMessage())
+        try:
+            if await _download_first(node, backends, notifier, first):
+                notifier.status(node.status_line())
+        except DownloadCancelled:  # the daemon stops
+            pass
+        except Exception as e:  # noqa: BLE001 - the hub or the disk: said, the node stays up
+            log.error("downloading %s failed: %s", first.name, e)
 
     node.add_membership_listener(changed)
 

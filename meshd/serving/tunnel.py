@@ -66,8 +66,6 @@ from meshd.mesh.wire import FrameType
 from meshd.states import TUNNEL_MOVES, TunnelState, check_move
 
 log = logging.getLogger("meshd.serving.tunnel")
-# (peer, model) -> the last reason its tunnel was refused for: logged when it changes
-_last_refusal: dict[tuple[str, str], str] = {}
 
 
 class _Stream(TypingProtocol):
@@ -178,6 +176,9 @@ class TunnelHost:
     def __init__(self) -> None:
         self.tunnels: set[HostTunnel] = set()
         self.opened = 0  # tunnels accepted, since start
+        # (peer, model) -> the reason its last tunnel was refused: a host probes a worker
+        # every few seconds while they disagree, and the warning is news once
+        self.last_refusal: dict[tuple[str, str], str] = {}
 
     def attach(self, mesh: TunnelMesh) -> None:
         mesh.register_purpose(self.purpose, self.handle)
@@ -319,12 +320,11 @@ class HostTunnel:
         self.peer.transport.abortConnection()
 
     def _refuse(self, reason: str) -> None:
-        # a host probes a worker every few seconds while they disagree: news once
-        key = (self.who, self.model or "")
-        level = logging.DEBUG if _last_refusal.get(key) == reason else logging.WARNING
-        if len(_last_refusal) >= 256:
-            _last_refusal.clear()
-        _last_refusal[key] = reason
+        seen, key = self.server.last_refusal, (self.who, self.model or "")
+        level = logging.DEBUG if seen.get(key) == reason else logging.WARNING
+        if len(seen) >= 256:  # bounded: peers and models come and go
+            seen.clear()
+        seen[key] = reason
         log.log(level, "refused a tunnel from node %s%s: %s", self.who,
                 f" for {self.model}" if self.model else "", reason)
         self._close_state()
