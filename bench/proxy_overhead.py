@@ -49,6 +49,8 @@ sys.path.insert(0, str(ROOT / "bench"))
 
 from nginx_baseline import Nginx  # noqa: E402
 
+from tests.harness.daemon import port_open  # noqa: E402
+
 TICKS = os.sysconf("SC_CLK_TCK")
 
 
@@ -64,14 +66,8 @@ def cpu_seconds(pid: int) -> float:
 
 
 def wait_port(port: int, timeout_s: float = 60.0) -> None:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=1).close()
-            return
-        except OSError:
-            time.sleep(0.05)
-    raise SystemExit(f"nothing listens on 127.0.0.1:{port} after {timeout_s:.0f} s")
+    if not port_open(port, timeout_s):
+        raise SystemExit(f"nothing listens on 127.0.0.1:{port} after {timeout_s:.0f} s")
 
 
 def start(argv: list[str], port: int, timeout_s: float = 60.0) -> subprocess.Popen:

@@ -55,7 +55,6 @@ import json
 import os
 import re
 import shutil
-import socket
 import statistics
 import subprocess
 import sys
@@ -70,7 +69,7 @@ sys.path.insert(0, str(ROOT))
 
 from meshd.mesh import tokens  # noqa: E402
 from tests.conftest import find_llama_bin_dir, find_model, free_port  # noqa: E402
-from tests.harness.daemon import Meshd, children_of  # noqa: E402
+from tests.harness.daemon import Meshd, children_of, port_open  # noqa: E402
 
 TICKS = os.sysconf("SC_CLK_TCK")
 PROMPT = "Write a short story about a robot who learns to paint."
@@ -231,14 +230,8 @@ class Line:
 
 
 def wait_connect(port: int, timeout_s: float = 30) -> None:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=1).close()
-            return
-        except OSError:
-            time.sleep(0.05)
-    raise SystemExit(f"nothing listens on 127.0.0.1:{port} after {timeout_s:.0f} s")
+    if not port_open(port, timeout_s):
+        raise SystemExit(f"nothing listens on 127.0.0.1:{port} after {timeout_s:.0f} s")
 
 
 # -- lines 1, 2, 4, 5: llama.cpp's own --rpc, straight or through bare relays -----------

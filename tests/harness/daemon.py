@@ -11,6 +11,7 @@ import json
 import os
 import shlex
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -241,3 +242,15 @@ def children_of(pid: int) -> list[tuple[int, str]]:
         if ppid == pid:
             out.append((int(entry), comm))
     return out
+
+
+def port_open(port: int, timeout_s: float) -> bool:
+    """Whether something accepts connections on 127.0.0.1:``port`` within ``timeout_s``."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+            return True
+        except OSError:
+            time.sleep(0.05)
+    return False

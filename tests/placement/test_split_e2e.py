@@ -29,7 +29,7 @@ from pathlib import Path
 import openai
 import pytest
 
-from tests.harness.daemon import Meshd, children_of
+from tests.harness.daemon import Meshd, children_of, port_open
 
 pytestmark = pytest.mark.e2e
 
@@ -431,9 +431,6 @@ def test_llama_cpp_takes_the_rpc_devices_in_the_order_of_rpc_and_gives_the_cpu_n
     # --tensor-split's weights go to the devices in --list-devices' order: the --rpc
     # entries as given; a CPU-only host's CPU is no device there (its share runs in a local
     # rpc-server, listed first by meshd's prepare)
-    import socket
-    import time
-
     from tests.conftest import free_port
 
     ports = [free_port(), free_port()]
@@ -442,14 +439,7 @@ def test_llama_cpp_takes_the_rpc_devices_in_the_order_of_rpc_and_gives_the_cpu_n
                                 stderr=subprocess.DEVNULL) for p in ports]
     try:
         for p in ports:
-            deadline = time.monotonic() + 30
-            while True:
-                try:
-                    socket.create_connection(("127.0.0.1", p), timeout=1).close()
-                    break
-                except OSError:
-                    assert time.monotonic() < deadline, f"rpc-server on {p} never listened"
-                    time.sleep(0.1)
+            assert port_open(p, 30), f"rpc-server on {p} never listened"
         given = [f"127.0.0.1:{ports[1]}", f"127.0.0.1:{ports[0]}"]
         out = subprocess.run([str(Path(llama_bin_dir) / "llama-server"), "--rpc", ",".join(given),
                               "--list-devices"], capture_output=True, text=True, timeout=60)
