@@ -12,7 +12,11 @@ The table (``ROUTE_TABLE`` body, ``docs/protocol.md``)::
      "hosts": [{"model", "node_id", "addrs", "vram_bytes", "load", "state": "warm"|"loading"}],
      "active_nodes": [{"node_id", "addrs", "role", "vram_bytes", "serving", "loading",
                        "available_models": [{"name", "size_bytes"}]}],
-     "standby": [{"node_id", "vram_bytes", "available_models"}]}
+     "standby": [{"node_id", "addrs", "vram_bytes", "available_models"}]}
+
+A standby's ``addrs`` are where it will listen for mesh connections once promoted
+(it listens on none while it stands by): a passive node whose every active node
+is gone dials them, so it finds the standby that took over.
 
 An answer with the etag the request named is ``{"etag", "same": true}``:
 nothing changed, and a refresh costs a few dozen bytes.
@@ -75,6 +79,8 @@ class NodeEntry:
         if self.role != Role.STANDBY:
             body.update(role=self.role, addrs=list(self.addrs), serving=list(self.serving),
                         loading=list(self.loading))
+        else:
+            body["addrs"] = list(self.addrs)  # where it listens once promoted
         return body
 
     def view(self) -> NodeView:
@@ -146,6 +152,13 @@ class RouteTable:
     def active_ids(self) -> list[str]:
         return sorted(n.node_id for n in self.active_nodes)
 
+    def standby_addrs(self) -> list[tuple[str, tuple[str, ...]]]:
+        """``(node_id, addrs)`` of every listed standby that said where it will listen, by
+        node id: where a passive node looks once every active node is gone (one of them
+        may have promoted)."""
+        return [(s.node_id, s.addrs) for s in sorted(self.standby, key=lambda s: s.node_id)
+                if s.addrs]
+
 
 def _list(body: dict[str, Any], key: str) -> list[Any]:
     value = body.get(key, [])
@@ -198,13 +211,15 @@ def _node(body: Any, role: str | None) -> NodeEntry:
 
 @dataclass(frozen=True, slots=True)
 class CheckIn:
-    """A ROUTE_REQUEST body: who asks, and (a standby) what it could serve."""
+    """A ROUTE_REQUEST body: who asks, and (a standby) what it could serve and where it
+    will listen once promoted."""
 
     kind: str  # Role.CLIENT | Role.STANDBY
     etag: str | None = None  # the table it holds; answered "same" when still current
     refresh_s: float = 30.0
     vram_bytes: int = 0
     available_models: tuple[ModelFile, ...] = ()
+    addrs: tuple[str, ...] = ()  # a standby's mesh addresses once promoted
 
     def to_body(self) -> dict[str, Any]:
         body: dict[str, Any] = {"kind": self.kind, "refresh_s": self.refresh_s}
@@ -214,6 +229,7 @@ class CheckIn:
             body["vram_bytes"] = self.vram_bytes
             body["available_models"] = [{"name": m.name, "size_bytes": m.size_bytes}
                                         for m in self.available_models]
+            body["addrs"] = list(self.addrs)
         return body
 
     @classmethod
@@ -228,7 +244,7 @@ class CheckIn:
         if kind == Role.CLIENT:
             return cls(kind, etag if isinstance(etag, str) else None, float(refresh))
         return cls(kind, etag if isinstance(etag, str) else None, float(refresh),
-                   _int(body, "vram_bytes"), _models(body))
+                   _int(body, "vram_bytes"), _models(body), _strs(body, "addrs"))
 
 
 # -- the active side: one answer per change ----------------------------------------------------------
@@ -309,7 +325,7 @@ class PassiveRegistry:
         entry = self.entries.get(key)
         standby = None
         if req.kind == Role.STANDBY:
-            standby = NodeEntry(node_id, Role.STANDBY, req.vram_bytes,
+            standby = NodeEntry(node_id, Role.STANDBY, req.vram_bytes, addrs=req.addrs,
                                 available_models=req.available_models)
         if entry is None:
             self.entries[key] = Present(node_id, req.kind, now, keep_s, standby, requests=1)
