@@ -219,6 +219,8 @@ def test_a_standby_that_lost_the_tie_break_finds_the_winner():
     assert winner_dialer.attempts[-1][0].node_id == IDS[0]
     winner_dialer.fail()
     assert promoted == [(s2, "m1")]
+    # (decided while the dial to the other standby is still pending)
+    assert winner_dialer.attempts[-1][0].node_id == s1 and not winner_dialer.attempts[-1][2].called
     assert winner.promotion["because"] == "every active node is unreachable"
     # the loser: the host fails, then it dials the other standby -- the winner, which answers
     assert dialer.attempts[-1][0].node_id == IDS[0]
