@@ -285,7 +285,7 @@ class Reloader:
         applied = [c.to_dict() for c in found if c.effect == Effect.APPLIED]
         restart = [c.to_dict() for c in found if c.effect == Effect.RESTART]
         log.info(
-            "reloaded %s: %d change(s) applied, %d need a restart%s",
+            "reloaded %s: %d change(s) applied, %d needing a restart%s",
             self.where,
             len(applied),
             len(restart),

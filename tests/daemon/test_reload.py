@@ -556,3 +556,35 @@ async def test_meshctl_reload_of_a_broken_file_exits_3_with_the_reason(setup, ca
         assert setup.node.config.log.level == "info"
     finally:
         await port.stopListening()
+
+
+def test_the_console_asks_for_the_new_api_key_and_its_chat_follows_it():
+    from meshd.console import server as console
+    from tests.console.test_console import (
+        FakeAgent,
+        FakeNode,
+        FakeResponse,
+        chat_request,
+        make_config,
+        make_feed,
+        render,
+    )
+
+    clock = Clock()
+    node = FakeNode(clock)
+    config = make_config(console_listen="0.0.0.0:3131", api_key="old-key")
+    agent = FakeAgent(FakeResponse(200, {b"content-type": [b"application/json"]}, [b"{}"]))
+    c = console.Console(
+        node, config, reactor=clock, feed=make_feed(node, clock, config), agent=agent
+    )
+    c.use_api_key("new-key")
+    assert (
+        render(c, chat_request(headers={b"authorization": b"Bearer old-key"})).responseCode == 401
+    )
+    assert (
+        render(c, chat_request(headers={b"authorization": b"Bearer new-key"})).responseCode == 200
+    )
+    # no key on a console open to the network: its chat is off, and says why
+    c.use_api_key("")
+    assert not c.feed.chat and "[api] api_key is not set" in c.feed.chat_reason
+    assert c.feed.status()["console"]["api_key_required"] is False
