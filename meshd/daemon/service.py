@@ -22,6 +22,9 @@ Stop runs them in reverse: STOPPING=1, leave the mesh, close the console, stop
 accepting API connections, drain, cancel downloads, stop the election and close
 tunnels, stop llama-servers, remove the control socket, exit 0.  A child whose
 stop fails is logged; the others still stop.
+
+SIGHUP and ``meshctl reload`` reach :mod:`meshd.daemon.reload` (built here with the
+parts a reload changes: the API's key, the console, this node's llama-servers).
 """
 
 from __future__ import annotations
@@ -304,12 +307,19 @@ def _reloader(top: MeshdService, node: Node, backends: LocalBackends, notifier: 
         return None
 
     def fetch(resolved: Resolved) -> None:
-        async def download() -> None:
-            if await _download_first(node, backends, notifier, resolved):
-                notifier.status(node.status_line())
+        """A reload's new first model, not on disk: downloaded as at start, then served."""
+        from meshd.models.download import DownloadCancelled
 
-        defer.ensureDeferred(download()).addErrback(
-            lambda f: log.error("downloading %s failed: %s", resolved.name, f.getErrorMessage()))
+        async def download() -> None:
+            try:
+                if await _download_first(node, backends, notifier, resolved):
+                    notifier.status(node.status_line())
+            except DownloadCancelled:  # the daemon stops
+                pass
+            except Exception as e:  # noqa: BLE001 - the hub or the disk: said, the node stays up
+                log.error("downloading %s failed: %s", resolved.name, e)
+
+        defer.ensureDeferred(download())
 
     def applied(config: Config) -> None:
         top.config = config
