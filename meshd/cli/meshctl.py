@@ -503,8 +503,25 @@ def cmd_download(a: argparse.Namespace) -> Command:
     return "POST", "/download", {"name": a.name}, lambda d, a: generic(d)
 
 
+def reload_lines(d: Any) -> list[str]:
+    """``meshctl reload``: what was applied, what needs a restart, the plugins' order."""
+    if not isinstance(d, dict) or "applied" not in d:  # an older meshd: it only rescanned
+        return generic(d) if d != {"ok": True} else ["reloaded"]
+    lines = [f"reloaded {d['reloaded']}"]
+    if not d["applied"] and not d["restart_needed"]:
+        lines.append("no setting changed")
+    lines += [f"applied: {c['key']} {c['change']}" for c in d["applied"]]
+    lines += [f"needs a restart: {c['key']} {c['change']} (systemctl restart meshd)"
+              for c in d["restart_needed"]]
+    lines += [f"note: {n}" for n in d.get("notes", [])]
+    if d.get("plugins"):
+        lines.append("policy plugins, asked in this order:")
+        lines += [f"  {i}. {p}" for i, p in enumerate(d["plugins"], 1)]
+    return lines
+
+
 def cmd_reload(a: argparse.Namespace) -> Command:
-    return "POST", "/reload", None, lambda d, a: generic(d) if d != {"ok": True} else ["reloaded"]
+    return "POST", "/reload", None, lambda d, a: reload_lines(d)
 
 
 SLOW = {"join", "leave", "download", "reload"}
@@ -586,7 +603,9 @@ def parser() -> argparse.ArgumentParser:
     )
     c.add_argument("name", metavar="NAME")
     command("gpus", cmd_gpus, "what VRAM detection found")
-    command("reload", cmd_reload, "reload the configuration, as SIGHUP does")
+    command("reload", cmd_reload, "read the configuration again and apply what can be applied "
+            "live (log level, policy plugins, [api] api_key, [models] serve); answers once "
+            "applied, or exits 3 with why when the file is broken (nothing changes)")
     return p
 
 

@@ -553,6 +553,16 @@ class Console(service.Service):
         host = request.getHeader(b"host") or b""
         return urlsplit(origin.decode("latin-1")).netloc.lower() == host.decode("latin-1").lower()
 
+    def use_api_key(self, key: str) -> None:
+        """``[api] api_key`` changed by a reload (``meshd.daemon.reload``): the chat proxy
+        asks for the new key from now on, and whether chat is on follows it."""
+        self.config = self.config.replace("api", api_key=key)
+        self._api_key = key.encode()
+        feed = self.feed
+        feed.config = self.config
+        feed.chat, feed.chat_reason = chat_policy(self.config)
+        feed.changed()
+
     # -- the chat proxy
 
     def api_url(self, path: bytes) -> bytes:

@@ -152,6 +152,8 @@ class Node:
         self.downloader: Downloader | None = None
         self.scan: ScanResult | None = None
         self._shutdown = shutdown or (lambda: None)
+        # meshd.daemon.reload's Reloader.reload, set by the service tree
+        self.reloader: Callable[[], dict[str, Any]] | None = None
         self._status_listeners: list[Callable[[], None]] = []
         self._membership_listeners: list[Callable[[Any], None]] = []
 
@@ -529,6 +531,10 @@ class Node:
         self.status_changed()
 
     def reload(self) -> dict[str, Any]:
+        """``meshctl reload``, SIGHUP: the configuration read again and what can be applied
+        live applied (``meshd.daemon.reload``); raises ``Refused`` when the file is broken."""
+        if self.reloader is not None:
+            return self.reloader()
         self.rescan()
         return {"reloaded": True, "models_on_disk": len(self.scan.models) if self.scan else 0}
 

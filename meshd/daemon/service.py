@@ -22,6 +22,9 @@ Stop runs them in reverse: STOPPING=1, leave the mesh, close the console, stop
 accepting API connections, drain, cancel downloads, stop the election and close
 tunnels, stop llama-servers, remove the control socket, exit 0.  A child whose
 stop fails is logged; the others still stop.
+
+SIGHUP and ``meshctl reload`` reach :mod:`meshd.daemon.reload` (built here with the
+parts a reload changes: the API's key, the console, this node's llama-servers).
 """
 
 from __future__ import annotations
@@ -49,6 +52,7 @@ from meshd.states import NodeState
 from meshd.units import gib
 
 if TYPE_CHECKING:
+    from meshd.daemon.reload import Reloader
     from meshd.daemon.split import SplitRuntime
     from meshd.mesh.identity import Identity
     from meshd.models.download import Downloader
@@ -68,6 +72,20 @@ def preflight(config: Config, plugin_order: list[str] | None = None) -> list[str
     ``plugin_order``, when given, receives one line per policy plugin that
     loaded, in the order they are asked (for ``meshd --check-config``).
     """
+    problems = model_problems(config)
+    if problems and problems[0].startswith("catalog: "):
+        return problems
+    from meshd.placement import plugins
+
+    plugin_problems, order = plugins.report(config)
+    problems += plugin_problems
+    if plugin_order is not None:
+        plugin_order.extend(order)
+    return problems
+
+
+def model_problems(config: Config) -> list[str]:
+    """``[models] serve`` entries that cannot be resolved (at start, and before a reload)."""
     from meshd.models import scan as modelsmod
     from meshd.models.catalog import load_catalog
 
@@ -84,12 +102,6 @@ def preflight(config: Config, plugin_order: list[str] | None = None) -> list[str
             modelsmod.resolve(entry, scan, catalog)
         except modelsmod.ModelError as e:
             problems.append(f"[models] serve[{i}]: {e}")
-    from meshd.placement import plugins
-
-    plugin_problems, order = plugins.report(config)
-    problems += plugin_problems
-    if plugin_order is not None:
-        plugin_order.extend(order)
     return problems
 
 
@@ -135,7 +147,12 @@ class MeshdService(OrderedMultiService):
         self.notifier = notifier
         self.exit_code = 0
         self.node: Node | None = None
+        self.reloader: Reloader | None = None
         self._stopping: defer.Deferred[None] | None = None
+
+    @property
+    def stopping(self) -> bool:
+        return self._stopping is not None
 
     def startService(self) -> defer.Deferred[None]:  # noqa: N802 - Twisted's name
         d = super().startService()
@@ -195,9 +212,12 @@ def create_daemon(
     _identity: Callable[[Path, bool], tuple[Identity, StateDir]] | None = None,
     _detect_gpus: Callable[[Any], Any] | None = None,
     _groups: Callable[..., Groups] | None = None,
+    reread: Callable[[], Config] | None = None,
 ) -> MeshdService:
     """The daemon's service tree for ``config``, not started.
 
+    ``reread()`` reads the configuration again for a reload (default: the file
+    ``config`` came from; ``meshd`` puts its command-line flags on top).
     Raises ``StartupError`` (or a bug's exception) for what is wrong before anything
     listens: directories, plugins, the models to serve.
     """
@@ -253,10 +273,13 @@ def create_daemon(
                             reactor, configmod.tcp_endpoint(listen)),
                         api.site, what=f"[api] listen {listen}", announce=f"API on http://{listen}"),
     ]
+    key_holders: list[Any] = [api]
     if cfg.console.enabled:
         from meshd.console.server import Console
 
-        children.append(Console(node, cfg, reactor=reactor))
+        console = Console(node, cfg, reactor=reactor)
+        children.append(console)
+        key_holders.append(console)
     children += [
         CallbackService("presence", on_start=roles.enter, on_stop=roles.leave),
         CallbackService("ready", on_start=lambda: defer.ensureDeferred(
@@ -264,7 +287,51 @@ def create_daemon(
     ]
     for child in children:
         child.setServiceParent(top)
+    top.reloader = _reloader(top, node, backends, notifier, first, key_holders, reread)
     return top
+
+
+def _reloader(top: MeshdService, node: Node, backends: LocalBackends, notifier: Notifier,
+              first: Resolved | None, key_holders: list[Any],
+              reread: Callable[[], Config] | None) -> Reloader:
+    """The daemon's reload (``meshd.daemon.reload``), reached by SIGHUP and ``meshctl reload``."""
+    from meshd.daemon.reload import Reloader
+
+    path = top.config.path
+
+    def not_now() -> str | None:
+        if top.stopping or node.state == NodeState.STOPPING:
+            return "meshd is stopping"
+        if not notifier.was_ready:
+            return "meshd is still starting: reload once it is running (meshctl status)"
+        return None
+
+    def fetch(resolved: Resolved) -> None:
+        """A reload's new first model, not on disk: downloaded as at start, then served."""
+        from meshd.models.download import DownloadCancelled
+
+        async def download() -> None:
+            try:
+                if await _download_first(node, backends, notifier, resolved):
+                    notifier.status(node.status_line())
+            except DownloadCancelled:  # the daemon stops
+                pass
+            except Exception as e:  # noqa: BLE001 - the hub or the disk: said, the node stays up
+                log.error("downloading %s failed: %s", resolved.name, e)
+
+        defer.ensureDeferred(download())
+
+    def applied(config: Config) -> None:
+        top.config = config
+
+    reloader = Reloader(
+        top.config, node=node, notifier=notifier,
+        reread=reread or (lambda: configmod.load(path)),
+        key_holders=key_holders, backends=backends,
+        first=first.name if first is not None else None, fetch=fetch, not_now=not_now,
+        on_applied=applied)
+    node.reloader = reloader.reload
+    return reloader
 
 
 async def _ready(node: Node, backends: LocalBackends, notifier: Notifier,
@@ -553,14 +620,15 @@ def _load_identity(state_dir: Path, ephemeral: bool = False) -> tuple[Identity, 
     return (fresh() if ephemeral else load_or_create(state)), state
 
 
-def run(config: Config, *, reactor: Any = None) -> int:
-    """Run the daemon until it stops; returns the process exit status."""
+def run(config: Config, *, reactor: Any = None, reread: Callable[[], Config] | None = None) -> int:
+    """Run the daemon until it stops; returns the process exit status.  ``reread``: how a
+    reload reads the configuration again (see :func:`create_daemon`)."""
     if reactor is None:
         from twisted.internet import reactor as default_reactor
 
         reactor = default_reactor
     try:
-        top = create_daemon(config, reactor=reactor)
+        top = create_daemon(config, reactor=reactor, reread=reread)
     except Exception:  # noqa: BLE001 - one line for the operator, a traceback only for a bug
         _log_cannot_start(Failure())
         return 1
@@ -581,6 +649,15 @@ def _handle_signals(reactor: Any, top: MeshdService) -> None:
 
 
 def _reload(top: MeshdService) -> None:
+    """SIGHUP: the reload ``meshctl reload`` asks for; a refusal is in the log already."""
+    from meshd.errors import Refused
+
     log.info("SIGHUP: reloading")
-    if top.node is not None:
+    if top.node is None:
+        return
+    try:
         top.node.reload()
+    except Refused:
+        pass
+    except Exception:  # a bug: said, and the daemon runs on with what it had
+        log.exception("reload failed")

@@ -68,6 +68,7 @@ the API alone in front of fixed upstreams (benchmarks, debugging).
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import time
@@ -220,14 +221,14 @@ class ApiSite(BoundedSite):
                          body_timeout_s=api.config.body_timeout_s,
                          before_body=self._key_before_body)
         self.api = api
-        self._key = api.config.api_key.encode()
 
     def _key_before_body(self, request: server.Request, method: bytes,
                          path: bytes) -> Refusal | None:
         """A missing or wrong API key is refused before the body is read: a stranger
         must not make the API hold ``max_body_bytes`` for it (``handle`` checks again
         for requests without a body)."""
-        if not self._key or path == b"/health" or api_key_matches(request, self._key):
+        key = self.api.api_key
+        if not key or path == b"/health" or api_key_matches(request, key):
             return None
         return Refusal(401, KEY_REFUSED, "invalid_api_key", ((b"WWW-Authenticate", b"Bearer"),))
 
@@ -291,12 +292,19 @@ class ApiServer:
         self.relay = relay
         self.draining = False
         self._drain_waiters: list[defer.Deferred[int]] = []
-        self._api_key = config.api_key.encode()
+        self.api_key = config.api_key.encode()  # [api] api_key; a reload may change it
         self.site = ApiSite(_Root(self), self, reactor)
 
     @property
     def in_flight(self) -> int:
         return len(self.forwards)
+
+    def use_api_key(self, key: str) -> None:
+        """``[api] api_key`` changed by a reload (``meshd.daemon.reload``): every request
+        from now on is checked against ``key``; one in flight was checked as it came in
+        and runs on."""
+        self.config = dataclasses.replace(self.config, api_key=key)
+        self.api_key = key.encode()
 
     # -- shutdown --------------------------------------------------------------
 
@@ -336,7 +344,7 @@ class ApiServer:
         shape = route.shape if route is not None else Shape.OPENAI
         # a request with a body had its key checked before the body was read
         checked = cast(BoundedRequest, request).head_checked
-        if self._api_key and not checked and not api_key_matches(request, self._api_key):
+        if self.api_key and not checked and not api_key_matches(request, self.api_key):
             return self._error(request, shape, 401, KEY_REFUSED,
                                "invalid_request_error", "invalid_api_key",
                                {b"WWW-Authenticate": b"Bearer"})
