@@ -282,6 +282,9 @@ async def _ready(node: Node, backends: LocalBackends, notifier: Notifier,
         notifier.ready(line)
         log.info("ready: %s", line)
         return
+    if first is not None and node.mesh is not None:
+        # joining, or back after being away: the mesh may have dropped the model meanwhile
+        await node.mesh.learn_decisions(node.config.mesh.connect_timeout_s)
     if first is not None and first.name in node.dropped:
         decision = node.desired.get(first.name)
         who = decision.by if decision is not None else "?"

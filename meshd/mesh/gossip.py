@@ -21,7 +21,8 @@ Gossip, in short (``docs/protocol.md`` has the frames):
   incarnation.
 - LEAVING removes the sender at once everywhere.
 - The mesh's drop/serve decisions (``meshd.mesh.desired``) go to a peer in one
-  DESIRED frame when its connection opens, and to every peer when they change
+  DESIRED frame when its connection opens (even none: the joiner waits for it
+  before serving a model of its own), and to every peer when they change
   (a decision made here, or one heard that won the merge: passed on to the other
   peers, so it floods and stops where nothing changes).  DROP is still sent for
   peers older than DESIRED, and heard from them as a decision.
@@ -136,6 +137,8 @@ class MeshService(service.Service):
         self._drops_seen: dict[str, None] = {}  # DROP ids, oldest first (bounded)
         self.desired = desired if desired is not None else DesiredState()
         self._desired_listeners: list[Callable[[list[Decision], str], None]] = []
+        self._desired_heard = False  # a peer's DESIRED frame came (learn_decisions)
+        self._desired_waiters: list[defer.Deferred[bool]] = []
         self._token_purposes: set[str] = set()  # purposes an invite token may open (passive joins)
         self._local_listeners: list[Callable[[], None]] = []
         self.table.add_listener(self._membership_event)
@@ -270,6 +273,27 @@ class MeshService(service.Service):
         """Tell every peer of decisions made here (already in ``self.desired``)."""
         if decisions:
             self._broadcast(FrameType.DESIRED, desiredmod.to_body(decisions))
+
+    def learn_decisions(self, timeout_s: float) -> defer.Deferred[bool]:
+        """Fires True once a peer's decisions (its DESIRED frame, sent on open) are merged;
+        False after ``timeout_s``, or at once when this node has nobody to ask (a new mesh):
+        a node that joins, or was away, learns of drops before it serves a model."""
+        if self._desired_heard:
+            return defer.succeed(True)
+        boot, known = self.state.load_peers()
+        if not (self.conns or self.cfg.join or boot or known):
+            return defer.succeed(False)
+        d: defer.Deferred[bool] = defer.Deferred()
+        self._desired_waiters.append(d)
+
+        def over() -> None:
+            if d in self._desired_waiters:
+                self._desired_waiters.remove(d)
+                d.callback(False)
+
+        call = self.reactor.callLater(timeout_s, over)
+        d.addBoth(lambda r: (call.cancel() if call.active() else None, r)[1])
+        return d
 
     def add_desired_listener(self, cb: Callable[[list[Decision], str], None]) -> None:
         """``cb(decisions, via_node_id)`` when decisions heard from a peer won the merge
@@ -446,8 +470,8 @@ class MeshService(service.Service):
         digest = self._digest(exclude=node_id)
         if digest:
             conn.send_json(FrameType.MEMBERS, {"members": digest})
-        if self.desired.decisions:  # a late joiner or a restarted node learns them here
-            conn.send_json(FrameType.DESIRED, self.desired.to_body())
+        # a late joiner or a restarted node learns them here (none is news too)
+        conn.send_json(FrameType.DESIRED, self.desired.to_body())
 
     def peer_frame(self, conn: PeerProtocol, frame: Frame) -> None:
         if self.conns.get(conn.node_id or "") is not conn:
@@ -565,6 +589,10 @@ class MeshService(service.Service):
 
     def _on_desired(self, conn: PeerProtocol, body: dict[str, Any]) -> None:
         self._took(self.desired.merge(desiredmod.parse(body)), conn)
+        self._desired_heard = True
+        waiters, self._desired_waiters = self._desired_waiters, []
+        for d in waiters:
+            d.callback(True)
 
     def _took(self, taken: list[Decision], conn: PeerProtocol) -> bool:
         """Decisions heard on ``conn`` won the merge: pass them on to the other peers, and

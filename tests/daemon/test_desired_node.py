@@ -201,6 +201,25 @@ def test_a_restarted_node_does_not_serve_a_dropped_model_of_its_serve_list(state
     assert notifier.said and notifier.said[-1].startswith("READY")
 
 
+def test_a_joining_node_learns_the_drops_before_it_serves_its_model():
+    n = make_node("node-c", disk={"m": 300 * MB})
+    asked: list[defer.Deferred] = []
+
+    def learn_decisions(timeout_s: float) -> defer.Deferred:
+        asked.append(defer.Deferred())
+        return asked[-1]
+
+    n.mesh.learn_decisions = learn_decisions  # type: ignore[union-attr]
+    backends = Backends()
+    done = defer.ensureDeferred(service._ready(n, backends, Notifier(), FIRST))  # type: ignore[arg-type]
+    assert len(asked) == 1 and backends.served == [] and not done.called  # waits for the mesh
+    drop = Decision("m", DROP, 1, "node-b")
+    n.desired.merge([drop])  # the first DESIRED frame from a peer
+    n.desired_heard([drop], via="node-b")
+    asked[0].callback(True)
+    assert done.called and backends.served == []
+
+
 def test_without_a_drop_the_serve_list_is_served():
     n = make_node("node-a", disk={"m": 300 * MB})
     backends = Backends()

@@ -70,6 +70,9 @@ class FakeMesh:
     def publish_desired(self, decisions: list) -> None:
         self.published.extend(decisions)
 
+    def learn_decisions(self, timeout_s: float) -> defer.Deferred:
+        return defer.succeed(False)  # nobody to ask
+
     def status_peers(self) -> list[dict[str, Any]]:
         return []
 

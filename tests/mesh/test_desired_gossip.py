@@ -23,7 +23,7 @@ from meshd.mesh.desired import Decision, DesiredState, Want
 from meshd.mesh.gossip import MeshService
 from meshd.mesh.peer import PeerState
 from meshd.mesh.wire import CloseCode, FrameType
-from meshd.statedir import StateDir
+from meshd.statedir import KnownNode, StateDir
 
 DROP, SERVE = Want.DROPPED, Want.SERVE
 
@@ -105,8 +105,37 @@ def test_a_peer_that_connects_gets_every_decision_in_one_frame(mesh):
     ]
 
 
-def test_with_no_decision_nothing_is_sent_on_open(mesh):
-    assert FrameType.DESIRED not in [t for t, _ in open_conn(mesh, "b").sent]
+def test_with_no_decision_an_empty_one_is_sent_on_open(mesh):
+    """A joiner waits for its first DESIRED before serving: "none" must be said too."""
+    assert open_conn(mesh, "b").frames(FrameType.DESIRED) == [{"models": {}}]
+
+
+def test_learning_the_decisions_waits_for_the_first_desired_frame(mesh):
+    mesh.state.save_peers([], [KnownNode("b", ("127.0.0.1:1",))])  # someone to ask
+    results: list = []
+    mesh.learn_decisions(5.0).addCallback(results.append)
+    b = open_conn(mesh, "b")
+    assert results == []  # open is not enough: the peer's decisions are not in yet
+    frame(b, mesh, FrameType.DESIRED, {"models": {}})
+    assert results == [True]
+    mesh.learn_decisions(5.0).addCallback(results.append)  # heard once: at once after
+    assert results == [True, True]
+
+
+def test_learning_the_decisions_gives_up_after_the_bound(mesh):
+    mesh.state.save_peers([], [KnownNode("b", ("127.0.0.1:1",))])
+    results: list = []
+    mesh.learn_decisions(5.0).addCallback(results.append)
+    mesh.reactor.advance(4.9)
+    assert results == []
+    mesh.reactor.advance(0.2)  # an older peer sends no DESIRED; a dead one nothing
+    assert results == [False]
+
+
+def test_a_node_with_nobody_to_ask_does_not_wait(mesh):
+    results: list = []
+    mesh.learn_decisions(5.0).addCallback(results.append)
+    assert results == [False]
 
 
 def test_a_decision_that_wins_is_taken_passed_on_and_told_to_the_listeners(mesh):
@@ -117,7 +146,7 @@ def test_a_decision_that_wins_is_taken_passed_on_and_told_to_the_listeners(mesh)
     assert mesh.heard == [("b", [decision])]
     assert c.frames(FrameType.DESIRED)[-1] == body(decision)
     assert e.frames(FrameType.DESIRED)[-1] == body(decision)
-    assert b.frames(FrameType.DESIRED) == []  # not back to the sender
+    assert b.frames(FrameType.DESIRED) == [{"models": {}}]  # on open; not back to the sender
 
 
 def test_a_decision_already_held_or_older_stops_here(mesh):
@@ -125,7 +154,7 @@ def test_a_decision_already_held_or_older_stops_here(mesh):
     mesh.desired.merge([Decision("m", SERVE, 4, "node-a")])
     frame(b, mesh, FrameType.DESIRED, body(Decision("m", DROP, 3, "node-z")))
     frame(b, mesh, FrameType.DESIRED, body(Decision("m", SERVE, 4, "node-a")))
-    assert mesh.heard == [] and c.frames(FrameType.DESIRED) == []
+    assert mesh.heard == [] and c.frames(FrameType.DESIRED) == [{"models": {}}]  # on open only
     assert mesh.desired.get("m") == Decision("m", SERVE, 4, "node-a")
 
 
@@ -133,7 +162,7 @@ def test_publishing_a_local_decision_tells_every_peer(mesh):
     b, c = open_conn(mesh, "b"), open_conn(mesh, "c")
     decision = mesh.desired.decide("m", SERVE, by=mesh.node_id)
     mesh.publish_desired([decision])
-    assert b.frames(FrameType.DESIRED) == c.frames(FrameType.DESIRED) == [body(decision)]
+    assert b.frames(FrameType.DESIRED)[-1] == c.frames(FrameType.DESIRED)[-1] == body(decision)
     assert mesh.heard == []  # our own decision: the node applied it already
 
 
@@ -158,7 +187,7 @@ def test_a_drop_from_an_older_peer_without_a_version_is_the_next_decision(mesh):
     assert mesh.heard == [("old-peer", [Decision("m", DROP, 3, "old-peer")])]
     # forwarded as it came (older peers need the DROP), and as a decision (newer ones)
     assert new.frames(FrameType.DROP) == [{"model": "m", "id": "d1", "origin": "old-peer"}]
-    assert new.frames(FrameType.DESIRED) == [body(Decision("m", DROP, 3, "old-peer"))]
+    assert new.frames(FrameType.DESIRED)[-1] == body(Decision("m", DROP, 3, "old-peer"))
 
 
 def test_a_forwarded_copy_of_a_drop_is_not_taken_twice(mesh):
