@@ -403,6 +403,7 @@ class Node:
         """``meshctl drop MODEL``: stop serving ``model`` here and on every node of the mesh."""
         from meshd.errors import Refused
 
+        self._refuse_if_passive("drop")
         known = model in self.served or model in self.wanted or model in self.desired.decisions
         if self.router is not None:
             entry = self.router.snapshot().models.get(model)
@@ -424,6 +425,7 @@ class Node:
         the mesh asks for it (an idle node may be assigned it)."""
         from meshd.errors import Refused
 
+        self._refuse_if_passive("serve")
         if not self._known_anywhere(model):
             raise Refused(f"model {model!r} is not dropped, served, on any node's disk or in "
                           "the catalog: nothing to serve")
@@ -456,6 +458,13 @@ class Node:
         taken = self.desired.merge(decisions)
         if taken:
             self.desired_heard(taken, via)
+
+    def _refuse_if_passive(self, command: str) -> None:
+        from meshd.errors import Refused
+
+        if self.roles.passive:
+            raise Refused(f"this node is a {self.role}: it takes no part in the gossip, so no "
+                          f"other node would hear it; run meshctl {command} on an active node")
 
     def _decide(self, model: str, want: Want) -> Decision:
         from meshd.errors import Refused

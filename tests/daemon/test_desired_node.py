@@ -86,6 +86,14 @@ def test_serve_of_a_model_a_peer_has_on_disk_is_a_decision_too():
     assert n.desired.get("k").want is SERVE
 
 
+@pytest.mark.parametrize("command", ["drop", "serve_model"])
+def test_a_passive_node_refuses_drop_and_serve_it_could_tell_nobody(command):
+    n = make_node("node-s", standby=True, disk={"m": 300 * MB})
+    with pytest.raises(Refused, match="run meshctl .* on an active node"):
+        getattr(n, command)("m")
+    assert n.desired.decisions == {}
+
+
 # -- decisions heard from the mesh -------------------------------------------------------------------
 
 
