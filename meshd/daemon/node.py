@@ -158,6 +158,8 @@ class Node:
         self.state_dir: StateDir | None = None  # where desired.json is saved (None: nowhere)
         # `meshctl serve` lifted the drop of a model of [models] serve: serve it again
         self.serve_again: Callable[[str], None] | None = None
+        # models a drop stopped here, or kept from starting: the ones a lift serves again
+        self.held_back: set[str] = set()
         self.policy: PolicyManager | None = None
         self.downloader: Downloader | None = None
         self.scan: ScanResult | None = None
@@ -508,8 +510,10 @@ class Node:
         if self.mesh is not None:
             self.mesh.local_changed()
         self.status_changed()
-        if model not in self.served and self.serve_again is not None:
-            self.serve_again(model)
+        if model in self.held_back:
+            self.held_back.discard(model)
+            if model not in self.served and self.serve_again is not None:
+                self.serve_again(model)
         if self.rebalancer is not None:
             self.rebalancer.on_event()  # an idle node may promote for it, or be assigned it
 
@@ -525,6 +529,7 @@ class Node:
 
     def _apply_drop(self, model: str, origin: str, *, say: bool = True) -> None:
         """``model`` is dropped (already in :attr:`desired`): stop it, route it nowhere."""
+        self.held_back.add(model)
         if self.rebalancer is not None:
             self.rebalancer.forget(model)
         if model in self.served:

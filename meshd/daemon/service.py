@@ -290,6 +290,7 @@ async def _ready(node: Node, backends: LocalBackends, notifier: Notifier,
         who = decision.by if decision is not None else "?"
         log.warning("not serving %s ([models] serve): it was dropped mesh-wide (by node %s; "
                     "meshctl serve %s lifts the drop)", first.name, who, first.name)
+        node.held_back.add(first.name)  # served once `meshctl serve` lifts the drop
         first = None
     if first is not None and first.path is None:
         # not on disk yet: the API answers 503 for it until the download is done

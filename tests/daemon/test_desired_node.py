@@ -72,6 +72,17 @@ def test_serve_lifts_the_drop_everywhere_and_serves_a_configured_model_again(sta
     assert "m" in n.local_info()["requested_models"]
 
 
+def test_serve_of_a_model_that_was_not_dropped_here_starts_nothing_twice():
+    """A serve heard while the model runs, downloads or waits for its group: no second start."""
+    n = make_node("node-a", disk={"m": 300 * MB})
+    again: list[str] = []
+    n.serve_again = again.append
+    lift = Decision("m", SERVE, 1, "node-b")
+    n.desired.merge([lift])
+    n.desired_heard([lift], via="node-b")
+    assert again == []
+
+
 def test_serve_of_a_model_nobody_knows_is_refused():
     n = make_node("node-a")
     with pytest.raises(Refused, match="nothing to serve"):
@@ -204,7 +215,7 @@ def test_a_restarted_node_does_not_serve_a_dropped_model_of_its_serve_list(state
     n.desired.merge(state.load_desired())  # what create_daemon does at start
     backends, notifier = Backends(), Notifier()
     defer.ensureDeferred(service._ready(n, backends, notifier, FIRST))  # type: ignore[arg-type]
-    assert backends.served == []
+    assert backends.served == [] and n.held_back == {"m"}  # a lift serves it then
     assert "not serving m ([models] serve): it was dropped mesh-wide (by node node-b" in caplog.text
     assert notifier.said and notifier.said[-1].startswith("READY")
 
