@@ -53,7 +53,11 @@ class OldMeshd(Meshd):
         full_env = {k: v for k, v in os.environ.items() if k != "NOTIFY_SOCKET"}
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "meshd.cli.meshd", "--config", str(self.config_path), *args],
-            cwd=self.old_tree, stdout=self._log, stderr=subprocess.STDOUT, env=full_env)
+            cwd=self.old_tree,
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+            env=full_env,
+        )
         return self
 
 
@@ -70,8 +74,16 @@ def main() -> int:
         models.mkdir(parents=True, exist_ok=True)
         (models / "m.gguf").write_bytes(gguf)
         mesh = dict(FAST, join=[join]) if join else dict(FAST)
-        return cls(base / name, {"models": {"serve": ["m"]}, "llama": {"bin_dir": fake},
-                                 "mesh": mesh, "log": {"level": "info"}}, name=name)
+        return cls(
+            base / name,
+            {
+                "models": {"serve": ["m"]},
+                "llama": {"bin_dir": fake},
+                "mesh": mesh,
+                "log": {"level": "info"},
+            },
+            name=name,
+        )
 
     def st(n: Meshd) -> dict:
         return n.control("GET", "/status")
@@ -113,8 +125,10 @@ def main() -> int:
         b.ctl("serve", "m")
         for n in (a, b):
             n.wait_for(serving, f"{n.name} serves m again", 15)
-        print(f"3. serve on new-b: both new nodes serve m within {time.monotonic() - t:.2f} s; "
-              f"old-o serves {st(old)['serving']} (it cannot hear serve)")
+        print(
+            f"3. serve on new-b: both new nodes serve m within {time.monotonic() - t:.2f} s; "
+            f"old-o serves {st(old)['serving']} (it cannot hear serve)"
+        )
 
         old.stop()
         old.start()
@@ -130,8 +144,10 @@ def main() -> int:
             n.wait_for(lambda x: drop_of(x)["state"] == "dropped", f"{n.name} holds the drop", 15)
         decisions = [drop_of(n) for n in (a, b)]
         assert decisions[0] == decisions[1], decisions
-        print(f"5. drop on old-o (no version): taken by both new nodes within "
-              f"{time.monotonic() - t:.2f} s as {decisions[0]}")
+        print(
+            f"5. drop on old-o (no version): taken by both new nodes within "
+            f"{time.monotonic() - t:.2f} s as {decisions[0]}"
+        )
 
         a.stop()
         before = len(a.log())
@@ -143,9 +159,13 @@ def main() -> int:
 
         for n in nodes:
             assert len(st(n)["peers"]) == 2, n.name
-            bad = [line for line in n.log().splitlines()
-                   if ("bad " in line and " frame" in line) or "protocol-error" in line
-                   or "Traceback" in line]
+            bad = [
+                line
+                for line in n.log().splitlines()
+                if ("bad " in line and " frame" in line)
+                or "protocol-error" in line
+                or "Traceback" in line
+            ]
             assert not bad, (n.name, bad[:3])
         print("no bad frame, protocol error or traceback in any log; every node kept both peers")
         return 0

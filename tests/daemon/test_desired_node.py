@@ -285,3 +285,18 @@ def test_the_daemon_loads_desired_json_at_start_and_refuses_a_broken_one(tmp_pat
     (state.path / "desired.json").write_text('{"models": {"m": {"state": "dropped"}}}')
     with pytest.raises(StartupError, match=r"desired\.json: model 'm': version"):
         service.create_daemon(config, reactor=Clock())
+
+
+def test_serve_heard_lets_an_idle_node_take_the_orphaned_model_back():
+    """No node is configured for m (it was assigned before its drop): a lift makes it an
+    orphan again, and an idle node with it on disk promotes for it at once."""
+    from tests.placement.test_idle_promotion import idle_node
+
+    node_, acts = idle_node("a", disk={"m": 300 * MB}, peers=[peer("h", disk={"m": 300 * MB})])
+    node_.desired.decide("m", DROP, by="h")
+    node_.rebalancer.on_event(None)  # the drop: nothing to take
+    assert acts.log == []
+    lift = Decision("m", SERVE, 2, "h")
+    node_.desired.merge([lift])
+    node_.desired_heard([lift], via="h")
+    assert acts.log == [("start", "m")] and node_.rebalancer.target == "m"
