@@ -428,6 +428,11 @@ def format_status(s: dict) -> list[str]:
         lines.append(f"download refused: {d.get('reason') or d.get('name')}")
     for d in s.get("downloads_failed") or []:
         lines.append(f"download failed: {d.get('name')}: {d.get('error')}")
+    # the mesh's decisions: a model dropped here stays dropped until `meshctl serve`
+    for d in s.get("desired") or []:
+        if isinstance(d, dict) and d.get("state") == "dropped":
+            lines.append(f"dropped mesh-wide: {d.get('model')} (by {d.get('by')}, version "
+                         f"{d.get('version')}; meshctl serve {d.get('model')} lifts it)")
     return lines
 
 
@@ -497,6 +502,17 @@ def cmd_drop(a: argparse.Namespace) -> Command:
         {"model": a.model},
         lambda d, a: generic(d) if d != {"ok": True} else [f"dropped {a.model}"],
     )
+
+
+def cmd_serve(a: argparse.Namespace) -> Command:
+    def fmt(d: Any, a: argparse.Namespace) -> list[str]:
+        if not isinstance(d, dict) or "serving" not in d:
+            return generic(d)
+        was = "the drop is lifted" if d.get("was_dropped") else "it was not dropped"
+        return [f"serving {d['serving']} mesh-wide again: {was}; told {d.get('told_peers', 0)} "
+                f"peer(s) (decision version {d.get('version')})"]
+
+    return "POST", "/serve", {"model": a.model}, fmt
 
 
 def cmd_download(a: argparse.Namespace) -> Command:
@@ -596,7 +612,10 @@ def parser() -> argparse.ArgumentParser:
     c = command("join", cmd_join, "join the mesh this invite token names, now")
     c.add_argument("token", metavar="TOKEN")
     command("leave", cmd_leave, "leave the mesh cleanly and stop the daemon")
-    c = command("drop", cmd_drop, "stop serving MODEL everywhere in the mesh")
+    c = command("drop", cmd_drop, "stop serving MODEL everywhere in the mesh, until `serve`")
+    c.add_argument("model", metavar="MODEL")
+    c = command("serve", cmd_serve,
+                "serve MODEL again everywhere in the mesh: lift its drop (the opposite of drop)")
     c.add_argument("model", metavar="MODEL")
     c = command(
         "download", cmd_download, "download a model by catalog name (refused when it would not fit)"

@@ -14,6 +14,7 @@ Endpoints::
     POST /leave             POST /reload          POST /drop {"model"}
     POST /token {"ttl_s", "once"}                  POST /token/revoke {"id"}
     POST /join {"token"}    POST /download {"name"}
+    POST /serve {"model"}   (meshctl serve: lifts a mesh-wide drop)
 """
 
 from __future__ import annotations
@@ -53,7 +54,7 @@ DEFAULT_TOKEN_TTL_S = 24 * 3600.0
 # the longest-lived invite token: 10 years (a token is a key; it should not outlive its mesh)
 MAX_TOKEN_TTL_S = 10 * 365 * 24 * 3600.0
 # calls whose first argument goes into the log line
-LOGGED_ARGS = {"drop", "download", "revoke_token"}
+LOGGED_ARGS = {"drop", "download", "revoke_token", "serve_model"}
 
 
 class ControlSocketError(Exception):
@@ -77,6 +78,8 @@ class ControlTarget(Protocol):
     def reload(self) -> defer.Deferred | dict[str, Any]: ...
 
     def drop(self, model: str) -> Any: ...
+
+    def serve_model(self, model: str) -> Any: ...
 
     def make_token(self, ttl_s: float, once: bool) -> dict[str, Any]: ...
 
@@ -124,6 +127,7 @@ ROUTES: dict[tuple[bytes, str], Callable[[dict, dict], Call]] = {
     (b"POST", "leave"): lambda q, b: ("leave", (), {}),
     (b"POST", "reload"): lambda q, b: ("reload", (), {}),
     (b"POST", "drop"): lambda q, b: ("drop", (_string(b, "model"),), {}),
+    (b"POST", "serve"): lambda q, b: ("serve_model", (_string(b, "model"),), {}),
     (b"POST", "token"): lambda q, b: _token_args(b),
     (b"POST", "token/revoke"): lambda q, b: ("revoke_token", (_string(b, "id"),), {}),
     (b"POST", "join"): lambda q, b: ("join", (_string(b, "token"),), {}),

@@ -240,6 +240,9 @@ def create_daemon(
     node = top.node = Node(cfg, reactor=reactor, node_id=identity.node_id, vram_bytes=vram_bytes,
                            gpu_report=report, shutdown=top.shutdown)
     log.info("node %s starting: %s of VRAM (%s)", identity.node_id, gib(vram_bytes), report.source)
+    if not cfg.node.client:  # a client keeps nothing; it routes by the table it is given
+        node.state_dir = state
+        node.desired.merge(state.load_desired())  # a broken desired.json: one line, no start
     node.policy = _load_policy(cfg)
     node.rescan()
     for problem in node.scan.problems if node.scan is not None else ():
@@ -257,6 +260,8 @@ def create_daemon(
     backends = LocalBackends(node, cfg, reactor=reactor, notifier=notifier)
     if node.split is not None:
         node.split.on_broken = backends.split_broken
+    if first is not None:
+        node.serve_again = _serve_again_with(node, backends, notifier, first)
     groups = (_groups or Groups)(cfg, node, identity, state, reactor=reactor, backends=backends,
                                  notifier=notifier)
     roles = RoleService(node, router, groups, reactor=reactor, serve=backends.serve,
@@ -344,6 +349,16 @@ async def _ready(node: Node, backends: LocalBackends, notifier: Notifier,
         notifier.ready(line)
         log.info("ready: %s", line)
         return
+    if first is not None and node.mesh is not None:
+        # joining, or back after being away: the mesh may have dropped the model meanwhile
+        await node.mesh.learn_decisions(node.config.mesh.connect_timeout_s)
+    if first is not None and first.name in node.dropped:
+        decision = node.desired.get(first.name)
+        who = decision.by if decision is not None else "?"
+        log.warning("not serving %s ([models] serve): it was dropped mesh-wide (by node %s; "
+                    "meshctl serve %s lifts the drop)", first.name, who, first.name)
+        node.held_back.add(first.name)  # served once `meshctl serve` lifts the drop
+        first = None
     if first is not None and first.path is None:
         # not on disk yet: the API answers 503 for it until the download is done
         notifier.ready(f"downloading {first.name}; API on {listen}")
@@ -386,6 +401,30 @@ async def _download_first(node: Node, backends: LocalBackends, notifier: Notifie
     backends.serve(first.name, str(model.path), model.size_bytes)
     await backends.when_serving(first.name)
     return True
+
+
+def _serve_again_with(node: Node, backends: LocalBackends, notifier: Notifier,
+                      first: Resolved) -> Callable[[str], None]:
+    """``Node.serve_again``: when ``meshctl serve`` lifts a drop of the first ``[models]
+    serve`` entry, serve it again as the start would (downloading it first if it is gone)."""
+
+    def serve_again(name: str) -> None:
+        if name != first.name or not backends.running or name in node.served:
+            return
+        scanned = node.scan.models.get(name) if node.scan is not None else None
+        if first.path is not None and Path(first.path).exists():
+            path, size = str(first.path), first.size_bytes or 0
+        elif scanned is not None:
+            path, size = str(scanned.path), scanned.size_bytes
+        else:
+            log.info("serving %s again ([models] serve): not on disk, downloading it", name)
+            defer.ensureDeferred(_download_first(node, backends, notifier, first)).addErrback(
+                lambda f: log.error("downloading %s failed: %s", name, f.getErrorMessage()))
+            return
+        log.info("serving %s again ([models] serve)", name)
+        backends.serve(name, path, size)
+
+    return serve_again
 
 
 def _retry_when_the_mesh_holds_it(node: Node, backends: LocalBackends, notifier: Notifier,
@@ -474,7 +513,7 @@ class Groups:
         cfg, node, reactor = self.config, self.node, self.reactor
         router = self._router()
         mesh = MeshService(cfg, self.state, self.identity, reactor=reactor,
-                           local_info=node.local_info)
+                           local_info=node.local_info, desired=node.desired)
         route_server = RouteServer(mesh, node, clock=reactor, refresh_s=cfg.mesh.refresh_s)
         split = node.split
         rebalancer = Rebalancer(node, reactor=reactor, start=self.backends.spawn,
@@ -495,7 +534,7 @@ class Groups:
             split.attach(mesh)
         mesh.add_listener(router.invalidate)
         mesh.add_listener(rebalancer.on_event)
-        mesh.add_drop_listener(node.drop_local)
+        mesh.add_desired_listener(node.desired_heard)  # drops and serves, DROP frames too
         mesh.add_listener(node.membership_changed)
         return RoleGroup(
             "active",

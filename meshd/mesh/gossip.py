@@ -20,6 +20,12 @@ Gossip, in short (``docs/protocol.md`` has the frames):
   A node reported dead that still answers is told so and refutes with a higher
   incarnation.
 - LEAVING removes the sender at once everywhere.
+- The mesh's drop/serve decisions (``meshd.mesh.desired``) go to a peer in one
+  DESIRED frame when its connection opens (even none: the joiner waits for it
+  before serving a model of its own), and to every peer when they change
+  (a decision made here, or one heard that won the merge: passed on to the other
+  peers, so it floods and stops where nothing changes).  DROP is still sent for
+  peers older than DESIRED, and heard from them as a decision.
 - A node with no peer left retries its bootstrap and known nodes with back-off
   (1 s doubling up to ``[mesh] rejoin_s``); with peers, every ``rejoin_s`` it
   re-dials nodes others are connected to but it is not (a healed link).
@@ -41,8 +47,10 @@ from twisted.python.failure import Failure
 from meshd.backoff import Backoff
 from meshd.config import Config, format_address, parse_address
 from meshd.errors import Refused
+from meshd.mesh import desired as desiredmod
 from meshd.mesh import tokens as tokensmod
 from meshd.mesh.addresses import advertise_addresses
+from meshd.mesh.desired import Decision, DesiredState
 from meshd.mesh.identity import Identity
 from meshd.mesh.invites import Gate, Invites, welcome_body
 from meshd.mesh.joining import Joiner, JoinFailed
@@ -88,7 +96,10 @@ class MeshService(service.Service):
         *,
         reactor: Any,
         local_info: Callable[[], dict[str, Any]],
+        desired: DesiredState | None = None,
     ):
+        """``desired``: the node's drop/serve decisions, merged into in place as peers
+        tell of theirs (the node keeps it across role changes and saves it)."""
         self.config = config
         self.cfg = config.mesh
         self.state = state
@@ -124,6 +135,10 @@ class MeshService(service.Service):
         self._purposes: dict[str, Callable[[PeerProtocol], None]] = {}
         self._drop_listeners: list[Callable[[str, str], None]] = []
         self._drops_seen: dict[str, None] = {}  # DROP ids, oldest first (bounded)
+        self.desired = desired if desired is not None else DesiredState()
+        self._desired_listeners: list[Callable[[list[Decision], str], None]] = []
+        self._desired_heard = False  # a peer's DESIRED frame came (learn_decisions)
+        self._desired_waiters: list[defer.Deferred[bool]] = []
         self._token_purposes: set[str] = set()  # purposes an invite token may open (passive joins)
         self._local_listeners: list[Callable[[], None]] = []
         self.table.add_listener(self._membership_event)
@@ -247,8 +262,43 @@ class MeshService(service.Service):
         drop_id = os.urandom(8).hex()
         self._seen_drop(drop_id)
         log.info("dropping model %s mesh-wide: telling %d peer(s)", model, len(self.conns))
-        self._broadcast(FrameType.DROP, {"model": model, "id": drop_id, "origin": self.node_id})
+        body: dict[str, Any] = {"model": model, "id": drop_id, "origin": self.node_id}
+        decision = self.desired.get(model)
+        if decision is not None and decision.want is desiredmod.Want.DROPPED:
+            body["version"] = decision.version  # older peers ignore it
+        self._broadcast(FrameType.DROP, body)
         return drop_id
+
+    def publish_desired(self, decisions: list[Decision]) -> None:
+        """Tell every peer of decisions made here (already in ``self.desired``)."""
+        if decisions:
+            self._broadcast(FrameType.DESIRED, desiredmod.to_body(decisions))
+
+    def learn_decisions(self, timeout_s: float) -> defer.Deferred[bool]:
+        """Fires True once a peer's decisions (its DESIRED frame, sent on open) are merged;
+        False after ``timeout_s``, or at once when this node has nobody to ask (a new mesh):
+        a node that joins, or was away, learns of drops before it serves a model."""
+        if self._desired_heard:
+            return defer.succeed(True)
+        boot, known = self.state.load_peers()
+        if not (self.conns or self.cfg.join or boot or known):
+            return defer.succeed(False)
+        d: defer.Deferred[bool] = defer.Deferred()
+        self._desired_waiters.append(d)
+
+        def over() -> None:
+            if d in self._desired_waiters:
+                self._desired_waiters.remove(d)
+                d.callback(False)
+
+        call = self.reactor.callLater(timeout_s, over)
+        d.addBoth(lambda r: (call.cancel() if call.active() else None, r)[1])
+        return d
+
+    def add_desired_listener(self, cb: Callable[[list[Decision], str], None]) -> None:
+        """``cb(decisions, via_node_id)`` when decisions heard from a peer won the merge
+        (``self.desired`` holds them already): apply them, save them."""
+        self._desired_listeners.append(cb)
 
     def add_drop_listener(self, cb: Callable[[str, str], None]) -> None:
         """``cb(model, origin_node_id)`` when another node drops a model mesh-wide."""
@@ -420,6 +470,8 @@ class MeshService(service.Service):
         digest = self._digest(exclude=node_id)
         if digest:
             conn.send_json(FrameType.MEMBERS, {"members": digest})
+        # a late joiner or a restarted node learns them here (none is news too)
+        conn.send_json(FrameType.DESIRED, self.desired.to_body())
 
     def peer_frame(self, conn: PeerProtocol, frame: Frame) -> None:
         if self.conns.get(conn.node_id or "") is not conn:
@@ -435,6 +487,8 @@ class MeshService(service.Service):
                 self._on_leaving(conn, frame.json())
             elif frame.type == FrameType.DROP:
                 self._on_drop(conn, frame.json())
+            elif frame.type == FrameType.DESIRED:
+                self._on_desired(conn, frame.json())
             elif frame.type == FrameType.WELCOME:
                 self.joiner.welcomed(conn, frame.json())
             else:
@@ -516,13 +570,43 @@ class MeshService(service.Service):
             raise ValueError("DROP needs a model and an id")
         if self._seen_drop(drop_id):
             return
-        log.info("node %s dropped model %s mesh-wide (heard from %s)", origin, model, conn.node_id)
         self._broadcast(FrameType.DROP, body, exclude=conn.node_id)
+        decision = desiredmod.from_drop(model, str(origin), body.get("version"),
+                                        self.desired.get(model))
+        if not self._took(self.desired.merge([decision]), conn):
+            held = self.desired.get(model)
+            if held is not None and held.want is not desiredmod.Want.DROPPED:
+                log.info("node %s dropped model %s (heard from %s), but a later decision "
+                         "holds: %s by %s (version %d)", origin, model, conn.node_id,
+                         held.want, held.by, held.version)
+            return
+        log.info("node %s dropped model %s mesh-wide (heard from %s)", origin, model, conn.node_id)
         for cb in list(self._drop_listeners):
             try:
                 cb(model, str(origin))
             except Exception:  # a listener's bug must not break the peer connection
                 log.exception("drop listener %r failed for %s", cb, model)
+
+    def _on_desired(self, conn: PeerProtocol, body: dict[str, Any]) -> None:
+        self._took(self.desired.merge(desiredmod.parse(body)), conn)
+        self._desired_heard = True
+        waiters, self._desired_waiters = self._desired_waiters, []
+        for d in waiters:
+            d.callback(True)
+
+    def _took(self, taken: list[Decision], conn: PeerProtocol) -> bool:
+        """Decisions heard on ``conn`` won the merge: pass them on to the other peers, and
+        to the listeners.  False when none did (nothing new: the flood stops here)."""
+        if not taken:
+            return False
+        via = conn.node_id or "?"
+        self._broadcast(FrameType.DESIRED, desiredmod.to_body(taken), exclude=via)
+        for cb in list(self._desired_listeners):
+            try:
+                cb(taken, via)
+            except Exception:  # a listener's bug must not break the peer connection
+                log.exception("desired-state listener %r failed", cb)
+        return True
 
     def _verify(self, node_id: str, inc: int, reporter: str, reason: str) -> None:
         target = self.conns.get(node_id)

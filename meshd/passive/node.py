@@ -19,6 +19,7 @@ from twisted.internet import defer
 
 from meshd.config import Config
 from meshd.mesh import tokens as tokensmod
+from meshd.mesh.desired import Decision
 from meshd.mesh.peer import (
     PeerProtocol,
     Timing,
@@ -47,6 +48,8 @@ class StandbySelf(Protocol):
     def dropped(self) -> Collection[str]: ...
 
     def node_view(self) -> NodeView: ...
+
+    def learn_desired(self, decisions: list[Decision], via: str) -> None: ...
 
 # -- the whole passive node ---------------------------------------------------------------------------
 
@@ -157,6 +160,9 @@ class PassiveNode(service.Service):
                                              for n in table.active_nodes][:64])
             except Exception as e:  # noqa: BLE001 - a full disk must not stop routing
                 log.warning("cannot save the active nodes: %s", e)
+        if table.desired and self.node is not None:
+            # the mesh's drops, before deciding: never promote for a dropped model
+            self.node.learn_desired(list(table.desired), table.source)
         self.consider_promotion(table)
 
     def _on_unreachable(self, why: str) -> None:

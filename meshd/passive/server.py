@@ -15,6 +15,7 @@ from twisted.internet import task
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
 
 from meshd.mesh import wire
+from meshd.mesh.desired import DesiredState
 from meshd.mesh.peer import (
     PeerProtocol,
 )
@@ -76,6 +77,9 @@ class TableMesh(Protocol):
     def add_listener(self, listener: Callable[[Any], None]) -> None: ...
     def add_local_listener(self, listener: Callable[[], None]) -> None: ...
     def peers(self) -> Sequence[RoutedPeer]: ...
+
+    @property
+    def desired(self) -> DesiredState: ...
 
 
 class LoadCounter(Protocol):
@@ -147,7 +151,8 @@ class RouteServer(service.Service):
         own_load = router.load_of(self.mesh.node_id) if router is not None else 0
         return build_table(mesh_id=self.mesh.mesh_id or "", source=self.mesh.node_id,
                            nodes=nodes, standby=self.registry.standbys(),
-                           load=lambda nid: own_load if nid == self.mesh.node_id else 0)
+                           load=lambda nid: own_load if nid == self.mesh.node_id else 0,
+                           desired=self.mesh.desired.decisions.values())
 
     def changed(self) -> None:
         """Something in the table may have changed: rebuild lazily, push once (coalesced)."""

@@ -12,11 +12,15 @@ The table (``ROUTE_TABLE`` body, ``docs/protocol.md``)::
      "hosts": [{"model", "node_id", "addrs", "vram_bytes", "load", "state": "warm"|"loading"}],
      "active_nodes": [{"node_id", "addrs", "role", "vram_bytes", "serving", "loading",
                        "available_models": [{"name", "size_bytes"}]}],
-     "standby": [{"node_id", "addrs", "vram_bytes", "available_models"}]}
+     "standby": [{"node_id", "addrs", "vram_bytes", "available_models"}],
+     "desired"?: {"models": {name: {"state", "version", "by", "at"}}}}
 
 A standby's ``addrs`` are where it will listen for mesh connections once promoted
 (it listens on none while it stands by): a passive node whose every active node
 is gone dials them, so it finds the standby that took over.
+
+``desired`` (the mesh's drop/serve decisions, ``meshd.mesh.desired``) is there only when
+the mesh holds some: a standby must not promote for a dropped model it has on disk.
 
 An answer with the etag the request named is ``{"etag", "same": true}``:
 nothing changed, and a refresh costs a few dozen bytes.
@@ -28,7 +32,9 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from meshd.mesh import desired as desiredmod
 from meshd.mesh import wire
+from meshd.mesh.desired import Decision
 from meshd.placement.snapshot import MeshView, ModelFile, NodeView
 from meshd.placement.spread import stable_index
 from meshd.states import ModelState, Role
@@ -99,12 +105,16 @@ class RouteTable:
     hosts: tuple[HostEntry, ...] = ()
     active_nodes: tuple[NodeEntry, ...] = ()
     standby: tuple[NodeEntry, ...] = ()
+    desired: tuple[Decision, ...] = ()  # the mesh's drop/serve decisions
 
     def to_body(self) -> dict[str, Any]:
-        return {"etag": self.etag, "mesh_id": self.mesh_id, "source": self.source,
+        body: dict[str, Any] = {"etag": self.etag, "mesh_id": self.mesh_id, "source": self.source,
                 "hosts": [h.to_body() for h in self.hosts],
                 "active_nodes": [n.to_body() for n in self.active_nodes],
                 "standby": [n.to_body() for n in self.standby]}
+        if self.desired:  # absent when there is none: older passive nodes never see it
+            body["desired"] = desiredmod.to_body(self.desired)
+        return body
 
     @classmethod
     def from_body(cls, body: dict[str, Any]) -> RouteTable:
@@ -116,9 +126,10 @@ class RouteTable:
             for h in _list(body, "hosts"))
         active = tuple(_node(n, None) for n in _list(body, "active_nodes"))
         standby = tuple(_node(n, Role.STANDBY) for n in _list(body, "standby"))
+        desired = tuple(desiredmod.parse(body["desired"])) if "desired" in body else ()
         return cls(etag=_str(body, "etag"), mesh_id=_str(body, "mesh_id"),
                    source=_str(body, "source"), hosts=hosts, active_nodes=active,
-                   standby=standby)
+                   standby=standby, desired=desired)
 
     # -- reading it ---------------------------------------------------------------
 
@@ -363,8 +374,8 @@ class PassiveRegistry:
 
 
 def build_table(*, mesh_id: str, source: str, nodes: Iterable[NodeEntry],
-                standby: Iterable[NodeEntry], load: Callable[[str], int] = lambda _: 0
-                ) -> RouteTable:
+                standby: Iterable[NodeEntry], load: Callable[[str], int] = lambda _: 0,
+                desired: Iterable[Decision] = ()) -> RouteTable:
     """The table from the active nodes this node knows (itself included) and its standbys."""
     active = tuple(sorted(nodes, key=lambda n: n.node_id))
     hosts: list[HostEntry] = []
@@ -380,7 +391,8 @@ def build_table(*, mesh_id: str, source: str, nodes: Iterable[NodeEntry],
     active_ids = {n.node_id for n in active}
     return RouteTable(etag="", mesh_id=mesh_id, source=source, hosts=tuple(hosts),
                       active_nodes=active,
-                      standby=tuple(s for s in standby if s.node_id not in active_ids))
+                      standby=tuple(s for s in standby if s.node_id not in active_ids),
+                      desired=tuple(sorted(desired, key=lambda d: d.model)))
 
 
 # -- the passive side ----------------------------------------------------------------------------------

@@ -18,6 +18,7 @@ from meshd.daemon.service import Groups
 from meshd.daemon.tree import CallbackService
 from meshd.mesh import identity as identitymod
 from meshd.mesh import wire
+from meshd.mesh.desired import Want
 from meshd.passive import node as passivemod
 from meshd.placement.election import Rebalancer
 from meshd.placement.snapshot import GB
@@ -377,7 +378,7 @@ def test_an_idle_node_assignment_gives_a_model_serves_it_as_today(tmp_path):
 def test_a_node_whose_model_was_dropped_neither_stands_by_nor_promotes_for_it(tmp_path):
     t = active_idle(tmp_path, vram_gb=8.0, peers=[peer(0, serving=["m2"])])
     n = t.node
-    n.dropped.add("m1")  # meshctl drop m1: its only model on disk
+    n.desired.decide("m1", Want.DROPPED, by="x")  # meshctl drop m1: its only model on disk
     assert n.rebalancer.assign() is None
     assert not t.mesh.left and n.passive is None and n.role == "idle"
     t.roles.stopService()
