@@ -32,6 +32,7 @@ from meshd.daemon.node import Node, RoleParts
 from meshd.daemon.reload import Effect, Reloader, changes, running_config
 from meshd.daemon.sdnotify import Notifier
 from meshd.errors import Refused
+from meshd.mesh.desired import Want
 from meshd.placement import plugins
 from meshd.placement.election import Rebalancer
 from meshd.serving.api import ApiServer
@@ -502,7 +503,7 @@ def test_a_model_not_on_disk_is_downloaded_first(setup):
 
 def test_a_model_dropped_mesh_wide_is_not_served_again_by_a_reload(setup):
     reloader = setup.start()
-    setup.node.dropped.add("beta")
+    setup.node.desired.decide("beta", Want.DROPPED, by="another-node")
     setup.write(models={"serve": ["beta"]})
     answer = reloader.reload()
     assert setup.started == []
