@@ -23,6 +23,7 @@ from twisted.python.failure import Failure
 from meshd import __version__
 from meshd.config import Config
 from meshd.daemon.roles import RoleMachine, initial_role
+from meshd.placement.explain import ExplanationStore
 from meshd.placement.snapshot import MeshView, ModelFile, NodeView
 from meshd.serving.router import RoutedMesh
 from meshd.states import MODEL_STATE_OF_BACKEND, BackendState, ModelState, NodeState, Role
@@ -153,6 +154,8 @@ class Node:
         self.scan: ScanResult | None = None
         self._shutdown = shutdown or (lambda: None)
         self._status_listeners: list[Callable[[], None]] = []
+        # the last election per model, for `meshctl explain` (meshd.placement.explain)
+        self.explanations = ExplanationStore()
         self._membership_listeners: list[Callable[[Any], None]] = []
 
     def use(self, parts: RoleParts) -> None:
@@ -527,6 +530,12 @@ class Node:
         if self.mesh is not None:
             self.mesh.local_changed()
         self.status_changed()
+
+    def explain(self, model: str, client_id: str = "") -> dict[str, Any]:
+        """``meshctl explain MODEL``: why ``model`` is where it is (``meshd.placement.explain``)."""
+        from meshd.placement.explain import explain_model
+
+        return explain_model(self, model, client_id)
 
     def reload(self) -> dict[str, Any]:
         self.rescan()

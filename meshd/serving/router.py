@@ -170,6 +170,7 @@ def order_hosts(
     self_id: str,
     suspects: frozenset[str] = frozenset(),
     policy: PolicyManager | None = None,
+    answers: list[placement.HookRecord] | None = None,
 ) -> list[str]:
     """The node ids to try for one request, best first.
 
@@ -180,7 +181,7 @@ def order_hosts(
     """
     if view.self_id != self_id:
         view = dataclasses.replace(view, self_id=self_id)
-    ordered = placement.order_hosts(model, client_id, hosts, view, policy=policy)
+    ordered = placement.order_hosts(model, client_id, hosts, view, policy=policy, answers=answers)
     if suspects:
         ordered = [h for h in ordered if h not in suspects] + [h for h in ordered if h in suspects]
     return ordered
@@ -310,6 +311,11 @@ class MeshRouter:
         ]
 
     def upstreams(self, model: str, client_id: str) -> list[routing.Upstream]:
+        return [self._upstream(node_id, model) for node_id in self._order(model, client_id)]
+
+    def _order(self, model: str, client_id: str,
+               answers: list[placement.HookRecord] | None = None) -> list[str]:
+        """The node ids a request for ``model`` from ``client_id`` tries, best first."""
         snap = self.snapshot()
         hosts = snap.hosts.get(model)
         if not hosts:
@@ -325,9 +331,41 @@ class MeshRouter:
                 dataclasses.replace(h, load=(0 if h.node_id == me else h.load)
                                     + self.in_flight.get(h.node_id, 0))
                 for h in hosts)
-        order = order_hosts(model, client_id, hosts, snap.view, self_id=self.node.node_id,
-                            suspects=self._current_suspects(), policy=self.node.policy)
-        return [self._upstream(node_id, model) for node_id in order]
+        return order_hosts(model, client_id, hosts, snap.view, self_id=self.node.node_id,
+                           suspects=self._current_suspects(), policy=self.node.policy,
+                           answers=answers)
+
+    def explain_route(self, model: str, client_id: str) -> dict[str, Any]:
+        """``meshctl explain``'s routing part: the hosts a request for ``model`` from
+        ``client_id`` would try now, in order, and which plugin chose the first (the
+        hook is asked as a request asks it; nothing is sent)."""
+        from meshd.placement.explain import hook_answers, label, name_of
+
+        answers: list[placement.HookRecord] = []
+        out: dict[str, Any] = {"client_id": client_id}
+        try:
+            order = self._order(model, client_id, answers)
+        except routing.RouteError as e:
+            status = getattr(e, "status", 500)
+            return {**out, "order": [], "hooks": [], "answer": f"HTTP {status}: {e}"}
+        view = self.snapshot().view
+        suspects = self._current_suspects()
+        rows = []
+        for node_id in order:
+            n = view.node(node_id)
+            name = name_of(n) if n is not None else None
+            rows.append({"node_id": node_id, "name": name, "label": label(node_id, name),
+                         "local": node_id == self.node.node_id,
+                         "in_flight": self.in_flight.get(node_id, 0),
+                         "suspect": node_id in suspects})
+        if len(order) == 1:
+            why = "one ready host: the host-selection hook is not asked"
+        else:
+            why = "the hook's choice first, then this node when it is a host, then by node id"
+            if suspects & set(order):
+                why += "; a host whose tunnel failed in the last few seconds goes last"
+        hooks = [dataclasses.asdict(h) for h in hook_answers(answers)]
+        return {**out, "order": rows, "hooks": hooks, "answer": why}
 
     def _upstream(self, node_id: str, model: str) -> routing.Upstream:
         key = (node_id, model)
