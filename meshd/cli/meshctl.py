@@ -445,6 +445,8 @@ def _hook_rows(hooks: Sequence[Any]) -> list[dict]:
 
 HOOK_COLUMNS = [("hook", "HOOK"), ("by", "ANSWERED BY"), ("asked", "ASKED (IN ORDER)"),
                 ("answer", "ANSWER")]
+# explain's "this node" line, from the election's action (meshd.states.ModelAction)
+LOCAL_ACTIONS = {"run": "runs it", "wait": "waits", "worker": "lends its VRAM to the host"}
 EXPLAIN_NODE_COLUMNS = [("node", "NODE"), ("role", "ROLE"), ("vram_bytes", "VRAM"),
                         ("rtt", "RTT"), ("file", "FILE"), ("part", "PART"), ("why", "WHY")]
 
@@ -463,7 +465,8 @@ def format_explain(d: dict) -> list[str]:
         items.append(("decision", f"{mode}{host}: {e.get('reason') or '-'}"))
         local = e.get("local")
         if isinstance(local, dict):
-            items.append(("this node", f"{local.get('action')}: {local.get('reason') or '-'}"))
+            action = LOCAL_ACTIONS.get(str(local.get("action")), str(local.get("action")))
+            items.append(("this node", f"{action}: {local.get('reason') or '-'}"))
         items.append(("size", f"{human_bytes(e.get('size_bytes'))}, needs "
                               f"{human_bytes(e.get('need_bytes'))} of VRAM ({e.get('fit_rule')})"))
         st = e.get("settings") or {}

@@ -39,6 +39,8 @@ if TYPE_CHECKING:
 ELECTED_HERE = "election on this node"
 COMPUTED_NOW = ("planned now on this node, which is not in the group: the group's nodes "
                 "plan the same way from their own RTTs")
+PASSIVE_NOW = ("planned now on this passive node from its routing table, which carries no "
+               "RTTs: the group's nodes plan the same way from their own")
 
 
 class Part(StrEnum):
@@ -359,7 +361,8 @@ DEFAULT_CLIENT = "127.0.0.1"
 
 def explain_route(node: Any, model: str, client_id: str) -> dict[str, Any]:
     """The host order a request from ``client_id`` would get now, and why."""
-    router = getattr(node, "router", None)
+    passive = getattr(node, "passive", None)
+    router = passive.router if passive is not None else getattr(node, "router", None)
     if router is None or not hasattr(router, "explain_route"):
         return {"client_id": client_id, "order": [], "hooks": [],
                 "answer": "this node routes no requests (no mesh router)"}
@@ -367,10 +370,48 @@ def explain_route(node: Any, model: str, client_id: str) -> dict[str, Any]:
     return route
 
 
+def route_explanation(
+    client_id: str,
+    order: Sequence[str] = (),
+    view: MeshView | None = None,
+    self_id: str = "",
+    records: Iterable[HookRecord] = (),
+    *,
+    suspects: frozenset[str] = frozenset(),
+    in_flight: Mapping[str, int] | None = None,
+    note: str = "",
+    error: Exception | None = None,
+) -> dict[str, Any]:
+    """The routing part of ``meshctl explain``: ``order`` (node ids, best first) with names,
+    and the host-selection hook's answer; or what a request gets when ``error`` says it
+    cannot be routed (404, 503)."""
+    if error is not None:
+        status = getattr(error, "status", 500)
+        return {"client_id": client_id, "order": [], "hooks": [],
+                "answer": f"HTTP {status}: {error}"}
+    rows = []
+    for node_id in order:
+        n = view.node(node_id) if view is not None else None
+        name = name_of(n) if n is not None else None
+        rows.append({"node_id": node_id, "name": name, "label": label(node_id, name),
+                     "local": node_id == self_id, "in_flight": (in_flight or {}).get(node_id, 0),
+                     "suspect": node_id in suspects})
+    if len(order) == 1:
+        answer = "one ready host: the host-selection hook is not asked"
+    else:
+        answer = note
+        if suspects & set(order):
+            answer += "; a host that failed lately goes last"
+    return {"client_id": client_id, "order": rows,
+            "hooks": [asdict(h) for h in hook_answers(records)], "answer": answer}
+
+
 def _known_models(node: Any) -> set[str]:
-    names = set(node.wanted) | {m.name for m in node.mesh_view().models}
+    passive = getattr(node, "passive", None)
+    view = passive.router.view() if passive is not None else None
+    names = set(node.wanted) | {m.name for m in (view or node.mesh_view()).models}
     router = getattr(node, "router", None)
-    if router is not None:
+    if router is not None and passive is None:
         names |= set(router.snapshot().models)
     return names - set(node.dropped)
 
@@ -380,9 +421,17 @@ def _plan_now(node: Any, model: str) -> Explanation | None:
     from meshd.placement import rules
     from meshd.placement.election import group_of
 
-    view = node.mesh_view()
-    rebalancer = getattr(node, "rebalancer", None)
-    targets = rebalancer.targets() if rebalancer is not None else _peer_targets(node)
+    passive = getattr(node, "passive", None)
+    table_view = passive.router.view() if passive is not None else None
+    source = COMPUTED_NOW
+    if table_view is not None:  # a client or standby: the mesh is its routing table
+        view = table_view.with_node(node.node_view())  # itself as it is: standby, VRAM, disk
+        targets = {n.node_id: tuple(n.serving) for n in view.nodes}
+        source = PASSIVE_NOW
+    else:
+        view = node.mesh_view()
+        rebalancer = getattr(node, "rebalancer", None)
+        targets = rebalancer.targets() if rebalancer is not None else _peer_targets(node)
     group = group_of(model, view, targets)
     size = view.size_of(model)
     if not group and view.model(model) is None and model not in node.wanted:
@@ -399,7 +448,7 @@ def _plan_now(node: Any, model: str) -> Explanation | None:
                                 answers=records)
     return explain_plan(model, size, group, view, plan, at=float(node.reactor.seconds()),
                         settings=settings, records=records, trigger="meshctl explain",
-                        source=COMPUTED_NOW)
+                        source=source)
 
 
 def _peer_targets(node: Any) -> dict[str, tuple[str, ...]]:

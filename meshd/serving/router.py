@@ -339,33 +339,18 @@ class MeshRouter:
         """``meshctl explain``'s routing part: the hosts a request for ``model`` from
         ``client_id`` would try now, in order, and which plugin chose the first (the
         hook is asked as a request asks it; nothing is sent)."""
-        from meshd.placement.explain import hook_answers, label, name_of
+        from meshd.placement.explain import route_explanation
 
         answers: list[placement.HookRecord] = []
-        out: dict[str, Any] = {"client_id": client_id}
         try:
             order = self._order(model, client_id, answers)
         except routing.RouteError as e:
-            status = getattr(e, "status", 500)
-            return {**out, "order": [], "hooks": [], "answer": f"HTTP {status}: {e}"}
-        view = self.snapshot().view
-        suspects = self._current_suspects()
-        rows = []
-        for node_id in order:
-            n = view.node(node_id)
-            name = name_of(n) if n is not None else None
-            rows.append({"node_id": node_id, "name": name, "label": label(node_id, name),
-                         "local": node_id == self.node.node_id,
-                         "in_flight": self.in_flight.get(node_id, 0),
-                         "suspect": node_id in suspects})
-        if len(order) == 1:
-            why = "one ready host: the host-selection hook is not asked"
-        else:
-            why = "the hook's choice first, then this node when it is a host, then by node id"
-            if suspects & set(order):
-                why += "; a host whose tunnel failed in the last few seconds goes last"
-        hooks = [dataclasses.asdict(h) for h in hook_answers(answers)]
-        return {**out, "order": rows, "hooks": hooks, "answer": why}
+            return route_explanation(client_id, error=e)
+        return route_explanation(client_id, order, self.snapshot().view, self.node.node_id,
+                                 answers, suspects=self._current_suspects(),
+                                 in_flight=self.in_flight,
+                                 note="the hook's choice first, then this node when it is a "
+                                      "host, then by node id")
 
     def _upstream(self, node_id: str, model: str) -> routing.Upstream:
         key = (node_id, model)
