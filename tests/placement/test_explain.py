@@ -276,3 +276,30 @@ def test_a_passive_node_takes_no_part_and_says_so():
     out = {p.node_id: (p.part, p.reason) for p in node_parts("m", 300 * MB, view.nodes[:1],
                                                              view, plan)}
     assert out["s"] == (Part.NOT_IN_GROUP, "a standby: passive nodes take no part in elections")
+
+
+def test_a_standby_explains_from_its_routing_table_and_routes_as_its_router_does():
+    import types
+
+    from meshd.passive.router import PassiveRouter
+    from meshd.placement.snapshot import ModelFile
+    from meshd.serving.routetable import NodeEntry, RouteTable, build_table
+
+    entries = tuple(NodeEntry(f"host-{i}", "host", 8 * GB, (f"127.0.0.1:{7000 + i}",), ("m",),
+                              available_models=(ModelFile("m", 2 * GB),)) for i in range(3))
+    t = build_table(mesh_id="mesh1", source="host-0", nodes=entries, standby=())
+    router = PassiveRouter("node-s", endpoint_for=lambda n, m: (n, m), started_at=0)
+    router.update(RouteTable("t.1.1", t.mesh_id, t.source, t.hosts, t.active_nodes, t.standby))
+    node = make_node("node-s", vram_gb=8, disk={"m": 2 * GB}, standby=True)
+    node.mesh = None
+    node.passive = types.SimpleNamespace(router=router)
+    e = node.explain("m", "alice")
+    assert e["election"]["source"].startswith("planned now on this passive node")
+    assert parts(e)["node-s"] == (Part.NOT_IN_GROUP,
+                                  "a standby: passive nodes take no part in elections")
+    assert {parts(e)[f"host-{i}"][0] for i in range(3)} == {Part.SOLO}
+    route = e["routing"]
+    order = [h["node_id"] for h in route["order"]]
+    assert order == [u.node_id for u in router.upstreams("m", "alice")] and len(order) == 2
+    assert route["hooks"][0]["hook"] == "meshd_select_host"
+    assert route["answer"] == "a passive node tries the hook's choice, then one more host by node id"
