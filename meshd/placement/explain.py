@@ -27,6 +27,7 @@ from dataclasses import asdict, dataclass, field
 from enum import StrEnum
 from typing import TYPE_CHECKING, Any
 
+from meshd.placement.default import NAME as DEFAULT_NAME
 from meshd.placement.fit import FIT_FACTOR, fits, needed_bytes
 from meshd.placement.snapshot import MeshView, NodeView, SplitPlan
 from meshd.states import PlanMode
@@ -211,6 +212,7 @@ def _needs(need: int, vram: int) -> str:
 
 def node_parts(
     model: str, size_bytes: int, group: Sequence[NodeView], view: MeshView, plan: SplitPlan | None,
+    *, force_split: bool = False,
 ) -> tuple[NodePart, ...]:
     """Every node of ``view``: its part in ``plan`` over ``group``, or why it has none.
 
@@ -234,15 +236,20 @@ def node_parts(
             if n.node_id in plan.solo:
                 why = f"fits: {_needs(need, n.vram_bytes)}"
                 if not fit:
-                    why = f"plugin {by} runs it solo here: {_needs(need, n.vram_bytes)}"
+                    why = f"{_plan_of(by)} runs it solo here: {_needs(need, n.vram_bytes)}"
                 out.append(NodePart(n.node_id, name, Part.SOLO, why))
             elif not fit:
                 out.append(NodePart(n.node_id, name, Part.WAITING,
                                     f"too small to run it alone: {_needs(need, n.vram_bytes)}"))
+            elif force_split and (rtt := _rtt_problem(n, view.max_rtt_ms)) is not None:
+                # [models] split, and no peer near enough to split with: the host runs it alone
+                out.append(NodePart(n.node_id, name, Part.LEFT_OUT,
+                                    f"{rtt}: too far to split with ([models] split), and the "
+                                    f"host runs it alone"))
             else:
                 out.append(NodePart(n.node_id, name, Part.LEFT_OUT,
-                                    f"fits ({_needs(need, n.vram_bytes)}), but plugin {by}'s "
-                                    f"plan runs it elsewhere"))
+                                    f"fits ({_needs(need, n.vram_bytes)}), but {_plan_of(by)} "
+                                    f"runs it elsewhere"))
             continue
         rtt = _rtt_problem(n, view.max_rtt_ms) if n.node_id != plan.host else None
         if plan.mode == PlanMode.SPLIT:
@@ -257,7 +264,7 @@ def node_parts(
                                     f"of VRAM, RTT {_rtt_text(n.rtt_ms)}", share))
             else:
                 out.append(NodePart(n.node_id, name, Part.LEFT_OUT,
-                                    rtt or f"left out by plugin {by}'s plan"))
+                                    rtt or f"left out by {_plan_of(by)}"))
             continue
         # WAIT: the group together is short of VRAM
         if rtt is not None:
@@ -271,6 +278,11 @@ def node_parts(
                                 f"worker of host {plan.host}, waiting: its "
                                 f"{gib(n.vram_bytes)} count"))
     return tuple(out)
+
+
+def _plan_of(by: str) -> str:
+    """Whose plan it is, for a reason the numbers alone do not give."""
+    return "the default plan" if by in (DEFAULT_NAME, "") else f"plugin {by}'s plan"
 
 
 def _not_in_group(n: NodeView, model: str) -> str:
@@ -318,7 +330,8 @@ def explain_plan(
         size_bytes=size_bytes, need_bytes=needed_bytes(size_bytes), settings=settings,
         mode=mode, host=host, reason=reason, inputs=inputs,
         hooks=tuple(extra_hooks) + hook_answers(records),
-        nodes=node_parts(model, size_bytes, group, view, plan), local=local, shares=shares)
+        nodes=node_parts(model, size_bytes, group, view, plan, force_split=settings.split),
+        local=local, shares=shares)
 
 
 # -- answering meshctl explain -------------------------------------------------------

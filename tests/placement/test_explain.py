@@ -303,3 +303,20 @@ def test_a_standby_explains_from_its_routing_table_and_routes_as_its_router_does
     assert order == [u.node_id for u in router.upstreams("m", "alice")] and len(order) == 2
     assert route["hooks"][0]["hook"] == "meshd_select_host"
     assert route["answer"] == "a passive node tries the hook's choice, then one more host by node id"
+
+
+def test_split_forced_with_only_far_peers_runs_solo_and_says_why_each_peer_is_left_out():
+    node = make_node("node-a", vram_gb=16, disk={"m": 2 * GB}, split=True)
+    node.mesh.members["node-b"] = far(peer("node-b", vram_gb=8, waiting=["m"]), 150.0)
+    r, acts = rebalancer(node)
+    r.serve("m")
+    e = node.explain("m")
+    assert e["election"]["mode"] == "solo"
+    assert e["election"]["reason"] == ("split forced but no peer within 80 ms: solo; skipped "
+                                       "node-b (150 ms > 80 ms)")
+    assert parts(e) == {
+        "node-a": (Part.SOLO, "fits: needs 2.2 GiB, has 16.0 GiB"),
+        "node-b": (Part.LEFT_OUT, "RTT 150 ms > 80 ms ([models] max_rtt_ms): too far to split "
+                                  "with ([models] split), and the host runs it alone"),
+    }
+    assert acts.log == [("start", "m")]
