@@ -459,9 +459,10 @@ def format_explain(d: dict) -> list[str]:
     items = [("model", str(model)), ("node", node_label(d.get("node_id"), d.get("name")))]
     if d.get("dropped"):
         items.append(("dropped", str(d.get("dropped_reason") or "yes")))
+    names = {i.get("node_id"): i.get("name") for i in e.get("inputs") or [] if isinstance(i, dict)}
     if e:
         mode = e.get("mode") or "nothing planned"
-        host = f", host {node_label(e['host'])}" if e.get("host") else ""
+        host = f", host {node_label(e['host'], names.get(e['host']))}" if e.get("host") else ""
         items.append(("decision", f"{mode}{host}: {e.get('reason') or '-'}"))
         local = e.get("local")
         if isinstance(local, dict):

@@ -104,15 +104,20 @@ async def test_explain_of_an_unknown_model_exits_3_naming_the_known_ones(control
 def test_a_named_node_shows_its_name_first_and_its_id_beside_it():
     answer = {"model": "m", "node_id": "01HXABCDEFGHJKMNPQRSTVWXYZ", "name": "gpu-box-1",
               "dropped": False,
-              "election": {"mode": "solo", "reason": "fits", "nodes": [
+              "election": {"mode": "split", "host": "01HXABCDEFGHJKMNPQRSTVWXYZ",
+                           "reason": "fits no single node", "nodes": [
                   {"node_id": "01HXABCDEFGHJKMNPQRSTVWXYZ", "name": "gpu-box-1", "part": "solo",
-                   "reason": "fits: needs 1.1 GiB, has 8.0 GiB"}], "inputs": [], "hooks": [],
+                   "reason": "fits: needs 1.1 GiB, has 8.0 GiB"}],
+                  "inputs": [{"node_id": "01HXABCDEFGHJKMNPQRSTVWXYZ", "name": "gpu-box-1"}],
+                  "hooks": [],
                   "settings": {}, "size_bytes": GB, "need_bytes": GB, "age_s": 3},
               "routing": {"client_id": "c", "order": [
                   {"node_id": "01HXABCDEFGHJKMNPQRSTVWXYZ", "name": "gpu-box-1", "local": True}],
                   "hooks": [], "answer": "one ready host: the host-selection hook is not asked"}}
     lines = meshctl.format_explain(answer)
     assert cells(row(lines, "node ")) == ["node", "gpu-box-1 (01HXABCDEFGH)"]
+    assert cells(row(lines, "decision")) == [
+        "decision", "split, host gpu-box-1 (01HXABCDEFGH): fits no single node"]
     assert cells(row(lines, "gpu-box-1 (01HXABCDEFGH)"))[-2:] == [
         "solo", "fits: needs 1.1 GiB, has 8.0 GiB"]
     assert "  1. gpu-box-1 (01HXABCDEFGH) (this node)" in lines
