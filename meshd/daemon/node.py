@@ -154,9 +154,9 @@ class Node:
         self.scan: ScanResult | None = None
         self._shutdown = shutdown or (lambda: None)
         self._status_listeners: list[Callable[[], None]] = []
+        self._membership_listeners: list[Callable[[Any], None]] = []
         # the last election per model, for `meshctl explain` (meshd.placement.explain)
         self.explanations = ExplanationStore()
-        self._membership_listeners: list[Callable[[Any], None]] = []
 
     def use(self, parts: RoleParts) -> None:
         """The role machine's hand-over at a role change (``meshd.daemon.roles``)."""
