@@ -436,6 +436,84 @@ def format_status(s: dict) -> list[str]:
     return lines
 
 
+def node_label(node_id: Any, name: Any = None) -> str:
+    """A node as explain shows it: its name first when it has one, its (short) id beside it."""
+    return f"{name} ({short_id(node_id)})" if isinstance(name, str) and name else short_id(node_id)
+
+
+def _hook_rows(hooks: Sequence[Any]) -> list[dict]:
+    return [{"hook": str(h.get("hook", "")).removeprefix("meshd_"),
+             "by": h.get("answered_by"), "answer": h.get("answer"),
+             "asked": ", ".join(h.get("asked") or []) or "-"}
+            for h in hooks if isinstance(h, dict)]
+
+
+HOOK_COLUMNS = [("hook", "HOOK"), ("by", "ANSWERED BY"), ("asked", "ASKED (IN ORDER)"),
+                ("answer", "ANSWER")]
+# explain's "this node" line, from the election's action (meshd.states.ModelAction)
+LOCAL_ACTIONS = {"run": "runs it", "wait": "waits", "worker": "lends its VRAM to the host"}
+EXPLAIN_NODE_COLUMNS = [("node", "NODE"), ("role", "ROLE"), ("vram_bytes", "VRAM"),
+                        ("rtt", "RTT"), ("file", "FILE"), ("part", "PART"), ("why", "WHY")]
+
+
+def format_explain(d: dict) -> list[str]:
+    """``meshctl explain MODEL``: the last election's inputs, hooks, each node's part or why
+    it has none, and the route a request would take."""
+    model = d.get("model")
+    e = d.get("election") or {}
+    items = [("model", str(model)), ("node", node_label(d.get("node_id"), d.get("name")))]
+    if d.get("dropped"):
+        items.append(("dropped", str(d.get("dropped_reason") or "yes")))
+    names = {i.get("node_id"): i.get("name") for i in e.get("inputs") or [] if isinstance(i, dict)}
+    if e:
+        mode = e.get("mode") or "nothing planned"
+        host = f", host {node_label(e['host'], names.get(e['host']))}" if e.get("host") else ""
+        items.append(("decision", f"{mode}{host}: {e.get('reason') or '-'}"))
+        local = e.get("local")
+        if isinstance(local, dict):
+            action = LOCAL_ACTIONS.get(str(local.get("action")), str(local.get("action")))
+            items.append(("this node", f"{action}: {local.get('reason') or '-'}"))
+        items.append(("size", f"{human_bytes(e.get('size_bytes'))}, needs "
+                              f"{human_bytes(e.get('need_bytes'))} of VRAM ({e.get('fit_rule')})"))
+        st = e.get("settings") or {}
+        weights = ", ".join(f"{w:g}" for w in st.get("tensor_split") or []) or "-"
+        items.append(("settings", f"split {'on' if st.get('split') else 'off'}, tensor_split "
+                                  f"{weights}, max_rtt_ms {st.get('max_rtt_ms', 0):g}"))
+        trigger = f" ({e['trigger']})" if e.get("trigger") else ""
+        items.append(("planned", f"{human_duration(e.get('age_s'))} ago{trigger}: "
+                                 f"{e.get('source')}"))
+    else:
+        items.append(("decision", "no election on record"))
+    lines = pairs(items)
+    if e:
+        inputs = {i.get("node_id"): i for i in e.get("inputs") or [] if isinstance(i, dict)}
+        rows = []
+        for p in e.get("nodes") or []:
+            if not isinstance(p, dict):
+                continue
+            i = inputs.get(p.get("node_id"), {})
+            on_disk = i.get("on_disk_bytes")
+            rows.append({"node": node_label(p.get("node_id"), p.get("name")),
+                         "role": i.get("role"), "vram_bytes": i.get("vram_bytes"),
+                         "rtt": "-" if i.get("rtt_ms") is None else f"{i['rtt_ms']:.0f} ms",
+                         "file": "no" if on_disk is None else human_bytes(on_disk),
+                         "part": p.get("part"), "why": p.get("reason")})
+        lines += section("NODES", rows, EXPLAIN_NODE_COLUMNS)
+        lines += section("HOOKS", _hook_rows(e.get("hooks") or []), HOOK_COLUMNS,
+                         empty="(no hook asked)")
+    r = d.get("routing") or {}
+    lines += ["", f"ROUTING (a request from client {r.get('client_id') or '-'})"]
+    for n, h in enumerate(r.get("order") or [], 1):
+        if isinstance(h, dict):
+            mark = " (this node)" if h.get("local") else ""
+            mark += " (its tunnel failed lately)" if h.get("suspect") else ""
+            lines.append(f"  {n}. {node_label(h.get('node_id'), h.get('name'))}{mark}")
+    lines.append(f"  {r.get('answer') or '-'}")
+    for h in _hook_rows(r.get("hooks") or []):
+        lines.append(f"  {h['hook']}: answered by {h['by']} (asked: {h['asked']}): {h['answer']}")
+    return lines
+
+
 # -- commands ------------------------------------------------------------------
 # Each returns (method, endpoint, body, formatter for the human output).
 
@@ -536,6 +614,13 @@ def reload_lines(d: Any) -> list[str]:
     return lines
 
 
+def cmd_explain(a: argparse.Namespace) -> Command:
+    from urllib.parse import urlencode
+
+    query = {"model": a.model, **({"client": a.client} if a.client else {})}
+    return "GET", f"/explain?{urlencode(query)}", None, lambda d, a: format_explain(d)
+
+
 def cmd_reload(a: argparse.Namespace) -> Command:
     return "POST", "/reload", None, lambda d, a: reload_lines(d)
 
@@ -622,6 +707,13 @@ def parser() -> argparse.ArgumentParser:
     )
     c.add_argument("name", metavar="NAME")
     command("gpus", cmd_gpus, "what VRAM detection found")
+    c = command("explain", cmd_explain,
+                "why MODEL is where it is: the last election's inputs, which plugin answered "
+                "each hook, why each node was left out, and the hosts a request would try")
+    c.add_argument("model", metavar="MODEL")
+    c.add_argument("--client", metavar="ID",
+                   help="the client whose host order to show: a request's 'user' field, else "
+                        "its IP address (default 127.0.0.1)")
     command("reload", cmd_reload, "read the configuration again and apply what can be applied "
             "live (log level, policy plugins, [api] api_key, [models] serve); answers once "
             "applied, or exits 3 with why when the file is broken (nothing changes)")

@@ -17,6 +17,8 @@ and JavaScript, no build step, nothing fetched from elsewhere).  It reads:
   ``uptime_s``) is not sent.  A ``: keep-alive`` comment every
   ``KEEPALIVE_S``.  At most ``MAX_CLIENTS`` streams (503 beyond); a client that
   goes away is dropped at once.
+- ``GET /api/explain?model=M``: why a model is where it is (the "why?" of a
+  model row): :meth:`meshd.daemon.node.Node.explain`, as ``meshctl explain M --json``.
 - ``POST /v1/chat/completions`` and ``GET /v1/models``: the chat box.  These
   are forwarded to this node's own API (``[api] listen``) so the page never
   needs CORS and the API never answers CORS for anyone.  Streams pass through
@@ -362,6 +364,30 @@ class _Events(resource.Resource):
         return server.NOT_DONE_YET
 
 
+class _Explain(resource.Resource):
+    """``GET /api/explain?model=M``: :meth:`meshd.daemon.node.Node.explain`, the same
+    document as ``meshctl explain M --json``; an unknown model is 404 with the reason."""
+
+    isLeaf = True
+
+    def __init__(self, node: Any):
+        super().__init__()
+        self.node = node
+
+    def render_GET(self, request: server.Request) -> bytes:
+        from meshd.errors import Refused
+
+        args: dict[bytes, list[bytes]] = request.args or {}
+        model = (args.get(b"model") or [b""])[-1].decode("utf-8", "replace").strip()
+        client = (args.get(b"client") or [b""])[-1].decode("utf-8", "replace").strip()
+        if not model:
+            return _error(request, 400, "name a model: /api/explain?model=NAME", "missing_model")
+        try:
+            return _json_response(request, 200, self.node.explain(model, client))
+        except Refused as e:
+            return _error(request, 404, e.reason, "model_not_found")
+
+
 class _Relay(Protocol):
     """The API's response body into the browser's request, paused when the browser is."""
 
@@ -433,6 +459,7 @@ class _Root(resource.Resource):
         api = resource.Resource()
         api.putChild(b"status", _Status(console.feed))
         api.putChild(b"events", _Events(console.feed))
+        api.putChild(b"explain", _Explain(console.node))
         self.putChild(b"api", api)
         self.putChild(b"v1", _ChatProxy(console))
 

@@ -11,6 +11,7 @@ Endpoints::
 
     GET  /status            GET  /peers           GET  /gpus
     GET  /models[?catalog=1]
+    GET  /explain?model=M[&client=ID]
     POST /leave             POST /reload          POST /drop {"model"}
     POST /token {"ttl_s", "once"}                  POST /token/revoke {"id"}
     POST /join {"token"}    POST /download {"name"}
@@ -89,6 +90,8 @@ class ControlTarget(Protocol):
 
     def download(self, name: str) -> defer.Deferred[dict[str, Any]]: ...
 
+    def explain(self, model: str, client_id: str) -> dict[str, Any]: ...
+
 
 # -- argument parsing, one function per endpoint ---------------------------------
 # Each returns (method name on the target, positional args, keyword args).
@@ -108,6 +111,17 @@ def _string(body: dict[str, Any], key: str) -> str:
     return value.strip()
 
 
+def _query(args: dict[bytes, list[bytes]], name: str, *, required: bool = True) -> str:
+    value = (args.get(name.encode()) or [b""])[-1].decode("utf-8", "replace").strip()
+    if required and not value:
+        raise BadRequest(f"{name!r}: expected a non-empty query parameter ?{name}=...")
+    return value
+
+
+def _explain_args(q: dict[bytes, list[bytes]]) -> Call:
+    return "explain", (_query(q, "model"),), {"client_id": _query(q, "client", required=False)}
+
+
 def _token_args(body: dict[str, Any]) -> Call:
     ttl = body.get("ttl_s", DEFAULT_TOKEN_TTL_S)
     if isinstance(ttl, bool) or not isinstance(ttl, int | float) or not 0 < ttl <= MAX_TOKEN_TTL_S:
@@ -124,6 +138,7 @@ ROUTES: dict[tuple[bytes, str], Callable[[dict, dict], Call]] = {
     (b"GET", "peers"): lambda q, b: ("peers", (), {}),
     (b"GET", "gpus"): lambda q, b: ("gpus", (), {}),
     (b"GET", "models"): lambda q, b: ("model_table", (), {"catalog": _flag(q, "catalog")}),
+    (b"GET", "explain"): lambda q, b: _explain_args(q),
     (b"POST", "leave"): lambda q, b: ("leave", (), {}),
     (b"POST", "reload"): lambda q, b: ("reload", (), {}),
     (b"POST", "drop"): lambda q, b: ("drop", (_string(b, "model"),), {}),

@@ -24,6 +24,7 @@ from meshd import __version__
 from meshd.config import Config
 from meshd.daemon.roles import RoleMachine, initial_role
 from meshd.mesh.desired import Decision, DesiredState, Want
+from meshd.placement.explain import ExplanationStore
 from meshd.placement.snapshot import MeshView, ModelFile, NodeView
 from meshd.serving.router import RoutedMesh
 from meshd.states import MODEL_STATE_OF_BACKEND, BackendState, ModelState, NodeState, Role
@@ -168,6 +169,8 @@ class Node:
         self.reloader: Callable[[], dict[str, Any]] | None = None
         self._status_listeners: list[Callable[[], None]] = []
         self._membership_listeners: list[Callable[[Any], None]] = []
+        # the last election per model, for `meshctl explain` (meshd.placement.explain)
+        self.explanations = ExplanationStore()
 
     def use(self, parts: RoleParts) -> None:
         """The role machine's hand-over at a role change (``meshd.daemon.roles``)."""
@@ -663,6 +666,12 @@ class Node:
         if self.mesh is not None:
             self.mesh.local_changed()
         self.status_changed()
+
+    def explain(self, model: str, client_id: str = "") -> dict[str, Any]:
+        """``meshctl explain MODEL``: why ``model`` is where it is (``meshd.placement.explain``)."""
+        from meshd.placement.explain import explain_model
+
+        return explain_model(self, model, client_id)
 
     def reload(self) -> dict[str, Any]:
         """``meshctl reload``, SIGHUP: the configuration read again and what can be applied
