@@ -123,7 +123,8 @@ class PassiveNode(service.Service):
         if self.kind == Role.CLIENT or self.node is None:
             return CheckIn(Role.CLIENT, etag, refresh)
         me = self.node.node_view()
-        return CheckIn(Role.STANDBY, etag, refresh, me.vram_bytes, me.available_models)
+        return CheckIn(Role.STANDBY, etag, refresh, me.vram_bytes, me.available_models,
+                       name=self.config.node.name)
 
     def startService(self) -> None:  # noqa: N802
         super().startService()

@@ -14,6 +14,9 @@ The table (``ROUTE_TABLE`` body, ``docs/protocol.md``)::
                        "available_models": [{"name", "size_bytes"}]}],
      "standby": [{"node_id", "vram_bytes", "available_models"}]}
 
+A node entry (active or standby) may also carry ``"name"``, the node's ``[node]
+name``: optional (an older meshd sends none), cleaned on receipt (``meshd.nodename``).
+
 An answer with the etag the request named is ``{"etag", "same": true}``:
 nothing changed, and a refresh costs a few dozen bytes.
 """
@@ -25,6 +28,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from meshd.mesh import wire
+from meshd.nodename import clean as clean_name
 from meshd.placement.snapshot import MeshView, ModelFile, NodeView
 from meshd.placement.spread import stable_index
 from meshd.states import ModelState, Role
@@ -65,6 +69,7 @@ class NodeEntry:
     serving: tuple[str, ...] = ()
     loading: tuple[str, ...] = ()
     available_models: tuple[ModelFile, ...] = ()
+    name: str = ""  # its [node] name, for people; "" when it sent none
 
     def to_body(self) -> dict[str, Any]:
         body: dict[str, Any] = {
@@ -72,6 +77,8 @@ class NodeEntry:
             "available_models": [{"name": m.name, "size_bytes": m.size_bytes}
                                  for m in self.available_models],
         }
+        if self.name:
+            body["name"] = self.name
         if self.role != Role.STANDBY:
             body.update(role=self.role, addrs=list(self.addrs), serving=list(self.serving),
                         loading=list(self.loading))
@@ -82,7 +89,8 @@ class NodeEntry:
         return NodeView(node_id=self.node_id, role=self.role, vram_bytes=self.vram_bytes,
                         serving=self.serving + tuple(m for m in self.loading
                                                      if m not in self.serving),
-                        available_models=self.available_models, addrs=self.addrs)
+                        available_models=self.available_models, addrs=self.addrs,
+                        name=self.name)
 
 
 @dataclass(frozen=True)
@@ -190,7 +198,7 @@ def _node(body: Any, role: str | None) -> NodeEntry:
     return NodeEntry(node_id=_str(body, "node_id"), role=role or _str(body, "role", Role.IDLE),
                      vram_bytes=_int(body, "vram_bytes"), addrs=_strs(body, "addrs"),
                      serving=_strs(body, "serving"), loading=_strs(body, "loading"),
-                     available_models=_models(body))
+                     available_models=_models(body), name=clean_name(body.get("name")))
 
 
 # -- the request -----------------------------------------------------------------------------
@@ -205,11 +213,14 @@ class CheckIn:
     refresh_s: float = 30.0
     vram_bytes: int = 0
     available_models: tuple[ModelFile, ...] = ()
+    name: str = ""  # a standby's [node] name, for its routing-table entry
 
     def to_body(self) -> dict[str, Any]:
         body: dict[str, Any] = {"kind": self.kind, "refresh_s": self.refresh_s}
         if self.etag:
             body["etag"] = self.etag
+        if self.name:
+            body["name"] = self.name
         if self.kind == Role.STANDBY:
             body["vram_bytes"] = self.vram_bytes
             body["available_models"] = [{"name": m.name, "size_bytes": m.size_bytes}
@@ -228,7 +239,7 @@ class CheckIn:
         if kind == Role.CLIENT:
             return cls(kind, etag if isinstance(etag, str) else None, float(refresh))
         return cls(kind, etag if isinstance(etag, str) else None, float(refresh),
-                   _int(body, "vram_bytes"), _models(body))
+                   _int(body, "vram_bytes"), _models(body), name=clean_name(body.get("name")))
 
 
 # -- the active side: one answer per change ----------------------------------------------------------
@@ -310,7 +321,7 @@ class PassiveRegistry:
         standby = None
         if req.kind == Role.STANDBY:
             standby = NodeEntry(node_id, Role.STANDBY, req.vram_bytes,
-                                available_models=req.available_models)
+                                available_models=req.available_models, name=req.name)
         if entry is None:
             self.entries[key] = Present(node_id, req.kind, now, keep_s, standby, requests=1)
             return standby is not None
