@@ -171,7 +171,7 @@ class Joiner:
         self._waiting = self._last_failure = None
         # the connection was authenticated with the token key; from now on the mesh secret
         conn.client = ClientAuth(mesh.mesh_id, mesh.secret, expect_node_id=conn.node_id)
-        log.info("joined mesh %s via %s", mesh.mesh_id, conn.who)
+        log.info("joined mesh %s via node %s at %s", mesh.mesh_id, conn.node_id, conn.peer_address)
         d.callback({"mesh_id": mesh.mesh_id, "via": conn.node_id})
 
     def add_bootstrap(self, token: tokensmod.Token) -> None:
