@@ -151,6 +151,13 @@ class RouteTable:
                 return h.addrs
         return ()
 
+    def name_of(self, node_id: str) -> str:
+        """The node's [node] name as the table gives it; "" when it gives none."""
+        for n in (*self.active_nodes, *self.standby):
+            if n.node_id == node_id:
+                return n.name
+        return ""
+
     def active_ids(self) -> list[str]:
         return sorted(n.node_id for n in self.active_nodes)
 

@@ -224,3 +224,10 @@ def test_the_page_shows_names_as_text_only():
     assert "document.createTextNode(String(c))" in page
     assert 'el("span", { class: "name" }, n.name)' in page  # the card leads with the name
     assert "label(s.name, s.node_id)" in page  # and so does the header
+
+
+def test_a_passive_node_names_an_active_node_from_its_table():
+    table = RouteTable(etag="e", mesh_id="m", source="a1", active_nodes=(
+        NodeEntry("a1", Role.HOST, name="gpu-box-1"), NodeEntry("a2", Role.IDLE)))
+    assert table.name_of("a1") == "gpu-box-1"
+    assert table.name_of("a2") == "" and table.name_of("nobody") == ""
