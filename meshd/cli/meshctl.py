@@ -332,8 +332,8 @@ def _split_text(split: Any, names: dict[str, str] | None = None) -> str:
     if not isinstance(split, dict):
         return "-"
     host = split.get("host")
-    parts = [f"{node_label(p.get('node_id'), names or {})} {_share(p)}" + (" (host)" if p.get("node_id") == host
-                                                          else "")
+    parts = [f"{node_label(p.get('node_id'), names or {})} {_share(p)}"
+             + (" (host)" if p.get("node_id") == host else "")
              for p in _split_parts(split)]
     return ", ".join(parts) if parts else f"host {short_id(host)}"
 

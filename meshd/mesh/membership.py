@@ -249,7 +249,8 @@ class Membership:
         self._listeners.append(cb)
 
     def label(self, node_id: str) -> str:
-        """``node_id`` for a log line: with its name while it is a member."""
+        """``node_id`` for a log line: with its name while it is a member (or, before it
+        announced, as a MEMBERS digest named it); the id alone otherwise."""
         view = self.members.get(node_id)
         if view is not None:
             return view.label
