@@ -221,7 +221,21 @@ def _cell(key: str, value: Any) -> str:
         return " ".join(f"{k}={_cell(k, v)}" for k, v in value.items())
     if isinstance(value, list):
         return ", ".join(_cell(key, v) for v in value) or "-"
-    return " ".join(str(value).split())
+    # names and reasons come from peers: nothing that moves a terminal's cursor gets through
+    return " ".join("".join(c for c in str(value) if c.isprintable() or c.isspace()).split())
+
+
+def node_label(node_id: Any, name: Any = None) -> str:
+    """A node as people know it: ``name (short id)``; the short id alone when it has no name."""
+    if not isinstance(name, str) or not name:
+        return short_id(node_id)
+    return f"{_cell('', name)} ({short_id(node_id)})"
+
+
+def node_names(s: dict) -> dict[str, str]:
+    """node id -> name of every node a status names (itself and its peers)."""
+    rows = [s, *(p for p in s.get("peers") or [] if isinstance(p, dict))]
+    return {str(r["node_id"]): str(r["name"]) for r in rows if r.get("node_id") and r.get("name")}
 
 
 def table(rows: Sequence[dict], columns: Sequence[tuple[str, str]] | None = None) -> list[str]:
@@ -275,6 +289,7 @@ def generic(data: Any) -> list[str]:
 
 
 PEER_COLUMNS = [
+    ("name", "NAME"),  # first: what people call it; the id beside it tells two of one name apart
     ("node_id", "NODE"),
     ("addr", "ADDRESS"),
     ("role", "ROLE"),
@@ -313,13 +328,13 @@ def _share(part: dict) -> str:
     return f"{share:.0%}" if ok else "-"
 
 
-def _split_text(split: Any) -> str:
+def _split_text(split: Any, names: dict[str, str] | None = None) -> str:
     """The MODELS table's SPLIT cell: who holds which share (the tunnels have a section)."""
     if not isinstance(split, dict):
         return "-"
     host = split.get("host")
-    parts = [f"{short_id(p.get('node_id'))} {_share(p)}" + (" (host)" if p.get("node_id") == host
-                                                          else "")
+    parts = [f"{node_label(p.get('node_id'), (names or {}).get(str(p.get('node_id'))))} {_share(p)}"
+             + (" (host)" if p.get("node_id") == host else "")
              for p in _split_parts(split)]
     return ", ".join(parts) if parts else f"host {short_id(host)}"
 
@@ -386,9 +401,11 @@ def format_status(s: dict) -> list[str]:
     mesh = str(s.get("mesh_id") or "-")
     if join:  # not in a mesh: why, and what it does about it
         mesh = f"- ({join.get('state', '?')}: {join.get('reason') or 'no reason given'})"
+    names = node_names(s)
+    node = str(s.get("node_id") or "-")
     lines = pairs(
         [
-            ("node", str(s.get("node_id") or "-")),
+            ("node", f"{_cell('', s.get('name'))} ({node})" if s.get("name") else node),
             ("mesh", mesh),
             ("role", str(s.get("role") or "-")),
             ("serving", f"{serving} ({model_state or 'unknown'})" if serving else "nothing"),
@@ -403,7 +420,9 @@ def format_status(s: dict) -> list[str]:
     )
     lines += section("PEERS", s.get("peers") or [], PEER_COLUMNS)
     raw_models = [m for m in s.get("models") or [] if isinstance(m, dict)]
-    models = [dict(m, split=_split_text(m.get("split"))) for m in raw_models]
+    models = [dict(m, split=_split_text(m.get("split"), names),
+                   hosts=", ".join(node_label(h, names.get(str(h))) for h in m.get("hosts") or []) or None)
+              for m in raw_models]
     with_split = any(m["split"] != "-" for m in models)
     lines += section("MODELS", models, MODEL_COLUMNS + ([("split", "SPLIT")] if with_split else []))
     # why a model waits ("need 5.3 GiB, group has 4.0 GiB of 2 nodes"): the numbers to act on
@@ -434,11 +453,6 @@ def format_status(s: dict) -> list[str]:
             lines.append(f"dropped mesh-wide: {d.get('model')} (by {d.get('by')}, version "
                          f"{d.get('version')}; meshctl serve {d.get('model')} lifts it)")
     return lines
-
-
-def node_label(node_id: Any, name: Any = None) -> str:
-    """A node as explain shows it: its name first when it has one, its (short) id beside it."""
-    return f"{name} ({short_id(node_id)})" if isinstance(name, str) and name else short_id(node_id)
 
 
 def _hook_rows(hooks: Sequence[Any]) -> list[dict]:

@@ -167,6 +167,14 @@ def _content_key(doc: dict[str, Any]) -> str:
     return json.dumps({k: v for k, v in doc.items() if k != "uptime_s"}, sort_keys=True)
 
 
+def status_json(doc: Any) -> str:
+    """A status as JSON for the page: node names, model names and reasons come from peers,
+    so ``<``, ``>`` and ``&`` are written as JSON escapes -- the same data, never markup,
+    whatever reads it (the page itself puts every string on the page as text)."""
+    text = json.dumps(doc)
+    return text.replace("<", "\\u003c").replace(">", "\\u003e").replace("&", "\\u0026")
+
+
 def _sse(event: str, data: str) -> bytes:
     lines = "".join(f"data: {line}\n" for line in data.split("\n"))
     return f"event: {event}\n{lines}\n".encode()
@@ -236,7 +244,7 @@ class StatusFeed:
         if key == self._last_key:
             return
         self._last_key = key
-        frame = _sse("status", json.dumps(doc))
+        frame = _sse("status", status_json(doc))
         for request in list(self.clients):
             request.write(frame)
 
@@ -260,7 +268,7 @@ class StatusFeed:
             self.changed()  # the others have not seen this yet
         self.clients.append(request)
         request.notifyFinish().addBoth(lambda _: self._remove(request))
-        request.write(b"retry: 3000\n" + _sse("status", json.dumps(doc)))
+        request.write(b"retry: 3000\n" + _sse("status", status_json(doc)))
         if not self._keepalive.running:
             self._keepalive.start(KEEPALIVE_S, now=False)
             self._refresh.start(REFRESH_S, now=False)
@@ -296,9 +304,10 @@ class StatusFeed:
 
 
 def _json_response(request: server.Request, status: int, doc: Any) -> bytes:
-    body = json.dumps(doc).encode()
+    body = status_json(doc).encode()
     request.setResponseCode(status)
     request.setHeader(b"Content-Type", b"application/json")
+    request.setHeader(b"X-Content-Type-Options", b"nosniff")
     request.setHeader(b"Cache-Control", b"no-store")
     return body
 

@@ -24,6 +24,7 @@ from meshd import __version__
 from meshd.config import Config
 from meshd.daemon.roles import RoleMachine, initial_role
 from meshd.mesh.desired import Decision, DesiredState, Want
+from meshd.nodename import label
 from meshd.placement.explain import ExplanationStore
 from meshd.placement.snapshot import MeshView, ModelFile, NodeView
 from meshd.serving.router import RoutedMesh
@@ -269,6 +270,7 @@ class Node:
         """This node's announce fields (the mesh adds identity and addresses)."""
         scan = self.scan
         return {
+            "name": self.config.node.name,
             "role": self.role,
             "vram_bytes": self.vram_bytes,
             "serving": [name for name, m in self.served.items() if m.state == ModelState.WARM],
@@ -299,6 +301,7 @@ class Node:
             requested_models=tuple(self.requested_models()),
             rtt_ms=0.0,
             load=self.router.load_of(self.node_id) if self.router is not None else 0,
+            name=self.config.node.name,
         )
 
     def mesh_view(self) -> MeshView:
@@ -317,6 +320,7 @@ class Node:
                         requested_models=tuple(p.requested_models),
                         rtt_ms=p.rtt_ms,
                         addrs=tuple(p.addrs),
+                        name=p.name,
                     )
                 )
         if self.route_server is not None:  # standbys checked in with us (for promotion ties)
@@ -540,7 +544,8 @@ class Node:
         if model in self.served:
             self.stop_serving(model)
         if say:
-            who = "this node" if origin == self.node_id else f"node {origin}"
+            names = {p.node_id: p.name for p in self.mesh.peers()} if self.mesh else {}
+            who = "this node" if origin == self.node_id else f"node {label(names.get(origin), origin)}"
             log.info("model %s dropped mesh-wide by %s: not serving, routing or assigning it "
                      "(meshctl serve %s lifts the drop)", model, who, model)
         if self.router is not None:
@@ -579,6 +584,7 @@ class Node:
 
     def _status(self) -> dict[str, Any]:
         return {
+            "name": self.config.node.name,  # what people call it; node_id stays the identity
             "node_id": self.node_id,
             "mesh_id": self.mesh.mesh_id if self.mesh is not None else None,
             # not in a mesh yet: joining, or waiting for `meshctl join` (and why)

@@ -73,6 +73,8 @@ from meshd.mesh.peer import (
     server_factory,
 )
 from meshd.mesh.wire import CloseCode, Frame, FrameError, FrameType
+from meshd.nodename import clean as clean_name
+from meshd.nodename import label
 from meshd.statedir import KnownNode, MeshState, StateDir
 
 log = logging.getLogger("meshd.mesh.gossip")
@@ -169,6 +171,7 @@ class MeshService(service.Service):
         """The ``peers`` list of ``meshctl status --json``."""
         return [
             {
+                "name": v.name or None,  # None: a peer that sends no name (an older meshd)
                 "node_id": v.node_id,
                 "addr": v.addrs[0] if v.addrs else self._conn_addr(v.node_id),
                 "role": v.role,
@@ -340,7 +343,7 @@ class MeshService(service.Service):
         elif self.mesh is None:
             self.mesh = self.state.new_mesh()
             log.info("created a new mesh %s (this node %s is its first member)",
-                     self.mesh.mesh_id, self.node_id)
+                     self.mesh.mesh_id, label(self.config.node.name, self.node_id))
         else:
             for t in tokens:
                 if t.mesh_id != self.mesh.mesh_id:
@@ -413,7 +416,8 @@ class MeshService(service.Service):
         def done(result: PeerProtocol | Failure) -> None:
             self._dialing.discard(node_id)
             if isinstance(result, Failure):
-                log.info("cannot reach node %s (%s): %s", node_id, why, result.value)
+                log.info("cannot reach node %s (%s): %s", self.table.label(node_id), why,
+                         result.value)
                 if node_id in self.table.rumors:
                     tries = self._rumor_tries.get(node_id, 0) + 1
                     self._rumor_tries[node_id] = tries
@@ -528,6 +532,7 @@ class MeshService(service.Service):
         if view.node_id != conn.node_id:
             raise ValueError(f"announce for {view.node_id} on {conn.node_id}'s connection")
         old = self.table.members.get(view.node_id)
+        conn.peer_name = view.name  # the connection's own log lines name it from now on
         self.table.announced(view)
         if old is None or view.incarnation > old.incarnation:
             self._broadcast(FrameType.MEMBERS, {"members": [_digest_entry(view)]},
@@ -542,8 +547,10 @@ class MeshService(service.Service):
             if not isinstance(node_id, str) or not isinstance(addrs, list):
                 raise ValueError("bad member entry")
             addrs = tuple(str(a) for a in addrs)
-            if self.table.rumor(node_id, inc, addrs, via=conn.node_id or "?"):
-                self._dial(node_id, addrs, f"{conn.node_id} is connected to it")
+            name = clean_name(entry.get("name"))
+            if self.table.rumor(node_id, inc, addrs, via=conn.node_id or "?", name=name):
+                self._dial(node_id, addrs, f"{self.table.label(conn.node_id or '?')} is "
+                                           "connected to it")
 
     def _on_peer_down(self, conn: PeerProtocol, body: dict[str, Any]) -> None:
         node_id, inc, reason = body["node_id"], int(body["incarnation"]), str(body.get("reason"))
@@ -551,7 +558,7 @@ class MeshService(service.Service):
         if verdict is Verdict.REFUTE:
             self._refute(inc)
         elif verdict is Verdict.VERIFY:
-            self._verify(node_id, inc, conn.node_id or "?", reason)
+            self._verify(node_id, inc, self.table.label(conn.node_id or "?"), reason)
         elif node_id not in self.table.members:
             self.table.forget_rumor(node_id)
 
@@ -577,10 +584,12 @@ class MeshService(service.Service):
             held = self.desired.get(model)
             if held is not None and held.want is not desiredmod.Want.DROPPED:
                 log.info("node %s dropped model %s (heard from %s), but a later decision "
-                         "holds: %s by %s (version %d)", origin, model, conn.node_id,
-                         held.want, held.by, held.version)
+                         "holds: %s by %s (version %d)", self.table.label(str(origin)), model,
+                         self.table.label(conn.node_id or "?"), held.want,
+                         self.table.label(held.by), held.version)
             return
-        log.info("node %s dropped model %s mesh-wide (heard from %s)", origin, model, conn.node_id)
+        log.info("node %s dropped model %s mesh-wide (heard from %s)",
+                 self.table.label(str(origin)), model, self.table.label(conn.node_id or "?"))
         for cb in list(self._drop_listeners):
             try:
                 cb(model, str(origin))
@@ -726,7 +735,7 @@ class MeshService(service.Service):
         if not self.conns:
             return
         for node_id, rumor in list(self.table.rumors.items()):
-            self._dial(node_id, rumor.addrs, f"{rumor.via} is connected to it")
+            self._dial(node_id, rumor.addrs, f"{self.table.label(rumor.via)} is connected to it")
 
     def _cancel_timers(self) -> None:
         for call in (self._rejoin_call, self._tend_call):
@@ -757,7 +766,10 @@ def _preferred(a: PeerProtocol, b: PeerProtocol, self_id: str) -> PeerProtocol:
 
 
 def _digest_entry(view: PeerView) -> dict[str, Any]:
-    return {"node_id": view.node_id, "incarnation": view.incarnation, "addrs": list(view.addrs)}
+    entry = {"node_id": view.node_id, "incarnation": view.incarnation, "addrs": list(view.addrs)}
+    if view.name:  # optional: a digest without names (an older meshd) is as good
+        entry["name"] = view.name
+    return entry
 
 
 def _with_rtt(view: PeerView, rtt_ms: float | None) -> PeerView:

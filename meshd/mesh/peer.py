@@ -71,6 +71,7 @@ from meshd.mesh import wire
 from meshd.mesh.identity import Identity, check_peer_certificate
 from meshd.mesh.membership import Heartbeat
 from meshd.mesh.wire import CloseCode, FrameType
+from meshd.nodename import label
 from meshd.states import PEER_MOVES, PeerState
 
 log = logging.getLogger("meshd.mesh.peer")
@@ -332,6 +333,8 @@ class PeerProtocol(protocol.Protocol):
         # the other end ended it (its CLOSE, or a clean close of the connection), not this one
         self.ended_by_peer = False
         self.rtt_ms: float | None = None
+        # the peer's [node] name once it announced (set by the gossip, cleaned): for log lines
+        self.peer_name = ""
         self._hello_sent: float | None = None  # the handshake's round trip: the first RTT
         self._rtt_samples: collections.deque[float] = collections.deque(maxlen=RTT_WINDOW)
         self._open_waiters: list[defer.Deferred[PeerProtocol]] = []
@@ -365,8 +368,10 @@ class PeerProtocol(protocol.Protocol):
 
     @property
     def who(self) -> str:
-        """For log lines: the node id when known, and the address."""
-        return f"node {self.node_id} at {self._peer_addr}" if self.node_id else self._peer_addr
+        """For log lines: the node (name and id) when known, and the address."""
+        if not self.node_id:
+            return self._peer_addr
+        return f"node {label(self.peer_name, self.node_id)} at {self._peer_addr}"
 
     def when_opened(self) -> defer.Deferred[PeerProtocol]:
         """Fires with this connection once OPEN; fails with PeerClosed(reason) if it never is."""

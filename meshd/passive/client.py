@@ -29,6 +29,7 @@ from meshd.mesh.peer import (
     dial_order,
 )
 from meshd.mesh.wire import CloseCode, FrameType
+from meshd.nodename import label
 from meshd.serving.routetable import (
     CheckIn,
     RouteTable,
@@ -262,13 +263,14 @@ class RouteClient:
         self.via = target.node_id
         self._unreached.discard(target.node_id)
         self._note(f"checking in with {target.node_id}" + (" (token)" if target.token else ""))
-        log.info("checking in with active node %s at %s", target.node_id, conn.peer_address)
+        log.info("checking in with active node %s at %s", self._label(target.node_id),
+                 conn.peer_address)
         self._request()
 
     def _connect_failed(self, failure: Failure, target: Target) -> None:
         self._connecting = False
         reason = failure.value.reason if failure.check(PeerClosed) else failure.getErrorMessage()
-        log.info("cannot check in with %s: %s", target.node_id, reason)
+        log.info("cannot check in with %s: %s", self._label(target.node_id), reason)
         self._unreached.add(target.node_id)
         self._try_next(f"{target.node_id}: {reason}")
 
@@ -345,9 +347,14 @@ class RouteClient:
         if self._stopped:
             return
         self._note(f"lost {gone}: {reason}")
-        log.warning("lost the active node %s (%s): trying the next one", gone, reason)
+        log.warning("lost the active node %s (%s): trying the next one",
+                    self._label(gone or "?"), reason)
         self._failed = {gone} if gone else set()
         self._next_round(f"{gone} lost")
+
+    def _label(self, node_id: str) -> str:
+        """An active node for a log line: with its name when the last table has one."""
+        return label(self.table.name_of(node_id) if self.table is not None else "", node_id)
 
     def _note(self, what: str) -> None:
         self.history = [*self.history[-9:], (self.reactor.seconds(), what)]

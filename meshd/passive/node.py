@@ -130,7 +130,7 @@ class PassiveNode(service.Service):
         if self._addrs is None:
             self._addrs = promoted_addrs(self.config)
         return CheckIn(Role.STANDBY, etag, refresh, me.vram_bytes, me.available_models,
-                       self._addrs)
+                       self._addrs, name=self.config.node.name)
 
     def startService(self) -> None:  # noqa: N802
         super().startService()

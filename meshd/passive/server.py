@@ -60,6 +60,8 @@ class RoutedPeer(Protocol):
     def loading(self) -> Sequence[str]: ...
     @property
     def available_models(self) -> Sequence[NamedSize]: ...
+    @property
+    def name(self) -> str: ...
 
 
 class TableMesh(Protocol):
@@ -139,14 +141,15 @@ class RouteServer(service.Service):
             vram_bytes=int(info.get("vram_bytes", 0)), addrs=tuple(self.mesh.advertise),
             serving=tuple(info.get("serving", ())), loading=tuple(info.get("loading", ())),
             available_models=tuple(ModelFile(m["name"], m["size_bytes"])
-                                   for m in info.get("available_models", ())))
+                                   for m in info.get("available_models", ())),
+            name=str(info.get("name") or ""))
         nodes = [me]
         for p in self.mesh.peers():
             nodes.append(NodeEntry(
                 node_id=p.node_id, role=p.role, vram_bytes=p.vram_bytes, addrs=tuple(p.addrs),
                 serving=tuple(p.serving), loading=tuple(p.loading),
                 available_models=tuple(ModelFile(m.name, m.size_bytes)
-                                       for m in p.available_models)))
+                                       for m in p.available_models), name=p.name))
         router = self.node.router
         own_load = router.load_of(self.mesh.node_id) if router is not None else 0
         return build_table(mesh_id=self.mesh.mesh_id or "", source=self.mesh.node_id,

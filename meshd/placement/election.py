@@ -50,6 +50,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol
 
 from meshd.mesh.membership import PeerChanged, PeerDown, PeerLeft
+from meshd.nodename import label
 from meshd.placement import explain
 from meshd.placement import rules as placement
 from meshd.placement.fit import needed_bytes
@@ -642,13 +643,13 @@ def _orphaning(event: Any) -> str | None:
     if event is None:
         return "a model was dropped"
     if isinstance(event, PeerDown):
-        return f"peer {event.node_id} down: {event.reason}"
+        return f"peer {label(event.name, event.node_id)} down: {event.reason}"
     if isinstance(event, PeerLeft):
-        return f"peer {event.node_id} left"
+        return f"peer {label(event.name, event.node_id)} left"
     if isinstance(event, PeerChanged):
         lost = sorted(set(event.old.serving) - set(event.node.serving))
         if lost:
-            return f"peer {event.node.node_id} stopped serving {', '.join(lost)}"
+            return f"peer {event.node.label} stopped serving {', '.join(lost)}"
     return None
 
 
@@ -663,7 +664,7 @@ def without_models(view: MeshView, names: frozenset[str]) -> MeshView:
             serving=tuple(m for m in n.serving if m not in names),
             available_models=tuple(f for f in n.available_models if f.name not in names),
             requested_models=tuple(m for m in n.requested_models if m not in names),
-            rtt_ms=n.rtt_ms, load=n.load, addrs=n.addrs)
+            rtt_ms=n.rtt_ms, load=n.load, addrs=n.addrs, name=n.name)
 
     return MeshView(self_id=view.self_id, nodes=tuple(strip(n) for n in view.nodes),
                     catalog=tuple(f for f in view.catalog if f.name not in names),

@@ -22,6 +22,9 @@ is gone dials them, so it finds the standby that took over.
 ``desired`` (the mesh's drop/serve decisions, ``meshd.mesh.desired``) is there only when
 the mesh holds some: a standby must not promote for a dropped model it has on disk.
 
+A node entry (active or standby) may also carry ``"name"``, the node's ``[node]
+name``: optional (an older meshd sends none), cleaned on receipt (``meshd.nodename``).
+
 An answer with the etag the request named is ``{"etag", "same": true}``:
 nothing changed, and a refresh costs a few dozen bytes.
 """
@@ -35,6 +38,7 @@ from typing import Any
 from meshd.mesh import desired as desiredmod
 from meshd.mesh import wire
 from meshd.mesh.desired import Decision
+from meshd.nodename import clean as clean_name
 from meshd.placement.snapshot import MeshView, ModelFile, NodeView
 from meshd.placement.spread import stable_index
 from meshd.states import ModelState, Role
@@ -75,6 +79,7 @@ class NodeEntry:
     serving: tuple[str, ...] = ()
     loading: tuple[str, ...] = ()
     available_models: tuple[ModelFile, ...] = ()
+    name: str = ""  # its [node] name, for people; "" when it sent none
 
     def to_body(self) -> dict[str, Any]:
         body: dict[str, Any] = {
@@ -82,6 +87,8 @@ class NodeEntry:
             "available_models": [{"name": m.name, "size_bytes": m.size_bytes}
                                  for m in self.available_models],
         }
+        if self.name:
+            body["name"] = self.name
         if self.role != Role.STANDBY:
             body.update(role=self.role, addrs=list(self.addrs), serving=list(self.serving),
                         loading=list(self.loading))
@@ -94,7 +101,8 @@ class NodeEntry:
         return NodeView(node_id=self.node_id, role=self.role, vram_bytes=self.vram_bytes,
                         serving=self.serving + tuple(m for m in self.loading
                                                      if m not in self.serving),
-                        available_models=self.available_models, addrs=self.addrs)
+                        available_models=self.available_models, addrs=self.addrs,
+                        name=self.name)
 
 
 @dataclass(frozen=True)
@@ -160,6 +168,13 @@ class RouteTable:
                 return h.addrs
         return ()
 
+    def name_of(self, node_id: str) -> str:
+        """The node's [node] name as the table gives it; "" when it gives none."""
+        for n in (*self.active_nodes, *self.standby):
+            if n.node_id == node_id:
+                return n.name
+        return ""
+
     def active_ids(self) -> list[str]:
         return sorted(n.node_id for n in self.active_nodes)
 
@@ -214,7 +229,7 @@ def _node(body: Any, role: str | None) -> NodeEntry:
     return NodeEntry(node_id=_str(body, "node_id"), role=role or _str(body, "role", Role.IDLE),
                      vram_bytes=_int(body, "vram_bytes"), addrs=_strs(body, "addrs"),
                      serving=_strs(body, "serving"), loading=_strs(body, "loading"),
-                     available_models=_models(body))
+                     available_models=_models(body), name=clean_name(body.get("name")))
 
 
 # -- the request -----------------------------------------------------------------------------
@@ -231,11 +246,14 @@ class CheckIn:
     vram_bytes: int = 0
     available_models: tuple[ModelFile, ...] = ()
     addrs: tuple[str, ...] = ()  # a standby's mesh addresses once promoted
+    name: str = ""  # a standby's [node] name, for its routing-table entry
 
     def to_body(self) -> dict[str, Any]:
         body: dict[str, Any] = {"kind": self.kind, "refresh_s": self.refresh_s}
         if self.etag:
             body["etag"] = self.etag
+        if self.name:
+            body["name"] = self.name
         if self.kind == Role.STANDBY:
             body["vram_bytes"] = self.vram_bytes
             body["available_models"] = [{"name": m.name, "size_bytes": m.size_bytes}
@@ -255,7 +273,8 @@ class CheckIn:
         if kind == Role.CLIENT:
             return cls(kind, etag if isinstance(etag, str) else None, float(refresh))
         return cls(kind, etag if isinstance(etag, str) else None, float(refresh),
-                   _int(body, "vram_bytes"), _models(body), _strs(body, "addrs"))
+                   _int(body, "vram_bytes"), _models(body), _strs(body, "addrs"),
+                   name=clean_name(body.get("name")))
 
 
 # -- the active side: one answer per change ----------------------------------------------------------
@@ -337,7 +356,7 @@ class PassiveRegistry:
         standby = None
         if req.kind == Role.STANDBY:
             standby = NodeEntry(node_id, Role.STANDBY, req.vram_bytes, addrs=req.addrs,
-                                available_models=req.available_models)
+                                available_models=req.available_models, name=req.name)
         if entry is None:
             self.entries[key] = Present(node_id, req.kind, now, keep_s, standby, requests=1)
             return standby is not None

@@ -58,18 +58,19 @@ def cells(line: str) -> list[str]:
 
 @pytest_twisted.ensureDeferred
 async def test_explain_shows_the_decision_each_nodes_part_and_the_hooks(control, capsys):
-    path, _ = control
+    path, node = control
     assert await run("--socket", path, "explain", "m") == 0
     lines = capsys.readouterr().out.splitlines()
-    assert row(lines, "decision") == ("decision   split, host node-a: split forced: split over "
+    host = f"{node.config.node.name} (node-a)"  # [node] name (the host name), then the id
+    assert row(lines, "decision") == (f"decision   split, host {host}: split forced: split over "
                                       "2 nodes; skipped node-c (120 ms > 80 ms)")
     assert row(lines, "settings") == "settings   split on, tensor_split -, max_rtt_ms 80"
     assert row(lines, "size").startswith("size       2.0 GiB, needs 2.2 GiB of VRAM (a node runs")
     assert row(lines, "this node") == ("this node  runs it: split forced: split over 2 nodes; "
                                        "skipped node-c (120 ms > 80 ms)")
     assert cells(row(lines, "NODE ")) == ["NODE", "ROLE", "VRAM", "RTT", "FILE", "PART", "WHY"]
-    assert cells(row(lines, "node-a")) == [
-        "node-a", "idle", "16.0 GiB", "0 ms", "2.0 GiB", "split host",
+    assert cells(row(lines, host)) == [
+        host, "idle", "16.0 GiB", "0 ms", "2.0 GiB", "split host",
         "elected host: 67% of the layers, 16.0 GiB of VRAM"]
     assert cells(row(lines, "node-b"))[4:] == [
         "no", "split worker", "33% of the layers, 8.0 GiB of VRAM, RTT 1 ms"]

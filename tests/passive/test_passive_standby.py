@@ -268,7 +268,7 @@ def peer(i: int, serving=(), loading=(), waiting=()) -> Any:
     return SimpleNamespace(node_id=IDS[i], role="host" if serving else "idle",
                            vram_bytes=8 * GB, serving=list(serving), loading=list(loading),
                            waiting=list(waiting), available_models=[], requested_models=[],
-                           rtt_ms=1.0, addrs=[f"127.0.0.1:{7000 + i}"])
+                           rtt_ms=1.0, addrs=[f"127.0.0.1:{7000 + i}"], name=f"box-{i}")
 
 
 class FakedGroups:
