@@ -82,8 +82,10 @@ from twisted.web import http, resource, server
 from zope.interface import implementer
 
 from meshd import jsonbounds
+from meshd import metrics as metricsmod
 from meshd.config import ApiConfig
 from meshd.httpbounds import BoundedRequest, BoundedSite, Refusal, api_key_matches
+from meshd.metrics import ApiMeter, ApiMetrics, Hop, RouteKind
 from meshd.serving import routes
 from meshd.serving.proxy import ConnectionPool, UpstreamConnection, request_head
 from meshd.serving.routes import ModelFrom, Route, Shape
@@ -158,52 +160,14 @@ def send_json(request: server.Request, status: int, doc: Any) -> None:
 # -- metrics ------------------------------------------------------------------
 
 
-class Metrics:
-    """Counters for ``/metrics``; a model label only for models the router knew."""
-
-    def __init__(self) -> None:
-        self.requests: dict[tuple[str, int], int] = {}
-        self.response_bytes = 0
-        self.upstream_errors: dict[str, int] = {}
-        self.failovers = 0
-
-    def request_done(self, model: str, status: int, nbytes: int) -> None:
-        key = (model, status)
-        self.requests[key] = self.requests.get(key, 0) + 1
-        self.response_bytes += nbytes
-
-    def upstream_error(self, upstream: str) -> None:
-        self.upstream_errors[upstream] = self.upstream_errors.get(upstream, 0) + 1
-
-    def render(self, in_flight: int) -> bytes:
-        out = [
-            "# HELP meshd_api_requests_total API requests by model and response status.",
-            "# TYPE meshd_api_requests_total counter",
-        ]
-        for (model, status), n in sorted(self.requests.items()):
-            out.append(f'meshd_api_requests_total{{model="{_label(model)}",status="{status}"}} {n}')
-        out += [
-            "# HELP meshd_api_in_flight Requests being answered now.",
-            "# TYPE meshd_api_in_flight gauge",
-            f"meshd_api_in_flight {in_flight}",
-            "# HELP meshd_api_response_bytes_total Response body bytes sent for routed requests.",
-            "# TYPE meshd_api_response_bytes_total counter",
-            f"meshd_api_response_bytes_total {self.response_bytes}",
-            "# HELP meshd_api_upstream_errors_total Upstream failures by upstream.",
-            "# TYPE meshd_api_upstream_errors_total counter",
-        ]
-        for name, n in sorted(self.upstream_errors.items()):
-            out.append(f'meshd_api_upstream_errors_total{{upstream="{_label(name)}"}} {n}')
-        out += [
-            "# HELP meshd_api_failovers_total Requests retried on another upstream.",
-            "# TYPE meshd_api_failovers_total counter",
-            f"meshd_api_failovers_total {self.failovers}",
-        ]
-        return ("\n".join(out) + "\n").encode()
+def route_of(up: Upstream) -> RouteKind:
+    """``local`` for this node's llama-server (or a static upstream), ``tunnel`` for a peer's."""
+    return RouteKind.TUNNEL if up.pool_key.startswith("tunnel:") else RouteKind.LOCAL
 
 
-def _label(value: str) -> str:
-    return value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
+def count_events(data: bytes) -> int:
+    """Server-sent events that end in ``data`` (each ends with a blank line)."""
+    return data.count(b"\n\n")
 
 
 # -- the HTTP server side ------------------------------------------------------
@@ -278,7 +242,8 @@ class ApiServer:
     """
 
     def __init__(self, router: Router, config: ApiConfig, *, reactor: IReactorTime | None = None,
-                 pool: ConnectionPool | None = None, relay: bool = False):
+                 pool: ConnectionPool | None = None, relay: bool = False,
+                 metrics: ApiMetrics | None = None):
         if reactor is None:
             from twisted.internet import reactor as default_reactor
             reactor = cast(IReactorTime, default_reactor)
@@ -286,7 +251,13 @@ class ApiServer:
         self.config = config
         self.reactor: IReactorTime = reactor
         self.pool = pool or ConnectionPool(self.reactor, config.connect_timeout_s)
-        self.metrics = Metrics()
+        # the daemon's registry (meshd.metrics), or one of its own (a lone API, tests)
+        hop = Hop.RELAYED if relay else Hop.SERVED
+        if metrics is None:
+            metrics = ApiMetrics(metricsmod.CollectorRegistry(auto_describe=False))
+            metrics.registry.register(metricsmod.InFlight(lambda: [(hop, self)]))
+        self.registry = metrics.registry
+        self.metrics = ApiMeter(metrics, hop)
         self.forwards: set[Forward] = set()
         self.relay = relay
         self.draining = False
@@ -352,8 +323,8 @@ class ApiServer:
         if path.startswith(b"/v1/models/") and method == b"GET":
             return self._model(request, path[len(b"/v1/models/"):])
         if path == b"/metrics" and method == b"GET":
-            request.setHeader(b"Content-Type", b"text/plain; version=0.0.4")
-            return self.metrics.render(len(self.forwards))
+            request.setHeader(b"Content-Type", metricsmod.CONTENT_TYPE_LATEST.encode())
+            return metricsmod.render(self.registry)
         self.metrics.request_done("", 404, 0)
         why = routes.not_routed_reason(path)
         return self._error(request, shape, 404,
@@ -543,6 +514,7 @@ class Forward:
         self.length: int | None = None
         self.nbytes = 0
         self.started_at = time.monotonic()
+        self.arrived = api.reactor.seconds()  # for the histograms: the reactor's clock
         # the one pending deadline: first byte (SENT), silence (after the head)
         self.deadline: IDelayedCall | None = None
         self.last_byte = 0.0  # reactor time of the last response byte
@@ -565,6 +537,13 @@ class Forward:
 
     def start(self) -> None:
         self._try_next()
+
+    @property
+    def route(self) -> RouteKind:
+        """How this request reached (or tries to reach) a llama-server: the route label."""
+        if self.upstream is None:
+            return RouteKind.NONE
+        return RouteKind.FAILOVER if self.index > 0 else route_of(self.upstream)
 
     # -- upstream attempts --------------------------------------------------------
 
@@ -594,6 +573,7 @@ class Forward:
         self._move(ForwardState.SENT)
         self.conn = conn
         self._arm(self.api.config.first_byte_timeout_s, self._first_byte_timed_out)
+        self.api.metrics.sent_body(self.route, len(self.body))
         conn.send(self.head, self.body, self)
 
     def _connect_failed(self, failure: Failure) -> None:
@@ -610,11 +590,11 @@ class Forward:
         up = self._current()
         self.api.router.request_finished(up)
         self.api.router.upstream_failed(up, reason)
-        self.api.metrics.upstream_error(up.name)
+        self.api.metrics.upstream_error(self.model, route_of(up))
         if self.index + 1 < len(self.upstreams):
             log.warning("upstream %s for %s failed before responding (%s); trying %s",
                         up.name, self.model, reason, self.upstreams[self.index + 1].name)
-            self.api.metrics.failovers += 1
+            self.api.metrics.failover(self.model)
             self._try_next()
             return
         log.warning("upstream %s for %s failed before responding: %s", up.name, self.model, reason)
@@ -712,6 +692,7 @@ class Forward:
         self.status = status
         self.length = length
         self.last_byte = self._seconds()
+        self.api.metrics.first_byte(self.model, self.route, self.last_byte - self.arrived)
         self._arm(self.api.config.stream_idle_timeout_s, self._idle_check)
         ctype = headers.get(b"content-type", b"application/octet-stream")
         request = self.request
@@ -754,6 +735,8 @@ class Forward:
         self.last_byte = self._seconds()
         if self.state is not ForwardState.HOLDING:
             self.nbytes += len(data)
+            if self.state is ForwardState.STREAMING:
+                self.api.metrics.sse_events(self.model, self.route, count_events(data))
             self.request.write(data)
             return
         self.hold.append(data)
@@ -768,6 +751,9 @@ class Forward:
         # only after _pass_framing: STREAMING or RELAYING, to a chunked client
         self.nbytes += payload
         self.last_byte = self._seconds()
+        if self.state is ForwardState.STREAMING:  # size lines hold no blank line
+            self.api.metrics.sse_events(self.model, self.route,
+                                        sum(count_events(p) for p in pieces))
         write_framed(self.request, pieces, payload)
 
     def response_end(self) -> None:
@@ -804,7 +790,7 @@ class Forward:
         self._disarm()
         up = self._current()
         self.api.router.request_finished(up)
-        self.api.metrics.upstream_error(up.name)
+        self.api.metrics.upstream_error(self.model, route_of(up))
         log.warning("upstream %s for %s failed mid-response: %s", up.name, self.model, reason)
         request = self.request
         if self.state in (ForwardState.SENT, ForwardState.HOLDING):  # our client has no head yet
@@ -859,7 +845,8 @@ class Forward:
         self._move(ForwardState.DONE)
         if self.upstream is not None and not upstream_done:
             self.api.router.request_finished(self.upstream)
-        self.api.metrics.request_done(self.model, status, self.nbytes)
+        self.api.metrics.request_done(self.model, status, self.nbytes, self.route,
+                                      self._seconds() - self.arrived)
         log.debug("%s %s model=%s upstream=%s status=%d %.1f ms %d bytes",
                   self.request.method.decode(), self.request.uri.decode(errors="replace"),
                   self.model, self.upstream.name if self.upstream else "-", status,
