@@ -25,6 +25,7 @@ The metric list and a scrape configuration for a whole mesh are in
 from __future__ import annotations
 
 import enum
+import logging
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
@@ -34,6 +35,8 @@ from prometheus_client.exposition import CONTENT_TYPE_LATEST
 from prometheus_client.registry import Collector
 
 from meshd.states import BackendState, MemberState, Role
+
+log = logging.getLogger("meshd.metrics")
 
 __all__ = [
     "CONTENT_TYPE_LATEST",
@@ -418,13 +421,22 @@ class NodeCollector(Collector):
         self.tunnels = tunnels
 
     def collect(self) -> Iterator[Metric]:
-        yield from self._role()
-        yield from self._peers()
-        yield from self._backends()
-        yield from self._election()
-        yield from self._passive()
-        yield from self._tunnels()
-        yield from self._downloads()
+        groups = (
+            self._role,
+            self._peers,
+            self._backends,
+            self._election,
+            self._passive,
+            self._tunnels,
+            self._downloads,
+        )
+        for group in groups:
+            try:
+                families = list(group())
+            except Exception:  # a bug in one group must not blank the whole scrape
+                log.exception("metrics: reading %s failed", group.__name__.lstrip("_"))
+                continue
+            yield from families
 
     def _role(self) -> Iterator[Metric]:
         node = self.node
