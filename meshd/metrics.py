@@ -29,7 +29,13 @@ import logging
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
-from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Histogram,
+    disable_created_metrics,
+    generate_latest,
+)
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 from prometheus_client.registry import Collector
@@ -37,6 +43,10 @@ from prometheus_client.registry import Collector
 from meshd.states import BackendState, MemberState, Role
 
 log = logging.getLogger("meshd.metrics")
+
+# no ``*_created`` series beside each counter and histogram: a start time per label
+# set is noise in a scrape, and Prometheus detects counter resets without it
+disable_created_metrics()
 
 __all__ = [
     "CONTENT_TYPE_LATEST",
@@ -360,12 +370,13 @@ class NodeMetrics:
 class _DownloadMeter:
     """Turns the downloads table's changes into counters: a name that appears in
     ``active`` started; its bytes grow; when it leaves, its outcome is read from the
-    table (failed, refused) or it is done (or stopped: the daemon stops)."""
+    table (failed, refused), else it is done (all its bytes came) or stopped (the
+    daemon stopped it; the partial file is kept for the next start)."""
 
     def __init__(self, metrics: NodeMetrics, downloads: Any):
         self.metrics = metrics
         self.downloads = downloads
-        self.seen: dict[str, int] = {}  # name -> bytes seen so far
+        self.seen: dict[str, tuple[int, int]] = {}  # name -> (bytes seen so far, total)
 
     def changed(self, name: str) -> None:
         d, m = self.downloads, self.metrics
@@ -373,25 +384,26 @@ class _DownloadMeter:
         if progress is not None:
             if name not in self.seen:
                 m.downloads_started.inc()
-                self.seen[name] = progress.bytes  # what was on disk already is not downloaded
+                # what was on disk already (a resumed file) is not downloaded now
+                self.seen[name] = (progress.bytes, progress.total_bytes)
                 return
-            grown = progress.bytes - self.seen[name]
+            grown = progress.bytes - self.seen[name][0]
             if grown > 0:
                 m.download_bytes.inc(grown)
-                self.seen[name] = progress.bytes
+                self.seen[name] = (progress.bytes, progress.total_bytes)
             return
         refused = any(r.name == name for r in d.refused[-1:])
         if name not in self.seen:
             if refused:  # refused before it began (the gate, the disk check)
                 m.downloads.labels("refused").inc()
             return
-        del self.seen[name]
+        done, total = self.seen.pop(name)
         if name in d.failed:
             outcome = "failed"
         elif refused:
             outcome = "refused"
         else:
-            outcome = "done"
+            outcome = "done" if done >= total else "stopped"
         m.downloads.labels(outcome).inc()
 
 

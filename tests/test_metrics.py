@@ -9,6 +9,7 @@ gossip's MeshService with stand-in connections, the downloads table with a Clock
 from __future__ import annotations
 
 import dataclasses
+import re
 from types import SimpleNamespace
 
 from twisted.internet.address import IPv4Address
@@ -26,6 +27,7 @@ from meshd.serving.api import ApiServer
 from meshd.serving.routing import Upstream
 from meshd.statedir import StateDir
 from meshd.states import MemberState, Role
+from tests.conftest import ROOT
 from tests.harness.meshfakes import make_node, peer, serve
 from tests.harness.promtext import Scrape
 from tests.serving.test_api import SSE_HEAD, MemoryUpstreams, Router, chat, sse
@@ -167,6 +169,32 @@ def test_the_api_serves_its_registry_at_metrics():
     s = Scrape(body.decode())
     assert s.families["meshd_node_role"].type == "gauge"
     assert s.value("meshd_api_in_flight", hop="served") == 0
+
+
+def test_metrics_need_the_api_key_when_one_is_set():
+    metrics, clock = NodeMetrics(), Clock()
+    api = ApiServer(Router({"m": []}), ApiConfig(api_key="k"), reactor=clock, metrics=metrics.api)
+    for key, status in (
+        (b"", b"401"),
+        (b"Authorization: Bearer wrong\r\n", b"401"),
+        (b"Authorization: Bearer k\r\n", b"200"),
+    ):
+        channel, client = client_channel(api)
+        channel.dataReceived(b"GET /metrics HTTP/1.1\r\nHost: x\r\n" + key + b"\r\n")
+        assert client.value().startswith(b"HTTP/1.1 " + status), (key, client.value()[:40])
+    assert b"meshd_api_requests_total" in client.value()
+
+
+def test_every_metric_the_daemon_exports_is_in_the_operations_guide_and_back():
+    metrics, node = NodeMetrics(), make_node()
+    metrics.watch(node, apis=lambda: [])
+    exported = set(scrape(metrics).families)
+    text = (ROOT / "docs" / "operations.md").read_text()
+    section = text[text.index("## Metrics") : text.index("### Scraping a whole mesh")]
+    documented = {
+        re.sub(r"_total$", "", name) for name in re.findall(r"^\| `(meshd_\w+)` \|", section, re.M)
+    }
+    assert exported == documented
 
 
 # -- the node's states --------------------------------------------------------------------------
@@ -334,12 +362,16 @@ def test_downloads_count_starts_bytes_and_outcomes():
     downloads.update("b", 100)
     downloads.fail("b", "the hub answered 500")
     downloads.refuse("c", 10**12, "needs 1000 GB, has 8 GB")
+    downloads.start("d", total_bytes=300, have_bytes=0)
+    downloads.update("d", 50)
+    downloads.finish("d")  # the daemon stopped it: the partial file stays
     s = scrape(metrics)
-    assert s.value("meshd_downloads_started_total") == 2
-    assert s.value("meshd_download_bytes_total") == 800 + 100
+    assert s.value("meshd_downloads_started_total") == 3
+    assert s.value("meshd_download_bytes_total") == 800 + 100 + 50
     assert s.value("meshd_downloads_total", outcome="done") == 1
     assert s.value("meshd_downloads_total", outcome="failed") == 1
     assert s.value("meshd_downloads_total", outcome="refused") == 1
+    assert s.value("meshd_downloads_total", outcome="stopped") == 1
     assert s.value("meshd_downloads_active") == 0
 
 
