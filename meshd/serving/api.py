@@ -515,6 +515,7 @@ class Forward:
         self.nbytes = 0
         self.started_at = time.monotonic()
         self.arrived = api.reactor.seconds()  # for the histograms: the reactor's clock
+        self.count_events: Callable[[float], None] | None = None  # a stream's events counter
         # the one pending deadline: first byte (SENT), silence (after the head)
         self.deadline: IDelayedCall | None = None
         self.last_byte = 0.0  # reactor time of the last response byte
@@ -703,6 +704,7 @@ class Forward:
         request.setHeader(MODEL_HEADER, self.model.encode())
         if ctype.startswith(b"text/event-stream"):
             self._move(ForwardState.STREAMING)
+            self.count_events = self.api.metrics.sse_counter(self.model, self.route)
             request.setHeader(b"Cache-Control", b"no-cache")
             self._send_head()
             request.write(b"")  # the head goes out now: clients wait for it
@@ -735,8 +737,8 @@ class Forward:
         self.last_byte = self._seconds()
         if self.state is not ForwardState.HOLDING:
             self.nbytes += len(data)
-            if self.state is ForwardState.STREAMING:
-                self.api.metrics.sse_events(self.model, self.route, count_events(data))
+            if self.count_events is not None and (n := count_events(data)):
+                self.count_events(n)
             self.request.write(data)
             return
         self.hold.append(data)
@@ -751,9 +753,10 @@ class Forward:
         # only after _pass_framing: STREAMING or RELAYING, to a chunked client
         self.nbytes += payload
         self.last_byte = self._seconds()
-        if self.state is ForwardState.STREAMING:  # size lines hold no blank line
-            self.api.metrics.sse_events(self.model, self.route,
-                                        sum(count_events(p) for p in pieces))
+        if self.count_events is not None:  # size lines hold no blank line
+            n = sum(count_events(p) for p in pieces)
+            if n:
+                self.count_events(n)
         write_framed(self.request, pieces, payload)
 
     def response_end(self) -> None:
