@@ -315,6 +315,8 @@ class NodeMetrics:
         self.download_bytes = Counter(
             "meshd_download_bytes", "Model file bytes downloaded.", registry=r
         )
+        self._gossip_in = self.gossip_bytes.labels("in").inc  # looked up once: every frame counts
+        self._gossip_out = self.gossip_bytes.labels("out").inc
         self._silence: dict[str, tuple[DeathCause, float]] = {}
         self.collector: NodeCollector | None = None
 
@@ -340,9 +342,9 @@ class NodeMetrics:
     def peer_bytes(self, bytes_in: int, bytes_out: int) -> None:
         """Bytes of a control connection (``meshd.mesh.peer``'s meter)."""
         if bytes_in:
-            self.gossip_bytes.labels("in").inc(bytes_in)
+            self._gossip_in(bytes_in)
         if bytes_out:
-            self.gossip_bytes.labels("out").inc(bytes_out)
+            self._gossip_out(bytes_out)
 
     def connection_lost(
         self, node_id: str, cause: DeathCause, silent_s: float | None, heartbeat: bool = False

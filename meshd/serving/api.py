@@ -52,6 +52,10 @@ What a reader needs to know:
   (HTTP/1.1) in the upstream's own framing, only its size lines parsed
   (:func:`write_framed`): through a tunnel neither node decodes and re-frames
   a chunk.  An HTTP/1.0 client gets it decoded.
+- ``GET /metrics``: the daemon's Prometheus registry (``meshd.metrics``).  Each
+  request is counted when it ends, by model (one the router knew, else ``""``),
+  status and route (``local``, ``tunnel``, ``failover``, ``none``), with its time
+  to first byte, duration, bytes and SSE events; a relay counts as ``hop="relayed"``.
 - Drain (SIGTERM): :meth:`ApiServer.drain` refuses new requests with 503 and
   fires once every in-flight request ended or the timeout passed.
 - A ``relay`` server is the far end of tunnels (``meshd.serving.tunnel``): where the
