@@ -81,6 +81,21 @@ def test_a_local_stream_counts_its_request_first_byte_duration_bytes_and_events(
     assert s.families["meshd_api_time_to_first_byte_seconds"].type == "histogram"
 
 
+def test_a_long_streams_events_show_while_it_runs():
+    metrics, clock, ups = NodeMetrics(), Clock(), MemoryUpstreams()
+    api = api_with({"m": [Upstream("local", ups.endpoint, pool_key="local:m:1")]}, metrics, clock)
+    channel, _ = client_channel(api)
+    post(channel, doc=chat(stream=True))
+    upstream = ups.connections[0]
+    upstream.dataReceived(SSE_HEAD)
+    for i in range(40):
+        upstream.dataReceived(sse(i))
+    running = scrape(metrics).value("meshd_api_sse_events_total", route="local")
+    assert 32 <= running < 40  # counted in batches while the stream runs
+    upstream.dataReceived(b"0\r\n\r\n")
+    assert scrape(metrics).value("meshd_api_sse_events_total", route="local") == 40
+
+
 def test_a_tunnelled_request_is_served_here_and_relayed_at_the_host():
     metrics, clock = NodeMetrics(), Clock()
     tunnel, llama = MemoryUpstreams(), MemoryUpstreams()

@@ -174,6 +174,11 @@ def count_events(data: bytes) -> int:
     return data.count(b"\n\n")
 
 
+# a stream's events go to the counter this many at a time (and the rest at its end):
+# an increment per chunk would cost the proxy more than the count itself
+EVENTS_BATCH = 32
+
+
 # -- the HTTP server side ------------------------------------------------------
 
 
@@ -519,7 +524,10 @@ class Forward:
         self.nbytes = 0
         self.started_at = time.monotonic()
         self.arrived = api.reactor.seconds()  # for the histograms: the reactor's clock
-        self.count_events: Callable[[float], None] | None = None  # a stream's events counter
+        # a stream's events: its counter's inc (set at an SSE head), seen, and counted so far
+        self.events_inc: Callable[[float], None] | None = None
+        self.events = 0
+        self.events_counted = 0
         # the one pending deadline: first byte (SENT), silence (after the head)
         self.deadline: IDelayedCall | None = None
         self.last_byte = 0.0  # reactor time of the last response byte
@@ -708,7 +716,7 @@ class Forward:
         request.setHeader(MODEL_HEADER, self.model.encode())
         if ctype.startswith(b"text/event-stream"):
             self._move(ForwardState.STREAMING)
-            self.count_events = self.api.metrics.sse_counter(self.model, self.route)
+            self.events_inc = self.api.metrics.sse_counter(self.model, self.route)
             request.setHeader(b"Cache-Control", b"no-cache")
             self._send_head()
             request.write(b"")  # the head goes out now: clients wait for it
@@ -741,8 +749,10 @@ class Forward:
         self.last_byte = self._seconds()
         if self.state is not ForwardState.HOLDING:
             self.nbytes += len(data)
-            if self.count_events is not None and (n := count_events(data)):
-                self.count_events(n)
+            if self.events_inc is not None:
+                self.events += data.count(b"\n\n")
+                if self.events - self.events_counted >= EVENTS_BATCH:
+                    self._count_events()
             self.request.write(data)
             return
         self.hold.append(data)
@@ -757,11 +767,17 @@ class Forward:
         # only after _pass_framing: STREAMING or RELAYING, to a chunked client
         self.nbytes += payload
         self.last_byte = self._seconds()
-        if self.count_events is not None:  # size lines hold no blank line
-            n = sum(count_events(p) for p in pieces)
-            if n:
-                self.count_events(n)
+        if self.events_inc is not None:  # size lines hold no blank line
+            for piece in pieces:
+                self.events += piece.count(b"\n\n")
+            if self.events - self.events_counted >= EVENTS_BATCH:
+                self._count_events()
         write_framed(self.request, pieces, payload)
+
+    def _count_events(self) -> None:
+        if self.events_inc is not None and self.events > self.events_counted:
+            self.events_inc(self.events - self.events_counted)
+            self.events_counted = self.events
 
     def response_end(self) -> None:
         request = self.request
@@ -850,6 +866,7 @@ class Forward:
         self._disarm()
         self.client_resumed()  # no stall deadline past the end
         self._move(ForwardState.DONE)
+        self._count_events()
         if self.upstream is not None and not upstream_done:
             self.api.router.request_finished(self.upstream)
         self.api.metrics.request_done(self.model, status, self.nbytes, self.route,
