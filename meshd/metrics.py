@@ -297,7 +297,7 @@ class NodeMetrics:
         )
         self.gossip_bytes = Counter(
             "meshd_gossip_bytes",
-            "Bytes of the mesh's control connections (frames, TLS included), by direction.",
+            "Bytes of the mesh's control connections (their frames, before TLS), by direction.",
             ["direction"],
             registry=r,
         )
