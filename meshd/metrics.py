@@ -317,7 +317,8 @@ class NodeMetrics:
         )
         self._gossip_in = self.gossip_bytes.labels("in").inc  # looked up once: every frame counts
         self._gossip_out = self.gossip_bytes.labels("out").inc
-        self._silence: dict[str, tuple[DeathCause, float]] = {}
+        # what connection_lost said of the member about to be removed
+        self._lost: tuple[str, DeathCause, float | None] | None = None
         self.collector: NodeCollector | None = None
 
     def watch(
@@ -349,19 +350,25 @@ class NodeMetrics:
     def connection_lost(
         self, node_id: str, cause: DeathCause, silent_s: float | None, heartbeat: bool = False
     ) -> None:
-        """A member's connection is gone (just before the membership removes it): how,
-        and for how long it had been silent."""
+        """A member's connection is gone, just before the gossip asks the membership to
+        remove it (whose PeerDown follows at once, in the same call): how, and for how
+        long the peer had been silent (None: not known)."""
         if heartbeat:
             self.heartbeats_missed.inc()
-        self._silence[node_id] = (cause, max(0.0, silent_s or 0.0))
+        silent = None if silent_s is None else max(0.0, silent_s)
+        self._lost = (node_id, cause, silent)
 
     def membership_event(self, event: Any) -> None:
-        """A membership listener: a PeerDown is a death, with what ``connection_lost`` said."""
+        """A membership listener: a PeerDown is a death, with what ``connection_lost`` said
+        about it just before (a death nobody described was reported by another node)."""
         from meshd.mesh.membership import PeerDown
 
         if not isinstance(event, PeerDown):
             return
-        cause, silent = self._silence.pop(event.node_id, (DeathCause.REPORTED, None))
+        lost, self._lost = self._lost, None
+        cause, silent = DeathCause.REPORTED, None
+        if lost is not None and lost[0] == event.node_id:
+            _, cause, silent = lost
         self.peer_deaths.labels(str(cause)).inc()
         if silent is not None:
             self.death_detection.observe(silent)

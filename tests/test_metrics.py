@@ -21,7 +21,7 @@ from meshd.mesh import identity as identitymod
 from meshd.mesh.gossip import MeshService
 from meshd.mesh.membership import PeerView
 from meshd.mesh.wire import CloseCode
-from meshd.metrics import Hop, NodeMetrics, RouteKind
+from meshd.metrics import DeathCause, Hop, NodeMetrics, RouteKind
 from meshd.models.download import Downloads
 from meshd.serving.api import ApiServer
 from meshd.serving.routing import Upstream
@@ -331,6 +331,27 @@ def test_a_closed_connection_is_a_death_without_a_missed_heartbeat(tmp_path):
     assert s.value("meshd_peer_heartbeat_timeouts_total") == 0
     assert s.value("meshd_peer_deaths_total", cause="closed") == 1
     assert s.value("meshd_peer_death_detection_seconds_sum") == 0.4
+
+
+def test_a_duplicate_connection_whose_twin_never_opens_is_a_closed_death(tmp_path):
+    mesh, metrics = mesh_service(tmp_path)
+    mesh.peer_closed(member(mesh, "b", CloseCode.DUPLICATE, 0.1), "duplicate")
+    assert scrape(metrics).value("meshd_peer_deaths_total") == 0  # the twin may still open
+    mesh.reactor.advance(mesh.cfg.connect_timeout_s + 1)
+    s = scrape(metrics)
+    assert s.value("meshd_peer_deaths_total", cause="closed") == 1
+    assert s.value("meshd_peer_death_detection_seconds_count") == 0  # its silence is unknown
+
+
+def test_what_a_lost_connection_said_is_not_used_for_another_peers_death(tmp_path):
+    mesh, metrics = mesh_service(tmp_path)
+    member(mesh, "c", None, 0.0)
+    metrics.connection_lost("b", DeathCause.HEARTBEAT, 6.0)  # b was no member: nothing removed
+    del mesh.conns["c"]
+    mesh._verify("c", 1, "d", "no heartbeat")
+    s = scrape(metrics)
+    assert s.value("meshd_peer_deaths_total", cause="reported") == 1
+    assert s.value("meshd_peer_deaths_total", cause="heartbeat") == 0
 
 
 def test_a_reported_death_we_cannot_check_counts_as_reported(tmp_path):

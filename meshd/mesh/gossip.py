@@ -472,6 +472,8 @@ class MeshService(service.Service):
 
     def _lost_unless_back(self, node_id: str, reason: str) -> None:
         if node_id not in self.conns and self._leaving is None:
+            if self.metrics is not None:
+                self.metrics.connection_lost(node_id, DeathCause.CLOSED, None)
             self._lost(node_id, f"{reason}, and the other connection never opened")
 
     def _lost(self, node_id: str, reason: str) -> None:
