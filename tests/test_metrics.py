@@ -28,7 +28,7 @@ from meshd.serving.routing import Upstream
 from meshd.statedir import StateDir
 from meshd.states import MemberState, Role
 from tests.conftest import ROOT
-from tests.harness.meshfakes import make_node, peer, serve
+from tests.harness.meshfakes import FakeBackend, make_node, peer, serve
 from tests.harness.promtext import Scrape
 from tests.serving.test_api import SSE_HEAD, MemoryUpstreams, Router, chat, sse
 from tests.serving.test_deadlines import JSON_OK, client_channel, post
@@ -244,6 +244,25 @@ def test_backend_states_and_restarts_follow_the_llama_servers():
     assert s.value("meshd_backend_state", model="m", state="ready") == 1
     assert s.value("meshd_backend_restarts_total", kind="llama-server", model="m") == 2
     assert s.value("meshd_node_role", role="host") == 1
+
+
+def test_rpc_servers_and_rpc_tunnels_of_a_split_are_read_from_the_split_runtime():
+    metrics, node = NodeMetrics(), make_node()
+    worker, own = FakeBackend("ready"), FakeBackend("restarting")
+    own.restarts = 1
+    node.split = SimpleNamespace(  # type: ignore[assignment]
+        worker_rpc=worker,
+        lending=("big", "host-1"),
+        hosting={"other": SimpleNamespace(local_rpc=own)},
+        tunnel_host=SimpleNamespace(opened=5, tunnels={"a", "b"}),
+    )
+    metrics.watch(node)
+    s = scrape(metrics)
+    assert s.value("meshd_backend_state", kind="rpc-server", model="big", state="ready") == 1
+    assert s.value("meshd_backend_state", kind="rpc-server", model="other", state="restarting") == 1
+    assert s.value("meshd_backend_restarts_total", kind="rpc-server", model="other") == 1
+    assert s.value("meshd_tunnels_opened_total", purpose="rpc") == 5
+    assert s.value("meshd_tunnels_open", purpose="rpc") == 2
 
 
 def test_role_changes_count_a_standbys_promotion():
