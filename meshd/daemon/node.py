@@ -33,6 +33,7 @@ from meshd.states import MODEL_STATE_OF_BACKEND, BackendState, ModelState, NodeS
 if TYPE_CHECKING:
     from meshd.daemon.split import SplitRuntime
     from meshd.mesh.membership import PeerView
+    from meshd.metrics import NodeMetrics
     from meshd.models.download import Downloader
     from meshd.models.gpu import GpuReport
     from meshd.models.scan import LocalModel, ScanResult
@@ -163,6 +164,8 @@ class Node:
         # models a drop stopped here, or kept from starting: the ones a lift serves again
         self.held_back: set[str] = set()
         self.policy: PolicyManager | None = None
+        # the daemon's Prometheus registry (meshd.metrics): the parts that count read it here
+        self.metrics: NodeMetrics | None = None
         self.downloader: Downloader | None = None
         self.scan: ScanResult | None = None
         self._shutdown = shutdown or (lambda: None)

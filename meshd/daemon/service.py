@@ -55,6 +55,7 @@ if TYPE_CHECKING:
     from meshd.daemon.reload import Reloader
     from meshd.daemon.split import SplitRuntime
     from meshd.mesh.identity import Identity
+    from meshd.metrics import Hop
     from meshd.models.download import Downloader
     from meshd.models.scan import Resolved
     from meshd.placement.plugins import PolicyManager
@@ -253,10 +254,13 @@ def create_daemon(
 
     from meshd.daemon.control import ControlService
     from meshd.daemon.sdnotify import WatchdogService
+    from meshd.metrics import NodeMetrics
     from meshd.serving.api import ApiServer
 
+    metrics = node.metrics = NodeMetrics()
+    metrics.watch_downloads(downloader.downloads)
     router = SwitchableRouter()
-    api = ApiServer(router, cfg.api, reactor=reactor)
+    api = ApiServer(router, cfg.api, reactor=reactor, metrics=metrics.api)
     backends = LocalBackends(node, cfg, reactor=reactor, notifier=notifier)
     if node.split is not None:
         node.split.on_broken = backends.split_broken
@@ -266,6 +270,7 @@ def create_daemon(
                                  notifier=notifier)
     roles = RoleService(node, router, groups, reactor=reactor, serve=backends.serve,
                         status=notifier.status)
+    metrics.watch(node, apis=lambda: _apis(api, roles), tunnels=lambda: roles.tunnels)
     listen = cfg.api.listen
     children = [
         WatchdogService(notifier, clock=reactor),
@@ -463,6 +468,18 @@ def _retry_when_the_mesh_holds_it(node: Node, backends: LocalBackends, notifier:
     node.add_membership_listener(changed)
 
 
+def _apis(api: ApiServer, roles: RoleService) -> list[tuple[Hop, Any]]:
+    """The APIs whose in-flight requests ``/metrics`` shows: the client API, and the
+    tunnel API of the active role (requests peers sent through tunnels)."""
+    from meshd.metrics import Hop
+
+    tunnels = roles.tunnels
+    out: list[tuple[Hop, Any]] = [(Hop.SERVED, api)]
+    if tunnels is not None:
+        out.append((Hop.RELAYED, tunnels.api))
+    return out
+
+
 async def _drain(api: ApiServer, roles: RoleService, drain_s: float) -> None:
     """Let the requests in flight finish, here and those peers sent through tunnels."""
     tunnels = roles.tunnels
@@ -513,7 +530,8 @@ class Groups:
         cfg, node, reactor = self.config, self.node, self.reactor
         router = self._router()
         mesh = MeshService(cfg, self.state, self.identity, reactor=reactor,
-                           local_info=node.local_info, desired=node.desired)
+                           local_info=node.local_info, desired=node.desired,
+                           metrics=node.metrics)
         route_server = RouteServer(mesh, node, clock=reactor, refresh_s=cfg.mesh.refresh_s)
         split = node.split
         rebalancer = Rebalancer(node, reactor=reactor, start=self.backends.spawn,
@@ -527,7 +545,8 @@ class Groups:
         local = LocalOnlyRouter(router)
         # mTLS authenticated the peer: the tunnel API asks no API key
         tunnel_api = ApiServer(local, dataclasses.replace(cfg.api, api_key=""), reactor=reactor,
-                               relay=True)
+                               relay=True,
+                               metrics=node.metrics.api if node.metrics is not None else None)
         tunnels = TunnelServer(local.check, tunnel_api)
         tunnels.attach(mesh)
         if split is not None:

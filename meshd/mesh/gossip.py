@@ -73,6 +73,7 @@ from meshd.mesh.peer import (
     server_factory,
 )
 from meshd.mesh.wire import CloseCode, Frame, FrameError, FrameType
+from meshd.metrics import DeathCause, NodeMetrics
 from meshd.nodename import clean as clean_name
 from meshd.nodename import label
 from meshd.statedir import KnownNode, MeshState, StateDir
@@ -99,10 +100,12 @@ class MeshService(service.Service):
         reactor: Any,
         local_info: Callable[[], dict[str, Any]],
         desired: DesiredState | None = None,
+        metrics: NodeMetrics | None = None,
     ):
         """``desired``: the node's drop/serve decisions, merged into in place as peers
         tell of theirs (the node keeps it across role changes and saves it)."""
         self.config = config
+        self.metrics = metrics  # the daemon's (meshd.metrics): gossip bytes, deaths
         self.cfg = config.mesh
         self.state = state
         self.identity = identity
@@ -144,6 +147,8 @@ class MeshService(service.Service):
         self._token_purposes: set[str] = set()  # purposes an invite token may open (passive joins)
         self._local_listeners: list[Callable[[], None]] = []
         self.table.add_listener(self._membership_event)
+        if metrics is not None:
+            self.table.add_listener(metrics.membership_event)
 
     # -- the contract ---------------------------------------------------------------------
 
@@ -382,15 +387,19 @@ class MeshService(service.Service):
 
     # -- building connections -------------------------------------------------------------------
 
+    def _meter(self, purpose: str, bytes_in: int, bytes_out: int) -> None:
+        if self.metrics is not None and purpose == "control":
+            self.metrics.peer_bytes(bytes_in, bytes_out)
+
     def _build_server(self) -> PeerProtocol:
         return PeerProtocol(identity=self.identity, incarnation=lambda: self.incarnation,
                             delegate=self, clock=self.reactor, timing=self.timing,
-                            gate=Gate(self, self.invites))
+                            gate=Gate(self, self.invites), meter=self._meter)
 
     def _build_client(self, auth: ClientAuth, purpose: str = "control") -> Callable[[], PeerProtocol]:
         return lambda: PeerProtocol(identity=self.identity, incarnation=lambda: self.incarnation,
                                     delegate=self, clock=self.reactor, timing=self.timing,
-                                    client=auth, purpose=purpose)
+                                    client=auth, purpose=purpose, meter=self._meter)
 
     def dial_addrs(self, addrs: list[str], auth: ClientAuth, *,
                    purpose: str = "control") -> defer.Deferred[PeerProtocol]:
@@ -512,10 +521,17 @@ class MeshService(service.Service):
             self.reactor.callLater(self.cfg.connect_timeout_s, self._lost_unless_back,
                                    node_id, reason)
             return
+        if self.metrics is not None:
+            timed_out = conn.close_code is CloseCode.TIMEOUT  # no frame for heartbeat_timeout_s
+            self.metrics.connection_lost(node_id,
+                                         DeathCause.HEARTBEAT if timed_out else DeathCause.CLOSED,
+                                         conn.silent_s(), heartbeat=timed_out)
         self._lost(node_id, reason)
 
     def _lost_unless_back(self, node_id: str, reason: str) -> None:
         if node_id not in self.conns and self._leaving is None:
+            if self.metrics is not None:
+                self.metrics.connection_lost(node_id, DeathCause.CLOSED, None)
             self._lost(node_id, f"{reason}, and the other connection never opened")
 
     def _lost(self, node_id: str, reason: str) -> None:
@@ -634,6 +650,8 @@ class MeshService(service.Service):
             why = f"reported dead by {reporter} ({reason}); no answer to our probe within {timeout:g} s"
             if self.conns.get(node_id) is target:
                 del self.conns[node_id]
+            if self.metrics is not None:
+                self.metrics.connection_lost(node_id, DeathCause.REPORTED, target.silent_s())
             self.table.verified(node_id, False, why)
             target.close(why, code=CloseCode.TIMEOUT, notify=False, abort=True)
             self._after_loss()

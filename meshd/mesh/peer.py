@@ -315,6 +315,7 @@ class PeerProtocol(protocol.Protocol):
         client: ClientAuth | None = None,
         gate: ServerGate | None = None,
         purpose: str = "control",
+        meter: Callable[[str, int, int], None] | None = None,
     ):
         assert (client is None) != (gate is None), "a connection is either a client or a server"
         self.identity = identity
@@ -342,6 +343,8 @@ class PeerProtocol(protocol.Protocol):
         self.closed: defer.Deferred[str] = defer.Deferred()
         self.bytes_in = 0
         self.bytes_out = 0
+        # meter(purpose, bytes in, bytes out) as they pass (the daemon's metrics)
+        self._meter = meter
         self._decoder = wire.Decoder(timing.max_frame_bytes)
         self._timer: IDelayedCall | None = None
         self._heartbeat: Heartbeat | None = None
@@ -424,6 +427,8 @@ class PeerProtocol(protocol.Protocol):
 
     def dataReceived(self, data: bytes) -> None:  # noqa: N802
         self.bytes_in += len(data)
+        if self._meter is not None:
+            self._meter(self.purpose, len(data), 0)
         if self._raw is not None:
             self._raw(data)
             return
@@ -684,6 +689,11 @@ class PeerProtocol(protocol.Protocol):
         if d is not None:
             d.callback(None)
 
+    def silent_s(self) -> float | None:
+        """Seconds since the peer's last frame; None before the heartbeat started."""
+        beat = self._heartbeat
+        return None if beat is None else self.clock.seconds() - beat.last_seen
+
     def _heartbeat_timeout(self, silent_s: float) -> None:
         self.close(f"no heartbeat for {silent_s:.1f} s", code=CloseCode.TIMEOUT, notify=False,
                    abort=True)
@@ -702,6 +712,8 @@ class PeerProtocol(protocol.Protocol):
             return
         data = wire.encode(frame_type, payload, max_frame_bytes=self.timing.max_frame_bytes)
         self.bytes_out += len(data)
+        if self._meter is not None:
+            self._meter(self.purpose, 0, len(data))
         link.write(data)
 
     def send_json(self, frame_type: int, body: dict[str, Any]) -> None:
