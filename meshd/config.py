@@ -111,7 +111,8 @@ class ModelsConfig:
 
 @dataclass(frozen=True)
 class LlamaConfig:
-    # empty: the build that scripts/build-llama.sh cached, else llama-server on PATH
+    # empty: the build that scripts/build-llama.sh cached, else the meshd-llama-cpp
+    # package's /usr/lib/meshd/llama.cpp/bin, else llama-server on PATH
     bin_dir: str = ""
     ctx_size: int = 4096
     # 0: let llama.cpp choose

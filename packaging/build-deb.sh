@@ -9,7 +9,9 @@
 # installing needs no network and the venv always matches the installed Python.
 # /usr/bin/meshd and /usr/bin/meshctl point into the venv; the unit goes to
 # /lib/systemd/system/meshd.service; /etc/meshd.toml is a conffile; postinst
-# creates the `meshd` system user and group.
+# creates the `meshd` system user and group. It depends on meshd-llama-cpp
+# (packaging/build-llama-deb.sh: llama-server and ggml-rpc-server where meshd finds
+# them), which the CUDA build meshd-llama-cpp-cuda provides as well.
 #
 # Environment: WHEELHOUSE=DIR reuses (and fills) a directory of dependency wheels
 # between builds; PYTHON picks the interpreter that builds the wheels (its major.minor
@@ -64,7 +66,7 @@ Version: $version
 Architecture: $arch
 Maintainer: meshd developers <meshd@localhost>
 Installed-Size: $size
-Depends: python3 (>= $pyver), python3 (<< ${pyver%.*}.$((${pyver#*.} + 1))), python3-venv, passwd, procps
+Depends: python3 (>= $pyver), python3 (<< ${pyver%.*}.$((${pyver#*.} + 1))), python3-venv, passwd, procps, meshd-llama-cpp
 Section: net
 Priority: optional
 Description: pool the GPUs of many machines into one mesh for LLM inference
