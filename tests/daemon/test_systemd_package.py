@@ -2,11 +2,13 @@
 
 meshd's package and its llama.cpp companion (``packaging/build-llama-deb.sh``, built
 from scripts/build-llama.sh's cached portable build) are installed together into a
-booted Debian root with a network namespace of its own; the shipped /etc/meshd.toml is
-left as it is. The Gemma GGUF goes into /var/lib/meshd/models, ``systemctl start meshd``,
-and the ``openai`` SDK, on a thread of this process that entered the namespace, streams
-an answer through the default API address 127.0.0.1:9337. No [llama] bin_dir: meshd
-finds the companion's binaries where the package put them.
+booted Debian root with a network namespace of its own. The Gemma GGUF goes into
+/var/lib/meshd/models, the shipped /etc/meshd.toml gets one line (``[models] serve``: a
+node alone in its mesh serves what it is told to, not whatever is on its disk),
+``systemctl start meshd``, and the ``openai`` SDK, on a thread of this process that
+entered the namespace, streams an answer through the default API address
+127.0.0.1:9337. No [llama] bin_dir: meshd finds the companion's binaries where the
+package put them.
 
 The tests run in order, as one operator's day: the later ones upgrade, remove and purge
 what the first installed.
@@ -30,7 +32,8 @@ pytestmark = [pytest.mark.systemd, pytest.mark.e2e, pytest.mark.timeout(900)]
 
 API = "127.0.0.1:9337"
 MODELS = "/var/lib/meshd/models"
-OPERATORS_LINE = "# the operator's own line, kept across upgrades"
+# the operator's one change to the shipped config, kept across upgrades
+SERVE_LINE = f'serve = ["{DEFAULT_MODEL_NAME}"]'
 SHIPPED_LINE = "# a line the next version of the package ships"
 
 
@@ -116,7 +119,7 @@ def test_both_packages_install_and_meshd_finds_llama_cpp_without_configuration(m
     ], out
     for exe in ("llama-server", "ggml-rpc-server"):
         machine.ok("test", "-x", f"/usr/lib/meshd/llama.cpp/bin/{exe}")
-    # the shipped config, untouched: no [llama] bin_dir
+    # the shipped config sets no [llama] bin_dir
     assert "\nbin_dir" not in machine.ok("cat", "/etc/meshd.toml")
     # meshd's Depends names the companion
     assert "meshd-llama-cpp" in machine.ok("dpkg-query", "-W", "-f", "${Depends}", "meshd")
@@ -127,6 +130,10 @@ def test_systemctl_start_serves_the_model_in_the_models_directory(machine):
     target = machine.merged / MODELS.lstrip("/") / f"{DEFAULT_MODEL_NAME}.gguf"
     shutil.copyfile(machine.model_path, target)
     machine.ok("chown", "meshd:meshd", f"{MODELS}/{DEFAULT_MODEL_NAME}.gguf")
+    config = machine.merged / "etc" / "meshd.toml"
+    shipped = config.read_text()
+    assert "\n#serve = []\n" in shipped
+    config.write_text(shipped.replace("\n#serve = []\n", f"\n{SERVE_LINE}\n", 1))
     machine.ok("systemctl", "start", "meshd.service", timeout_s=120)
     s = wait_warm(machine, DEFAULT_MODEL_NAME)
     assert s["api"] == API
@@ -145,9 +152,7 @@ def test_the_openai_sdk_gets_a_streamed_answer_through_9337(machine):
 def test_upgrade_keeps_the_changed_conffile_and_the_node(machine):
     before = status(machine)
     pid_before = machine.show("MainPID")["MainPID"]
-    # the operator's change to the conffile, and a next version that changes it too
-    config = machine.merged / "etc" / "meshd.toml"
-    config.write_text(config.read_text() + f"\n{OPERATORS_LINE}\n")
+    # the operator changed the conffile (SERVE_LINE), and the next version changes it too
     deb, version = next_version(machine.debs["meshd"], machine.tmp)
     shutil.copy(deb, machine.merged / "var" / "tmp" / "meshd-next.deb")
     # what `apt-get -o Dpkg::Options::=--force-confold upgrade` does: keep the operator's file
@@ -155,7 +160,7 @@ def test_upgrade_keeps_the_changed_conffile_and_the_node(machine):
 
     assert machine.ok("dpkg-query", "-W", "-f", "${Version}", "meshd") == version
     kept = machine.ok("cat", "/etc/meshd.toml")
-    assert OPERATORS_LINE in kept and SHIPPED_LINE not in kept
+    assert SERVE_LINE in kept and SHIPPED_LINE not in kept
     assert SHIPPED_LINE in machine.ok("cat", "/etc/meshd.toml.dpkg-dist")
     # postinst restarted the running daemon on the new venv: same node, serving again
     props = machine.wait_state("active")
@@ -175,7 +180,7 @@ def test_remove_stops_meshd_and_keeps_its_state(machine):
     # state kept: the node's identity, its models, the operator's config, the user
     assert machine.ok("cat", "/var/lib/meshd/node_id").strip() == node_id
     machine.ok("test", "-f", f"{MODELS}/{DEFAULT_MODEL_NAME}.gguf")
-    assert OPERATORS_LINE in machine.ok("cat", "/etc/meshd.toml")
+    assert SERVE_LINE in machine.ok("cat", "/etc/meshd.toml")
     assert machine.ok("id", "-un", "meshd").strip() == "meshd"
     # the companion is a package of its own: still there until removed itself
     machine.ok("test", "-x", "/usr/lib/meshd/llama.cpp/bin/llama-server")
