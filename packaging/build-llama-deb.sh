@@ -12,7 +12,7 @@
 #
 # Variants (LLAMA_VARIANT):
 #   auto (default)  cuda when the build machine has the CUDA toolkit (nvcc on PATH or in
-#                   /usr/local/cuda/bin), else cpu
+#                   /usr/local/cuda/bin, and cuBLAS), else cpu
 #   cpu             package meshd-llama-cpp
 #   cuda            package meshd-llama-cpp-cuda, built with CMAKE_ARGS=-DGGML_CUDA=ON (plus
 #                   any CMAKE_ARGS given, e.g. -DCMAKE_CUDA_ARCHITECTURES=89); it provides,
@@ -34,11 +34,19 @@ if [ "$variant" = auto ] && [ -n "${LLAMA_BIN_DIR:-}" ]; then
   # a given build says what it is
   case "$(cat "$LLAMA_BIN_DIR/../BUILD" 2>/dev/null)" in *-DGGML_CUDA=ON*) variant=cuda ;; *) variant=cpu ;; esac
 fi
+# nvcc alone is no toolkit llama.cpp's CUDA backend builds with: it links cuBLAS too
+cuda_toolkit() {
+  command -v nvcc >/dev/null || [ -x /usr/local/cuda/bin/nvcc ] || return 1
+  ldconfig -p 2>/dev/null | grep -q 'libcublas\.so' && return 0
+  compgen -G '/usr/local/cuda*/lib64/libcublas.so*' >/dev/null \
+    || compgen -G '/usr/local/cuda*/targets/*/lib/libcublas.so*' >/dev/null \
+    || { echo "build-llama-deb: nvcc is here but cuBLAS is not: the CPU package (LLAMA_VARIANT=cuda to insist)" >&2; return 1; }
+}
 if [ "$variant" = auto ]; then
   variant=cpu
   case " ${CMAKE_ARGS:-} " in
     *-DGGML_CUDA=ON*) variant=cuda ;;
-    *) { command -v nvcc >/dev/null || [ -x /usr/local/cuda/bin/nvcc ]; } && variant=cuda ;;
+    *) cuda_toolkit && variant=cuda ;;
   esac
 fi
 case "$variant" in
