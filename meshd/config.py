@@ -21,6 +21,8 @@ from typing import Any
 
 import toml
 
+from meshd import nodename
+
 DEFAULT_PATH = "/etc/meshd.toml"
 ENV_VAR = "MESHD_CONFIG"
 
@@ -35,6 +37,8 @@ class ConfigError(Exception):
 
 @dataclass(frozen=True)
 class NodeConfig:
+    # what people call this node (status, peers, the console, log lines), the id beside it
+    name: str = field(default_factory=nodename.default_name)
     state_dir: str = "/var/lib/meshd"
     models_dir: str = "/var/lib/meshd/models"
     control_socket: str = "/run/meshd/control.sock"
@@ -403,6 +407,9 @@ def validate(config: Config) -> list[str]:
         problems.append(f"[log] level: {config.log.level!r} is not one of {', '.join(LOG_LEVELS)}")
     if config.log.format not in LOG_FORMATS:
         problems.append(f"[log] format: {config.log.format!r} is not one of {', '.join(LOG_FORMATS)}")
+    name_problem = nodename.problem(config.node.name)
+    if name_problem is not None:
+        problems.append(f"[node] name: {_shown(config.node.name)} {name_problem}")
     if config.node.client and config.node.standby:
         problems.append("[node] client: a client never serves, so it cannot also be standby")
     for i, gpu in enumerate(config.node.gpus):

@@ -81,9 +81,14 @@ def formatter(fmt: str = "text") -> logging.Formatter:
     return logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
 
 
+# the handler setup() installed, whose format a reload changes (apply())
+_handler: logging.Handler | None = None
+
+
 def setup(level: str = "info", stream: IO[str] | None = None, fmt: str = "text") -> None:
+    global _handler
     stream = stream or sys.stderr
-    handler = logging.StreamHandler(stream)
+    handler = _handler = logging.StreamHandler(stream)
     handler.setFormatter(formatter(fmt))
     root = logging.getLogger()
     for h in list(root.handlers):
@@ -96,3 +101,11 @@ def setup(level: str = "info", stream: IO[str] | None = None, fmt: str = "text")
         discardBuffer=True,
         redirectStandardIO=False,
     )
+
+
+def apply(level: str, fmt: str) -> None:
+    """``[log] level`` and ``format`` changed by a reload: the next line is written with
+    them (only the handler :func:`setup` installed is reformatted, nobody else's)."""
+    logging.getLogger().setLevel(level.upper())
+    if _handler is not None:
+        _handler.setFormatter(formatter(fmt))

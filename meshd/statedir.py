@@ -10,6 +10,8 @@ rejoin nor create a new identity.
     mesh.json            {"mesh_id", "secret"}: the mesh this node belongs to
     peers.json           {"bootstrap": [...], "known": [...]}: where to rejoin
     tokens.json          invite tokens this node issued (keys, expiry, use, revocation)
+    desired.json         the mesh's drop/serve decisions (meshd.mesh.desired), so a
+                         restarted node honours them before it hears a peer
     incarnation          a counter bumped at every start (SWIM refutation)
     node_id              the node id of identity/, one line (so a lost identity/ is named)
 
@@ -27,12 +29,15 @@ import math
 import os
 import re
 import secrets
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from meshd import jsonbounds
 from meshd.errors import StartupError
+from meshd.mesh import desired
+from meshd.mesh.desired import Decision
 
 log = logging.getLogger("meshd.statedir")
 
@@ -46,6 +51,8 @@ _TOKEN_KEY = re.compile(r"^[0-9a-f]{64}$")
 _MESH_FIX = ("restore it from a backup, or remove it and start with a token from a member "
              "([mesh] join or meshd --join; without one the node founds a new mesh)")
 _PEERS_FIX = "remove it (meshd writes it again; until then it rejoins only through [mesh] join)"
+_DESIRED_FIX = ("remove it: this node learns the mesh's drop/serve decisions again from its "
+                "peers (a node alone forgets its drops; drop again with meshctl drop)")
 _TOKENS_FIX = ("remove it: every token this node issued stops working "
                "(issue new ones with meshctl token)")
 
@@ -232,6 +239,25 @@ class StateDir:
     def save_tokens(self, tokens: dict[str, dict[str, Any]]) -> None:
         self.write_json("tokens.json", tokens)
 
+    # -- the mesh's drop/serve decisions -------------------------------------------
+
+    def load_desired(self) -> list[Decision]:
+        """The decisions of desired.json (none when it is missing)."""
+        data = self.read_json("desired.json")
+        if data is None:
+            return []
+        path = self._file("desired.json")
+        if not isinstance(data, dict):
+            raise StateDirError(f"{path}: expected a JSON object with the models' decisions, "
+                                f"found {_json_type(data)}; {_DESIRED_FIX}")
+        try:
+            return desired.parse(data)
+        except ValueError as e:
+            raise StateDirError(f"{path}: {e}; {_DESIRED_FIX}") from None
+
+    def save_desired(self, decisions: Iterable[Decision]) -> None:
+        self.write_json("desired.json", desired.to_body(decisions))
+
     # -- incarnation ----------------------------------------------------------------
 
     def next_incarnation(self) -> int:
@@ -280,6 +306,7 @@ class StateDir:
         self.load_mesh()
         self.load_peers()
         self.load_tokens()
+        self.load_desired()
 
 
 def _json_type(value: Any) -> str:

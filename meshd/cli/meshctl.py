@@ -221,7 +221,21 @@ def _cell(key: str, value: Any) -> str:
         return " ".join(f"{k}={_cell(k, v)}" for k, v in value.items())
     if isinstance(value, list):
         return ", ".join(_cell(key, v) for v in value) or "-"
-    return " ".join(str(value).split())
+    # names and reasons come from peers: nothing that moves a terminal's cursor gets through
+    return " ".join("".join(c for c in str(value) if c.isprintable() or c.isspace()).split())
+
+
+def node_label(node_id: Any, name: Any = None) -> str:
+    """A node as people know it: ``name (short id)``; the short id alone when it has no name."""
+    if not isinstance(name, str) or not name:
+        return short_id(node_id)
+    return f"{_cell('', name)} ({short_id(node_id)})"
+
+
+def node_names(s: dict) -> dict[str, str]:
+    """node id -> name of every node a status names (itself and its peers)."""
+    rows = [s, *(p for p in s.get("peers") or [] if isinstance(p, dict))]
+    return {str(r["node_id"]): str(r["name"]) for r in rows if r.get("node_id") and r.get("name")}
 
 
 def table(rows: Sequence[dict], columns: Sequence[tuple[str, str]] | None = None) -> list[str]:
@@ -275,6 +289,7 @@ def generic(data: Any) -> list[str]:
 
 
 PEER_COLUMNS = [
+    ("name", "NAME"),  # first: what people call it; the id beside it tells two of one name apart
     ("node_id", "NODE"),
     ("addr", "ADDRESS"),
     ("role", "ROLE"),
@@ -313,13 +328,13 @@ def _share(part: dict) -> str:
     return f"{share:.0%}" if ok else "-"
 
 
-def _split_text(split: Any) -> str:
+def _split_text(split: Any, names: dict[str, str] | None = None) -> str:
     """The MODELS table's SPLIT cell: who holds which share (the tunnels have a section)."""
     if not isinstance(split, dict):
         return "-"
     host = split.get("host")
-    parts = [f"{short_id(p.get('node_id'))} {_share(p)}" + (" (host)" if p.get("node_id") == host
-                                                          else "")
+    parts = [f"{node_label(p.get('node_id'), (names or {}).get(str(p.get('node_id'))))} {_share(p)}"
+             + (" (host)" if p.get("node_id") == host else "")
              for p in _split_parts(split)]
     return ", ".join(parts) if parts else f"host {short_id(host)}"
 
@@ -386,9 +401,11 @@ def format_status(s: dict) -> list[str]:
     mesh = str(s.get("mesh_id") or "-")
     if join:  # not in a mesh: why, and what it does about it
         mesh = f"- ({join.get('state', '?')}: {join.get('reason') or 'no reason given'})"
+    names = node_names(s)
+    node = str(s.get("node_id") or "-")
     lines = pairs(
         [
-            ("node", str(s.get("node_id") or "-")),
+            ("node", f"{_cell('', s.get('name'))} ({node})" if s.get("name") else node),
             ("mesh", mesh),
             ("role", str(s.get("role") or "-")),
             ("serving", f"{serving} ({model_state or 'unknown'})" if serving else "nothing"),
@@ -403,7 +420,9 @@ def format_status(s: dict) -> list[str]:
     )
     lines += section("PEERS", s.get("peers") or [], PEER_COLUMNS)
     raw_models = [m for m in s.get("models") or [] if isinstance(m, dict)]
-    models = [dict(m, split=_split_text(m.get("split"))) for m in raw_models]
+    models = [dict(m, split=_split_text(m.get("split"), names),
+                   hosts=", ".join(node_label(h, names.get(str(h))) for h in m.get("hosts") or []) or None)
+              for m in raw_models]
     with_split = any(m["split"] != "-" for m in models)
     lines += section("MODELS", models, MODEL_COLUMNS + ([("split", "SPLIT")] if with_split else []))
     # why a model waits ("need 5.3 GiB, group has 4.0 GiB of 2 nodes"): the numbers to act on
@@ -428,6 +447,84 @@ def format_status(s: dict) -> list[str]:
         lines.append(f"download refused: {d.get('reason') or d.get('name')}")
     for d in s.get("downloads_failed") or []:
         lines.append(f"download failed: {d.get('name')}: {d.get('error')}")
+    # the mesh's decisions: a model dropped here stays dropped until `meshctl serve`
+    for d in s.get("desired") or []:
+        if isinstance(d, dict) and d.get("state") == "dropped":
+            lines.append(f"dropped mesh-wide: {d.get('model')} (by {d.get('by')}, version "
+                         f"{d.get('version')}; meshctl serve {d.get('model')} lifts it)")
+    return lines
+
+
+def _hook_rows(hooks: Sequence[Any]) -> list[dict]:
+    return [{"hook": str(h.get("hook", "")).removeprefix("meshd_"),
+             "by": h.get("answered_by"), "answer": h.get("answer"),
+             "asked": ", ".join(h.get("asked") or []) or "-"}
+            for h in hooks if isinstance(h, dict)]
+
+
+HOOK_COLUMNS = [("hook", "HOOK"), ("by", "ANSWERED BY"), ("asked", "ASKED (IN ORDER)"),
+                ("answer", "ANSWER")]
+# explain's "this node" line, from the election's action (meshd.states.ModelAction)
+LOCAL_ACTIONS = {"run": "runs it", "wait": "waits", "worker": "lends its VRAM to the host"}
+EXPLAIN_NODE_COLUMNS = [("node", "NODE"), ("role", "ROLE"), ("vram_bytes", "VRAM"),
+                        ("rtt", "RTT"), ("file", "FILE"), ("part", "PART"), ("why", "WHY")]
+
+
+def format_explain(d: dict) -> list[str]:
+    """``meshctl explain MODEL``: the last election's inputs, hooks, each node's part or why
+    it has none, and the route a request would take."""
+    model = d.get("model")
+    e = d.get("election") or {}
+    items = [("model", str(model)), ("node", node_label(d.get("node_id"), d.get("name")))]
+    if d.get("dropped"):
+        items.append(("dropped", str(d.get("dropped_reason") or "yes")))
+    names = {i.get("node_id"): i.get("name") for i in e.get("inputs") or [] if isinstance(i, dict)}
+    if e:
+        mode = e.get("mode") or "nothing planned"
+        host = f", host {node_label(e['host'], names.get(e['host']))}" if e.get("host") else ""
+        items.append(("decision", f"{mode}{host}: {e.get('reason') or '-'}"))
+        local = e.get("local")
+        if isinstance(local, dict):
+            action = LOCAL_ACTIONS.get(str(local.get("action")), str(local.get("action")))
+            items.append(("this node", f"{action}: {local.get('reason') or '-'}"))
+        items.append(("size", f"{human_bytes(e.get('size_bytes'))}, needs "
+                              f"{human_bytes(e.get('need_bytes'))} of VRAM ({e.get('fit_rule')})"))
+        st = e.get("settings") or {}
+        weights = ", ".join(f"{w:g}" for w in st.get("tensor_split") or []) or "-"
+        items.append(("settings", f"split {'on' if st.get('split') else 'off'}, tensor_split "
+                                  f"{weights}, max_rtt_ms {st.get('max_rtt_ms', 0):g}"))
+        trigger = f" ({e['trigger']})" if e.get("trigger") else ""
+        items.append(("planned", f"{human_duration(e.get('age_s'))} ago{trigger}: "
+                                 f"{e.get('source')}"))
+    else:
+        items.append(("decision", "no election on record"))
+    lines = pairs(items)
+    if e:
+        inputs = {i.get("node_id"): i for i in e.get("inputs") or [] if isinstance(i, dict)}
+        rows = []
+        for p in e.get("nodes") or []:
+            if not isinstance(p, dict):
+                continue
+            i = inputs.get(p.get("node_id"), {})
+            on_disk = i.get("on_disk_bytes")
+            rows.append({"node": node_label(p.get("node_id"), p.get("name")),
+                         "role": i.get("role"), "vram_bytes": i.get("vram_bytes"),
+                         "rtt": "-" if i.get("rtt_ms") is None else f"{i['rtt_ms']:.0f} ms",
+                         "file": "no" if on_disk is None else human_bytes(on_disk),
+                         "part": p.get("part"), "why": p.get("reason")})
+        lines += section("NODES", rows, EXPLAIN_NODE_COLUMNS)
+        lines += section("HOOKS", _hook_rows(e.get("hooks") or []), HOOK_COLUMNS,
+                         empty="(no hook asked)")
+    r = d.get("routing") or {}
+    lines += ["", f"ROUTING (a request from client {r.get('client_id') or '-'})"]
+    for n, h in enumerate(r.get("order") or [], 1):
+        if isinstance(h, dict):
+            mark = " (this node)" if h.get("local") else ""
+            mark += " (its tunnel failed lately)" if h.get("suspect") else ""
+            lines.append(f"  {n}. {node_label(h.get('node_id'), h.get('name'))}{mark}")
+    lines.append(f"  {r.get('answer') or '-'}")
+    for h in _hook_rows(r.get("hooks") or []):
+        lines.append(f"  {h['hook']}: answered by {h['by']} (asked: {h['asked']}): {h['answer']}")
     return lines
 
 
@@ -499,12 +596,47 @@ def cmd_drop(a: argparse.Namespace) -> Command:
     )
 
 
+def cmd_serve(a: argparse.Namespace) -> Command:
+    def fmt(d: Any, a: argparse.Namespace) -> list[str]:
+        if not isinstance(d, dict) or "serving" not in d:
+            return generic(d)
+        was = "the drop is lifted" if d.get("was_dropped") else "it was not dropped"
+        return [f"serving {d['serving']} mesh-wide again: {was}; told {d.get('told_peers', 0)} "
+                f"peer(s) (decision version {d.get('version')})"]
+
+    return "POST", "/serve", {"model": a.model}, fmt
+
+
 def cmd_download(a: argparse.Namespace) -> Command:
     return "POST", "/download", {"name": a.name}, lambda d, a: generic(d)
 
 
+def reload_lines(d: Any) -> list[str]:
+    """``meshctl reload``: what was applied, what needs a restart, the plugins' order."""
+    if not isinstance(d, dict) or "applied" not in d:  # an older meshd: it only rescanned
+        return generic(d) if d != {"ok": True} else ["reloaded"]
+    lines = [f"reloaded {d['reloaded']}"]
+    if not d["applied"] and not d["restart_needed"]:
+        lines.append("no setting changed")
+    lines += [f"applied: {c['key']} {c['change']}" for c in d["applied"]]
+    lines += [f"needs a restart: {c['key']} {c['change']} (systemctl restart meshd)"
+              for c in d["restart_needed"]]
+    lines += [f"note: {n}" for n in d.get("notes", [])]
+    if d.get("plugins"):
+        lines.append("policy plugins, asked in this order:")
+        lines += [f"  {i}. {p}" for i, p in enumerate(d["plugins"], 1)]
+    return lines
+
+
+def cmd_explain(a: argparse.Namespace) -> Command:
+    from urllib.parse import urlencode
+
+    query = {"model": a.model, **({"client": a.client} if a.client else {})}
+    return "GET", f"/explain?{urlencode(query)}", None, lambda d, a: format_explain(d)
+
+
 def cmd_reload(a: argparse.Namespace) -> Command:
-    return "POST", "/reload", None, lambda d, a: generic(d) if d != {"ok": True} else ["reloaded"]
+    return "POST", "/reload", None, lambda d, a: reload_lines(d)
 
 
 SLOW = {"join", "leave", "download", "reload"}
@@ -579,14 +711,26 @@ def parser() -> argparse.ArgumentParser:
     c = command("join", cmd_join, "join the mesh this invite token names, now")
     c.add_argument("token", metavar="TOKEN")
     command("leave", cmd_leave, "leave the mesh cleanly and stop the daemon")
-    c = command("drop", cmd_drop, "stop serving MODEL everywhere in the mesh")
+    c = command("drop", cmd_drop, "stop serving MODEL everywhere in the mesh, until `serve`")
+    c.add_argument("model", metavar="MODEL")
+    c = command("serve", cmd_serve,
+                "serve MODEL again everywhere in the mesh: lift its drop (the opposite of drop)")
     c.add_argument("model", metavar="MODEL")
     c = command(
         "download", cmd_download, "download a model by catalog name (refused when it would not fit)"
     )
     c.add_argument("name", metavar="NAME")
     command("gpus", cmd_gpus, "what VRAM detection found")
-    command("reload", cmd_reload, "reload the configuration, as SIGHUP does")
+    c = command("explain", cmd_explain,
+                "why MODEL is where it is: the last election's inputs, which plugin answered "
+                "each hook, why each node was left out, and the hosts a request would try")
+    c.add_argument("model", metavar="MODEL")
+    c.add_argument("--client", metavar="ID",
+                   help="the client whose host order to show: a request's 'user' field, else "
+                        "its IP address (default 127.0.0.1)")
+    command("reload", cmd_reload, "read the configuration again and apply what can be applied "
+            "live (log level, policy plugins, [api] api_key, [models] serve); answers once "
+            "applied, or exits 3 with why when the file is broken (nothing changes)")
     return p
 
 

@@ -145,7 +145,8 @@ def main(argv: list[str] | None = None) -> int:
     from meshd.daemon import service
 
     logs.setup(config.log.level, fmt=config.log.format)
-    return service.run(config)
+    # a reload reads the file again, the command-line flags still on top
+    return service.run(config, reread=lambda: effective_config(args))
 
 
 if __name__ == "__main__":

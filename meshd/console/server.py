@@ -17,6 +17,8 @@ and JavaScript, no build step, nothing fetched from elsewhere).  It reads:
   ``uptime_s``) is not sent.  A ``: keep-alive`` comment every
   ``KEEPALIVE_S``.  At most ``MAX_CLIENTS`` streams (503 beyond); a client that
   goes away is dropped at once.
+- ``GET /api/explain?model=M``: why a model is where it is (the "why?" of a
+  model row): :meth:`meshd.daemon.node.Node.explain`, as ``meshctl explain M --json``.
 - ``POST /v1/chat/completions`` and ``GET /v1/models``: the chat box.  These
   are forwarded to this node's own API (``[api] listen``) so the page never
   needs CORS and the API never answers CORS for anyone.  Streams pass through
@@ -165,6 +167,14 @@ def _content_key(doc: dict[str, Any]) -> str:
     return json.dumps({k: v for k, v in doc.items() if k != "uptime_s"}, sort_keys=True)
 
 
+def status_json(doc: Any) -> str:
+    """A status as JSON for the page: node names, model names and reasons come from peers,
+    so ``<``, ``>`` and ``&`` are written as JSON escapes -- the same data, never markup,
+    whatever reads it (the page itself puts every string on the page as text)."""
+    text = json.dumps(doc)
+    return text.replace("<", "\\u003c").replace(">", "\\u003e").replace("&", "\\u0026")
+
+
 def _sse(event: str, data: str) -> bytes:
     lines = "".join(f"data: {line}\n" for line in data.split("\n"))
     return f"event: {event}\n{lines}\n".encode()
@@ -234,7 +244,7 @@ class StatusFeed:
         if key == self._last_key:
             return
         self._last_key = key
-        frame = _sse("status", json.dumps(doc))
+        frame = _sse("status", status_json(doc))
         for request in list(self.clients):
             request.write(frame)
 
@@ -258,7 +268,7 @@ class StatusFeed:
             self.changed()  # the others have not seen this yet
         self.clients.append(request)
         request.notifyFinish().addBoth(lambda _: self._remove(request))
-        request.write(b"retry: 3000\n" + _sse("status", json.dumps(doc)))
+        request.write(b"retry: 3000\n" + _sse("status", status_json(doc)))
         if not self._keepalive.running:
             self._keepalive.start(KEEPALIVE_S, now=False)
             self._refresh.start(REFRESH_S, now=False)
@@ -294,9 +304,10 @@ class StatusFeed:
 
 
 def _json_response(request: server.Request, status: int, doc: Any) -> bytes:
-    body = json.dumps(doc).encode()
+    body = status_json(doc).encode()
     request.setResponseCode(status)
     request.setHeader(b"Content-Type", b"application/json")
+    request.setHeader(b"X-Content-Type-Options", b"nosniff")
     request.setHeader(b"Cache-Control", b"no-store")
     return body
 
@@ -360,6 +371,30 @@ class _Events(resource.Resource):
             request.setHeader(b"Retry-After", b"10")
             return _error(request, 503, "too many console event streams", "too_many_clients")
         return server.NOT_DONE_YET
+
+
+class _Explain(resource.Resource):
+    """``GET /api/explain?model=M``: :meth:`meshd.daemon.node.Node.explain`, the same
+    document as ``meshctl explain M --json``; an unknown model is 404 with the reason."""
+
+    isLeaf = True
+
+    def __init__(self, node: Any):
+        super().__init__()
+        self.node = node
+
+    def render_GET(self, request: server.Request) -> bytes:
+        from meshd.errors import Refused
+
+        args: dict[bytes, list[bytes]] = request.args or {}
+        model = (args.get(b"model") or [b""])[-1].decode("utf-8", "replace").strip()
+        client = (args.get(b"client") or [b""])[-1].decode("utf-8", "replace").strip()
+        if not model:
+            return _error(request, 400, "name a model: /api/explain?model=NAME", "missing_model")
+        try:
+            return _json_response(request, 200, self.node.explain(model, client))
+        except Refused as e:
+            return _error(request, 404, e.reason, "model_not_found")
 
 
 class _Relay(Protocol):
@@ -433,6 +468,7 @@ class _Root(resource.Resource):
         api = resource.Resource()
         api.putChild(b"status", _Status(console.feed))
         api.putChild(b"events", _Events(console.feed))
+        api.putChild(b"explain", _Explain(console.node))
         self.putChild(b"api", api)
         self.putChild(b"v1", _ChatProxy(console))
 
@@ -552,6 +588,16 @@ class Console(service.Service):
             return True
         host = request.getHeader(b"host") or b""
         return urlsplit(origin.decode("latin-1")).netloc.lower() == host.decode("latin-1").lower()
+
+    def use_api_key(self, key: str) -> None:
+        """``[api] api_key`` changed by a reload (``meshd.daemon.reload``): the chat proxy
+        asks for the new key from now on, and whether chat is on follows it."""
+        self.config = self.config.replace("api", api_key=key)
+        self._api_key = key.encode()
+        feed = self.feed
+        feed.config = self.config
+        feed.chat, feed.chat_reason = chat_policy(self.config)
+        feed.changed()
 
     # -- the chat proxy
 

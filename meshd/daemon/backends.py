@@ -39,7 +39,12 @@ class LocalBackends(service.Service):
 
     def serve(self, name: str, path: str, size_bytes: int) -> None:
         """This node is to serve ``name``: the election decides whether its llama-server runs
-        now (solo, or elected split host) or the node waits (short of VRAM, a worker)."""
+        now (solo, or elected split host) or the node waits (short of VRAM, a worker).
+        A model dropped mesh-wide (``meshctl drop``) is not served until ``meshctl serve``."""
+        if name in self.node.dropped:
+            log.info("not serving %s: it is dropped mesh-wide (meshctl serve %s lifts it)",
+                     name, name)
+            return
         self.files[name] = (path, size_bytes)
         rebalancer = self.node.rebalancer
         if rebalancer is None:

@@ -11,9 +11,11 @@ Endpoints::
 
     GET  /status            GET  /peers           GET  /gpus
     GET  /models[?catalog=1]
+    GET  /explain?model=M[&client=ID]
     POST /leave             POST /reload          POST /drop {"model"}
     POST /token {"ttl_s", "once"}                  POST /token/revoke {"id"}
     POST /join {"token"}    POST /download {"name"}
+    POST /serve {"model"}   (meshctl serve: lifts a mesh-wide drop)
 """
 
 from __future__ import annotations
@@ -53,7 +55,7 @@ DEFAULT_TOKEN_TTL_S = 24 * 3600.0
 # the longest-lived invite token: 10 years (a token is a key; it should not outlive its mesh)
 MAX_TOKEN_TTL_S = 10 * 365 * 24 * 3600.0
 # calls whose first argument goes into the log line
-LOGGED_ARGS = {"drop", "download", "revoke_token"}
+LOGGED_ARGS = {"drop", "download", "revoke_token", "serve_model"}
 
 
 class ControlSocketError(Exception):
@@ -78,6 +80,8 @@ class ControlTarget(Protocol):
 
     def drop(self, model: str) -> Any: ...
 
+    def serve_model(self, model: str) -> Any: ...
+
     def make_token(self, ttl_s: float, once: bool) -> dict[str, Any]: ...
 
     def revoke_token(self, token_id: str) -> Any: ...
@@ -85,6 +89,8 @@ class ControlTarget(Protocol):
     def join(self, token: str) -> defer.Deferred: ...
 
     def download(self, name: str) -> defer.Deferred[dict[str, Any]]: ...
+
+    def explain(self, model: str, client_id: str) -> dict[str, Any]: ...
 
 
 # -- argument parsing, one function per endpoint ---------------------------------
@@ -105,6 +111,17 @@ def _string(body: dict[str, Any], key: str) -> str:
     return value.strip()
 
 
+def _query(args: dict[bytes, list[bytes]], name: str, *, required: bool = True) -> str:
+    value = (args.get(name.encode()) or [b""])[-1].decode("utf-8", "replace").strip()
+    if required and not value:
+        raise BadRequest(f"{name!r}: expected a non-empty query parameter ?{name}=...")
+    return value
+
+
+def _explain_args(q: dict[bytes, list[bytes]]) -> Call:
+    return "explain", (_query(q, "model"),), {"client_id": _query(q, "client", required=False)}
+
+
 def _token_args(body: dict[str, Any]) -> Call:
     ttl = body.get("ttl_s", DEFAULT_TOKEN_TTL_S)
     if isinstance(ttl, bool) or not isinstance(ttl, int | float) or not 0 < ttl <= MAX_TOKEN_TTL_S:
@@ -121,9 +138,11 @@ ROUTES: dict[tuple[bytes, str], Callable[[dict, dict], Call]] = {
     (b"GET", "peers"): lambda q, b: ("peers", (), {}),
     (b"GET", "gpus"): lambda q, b: ("gpus", (), {}),
     (b"GET", "models"): lambda q, b: ("model_table", (), {"catalog": _flag(q, "catalog")}),
+    (b"GET", "explain"): lambda q, b: _explain_args(q),
     (b"POST", "leave"): lambda q, b: ("leave", (), {}),
     (b"POST", "reload"): lambda q, b: ("reload", (), {}),
     (b"POST", "drop"): lambda q, b: ("drop", (_string(b, "model"),), {}),
+    (b"POST", "serve"): lambda q, b: ("serve_model", (_string(b, "model"),), {}),
     (b"POST", "token"): lambda q, b: _token_args(b),
     (b"POST", "token/revoke"): lambda q, b: ("revoke_token", (_string(b, "id"),), {}),
     (b"POST", "join"): lambda q, b: ("join", (_string(b, "token"),), {}),

@@ -23,6 +23,9 @@ from twisted.python.failure import Failure
 from meshd import __version__
 from meshd.config import Config
 from meshd.daemon.roles import RoleMachine, initial_role
+from meshd.mesh.desired import Decision, DesiredState, Want
+from meshd.nodename import label
+from meshd.placement.explain import ExplanationStore
 from meshd.placement.snapshot import MeshView, ModelFile, NodeView
 from meshd.serving.router import RoutedMesh
 from meshd.states import MODEL_STATE_OF_BACKEND, BackendState, ModelState, NodeState, Role
@@ -30,6 +33,7 @@ from meshd.states import MODEL_STATE_OF_BACKEND, BackendState, ModelState, NodeS
 if TYPE_CHECKING:
     from meshd.daemon.split import SplitRuntime
     from meshd.mesh.membership import PeerView
+    from meshd.metrics import NodeMetrics
     from meshd.models.download import Downloader
     from meshd.models.gpu import GpuReport
     from meshd.models.scan import LocalModel, ScanResult
@@ -38,6 +42,7 @@ if TYPE_CHECKING:
     from meshd.placement.election import Rebalancer
     from meshd.placement.plugins import PolicyManager
     from meshd.serving.router import MeshRouter
+    from meshd.statedir import StateDir
 
 log = logging.getLogger("meshd.daemon.node")
 
@@ -77,6 +82,10 @@ class NodeMesh(RoutedMesh, Protocol):
     def local_changed(self) -> None: ...
 
     def drop_model(self, model: str) -> str: ...
+
+    def publish_desired(self, decisions: list[Decision]) -> None: ...
+
+    def learn_decisions(self, timeout_s: float) -> defer.Deferred[bool]: ...
 
     def make_token(self, ttl_s: float = ..., once: bool = ...) -> dict[str, Any]: ...
 
@@ -146,14 +155,26 @@ class Node:
         self.split: SplitRuntime | None = None
         self.route_server: RouteServer | None = None  # answers passive nodes (active side)
         self.passive: PassiveNode | None = None  # while this node is passive
-        # models dropped mesh-wide (meshctl drop): not served, not routed, not assigned again
-        self.dropped: set[str] = set()
+        # the mesh's drop/serve decisions (meshctl drop / serve): a dropped model is not
+        # served, routed, assigned or promoted; kept across role changes, saved in state_dir
+        self.desired = DesiredState()
+        self.state_dir: StateDir | None = None  # where desired.json is saved (None: nowhere)
+        # `meshctl serve` lifted the drop of a model of [models] serve: serve it again
+        self.serve_again: Callable[[str], None] | None = None
+        # models a drop stopped here, or kept from starting: the ones a lift serves again
+        self.held_back: set[str] = set()
         self.policy: PolicyManager | None = None
+        # the daemon's Prometheus registry (meshd.metrics): the parts that count read it here
+        self.metrics: NodeMetrics | None = None
         self.downloader: Downloader | None = None
         self.scan: ScanResult | None = None
         self._shutdown = shutdown or (lambda: None)
+        # meshd.daemon.reload's Reloader.reload, set by the service tree
+        self.reloader: Callable[[], dict[str, Any]] | None = None
         self._status_listeners: list[Callable[[], None]] = []
         self._membership_listeners: list[Callable[[Any], None]] = []
+        # the last election per model, for `meshctl explain` (meshd.placement.explain)
+        self.explanations = ExplanationStore()
 
     def use(self, parts: RoleParts) -> None:
         """The role machine's hand-over at a role change (``meshd.daemon.roles``)."""
@@ -163,6 +184,11 @@ class Node:
         self.passive = parts.passive
         if parts.router is not None:
             self.router = parts.router
+
+    @property
+    def dropped(self) -> frozenset[str]:
+        """The models dropped mesh-wide (``meshctl drop``) and not served again since."""
+        return self.desired.dropped
 
     @property
     def promotion(self) -> dict[str, Any] | None:
@@ -247,6 +273,7 @@ class Node:
         """This node's announce fields (the mesh adds identity and addresses)."""
         scan = self.scan
         return {
+            "name": self.config.node.name,
             "role": self.role,
             "vram_bytes": self.vram_bytes,
             "serving": [name for name, m in self.served.items() if m.state == ModelState.WARM],
@@ -257,7 +284,7 @@ class Node:
                 {"name": m.name, "size_bytes": m.size_bytes}
                 for m in (scan.models.values() if scan else ())
             ],
-            "requested_models": [m for m in self.wanted if m not in self.dropped],
+            "requested_models": self.requested_models(),
             "versions": {"meshd": __version__},
             "api": self.config.api.listen,
         }
@@ -274,9 +301,10 @@ class Node:
             available_models=tuple(
                 ModelFile(m.name, m.size_bytes) for m in (scan.models.values() if scan else ())
             ),
-            requested_models=tuple(m for m in self.wanted if m not in self.dropped),
+            requested_models=tuple(self.requested_models()),
             rtt_ms=0.0,
             load=self.router.load_of(self.node_id) if self.router is not None else 0,
+            name=self.config.node.name,
         )
 
     def mesh_view(self) -> MeshView:
@@ -295,6 +323,7 @@ class Node:
                         requested_models=tuple(p.requested_models),
                         rtt_ms=p.rtt_ms,
                         addrs=tuple(p.addrs),
+                        name=p.name,
                     )
                 )
         if self.route_server is not None:  # standbys checked in with us (for promotion ties)
@@ -375,37 +404,153 @@ class Node:
             out.append(entry)
         return out
 
-    # -- drop -------------------------------------------------------------------------
+    # -- drop and serve: the mesh's desired state ------------------------------------------
+
+    def requested_models(self) -> list[str]:
+        """What this node asks the mesh to serve: ``[models] serve`` after the first, and
+        the models ``meshctl serve`` asked for; none that is dropped."""
+        asked = [*self.wanted, *sorted(m for m, d in self.desired.decisions.items()
+                                       if d.want is Want.SERVE)]
+        return [m for m in dict.fromkeys(asked) if m not in self.dropped]
 
     def drop(self, model: str) -> dict[str, Any]:
         """``meshctl drop MODEL``: stop serving ``model`` here and on every node of the mesh."""
         from meshd.errors import Refused
 
-        known = model in self.served or model in self.wanted
+        self._refuse_if_passive("drop")
+        known = model in self.served or model in self.wanted or model in self.desired.decisions
         if self.router is not None:
             entry = self.router.snapshot().models.get(model)
             known = known or (entry is not None and entry.reason != "on disk, not served")
         if not known:
             raise Refused(f"model {model!r} is not served in this mesh")
-        self.drop_local(model, origin=self.node_id)
+        decision = self._decide(model, Want.DROPPED)
+        self._apply_drop(model, origin=self.node_id)
         peers = 0
         if self.mesh is not None:
             peers = len(self.mesh.conns)
-            self.mesh.drop_model(model)
-        return {"dropped": model, "told_peers": peers}
+            self.mesh.publish_desired([decision])
+            self.mesh.drop_model(model)  # for peers older than DESIRED
+        return {"dropped": model, "told_peers": peers, "version": decision.version}
+
+    def serve_model(self, model: str) -> dict[str, Any]:
+        """``meshctl serve MODEL``: lift a mesh-wide drop of ``model`` (the opposite of
+        ``drop``), here and on every node: nodes configured to serve it serve it again, and
+        the mesh asks for it (an idle node may be assigned it)."""
+        from meshd.errors import Refused
+
+        self._refuse_if_passive("serve")
+        if not self._known_anywhere(model):
+            raise Refused(f"model {model!r} is not dropped, served, on any node's disk or in "
+                          "the catalog: nothing to serve")
+        was_dropped = model in self.dropped
+        decision = self._decide(model, Want.SERVE)
+        self._lifted(model, origin=self.node_id)
+        peers = 0
+        if self.mesh is not None:
+            peers = len(self.mesh.conns)
+            self.mesh.publish_desired([decision])
+        return {"serving": model, "was_dropped": was_dropped, "told_peers": peers,
+                "version": decision.version}
+
+    def desired_status(self) -> list[dict[str, Any]]:
+        """``meshctl status`` ``desired``: every drop/serve decision, by model."""
+        return [{"model": d.model, **d.to_body()}
+                for _, d in sorted(self.desired.decisions.items())]
+
+    def desired_heard(self, decisions: list[Decision], via: str) -> None:
+        """Decisions from the mesh won the merge (already in :attr:`desired`): save, apply."""
+        self._save_desired()
+        for d in decisions:
+            if d.want is Want.DROPPED:
+                self._apply_drop(d.model, origin=d.by)
+            else:
+                self._lifted(d.model, origin=d.by)
+
+    def learn_desired(self, decisions: list[Decision], via: str) -> None:
+        """Decisions a passive node read in a routing table: merged, saved, applied."""
+        taken = self.desired.merge(decisions)
+        if taken:
+            self.desired_heard(taken, via)
+
+    def _refuse_if_passive(self, command: str) -> None:
+        from meshd.errors import Refused
+
+        if self.roles.passive:
+            raise Refused(f"this node is a {self.role}: it takes no part in the gossip, so no "
+                          f"other node would hear it; run meshctl {command} on an active node")
+
+    def _decide(self, model: str, want: Want) -> Decision:
+        from meshd.errors import Refused
+
+        try:
+            decision = self.desired.decide(model, want, by=self.node_id, at=_wall_clock())
+        except ValueError as e:
+            raise Refused(str(e)) from None
+        self._save_desired()
+        return decision
+
+    def _save_desired(self) -> None:
+        if self.state_dir is None:
+            return
+        try:
+            self.state_dir.save_desired(self.desired.decisions.values())
+        except Exception as e:  # noqa: BLE001 - a full disk must not undo the decision here
+            log.warning("cannot save the mesh's drop/serve decisions: %s (they hold until "
+                        "this node restarts)", e)
+
+    def _known_anywhere(self, model: str) -> bool:
+        if self.desired.get(model) is not None or model in self.served or model in self.wanted:
+            return True
+        if any(m.name == model for m in self.mesh_view().models):
+            return True
+        from meshd.models.catalog import load_catalog
+
+        try:
+            return load_catalog().get(model) is not None
+        except Exception:  # noqa: BLE001 - a broken catalog is said at start
+            return False
+
+    def _lifted(self, model: str, origin: str) -> None:
+        """``meshctl serve`` on ``origin``: serve ``model`` again if ``[models] serve`` names
+        it, and let an idle node take it."""
+        who = "this node" if origin == self.node_id else f"node {origin}"
+        log.info("model %s asked for mesh-wide by %s (meshctl serve): not dropped any more",
+                 model, who)
+        if self.router is not None:
+            self.router.invalidate()
+        if self.mesh is not None:
+            self.mesh.local_changed()
+        self.status_changed()
+        if model in self.held_back:
+            self.held_back.discard(model)
+            if model not in self.served and self.serve_again is not None:
+                self.serve_again(model)
+        if self.rebalancer is not None:
+            self.rebalancer.on_event()  # an idle node may promote for it, or be assigned it
 
     def drop_local(self, model: str, origin: str) -> None:
         """Stop serving ``model`` on this node and remember the drop (DROP from ``origin``)."""
-        first = model not in self.dropped
-        self.dropped.add(model)
+        fresh = model not in self.dropped
+        if fresh:  # a drop heard without a decision (a peer older than DESIRED, a test)
+            from meshd.mesh.desired import from_drop
+
+            self.desired.merge([from_drop(model, origin, None, self.desired.get(model))])
+            self._save_desired()
+        self._apply_drop(model, origin, say=fresh)
+
+    def _apply_drop(self, model: str, origin: str, *, say: bool = True) -> None:
+        """``model`` is dropped (already in :attr:`desired`): stop it, route it nowhere."""
+        self.held_back.add(model)
         if self.rebalancer is not None:
             self.rebalancer.forget(model)
         if model in self.served:
             self.stop_serving(model)
-        if first:
-            who = "this node" if origin == self.node_id else f"node {origin}"
-            log.info("model %s dropped mesh-wide by %s: not serving, routing or assigning it",
-                     model, who)
+        if say:
+            names = {p.node_id: p.name for p in self.mesh.peers()} if self.mesh else {}
+            who = "this node" if origin == self.node_id else f"node {label(names.get(origin), origin)}"
+            log.info("model %s dropped mesh-wide by %s: not serving, routing or assigning it "
+                     "(meshctl serve %s lifts the drop)", model, who, model)
         if self.router is not None:
             self.router.invalidate()
         if self.mesh is not None:
@@ -442,6 +587,7 @@ class Node:
 
     def _status(self) -> dict[str, Any]:
         return {
+            "name": self.config.node.name,  # what people call it; node_id stays the identity
             "node_id": self.node_id,
             "mesh_id": self.mesh.mesh_id if self.mesh is not None else None,
             # not in a mesh yet: joining, or waiting for `meshctl join` (and why)
@@ -462,6 +608,8 @@ class Node:
                 self.downloader.downloads.refused_status() if self.downloader else []
             ),
             "downloads_failed": self.downloader.downloads.failed_status() if self.downloader else [],
+            # the mesh's drop/serve decisions (meshctl drop / serve), by model
+            "desired": self.desired_status(),
         }
 
     def peers(self) -> list[dict[str, Any]]:
@@ -528,7 +676,17 @@ class Node:
             self.mesh.local_changed()
         self.status_changed()
 
+    def explain(self, model: str, client_id: str = "") -> dict[str, Any]:
+        """``meshctl explain MODEL``: why ``model`` is where it is (``meshd.placement.explain``)."""
+        from meshd.placement.explain import explain_model
+
+        return explain_model(self, model, client_id)
+
     def reload(self) -> dict[str, Any]:
+        """``meshctl reload``, SIGHUP: the configuration read again and what can be applied
+        live applied (``meshd.daemon.reload``); raises ``Refused`` when the file is broken."""
+        if self.reloader is not None:
+            return self.reloader()
         self.rescan()
         return {"reloaded": True, "models_on_disk": len(self.scan.models) if self.scan else 0}
 
@@ -558,3 +716,10 @@ class Node:
         log.info("leave requested over the control socket")
         self.reactor.callLater(0.05, self._shutdown)
         return defer.succeed({"leaving": True})
+
+
+def _wall_clock() -> float:
+    """Seconds since the epoch, for a decision's ``at`` (people read it; the merge does not)."""
+    import time
+
+    return round(time.time(), 3)

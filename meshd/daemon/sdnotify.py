@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 import os
 import socket
+import time
 
 from twisted.application.service import Service
 from twisted.internet.interfaces import IReactorTime
@@ -32,6 +33,9 @@ class Notifier:
             self.address = "\0" + address[1:] if address.startswith("@") else address
         self._sock: socket.socket | None = None
         self._failed = False
+        # READY=1 was sent once: a reload may say RELOADING=1 and READY=1 again (before
+        # that a READY=1 would end systemd's start job early)
+        self.was_ready = False
 
     @property
     def enabled(self) -> bool:
@@ -59,6 +63,7 @@ class Notifier:
         return True
 
     def ready(self, status: str | None = None) -> bool:
+        self.was_ready = True
         fields = ["READY=1", f"MAINPID={os.getpid()}"]
         if status:
             fields.append(_status_field(status))
@@ -67,8 +72,16 @@ class Notifier:
     def status(self, text: str) -> bool:
         return self.notify(_status_field(text))
 
-    def reloading(self) -> bool:
-        return self.notify("RELOADING=1")
+    def reloading(self, status: str | None = None, *, monotonic_usec: int | None = None) -> bool:
+        """RELOADING=1 with ``MONOTONIC_USEC`` (CLOCK_MONOTONIC when the reload began): systemd
+        253+ (``Type=notify-reload``) matches the reload by it; 252 ignores the field.  The
+        reload ends with :meth:`ready`."""
+        if monotonic_usec is None:
+            monotonic_usec = time.clock_gettime_ns(time.CLOCK_MONOTONIC) // 1000
+        fields = ["RELOADING=1", f"MONOTONIC_USEC={monotonic_usec}"]
+        if status:
+            fields.append(_status_field(status))
+        return self.notify(*fields)
 
     def watchdog(self) -> bool:
         return self.notify("WATCHDOG=1")

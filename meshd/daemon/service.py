@@ -22,6 +22,9 @@ Stop runs them in reverse: STOPPING=1, leave the mesh, close the console, stop
 accepting API connections, drain, cancel downloads, stop the election and close
 tunnels, stop llama-servers, remove the control socket, exit 0.  A child whose
 stop fails is logged; the others still stop.
+
+SIGHUP and ``meshctl reload`` reach :mod:`meshd.daemon.reload` (built here with the
+parts a reload changes: the API's key, the console, this node's llama-servers).
 """
 
 from __future__ import annotations
@@ -49,8 +52,10 @@ from meshd.states import NodeState
 from meshd.units import gib
 
 if TYPE_CHECKING:
+    from meshd.daemon.reload import Reloader
     from meshd.daemon.split import SplitRuntime
     from meshd.mesh.identity import Identity
+    from meshd.metrics import Hop
     from meshd.models.download import Downloader
     from meshd.models.scan import Resolved
     from meshd.placement.plugins import PolicyManager
@@ -68,6 +73,20 @@ def preflight(config: Config, plugin_order: list[str] | None = None) -> list[str
     ``plugin_order``, when given, receives one line per policy plugin that
     loaded, in the order they are asked (for ``meshd --check-config``).
     """
+    problems = model_problems(config)
+    if problems and problems[0].startswith("catalog: "):
+        return problems
+    from meshd.placement import plugins
+
+    plugin_problems, order = plugins.report(config)
+    problems += plugin_problems
+    if plugin_order is not None:
+        plugin_order.extend(order)
+    return problems
+
+
+def model_problems(config: Config) -> list[str]:
+    """``[models] serve`` entries that cannot be resolved (at start, and before a reload)."""
     from meshd.models import scan as modelsmod
     from meshd.models.catalog import load_catalog
 
@@ -84,12 +103,6 @@ def preflight(config: Config, plugin_order: list[str] | None = None) -> list[str
             modelsmod.resolve(entry, scan, catalog)
         except modelsmod.ModelError as e:
             problems.append(f"[models] serve[{i}]: {e}")
-    from meshd.placement import plugins
-
-    plugin_problems, order = plugins.report(config)
-    problems += plugin_problems
-    if plugin_order is not None:
-        plugin_order.extend(order)
     return problems
 
 
@@ -135,7 +148,12 @@ class MeshdService(OrderedMultiService):
         self.notifier = notifier
         self.exit_code = 0
         self.node: Node | None = None
+        self.reloader: Reloader | None = None
         self._stopping: defer.Deferred[None] | None = None
+
+    @property
+    def stopping(self) -> bool:
+        return self._stopping is not None
 
     def startService(self) -> defer.Deferred[None]:  # noqa: N802 - Twisted's name
         d = super().startService()
@@ -195,9 +213,12 @@ def create_daemon(
     _identity: Callable[[Path, bool], tuple[Identity, StateDir]] | None = None,
     _detect_gpus: Callable[[Any], Any] | None = None,
     _groups: Callable[..., Groups] | None = None,
+    reread: Callable[[], Config] | None = None,
 ) -> MeshdService:
     """The daemon's service tree for ``config``, not started.
 
+    ``reread()`` reads the configuration again for a reload (default: the file
+    ``config`` came from; ``meshd`` puts its command-line flags on top).
     Raises ``StartupError`` (or a bug's exception) for what is wrong before anything
     listens: directories, plugins, the models to serve.
     """
@@ -220,6 +241,9 @@ def create_daemon(
     node = top.node = Node(cfg, reactor=reactor, node_id=identity.node_id, vram_bytes=vram_bytes,
                            gpu_report=report, shutdown=top.shutdown)
     log.info("node %s starting: %s of VRAM (%s)", identity.node_id, gib(vram_bytes), report.source)
+    if not cfg.node.client:  # a client keeps nothing; it routes by the table it is given
+        node.state_dir = state
+        node.desired.merge(state.load_desired())  # a broken desired.json: one line, no start
     node.policy = _load_policy(cfg)
     node.rescan()
     for problem in node.scan.problems if node.scan is not None else ():
@@ -230,17 +254,23 @@ def create_daemon(
 
     from meshd.daemon.control import ControlService
     from meshd.daemon.sdnotify import WatchdogService
+    from meshd.metrics import NodeMetrics
     from meshd.serving.api import ApiServer
 
+    metrics = node.metrics = NodeMetrics()
+    metrics.watch_downloads(downloader.downloads)
     router = SwitchableRouter()
-    api = ApiServer(router, cfg.api, reactor=reactor)
+    api = ApiServer(router, cfg.api, reactor=reactor, metrics=metrics.api)
     backends = LocalBackends(node, cfg, reactor=reactor, notifier=notifier)
     if node.split is not None:
         node.split.on_broken = backends.split_broken
+    if first is not None:
+        node.serve_again = _serve_again_with(node, backends, notifier, first)
     groups = (_groups or Groups)(cfg, node, identity, state, reactor=reactor, backends=backends,
                                  notifier=notifier)
     roles = RoleService(node, router, groups, reactor=reactor, serve=backends.serve,
                         status=notifier.status)
+    metrics.watch(node, apis=lambda: _apis(api, roles), tunnels=lambda: roles.tunnels)
     listen = cfg.api.listen
     children = [
         WatchdogService(notifier, clock=reactor),
@@ -253,10 +283,13 @@ def create_daemon(
                             reactor, configmod.tcp_endpoint(listen)),
                         api.site, what=f"[api] listen {listen}", announce=f"API on http://{listen}"),
     ]
+    key_holders: list[Any] = [api]
     if cfg.console.enabled:
         from meshd.console.server import Console
 
-        children.append(Console(node, cfg, reactor=reactor))
+        console = Console(node, cfg, reactor=reactor)
+        children.append(console)
+        key_holders.append(console)
     children += [
         CallbackService("presence", on_start=roles.enter, on_stop=roles.leave),
         CallbackService("ready", on_start=lambda: defer.ensureDeferred(
@@ -264,7 +297,51 @@ def create_daemon(
     ]
     for child in children:
         child.setServiceParent(top)
+    top.reloader = _reloader(top, node, backends, notifier, first, key_holders, reread)
     return top
+
+
+def _reloader(top: MeshdService, node: Node, backends: LocalBackends, notifier: Notifier,
+              first: Resolved | None, key_holders: list[Any],
+              reread: Callable[[], Config] | None) -> Reloader:
+    """The daemon's reload (``meshd.daemon.reload``), reached by SIGHUP and ``meshctl reload``."""
+    from meshd.daemon.reload import Reloader
+
+    path = top.config.path
+
+    def not_now() -> str | None:
+        if top.stopping or node.state == NodeState.STOPPING:
+            return "meshd is stopping"
+        if not notifier.was_ready:
+            return "meshd is still starting: reload once it is running (meshctl status)"
+        return None
+
+    def fetch(resolved: Resolved) -> None:
+        """A reload's new first model, not on disk: downloaded as at start, then served."""
+        from meshd.models.download import DownloadCancelled
+
+        async def download() -> None:
+            try:
+                if await _download_first(node, backends, notifier, resolved):
+                    notifier.status(node.status_line())
+            except DownloadCancelled:  # the daemon stops
+                pass
+            except Exception as e:  # noqa: BLE001 - the hub or the disk: said, the node stays up
+                log.error("downloading %s failed: %s", resolved.name, e)
+
+        defer.ensureDeferred(download())
+
+    def applied(config: Config) -> None:
+        top.config = config
+
+    reloader = Reloader(
+        top.config, node=node, notifier=notifier,
+        reread=reread or (lambda: configmod.load(path)),
+        key_holders=key_holders, backends=backends,
+        first=first.name if first is not None else None, fetch=fetch, not_now=not_now,
+        on_applied=applied)
+    node.reloader = reloader.reload
+    return reloader
 
 
 async def _ready(node: Node, backends: LocalBackends, notifier: Notifier,
@@ -277,6 +354,16 @@ async def _ready(node: Node, backends: LocalBackends, notifier: Notifier,
         notifier.ready(line)
         log.info("ready: %s", line)
         return
+    if first is not None and node.mesh is not None:
+        # joining, or back after being away: the mesh may have dropped the model meanwhile
+        await node.mesh.learn_decisions(node.config.mesh.connect_timeout_s)
+    if first is not None and first.name in node.dropped:
+        decision = node.desired.get(first.name)
+        who = decision.by if decision is not None else "?"
+        log.warning("not serving %s ([models] serve): it was dropped mesh-wide (by node %s; "
+                    "meshctl serve %s lifts the drop)", first.name, who, first.name)
+        node.held_back.add(first.name)  # served once `meshctl serve` lifts the drop
+        first = None
     if first is not None and first.path is None:
         # not on disk yet: the API answers 503 for it until the download is done
         notifier.ready(f"downloading {first.name}; API on {listen}")
@@ -321,6 +408,30 @@ async def _download_first(node: Node, backends: LocalBackends, notifier: Notifie
     return True
 
 
+def _serve_again_with(node: Node, backends: LocalBackends, notifier: Notifier,
+                      first: Resolved) -> Callable[[str], None]:
+    """``Node.serve_again``: when ``meshctl serve`` lifts a drop of the first ``[models]
+    serve`` entry, serve it again as the start would (downloading it first if it is gone)."""
+
+    def serve_again(name: str) -> None:
+        if name != first.name or not backends.running or name in node.served:
+            return
+        scanned = node.scan.models.get(name) if node.scan is not None else None
+        if first.path is not None and Path(first.path).exists():
+            path, size = str(first.path), first.size_bytes or 0
+        elif scanned is not None:
+            path, size = str(scanned.path), scanned.size_bytes
+        else:
+            log.info("serving %s again ([models] serve): not on disk, downloading it", name)
+            defer.ensureDeferred(_download_first(node, backends, notifier, first)).addErrback(
+                lambda f: log.error("downloading %s failed: %s", name, f.getErrorMessage()))
+            return
+        log.info("serving %s again ([models] serve)", name)
+        backends.serve(name, path, size)
+
+    return serve_again
+
+
 def _retry_when_the_mesh_holds_it(node: Node, backends: LocalBackends, notifier: Notifier,
                                   first: Resolved, size_bytes: int) -> None:
     from meshd.placement import default as default_policy
@@ -355,6 +466,18 @@ def _retry_when_the_mesh_holds_it(node: Node, backends: LocalBackends, notifier:
             log.error("downloading %s failed: %s", first.name, e)
 
     node.add_membership_listener(changed)
+
+
+def _apis(api: ApiServer, roles: RoleService) -> list[tuple[Hop, Any]]:
+    """The APIs whose in-flight requests ``/metrics`` shows: the client API, and the
+    tunnel API of the active role (requests peers sent through tunnels)."""
+    from meshd.metrics import Hop
+
+    tunnels = roles.tunnels
+    out: list[tuple[Hop, Any]] = [(Hop.SERVED, api)]
+    if tunnels is not None:
+        out.append((Hop.RELAYED, tunnels.api))
+    return out
 
 
 async def _drain(api: ApiServer, roles: RoleService, drain_s: float) -> None:
@@ -407,7 +530,8 @@ class Groups:
         cfg, node, reactor = self.config, self.node, self.reactor
         router = self._router()
         mesh = MeshService(cfg, self.state, self.identity, reactor=reactor,
-                           local_info=node.local_info)
+                           local_info=node.local_info, desired=node.desired,
+                           metrics=node.metrics)
         route_server = RouteServer(mesh, node, clock=reactor, refresh_s=cfg.mesh.refresh_s)
         split = node.split
         rebalancer = Rebalancer(node, reactor=reactor, start=self.backends.spawn,
@@ -421,14 +545,15 @@ class Groups:
         local = LocalOnlyRouter(router)
         # mTLS authenticated the peer: the tunnel API asks no API key
         tunnel_api = ApiServer(local, dataclasses.replace(cfg.api, api_key=""), reactor=reactor,
-                               relay=True)
+                               relay=True,
+                               metrics=node.metrics.api if node.metrics is not None else None)
         tunnels = TunnelServer(local.check, tunnel_api)
         tunnels.attach(mesh)
         if split is not None:
             split.attach(mesh)
         mesh.add_listener(router.invalidate)
         mesh.add_listener(rebalancer.on_event)
-        mesh.add_drop_listener(node.drop_local)
+        mesh.add_desired_listener(node.desired_heard)  # drops and serves, DROP frames too
         mesh.add_listener(node.membership_changed)
         return RoleGroup(
             "active",
@@ -553,14 +678,15 @@ def _load_identity(state_dir: Path, ephemeral: bool = False) -> tuple[Identity, 
     return (fresh() if ephemeral else load_or_create(state)), state
 
 
-def run(config: Config, *, reactor: Any = None) -> int:
-    """Run the daemon until it stops; returns the process exit status."""
+def run(config: Config, *, reactor: Any = None, reread: Callable[[], Config] | None = None) -> int:
+    """Run the daemon until it stops; returns the process exit status.  ``reread``: how a
+    reload reads the configuration again (see :func:`create_daemon`)."""
     if reactor is None:
         from twisted.internet import reactor as default_reactor
 
         reactor = default_reactor
     try:
-        top = create_daemon(config, reactor=reactor)
+        top = create_daemon(config, reactor=reactor, reread=reread)
     except Exception:  # noqa: BLE001 - one line for the operator, a traceback only for a bug
         _log_cannot_start(Failure())
         return 1
@@ -581,6 +707,15 @@ def _handle_signals(reactor: Any, top: MeshdService) -> None:
 
 
 def _reload(top: MeshdService) -> None:
+    """SIGHUP: the reload ``meshctl reload`` asks for; a refusal is in the log already."""
+    from meshd.errors import Refused
+
     log.info("SIGHUP: reloading")
-    if top.node is not None:
+    if top.node is None:
+        return
+    try:
         top.node.reload()
+    except Refused:
+        pass
+    except Exception:  # a bug: said, and the daemon runs on with what it had
+        log.exception("reload failed")

@@ -20,6 +20,12 @@ Gossip, in short (``docs/protocol.md`` has the frames):
   A node reported dead that still answers is told so and refutes with a higher
   incarnation.
 - LEAVING removes the sender at once everywhere.
+- The mesh's drop/serve decisions (``meshd.mesh.desired``) go to a peer in one
+  DESIRED frame when its connection opens (even none: the joiner waits for it
+  before serving a model of its own), and to every peer when they change
+  (a decision made here, or one heard that won the merge: passed on to the other
+  peers, so it floods and stops where nothing changes).  DROP is still sent for
+  peers older than DESIRED, and heard from them as a decision.
 - A node with no peer left retries its bootstrap and known nodes with back-off
   (1 s doubling up to ``[mesh] rejoin_s``); with peers, every ``rejoin_s`` it
   re-dials nodes others are connected to but it is not (a healed link).
@@ -41,8 +47,10 @@ from twisted.python.failure import Failure
 from meshd.backoff import Backoff
 from meshd.config import Config, format_address, parse_address
 from meshd.errors import Refused
+from meshd.mesh import desired as desiredmod
 from meshd.mesh import tokens as tokensmod
 from meshd.mesh.addresses import advertise_addresses
+from meshd.mesh.desired import Decision, DesiredState
 from meshd.mesh.identity import Identity
 from meshd.mesh.invites import Gate, Invites, welcome_body
 from meshd.mesh.joining import Joiner, JoinFailed
@@ -65,6 +73,9 @@ from meshd.mesh.peer import (
     server_factory,
 )
 from meshd.mesh.wire import CloseCode, Frame, FrameError, FrameType
+from meshd.metrics import DeathCause, NodeMetrics
+from meshd.nodename import clean as clean_name
+from meshd.nodename import label
 from meshd.statedir import KnownNode, MeshState, StateDir
 
 log = logging.getLogger("meshd.mesh.gossip")
@@ -88,8 +99,13 @@ class MeshService(service.Service):
         *,
         reactor: Any,
         local_info: Callable[[], dict[str, Any]],
+        desired: DesiredState | None = None,
+        metrics: NodeMetrics | None = None,
     ):
+        """``desired``: the node's drop/serve decisions, merged into in place as peers
+        tell of theirs (the node keeps it across role changes and saves it)."""
         self.config = config
+        self.metrics = metrics  # the daemon's (meshd.metrics): gossip bytes, deaths
         self.cfg = config.mesh
         self.state = state
         self.identity = identity
@@ -124,9 +140,15 @@ class MeshService(service.Service):
         self._purposes: dict[str, Callable[[PeerProtocol], None]] = {}
         self._drop_listeners: list[Callable[[str, str], None]] = []
         self._drops_seen: dict[str, None] = {}  # DROP ids, oldest first (bounded)
+        self.desired = desired if desired is not None else DesiredState()
+        self._desired_listeners: list[Callable[[list[Decision], str], None]] = []
+        self._desired_heard = False  # a peer's DESIRED frame came (learn_decisions)
+        self._desired_waiters: list[defer.Deferred[bool]] = []
         self._token_purposes: set[str] = set()  # purposes an invite token may open (passive joins)
         self._local_listeners: list[Callable[[], None]] = []
         self.table.add_listener(self._membership_event)
+        if metrics is not None:
+            self.table.add_listener(metrics.membership_event)
 
     # -- the contract ---------------------------------------------------------------------
 
@@ -154,6 +176,7 @@ class MeshService(service.Service):
         """The ``peers`` list of ``meshctl status --json``."""
         return [
             {
+                "name": v.name or None,  # None: a peer that sends no name (an older meshd)
                 "node_id": v.node_id,
                 "addr": v.addrs[0] if v.addrs else self._conn_addr(v.node_id),
                 "role": v.role,
@@ -247,8 +270,43 @@ class MeshService(service.Service):
         drop_id = os.urandom(8).hex()
         self._seen_drop(drop_id)
         log.info("dropping model %s mesh-wide: telling %d peer(s)", model, len(self.conns))
-        self._broadcast(FrameType.DROP, {"model": model, "id": drop_id, "origin": self.node_id})
+        body: dict[str, Any] = {"model": model, "id": drop_id, "origin": self.node_id}
+        decision = self.desired.get(model)
+        if decision is not None and decision.want is desiredmod.Want.DROPPED:
+            body["version"] = decision.version  # older peers ignore it
+        self._broadcast(FrameType.DROP, body)
         return drop_id
+
+    def publish_desired(self, decisions: list[Decision]) -> None:
+        """Tell every peer of decisions made here (already in ``self.desired``)."""
+        if decisions:
+            self._broadcast(FrameType.DESIRED, desiredmod.to_body(decisions))
+
+    def learn_decisions(self, timeout_s: float) -> defer.Deferred[bool]:
+        """Fires True once a peer's decisions (its DESIRED frame, sent on open) are merged;
+        False after ``timeout_s``, or at once when this node has nobody to ask (a new mesh):
+        a node that joins, or was away, learns of drops before it serves a model."""
+        if self._desired_heard:
+            return defer.succeed(True)
+        boot, known = self.state.load_peers()
+        if not (self.conns or self.cfg.join or boot or known):
+            return defer.succeed(False)
+        d: defer.Deferred[bool] = defer.Deferred()
+        self._desired_waiters.append(d)
+
+        def over() -> None:
+            if d in self._desired_waiters:
+                self._desired_waiters.remove(d)
+                d.callback(False)
+
+        call = self.reactor.callLater(timeout_s, over)
+        d.addBoth(lambda r: (call.cancel() if call.active() else None, r)[1])
+        return d
+
+    def add_desired_listener(self, cb: Callable[[list[Decision], str], None]) -> None:
+        """``cb(decisions, via_node_id)`` when decisions heard from a peer won the merge
+        (``self.desired`` holds them already): apply them, save them."""
+        self._desired_listeners.append(cb)
 
     def add_drop_listener(self, cb: Callable[[str, str], None]) -> None:
         """``cb(model, origin_node_id)`` when another node drops a model mesh-wide."""
@@ -290,7 +348,7 @@ class MeshService(service.Service):
         elif self.mesh is None:
             self.mesh = self.state.new_mesh()
             log.info("created a new mesh %s (this node %s is its first member)",
-                     self.mesh.mesh_id, self.node_id)
+                     self.mesh.mesh_id, label(self.config.node.name, self.node_id))
         else:
             for t in tokens:
                 if t.mesh_id != self.mesh.mesh_id:
@@ -329,15 +387,19 @@ class MeshService(service.Service):
 
     # -- building connections -------------------------------------------------------------------
 
+    def _meter(self, purpose: str, bytes_in: int, bytes_out: int) -> None:
+        if self.metrics is not None and purpose == "control":
+            self.metrics.peer_bytes(bytes_in, bytes_out)
+
     def _build_server(self) -> PeerProtocol:
         return PeerProtocol(identity=self.identity, incarnation=lambda: self.incarnation,
                             delegate=self, clock=self.reactor, timing=self.timing,
-                            gate=Gate(self, self.invites))
+                            gate=Gate(self, self.invites), meter=self._meter)
 
     def _build_client(self, auth: ClientAuth, purpose: str = "control") -> Callable[[], PeerProtocol]:
         return lambda: PeerProtocol(identity=self.identity, incarnation=lambda: self.incarnation,
                                     delegate=self, clock=self.reactor, timing=self.timing,
-                                    client=auth, purpose=purpose)
+                                    client=auth, purpose=purpose, meter=self._meter)
 
     def dial_addrs(self, addrs: list[str], auth: ClientAuth, *,
                    purpose: str = "control") -> defer.Deferred[PeerProtocol]:
@@ -363,7 +425,8 @@ class MeshService(service.Service):
         def done(result: PeerProtocol | Failure) -> None:
             self._dialing.discard(node_id)
             if isinstance(result, Failure):
-                log.info("cannot reach node %s (%s): %s", node_id, why, result.value)
+                log.info("cannot reach node %s (%s): %s", self.table.label(node_id), why,
+                         result.value)
                 if node_id in self.table.rumors:
                     tries = self._rumor_tries.get(node_id, 0) + 1
                     self._rumor_tries[node_id] = tries
@@ -420,6 +483,8 @@ class MeshService(service.Service):
         digest = self._digest(exclude=node_id)
         if digest:
             conn.send_json(FrameType.MEMBERS, {"members": digest})
+        # a late joiner or a restarted node learns them here (none is news too)
+        conn.send_json(FrameType.DESIRED, self.desired.to_body())
 
     def peer_frame(self, conn: PeerProtocol, frame: Frame) -> None:
         if self.conns.get(conn.node_id or "") is not conn:
@@ -435,6 +500,8 @@ class MeshService(service.Service):
                 self._on_leaving(conn, frame.json())
             elif frame.type == FrameType.DROP:
                 self._on_drop(conn, frame.json())
+            elif frame.type == FrameType.DESIRED:
+                self._on_desired(conn, frame.json())
             elif frame.type == FrameType.WELCOME:
                 self.joiner.welcomed(conn, frame.json())
             else:
@@ -454,10 +521,17 @@ class MeshService(service.Service):
             self.reactor.callLater(self.cfg.connect_timeout_s, self._lost_unless_back,
                                    node_id, reason)
             return
+        if self.metrics is not None:
+            timed_out = conn.close_code is CloseCode.TIMEOUT  # no frame for heartbeat_timeout_s
+            self.metrics.connection_lost(node_id,
+                                         DeathCause.HEARTBEAT if timed_out else DeathCause.CLOSED,
+                                         conn.silent_s(), heartbeat=timed_out)
         self._lost(node_id, reason)
 
     def _lost_unless_back(self, node_id: str, reason: str) -> None:
         if node_id not in self.conns and self._leaving is None:
+            if self.metrics is not None:
+                self.metrics.connection_lost(node_id, DeathCause.CLOSED, None)
             self._lost(node_id, f"{reason}, and the other connection never opened")
 
     def _lost(self, node_id: str, reason: str) -> None:
@@ -474,6 +548,7 @@ class MeshService(service.Service):
         if view.node_id != conn.node_id:
             raise ValueError(f"announce for {view.node_id} on {conn.node_id}'s connection")
         old = self.table.members.get(view.node_id)
+        conn.peer_name = view.name  # the connection's own log lines name it from now on
         self.table.announced(view)
         if old is None or view.incarnation > old.incarnation:
             self._broadcast(FrameType.MEMBERS, {"members": [_digest_entry(view)]},
@@ -488,8 +563,10 @@ class MeshService(service.Service):
             if not isinstance(node_id, str) or not isinstance(addrs, list):
                 raise ValueError("bad member entry")
             addrs = tuple(str(a) for a in addrs)
-            if self.table.rumor(node_id, inc, addrs, via=conn.node_id or "?"):
-                self._dial(node_id, addrs, f"{conn.node_id} is connected to it")
+            name = clean_name(entry.get("name"))
+            if self.table.rumor(node_id, inc, addrs, via=conn.node_id or "?", name=name):
+                self._dial(node_id, addrs, f"{self.table.label(conn.node_id or '?')} is "
+                                           "connected to it")
 
     def _on_peer_down(self, conn: PeerProtocol, body: dict[str, Any]) -> None:
         node_id, inc, reason = body["node_id"], int(body["incarnation"]), str(body.get("reason"))
@@ -497,7 +574,7 @@ class MeshService(service.Service):
         if verdict is Verdict.REFUTE:
             self._refute(inc)
         elif verdict is Verdict.VERIFY:
-            self._verify(node_id, inc, conn.node_id or "?", reason)
+            self._verify(node_id, inc, self.table.label(conn.node_id or "?"), reason)
         elif node_id not in self.table.members:
             self.table.forget_rumor(node_id)
 
@@ -516,13 +593,45 @@ class MeshService(service.Service):
             raise ValueError("DROP needs a model and an id")
         if self._seen_drop(drop_id):
             return
-        log.info("node %s dropped model %s mesh-wide (heard from %s)", origin, model, conn.node_id)
         self._broadcast(FrameType.DROP, body, exclude=conn.node_id)
+        decision = desiredmod.from_drop(model, str(origin), body.get("version"),
+                                        self.desired.get(model))
+        if not self._took(self.desired.merge([decision]), conn):
+            held = self.desired.get(model)
+            if held is not None and held.want is not desiredmod.Want.DROPPED:
+                log.info("node %s dropped model %s (heard from %s), but a later decision "
+                         "holds: %s by %s (version %d)", self.table.label(str(origin)), model,
+                         self.table.label(conn.node_id or "?"), held.want,
+                         self.table.label(held.by), held.version)
+            return
+        log.info("node %s dropped model %s mesh-wide (heard from %s)",
+                 self.table.label(str(origin)), model, self.table.label(conn.node_id or "?"))
         for cb in list(self._drop_listeners):
             try:
                 cb(model, str(origin))
             except Exception:  # a listener's bug must not break the peer connection
                 log.exception("drop listener %r failed for %s", cb, model)
+
+    def _on_desired(self, conn: PeerProtocol, body: dict[str, Any]) -> None:
+        self._took(self.desired.merge(desiredmod.parse(body)), conn)
+        self._desired_heard = True
+        waiters, self._desired_waiters = self._desired_waiters, []
+        for d in waiters:
+            d.callback(True)
+
+    def _took(self, taken: list[Decision], conn: PeerProtocol) -> bool:
+        """Decisions heard on ``conn`` won the merge: pass them on to the other peers, and
+        to the listeners.  False when none did (nothing new: the flood stops here)."""
+        if not taken:
+            return False
+        via = conn.node_id or "?"
+        self._broadcast(FrameType.DESIRED, desiredmod.to_body(taken), exclude=via)
+        for cb in list(self._desired_listeners):
+            try:
+                cb(taken, via)
+            except Exception:  # a listener's bug must not break the peer connection
+                log.exception("desired-state listener %r failed", cb)
+        return True
 
     def _verify(self, node_id: str, inc: int, reporter: str, reason: str) -> None:
         target = self.conns.get(node_id)
@@ -541,6 +650,8 @@ class MeshService(service.Service):
             why = f"reported dead by {reporter} ({reason}); no answer to our probe within {timeout:g} s"
             if self.conns.get(node_id) is target:
                 del self.conns[node_id]
+            if self.metrics is not None:
+                self.metrics.connection_lost(node_id, DeathCause.REPORTED, target.silent_s())
             self.table.verified(node_id, False, why)
             target.close(why, code=CloseCode.TIMEOUT, notify=False, abort=True)
             self._after_loss()
@@ -642,7 +753,7 @@ class MeshService(service.Service):
         if not self.conns:
             return
         for node_id, rumor in list(self.table.rumors.items()):
-            self._dial(node_id, rumor.addrs, f"{rumor.via} is connected to it")
+            self._dial(node_id, rumor.addrs, f"{self.table.label(rumor.via)} is connected to it")
 
     def _cancel_timers(self) -> None:
         for call in (self._rejoin_call, self._tend_call):
@@ -673,7 +784,10 @@ def _preferred(a: PeerProtocol, b: PeerProtocol, self_id: str) -> PeerProtocol:
 
 
 def _digest_entry(view: PeerView) -> dict[str, Any]:
-    return {"node_id": view.node_id, "incarnation": view.incarnation, "addrs": list(view.addrs)}
+    entry = {"node_id": view.node_id, "incarnation": view.incarnation, "addrs": list(view.addrs)}
+    if view.name:  # optional: a digest without names (an older meshd) is as good
+        entry["name"] = view.name
+    return entry
 
 
 def _with_rtt(view: PeerView, rtt_ms: float | None) -> PeerView:

@@ -16,6 +16,8 @@ from typing import Any, NamedTuple
 
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
 
+from meshd.nodename import clean as clean_name
+from meshd.nodename import label
 from meshd.states import MemberState
 from meshd.units import gib
 
@@ -111,12 +113,19 @@ class PeerView:
     loading: tuple[str, ...] = ()
     # models it is set to serve but cannot run yet: waiting for VRAM, or a split worker
     waiting: tuple[str, ...] = ()
+    # its [node] name, cleaned (meshd.nodename); "" when it sent none (an older meshd)
+    name: str = ""
+
+    @property
+    def label(self) -> str:
+        """``name (node_id)`` for logs and people, the id alone without a name."""
+        return label(self.name, self.node_id)
 
     def essence(self) -> tuple:
         """What a PeerChanged is about: everything but RTT, state and incarnation."""
         return (self.addrs, self.role, self.serving, self.vram_bytes, self.available_models,
                 self.requested_models, self.api, tuple(sorted(self.versions.items())),
-                self.loading, self.waiting)
+                self.loading, self.waiting, self.name)
 
 
 def view_from_announce(body: dict[str, Any], *,
@@ -150,6 +159,7 @@ def view_from_announce(body: dict[str, Any], *,
         versions=get("versions", dict, {}),
         loading=tuple(str(s) for s in get("loading", list, [])),
         waiting=tuple(str(s) for s in get("waiting", list, [])),
+        name=clean_name(body.get("name")),  # untrusted text bound for logs: bounded, printable
     )
 
 
@@ -171,11 +181,13 @@ class PeerChanged:
 class PeerDown:
     node_id: str
     reason: str
+    name: str = field(default="", compare=False)  # its name, for log lines (PeerView.name)
 
 
 @dataclass(frozen=True)
 class PeerLeft:
     node_id: str
+    name: str = field(default="", compare=False)
 
 
 Event = PeerUp | PeerChanged | PeerDown | PeerLeft
@@ -203,6 +215,7 @@ class Rumor:
     incarnation: int
     addrs: tuple[str, ...]
     via: str
+    name: str = ""  # as the digest named it (cleaned), for log lines before it announces
 
 
 class Membership:
@@ -235,6 +248,15 @@ class Membership:
     def add_listener(self, cb: Callable[[Event], None]) -> None:
         self._listeners.append(cb)
 
+    def label(self, node_id: str) -> str:
+        """``node_id`` for a log line: with its name while it is a member (or, before it
+        announced, as a MEMBERS digest named it); the id alone otherwise."""
+        view = self.members.get(node_id)
+        if view is not None:
+            return view.label
+        rumor = self.rumors.get(node_id)
+        return label(rumor.name if rumor is not None else None, node_id)
+
     def _emit(self, event: Event) -> None:
         for cb in list(self._listeners):
             try:
@@ -255,7 +277,7 @@ class Membership:
         if old is None:
             self.members[node_id] = view
             why = f"was removed: {dead.reason}" if dead else "new"
-            log.info("peer %s up (%s): role %s, serving %s, %s VRAM, at %s", node_id, why,
+            log.info("peer %s up (%s): role %s, serving %s, %s VRAM, at %s", view.label, why,
                      view.role, ", ".join(view.serving) or "nothing", gib(view.vram_bytes),
                      ", ".join(view.addrs) or "?")
             event: Event = PeerUp(view)
@@ -264,7 +286,7 @@ class Membership:
             self.members[node_id] = view
             if view.essence() == old.essence():
                 return None
-            log.info("peer %s changed: %s", node_id, _diff(old, view))
+            log.info("peer %s changed: %s", view.label, _diff(old, view))
             event = PeerChanged(view, old)
         self._emit(event)
         return event
@@ -275,8 +297,8 @@ class Membership:
         if view is None:
             return False
         self._bury(node_id, view.incarnation, reason)
-        log.info("peer %s down: %s", node_id, reason)
-        self._emit(PeerDown(node_id, reason))
+        log.info("peer %s down: %s", view.label, reason)
+        self._emit(PeerDown(node_id, reason, view.name))
         return True
 
     def left(self, node_id: str, incarnation: int) -> bool:
@@ -287,8 +309,8 @@ class Membership:
                 self.members[node_id] = view
             return False
         self._bury(node_id, view.incarnation, "left the mesh")
-        log.info("peer %s left the mesh", node_id)
-        self._emit(PeerLeft(node_id))
+        log.info("peer %s left the mesh", view.label)
+        self._emit(PeerLeft(node_id, view.name))
         return True
 
     # -- what others tell us -------------------------------------------------------------
@@ -296,13 +318,15 @@ class Membership:
     def reported(self, node_id: str, incarnation: int, reporter: str, reason: str) -> Verdict:
         """``reporter`` says ``node_id`` (at ``incarnation``) is dead."""
         if node_id == self.self_id:
-            log.info("%s reported us dead (%s); refuting with a higher incarnation", reporter, reason)
+            log.info("%s reported us dead (%s); refuting with a higher incarnation",
+                     self.label(reporter), reason)
             return Verdict.REFUTE
         view = self.members.get(node_id)
         if view is None or incarnation < view.incarnation or view.state == MemberState.VERIFYING:
             return Verdict.IGNORE
         self.members[node_id] = replace(view, state=MemberState.VERIFYING)
-        log.info("peer %s reported dead by %s (%s); verifying", node_id, reporter, reason)
+        log.info("peer %s reported dead by %s (%s); verifying", view.label, self.label(reporter),
+                 reason)
         return Verdict.VERIFY
 
     def verified(self, node_id: str, alive: bool, reason: str) -> bool:
@@ -312,18 +336,20 @@ class Membership:
             return False
         if alive:
             self.members[node_id] = replace(view, state=MemberState.ALIVE)
-            log.info("peer %s was reported dead but answers us (%s); keeping it", node_id, reason)
+            log.info("peer %s was reported dead but answers us (%s); keeping it", view.label,
+                     reason)
             return False
         return self.lost(node_id, reason)
 
-    def rumor(self, node_id: str, incarnation: int, addrs: tuple[str, ...], via: str) -> bool:
+    def rumor(self, node_id: str, incarnation: int, addrs: tuple[str, ...], via: str,
+              name: str = "") -> bool:
         """``via`` is connected to ``node_id``; True when it is worth dialling now."""
         if node_id == self.self_id or node_id in self.members:
             return False
         old = self.rumors.get(node_id)
         if old is not None and old.incarnation > incarnation:
             return False
-        self.rumors[node_id] = Rumor(incarnation, addrs, via)
+        self.rumors[node_id] = Rumor(incarnation, addrs, via, name)
         dead = self.dead.get(node_id)
         if dead is not None and incarnation <= dead.incarnation:
             return False  # stale: the same life we saw die
@@ -341,8 +367,8 @@ class Membership:
 
 def _diff(old: PeerView, new: PeerView) -> str:
     parts = []
-    for name in ("role", "serving", "loading", "waiting", "vram_bytes", "available_models",
-                 "requested_models", "addrs", "api"):
+    for name in ("name", "role", "serving", "loading", "waiting", "vram_bytes",
+                 "available_models", "requested_models", "addrs", "api"):
         a, b = getattr(old, name), getattr(new, name)
         if a != b:
             if name == "available_models":

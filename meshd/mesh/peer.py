@@ -71,6 +71,7 @@ from meshd.mesh import wire
 from meshd.mesh.identity import Identity, check_peer_certificate
 from meshd.mesh.membership import Heartbeat
 from meshd.mesh.wire import CloseCode, FrameType
+from meshd.nodename import label
 from meshd.states import PEER_MOVES, PeerState
 
 log = logging.getLogger("meshd.mesh.peer")
@@ -314,6 +315,7 @@ class PeerProtocol(protocol.Protocol):
         client: ClientAuth | None = None,
         gate: ServerGate | None = None,
         purpose: str = "control",
+        meter: Callable[[str, int, int], None] | None = None,
     ):
         assert (client is None) != (gate is None), "a connection is either a client or a server"
         self.identity = identity
@@ -332,6 +334,8 @@ class PeerProtocol(protocol.Protocol):
         # the other end ended it (its CLOSE, or a clean close of the connection), not this one
         self.ended_by_peer = False
         self.rtt_ms: float | None = None
+        # the peer's [node] name once it announced (set by the gossip, cleaned): for log lines
+        self.peer_name = ""
         self._hello_sent: float | None = None  # the handshake's round trip: the first RTT
         self._rtt_samples: collections.deque[float] = collections.deque(maxlen=RTT_WINDOW)
         self._open_waiters: list[defer.Deferred[PeerProtocol]] = []
@@ -339,6 +343,8 @@ class PeerProtocol(protocol.Protocol):
         self.closed: defer.Deferred[str] = defer.Deferred()
         self.bytes_in = 0
         self.bytes_out = 0
+        # meter(purpose, bytes in, bytes out) as they pass (the daemon's metrics)
+        self._meter = meter
         self._decoder = wire.Decoder(timing.max_frame_bytes)
         self._timer: IDelayedCall | None = None
         self._heartbeat: Heartbeat | None = None
@@ -365,8 +371,10 @@ class PeerProtocol(protocol.Protocol):
 
     @property
     def who(self) -> str:
-        """For log lines: the node id when known, and the address."""
-        return f"node {self.node_id} at {self._peer_addr}" if self.node_id else self._peer_addr
+        """For log lines: the node (name and id) when known, and the address."""
+        if not self.node_id:
+            return self._peer_addr
+        return f"node {label(self.peer_name, self.node_id)} at {self._peer_addr}"
 
     def when_opened(self) -> defer.Deferred[PeerProtocol]:
         """Fires with this connection once OPEN; fails with PeerClosed(reason) if it never is."""
@@ -419,6 +427,8 @@ class PeerProtocol(protocol.Protocol):
 
     def dataReceived(self, data: bytes) -> None:  # noqa: N802
         self.bytes_in += len(data)
+        if self._meter is not None:
+            self._meter(self.purpose, len(data), 0)
         if self._raw is not None:
             self._raw(data)
             return
@@ -679,6 +689,11 @@ class PeerProtocol(protocol.Protocol):
         if d is not None:
             d.callback(None)
 
+    def silent_s(self) -> float | None:
+        """Seconds since the peer's last frame; None before the heartbeat started."""
+        beat = self._heartbeat
+        return None if beat is None else self.clock.seconds() - beat.last_seen
+
     def _heartbeat_timeout(self, silent_s: float) -> None:
         self.close(f"no heartbeat for {silent_s:.1f} s", code=CloseCode.TIMEOUT, notify=False,
                    abort=True)
@@ -697,6 +712,8 @@ class PeerProtocol(protocol.Protocol):
             return
         data = wire.encode(frame_type, payload, max_frame_bytes=self.timing.max_frame_bytes)
         self.bytes_out += len(data)
+        if self._meter is not None:
+            self._meter(self.purpose, 0, len(data))
         link.write(data)
 
     def send_json(self, frame_type: int, body: dict[str, Any]) -> None:

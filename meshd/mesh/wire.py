@@ -52,10 +52,13 @@ class FrameType(enum.IntEnum):
     PEER_DOWN = 8  # "I found X dead" (JSON {"node_id", "incarnation", "reason"})
     LEAVING = 9  # "I am leaving the mesh" (JSON {"incarnation"})
     READY = 10  # client -> server after HELLOs: "your HELLO checks out", empty
-    DROP = 11  # "stop serving this model mesh-wide" (JSON {"model", "id", "origin"}), forwarded once
+    DROP = 11  # "stop serving this model mesh-wide" (JSON {"model", "id", "origin", "version"?}), forwarded once
     TUNNEL = 12  # first frame each way on an "http" tunnel: {"model"} / {"ok"} or {"error"}
     ROUTE_REQUEST = 13  # passive -> active on a "route" connection: check-in (JSON, meshd.serving.routetable.CheckIn)
     ROUTE_TABLE = 14  # active -> passive: the routing table, or {"etag", "same": true} (meshd.serving.routetable)
+    # the mesh's drop/serve decisions (JSON {"models": {name: {"state", "version", "by", "at"}}},
+    # meshd.mesh.desired): all of them on open, what changed when it changes; older peers ignore it
+    DESIRED = 15
 
 
 class CloseCode(enum.StrEnum):

@@ -14,8 +14,10 @@ Which active node: standbys the lowest node id of the last table (so every
 standby sees the same standby listing and the promotion tie-break agrees),
 clients ``hash(node id) % n``; when it is unreachable (connection lost, no
 answer within ``[mesh] connect_timeout_s``) the next one of the last table,
-and only when every one failed the bootstrap tokens (``[mesh] join``) -- then
-again after a back-off (1 s doubling up to ``[mesh] rejoin_s``).
+and only when every one failed the bootstrap tokens (``[mesh] join``), then the
+standbys of the last table that said where they listen once promoted (when
+every active node is gone, the one that promoted is where the mesh goes on) --
+then again after a back-off (1 s doubling up to ``[mesh] rejoin_s``).
 
 Identity: a client makes a fresh key and node id in memory at every start and
 writes nothing (so it can sit beside a GPU node on the same machine, even with

@@ -29,6 +29,7 @@ from meshd.mesh.peer import (
     dial_order,
 )
 from meshd.mesh.wire import CloseCode, FrameType
+from meshd.nodename import label
 from meshd.serving.routetable import (
     CheckIn,
     RouteTable,
@@ -47,11 +48,13 @@ log = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class Target:
-    """Somewhere to check in: an active node of the last table, or a bootstrap token's issuer."""
+    """Somewhere to check in: an active node of the last table, a bootstrap token's issuer,
+    or (last) a standby of the last table, which answers once it promoted."""
 
     node_id: str
     addrs: tuple[str, ...]
     token: tokensmod.Token | None = None  # from [mesh] join
+    standby: bool = False
 
 
 class _NoDelegate:
@@ -112,6 +115,7 @@ class RouteClient:
         self._round: list[Target] = []
         self._failed: set[str] = set()
         self._unreached: set[str] = set()  # failed to connect since the last answer
+        self._told = False  # on_unreachable was called in this round
         self._connecting = False
         self._waiting: IDelayedCall | None = None  # the answer timer of the request in flight
         self._refresh_call: IDelayedCall | None = None
@@ -153,7 +157,8 @@ class RouteClient:
 
     def targets(self) -> list[Target]:
         """Every place to try, in order: the last table's active nodes, then the tokens, then
-        nodes known from the state directory."""
+        nodes known from the state directory, then the last table's standbys (when every
+        active node is gone, the one that promoted is where the mesh went on)."""
         out: list[Target] = []
         seen: set[str] = set()
         if self.table is not None and self.mesh is not None:
@@ -169,6 +174,11 @@ class RouteClient:
                 if k.node_id not in seen and k.node_id != self.node_id:
                     out.append(Target(k.node_id, k.addrs))
                     seen.add(k.node_id)
+        if self.table is not None and self.mesh is not None:
+            for node_id, addrs in self.table.standby_addrs():
+                if node_id not in seen and node_id != self.node_id:
+                    out.append(Target(node_id, addrs, standby=True))
+                    seen.add(node_id)
         return out
 
     def _auth(self, target: Target) -> ClientAuth | None:
@@ -186,6 +196,7 @@ class RouteClient:
         targets = self.targets()
         self._round = [t for t in targets if t.node_id not in self._failed]
         self._failed = set()
+        self._told = False
         if not self._round and not targets:
             log.error("no active node to check in with and no [mesh] join token: this passive "
                       "node cannot reach the mesh")
@@ -195,6 +206,8 @@ class RouteClient:
         if self._stopped or self.conn is not None or self._connecting:
             return
         while self._round:
+            if self._round[0].standby and self._tell_unreachable(why):
+                return  # decided to promote: this passive node stops
             target = self._round.pop(0)
             auth = self._auth(target)
             if auth is None:
@@ -207,8 +220,17 @@ class RouteClient:
         delay = self._backoff.next_delay()
         log.warning("no active node answered (%s); trying again in %.1f s", why, delay)
         self._retry_call = self.reactor.callLater(delay, self._retry)
-        if self.all_unreachable():
-            self.on_unreachable(why)  # may promote, and stop this
+        self._tell_unreachable(why)  # may promote, and stop this
+
+    def _tell_unreachable(self, why: str) -> bool:
+        """Once a round, as soon as every active node and token failed (before the standbys
+        are dialled: a standby deciding to promote need not wait on the others' dials):
+        ``on_unreachable``.  True when that stopped this client."""
+        if self._told or not self.all_unreachable():
+            return False
+        self._told = True
+        self.on_unreachable(why)
+        return self._stopped
 
     def all_unreachable(self) -> bool:
         """A full round failed: every active node of the last table and every token's issuer
@@ -241,13 +263,14 @@ class RouteClient:
         self.via = target.node_id
         self._unreached.discard(target.node_id)
         self._note(f"checking in with {target.node_id}" + (" (token)" if target.token else ""))
-        log.info("checking in with active node %s at %s", target.node_id, conn.peer_address)
+        log.info("checking in with active node %s at %s", self._label(target.node_id),
+                 conn.peer_address)
         self._request()
 
     def _connect_failed(self, failure: Failure, target: Target) -> None:
         self._connecting = False
         reason = failure.value.reason if failure.check(PeerClosed) else failure.getErrorMessage()
-        log.info("cannot check in with %s: %s", target.node_id, reason)
+        log.info("cannot check in with %s: %s", self._label(target.node_id), reason)
         self._unreached.add(target.node_id)
         self._try_next(f"{target.node_id}: {reason}")
 
@@ -324,9 +347,14 @@ class RouteClient:
         if self._stopped:
             return
         self._note(f"lost {gone}: {reason}")
-        log.warning("lost the active node %s (%s): trying the next one", gone, reason)
+        log.warning("lost the active node %s (%s): trying the next one",
+                    self._label(gone or "?"), reason)
         self._failed = {gone} if gone else set()
         self._next_round(f"{gone} lost")
+
+    def _label(self, node_id: str) -> str:
+        """An active node for a log line: with its name when the last table has one."""
+        return label(self.table.name_of(node_id) if self.table is not None else "", node_id)
 
     def _note(self, what: str) -> None:
         self.history = [*self.history[-9:], (self.reactor.seconds(), what)]

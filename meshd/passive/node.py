@@ -19,6 +19,7 @@ from twisted.internet import defer
 
 from meshd.config import Config
 from meshd.mesh import tokens as tokensmod
+from meshd.mesh.desired import Decision
 from meshd.mesh.peer import (
     PeerProtocol,
     Timing,
@@ -47,6 +48,8 @@ class StandbySelf(Protocol):
     def dropped(self) -> Collection[str]: ...
 
     def node_view(self) -> NodeView: ...
+
+    def learn_desired(self, decisions: list[Decision], via: str) -> None: ...
 
 # -- the whole passive node ---------------------------------------------------------------------------
 
@@ -77,6 +80,7 @@ class PassiveNode(service.Service):
         self.on_promote = on_promote
         self.promotion: dict[str, Any] | None = None
         self.reason: str | None = None  # why an active node became this standby
+        self._addrs: tuple[str, ...] | None = None  # where it listens once promoted
         cfg = config.mesh
         self.memory = StandbyMemory(keep_s=PRESENT_REFRESHES * cfg.refresh_s)
         tokens = []
@@ -123,7 +127,10 @@ class PassiveNode(service.Service):
         if self.kind == Role.CLIENT or self.node is None:
             return CheckIn(Role.CLIENT, etag, refresh)
         me = self.node.node_view()
-        return CheckIn(Role.STANDBY, etag, refresh, me.vram_bytes, me.available_models)
+        if self._addrs is None:
+            self._addrs = promoted_addrs(self.config)
+        return CheckIn(Role.STANDBY, etag, refresh, me.vram_bytes, me.available_models,
+                       self._addrs, name=self.config.node.name)
 
     def startService(self) -> None:  # noqa: N802
         super().startService()
@@ -153,6 +160,9 @@ class PassiveNode(service.Service):
                                              for n in table.active_nodes][:64])
             except Exception as e:  # noqa: BLE001 - a full disk must not stop routing
                 log.warning("cannot save the active nodes: %s", e)
+        if table.desired and self.node is not None:
+            # the mesh's drops, before deciding: never promote for a dropped model
+            self.node.learn_desired(list(table.desired), table.source)
         self.consider_promotion(table)
 
     def _on_unreachable(self, why: str) -> None:
@@ -214,6 +224,23 @@ class PassiveNode(service.Service):
         return [{"name": name, "state": ModelState.WARM if warm else ModelState.LOADING,
                  "hosts": warm, "size_bytes": None, "split": None}
                 for name, warm, _ in table.model_summaries()]
+
+
+def promoted_addrs(config: Config) -> tuple[str, ...]:
+    """Where a standby will listen for mesh connections once promoted (``[mesh] listen``,
+    advertised as gossip will): the table lists it, so a passive node whose every active
+    node is gone can find it.  None with ``[mesh] listen`` on port 0 and no
+    ``[mesh] advertise`` (the port is chosen only when it listens)."""
+    from meshd.config import parse_address
+    from meshd.mesh.addresses import advertise_addresses
+
+    try:
+        host, port = parse_address(config.mesh.listen)
+        addrs = advertise_addresses(config.mesh.advertise, host, port)
+    except (ValueError, OSError) as e:
+        log.warning("standby: cannot tell where it will listen once promoted: %s", e)
+        return ()
+    return tuple(a for a in addrs if not a.endswith(":0"))
 
 
 def without_dropped(node: StandbySelf) -> NodeView:

@@ -61,7 +61,29 @@ class PassiveRouter:
                            "state": ModelState.WARM if warm else ModelState.LOADING}}
                 for name, warm, nodes in table.model_summaries()]
 
+    def view(self) -> Any:
+        """The mesh as the routing table shows it (None before the first table)."""
+        return self._mesh_view() if self.table is not None else None
+
     def upstreams(self, model: str, client_id: str) -> list[routing.Upstream]:
+        return [self._upstream(node_id, model) for node_id in self._order(model, client_id)]
+
+    def explain_route(self, model: str, client_id: str) -> dict[str, Any]:
+        """``meshctl explain``'s routing part on a passive node (nothing is sent)."""
+        from meshd.placement.explain import route_explanation
+
+        answers: list[placement.HookRecord] = []
+        try:
+            order = self._order(model, client_id, answers)
+        except routing.RouteError as e:
+            return route_explanation(client_id, error=e)
+        return route_explanation(client_id, order, self._mesh_view(), self.self_id, answers,
+                                 suspects=frozenset(self.failed), in_flight=self.in_flight,
+                                 note="a passive node tries the hook's choice, then one more "
+                                      "host by node id")
+
+    def _order(self, model: str, client_id: str,
+               answers: list[placement.HookRecord] | None = None) -> list[str]:
         table = self.table
         if table is None:
             raise routing.NotReady(model, "this passive node has no routing table yet", 2)
@@ -73,8 +95,8 @@ class PassiveRouter:
         usable = [h for h in warm if h.node_id not in self.failed] or list(warm)
         # one hook call per request: its choice, then the next host by node id to fail over to
         order = placement.order_hosts(model, client_id, host_views(usable), self._mesh_view(),
-                                      policy=self.policy)
-        return [self._upstream(node_id, model) for node_id in order[:2]]
+                                      policy=self.policy, answers=answers)
+        return order[:2]
 
     def _upstream(self, node_id: str, model: str) -> routing.Upstream:
         return routing.Upstream(name=node_id,

@@ -15,6 +15,7 @@ from twisted.internet import task
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
 
 from meshd.mesh import wire
+from meshd.mesh.desired import DesiredState
 from meshd.mesh.peer import (
     PeerProtocol,
 )
@@ -59,6 +60,8 @@ class RoutedPeer(Protocol):
     def loading(self) -> Sequence[str]: ...
     @property
     def available_models(self) -> Sequence[NamedSize]: ...
+    @property
+    def name(self) -> str: ...
 
 
 class TableMesh(Protocol):
@@ -76,6 +79,9 @@ class TableMesh(Protocol):
     def add_listener(self, listener: Callable[[Any], None]) -> None: ...
     def add_local_listener(self, listener: Callable[[], None]) -> None: ...
     def peers(self) -> Sequence[RoutedPeer]: ...
+
+    @property
+    def desired(self) -> DesiredState: ...
 
 
 class LoadCounter(Protocol):
@@ -135,19 +141,21 @@ class RouteServer(service.Service):
             vram_bytes=int(info.get("vram_bytes", 0)), addrs=tuple(self.mesh.advertise),
             serving=tuple(info.get("serving", ())), loading=tuple(info.get("loading", ())),
             available_models=tuple(ModelFile(m["name"], m["size_bytes"])
-                                   for m in info.get("available_models", ())))
+                                   for m in info.get("available_models", ())),
+            name=str(info.get("name") or ""))
         nodes = [me]
         for p in self.mesh.peers():
             nodes.append(NodeEntry(
                 node_id=p.node_id, role=p.role, vram_bytes=p.vram_bytes, addrs=tuple(p.addrs),
                 serving=tuple(p.serving), loading=tuple(p.loading),
                 available_models=tuple(ModelFile(m.name, m.size_bytes)
-                                       for m in p.available_models)))
+                                       for m in p.available_models), name=p.name))
         router = self.node.router
         own_load = router.load_of(self.mesh.node_id) if router is not None else 0
         return build_table(mesh_id=self.mesh.mesh_id or "", source=self.mesh.node_id,
                            nodes=nodes, standby=self.registry.standbys(),
-                           load=lambda nid: own_load if nid == self.mesh.node_id else 0)
+                           load=lambda nid: own_load if nid == self.mesh.node_id else 0,
+                           desired=self.mesh.desired.decisions.values())
 
     def changed(self) -> None:
         """Something in the table may have changed: rebuild lazily, push once (coalesced)."""

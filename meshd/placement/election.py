@@ -50,9 +50,11 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol
 
 from meshd.mesh.membership import PeerChanged, PeerDown, PeerLeft
+from meshd.nodename import label
+from meshd.placement import explain
 from meshd.placement import rules as placement
 from meshd.placement.fit import needed_bytes
-from meshd.placement.snapshot import MeshView, NodeView
+from meshd.placement.snapshot import MeshView, NodeView, SplitPlan
 from meshd.states import ModelAction, ModelState, PlanMode, Role
 from meshd.units import gib
 
@@ -142,10 +144,17 @@ def decide(
     force_split: bool = False,
     tensor_split: tuple[float, ...] = (),
     policy: PolicyManager | None = None,
+    answers: list[placement.HookRecord] | None = None,
+    plans: list[SplitPlan] | None = None,
 ) -> Decision:
-    """This node's part in running ``model`` over ``group`` (which includes this node)."""
+    """This node's part in running ``model`` over ``group`` (which includes this node).
+
+    ``answers`` / ``plans``: lists that get the hooks' answers and the plan, for
+    ``meshctl explain`` (``meshd.placement.explain``)."""
     plan = placement.plan_split(model, size_bytes, group, view, force_split=force_split,
-                                tensor_split=tensor_split, policy=policy)
+                                tensor_split=tensor_split, policy=policy, answers=answers)
+    if plans is not None:
+        plans.append(plan)
     me = next(n for n in group if n.node_id == self_id)
     if plan.mode == PlanMode.SOLO:
         if self_id in plan.solo:
@@ -288,6 +297,9 @@ class Rebalancer:
         self._assign_deadline: float | None = None
         self.decisions = 0  # plans made, for tests and status
         self.stopped = False  # stop(): no assignment or promotion any more
+        # model -> how this node came to serve it (the assignment or promotion hook's
+        # answer), for ``meshctl explain``
+        self.chosen_by: dict[str, explain.HookAnswer] = {}
 
     # -- this node's model ----------------------------------------------------------------
 
@@ -362,10 +374,14 @@ class Rebalancer:
         group = group_of(model, view, self.targets())
         if not any(n.node_id == me.node_id for n in group):  # a passive node never decides
             return None
-        d = decide(model, self.size_of(model, view), me.node_id, group, view,
+        size = self.size_of(model, view)
+        answers: list[placement.HookRecord] = []
+        plans: list[SplitPlan] = []
+        d = decide(model, size, me.node_id, group, view,
                    force_split=self.node.config.models.split,
                    tensor_split=tuple(self.node.config.models.tensor_split),
-                   policy=self.node.policy)
+                   policy=self.node.policy, answers=answers, plans=plans)
+        self._explain(d, size, group, view, plans[0], answers, why)
         self.decisions += 1
         old, self.decision = self.decision, d
         self._act(old, d)
@@ -374,6 +390,22 @@ class Rebalancer:
             self._log(d, why)
             self._changed()
         return d
+
+    def _explain(self, d: Decision, size: int, group: tuple[NodeView, ...], view: MeshView,
+                 plan: SplitPlan, answers: list[placement.HookRecord], why: str) -> None:
+        """Keep what this plan read and concluded for ``meshctl explain`` (the node's store)."""
+        store = getattr(self.node, "explanations", None)
+        if store is None:
+            return
+        cfg = self.node.config.models
+        settings = explain.Settings(split=bool(cfg.split), tensor_split=tuple(cfg.tensor_split),
+                                    max_rtt_ms=float(view.max_rtt_ms))
+        chosen = self.chosen_by.get(d.model)
+        store.record(explain.explain_plan(
+            d.model, size, group, view, plan, at=float(self.reactor.seconds()),
+            settings=settings, records=answers, trigger=why,
+            local={"action": str(d.action), "state": str(d.state), "reason": d.reason},
+            extra_hooks=(chosen,) if chosen is not None else ()))
 
     def _stop_lending(self) -> None:
         if self.lent is not None:
@@ -488,6 +520,9 @@ class Rebalancer:
         log.info("idle node promoting to serve %s: %s (decided by %s)%s", decision.model,
                  decision.reason, decision.decided_by or placement.BUILT_IN, because)
         self._cancel_assign()
+        self.chosen_by[decision.model] = explain.HookAnswer(
+            "meshd_promote", decision.decided_by or placement.BUILT_IN,
+            f"{decision.model}: {decision.reason}", self._asked("meshd_promote"))
         return self._take(decision.model, download=not me.has(decision.model),
                           what="promoted to")
 
@@ -530,7 +565,15 @@ class Rebalancer:
         if decision.model is None:
             self._unassigned(decision.reason)  # the daemon may make it a standby
             return None
+        self.chosen_by[decision.model] = explain.HookAnswer(
+            "meshd_assign_model", decision.decided_by or placement.BUILT_IN,
+            f"{decision.model}: {decision.reason}", self._asked("meshd_assign_model"))
         return self._take(decision.model, download=decision.download, what="assigned")
+
+    def _asked(self, hook: str) -> tuple[str, ...]:
+        from meshd.placement.plugins import default_manager
+
+        return tuple((self.node.policy or default_manager()).hook_order(hook))
 
     def _waiting_group_to_join(self) -> str | None:
         """A model on this node's disk whose group waits (nobody serves or loads it: short
@@ -600,13 +643,13 @@ def _orphaning(event: Any) -> str | None:
     if event is None:
         return "a model was dropped"
     if isinstance(event, PeerDown):
-        return f"peer {event.node_id} down: {event.reason}"
+        return f"peer {label(event.name, event.node_id)} down: {event.reason}"
     if isinstance(event, PeerLeft):
-        return f"peer {event.node_id} left"
+        return f"peer {label(event.name, event.node_id)} left"
     if isinstance(event, PeerChanged):
         lost = sorted(set(event.old.serving) - set(event.node.serving))
         if lost:
-            return f"peer {event.node.node_id} stopped serving {', '.join(lost)}"
+            return f"peer {event.node.label} stopped serving {', '.join(lost)}"
     return None
 
 
@@ -621,7 +664,7 @@ def without_models(view: MeshView, names: frozenset[str]) -> MeshView:
             serving=tuple(m for m in n.serving if m not in names),
             available_models=tuple(f for f in n.available_models if f.name not in names),
             requested_models=tuple(m for m in n.requested_models if m not in names),
-            rtt_ms=n.rtt_ms, load=n.load, addrs=n.addrs)
+            rtt_ms=n.rtt_ms, load=n.load, addrs=n.addrs, name=n.name)
 
     return MeshView(self_id=view.self_id, nodes=tuple(strip(n) for n in view.nodes),
                     catalog=tuple(f for f in view.catalog if f.name not in names),

@@ -496,6 +496,14 @@ def load(
     return manager
 
 
+def load_checked(config: Config, **options: Any) -> tuple[PolicyManager, list[str]]:
+    """The manager and every problem, neither raised nor logged: a reload
+    (``meshd.daemon.reload``) uses the manager only when there is no problem at all.
+    Drop-in files are imported afresh each time; modules and entry points come from
+    ``sys.modules`` when they were imported before (their settings are read again)."""
+    return _load(config, **options)
+
+
 def check(config: Config, **options: Any) -> list[str]:
     """Every plugin problem as one line each, for ``meshd --check-config``."""
     return report(config, **options)[0]

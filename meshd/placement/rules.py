@@ -75,6 +75,19 @@ def _ask(policy: PolicyManager | None, hook: str, **kwargs: Any) -> tuple[Any, s
     return (policy or default_manager()).call(hook, **kwargs)
 
 
+# (hook, the plugin that answered or BUILT_IN, the answer, the plugins asked in order):
+# what ``meshctl explain`` shows (``meshd.placement.explain``); a caller that wants them
+# passes a list as ``answers=``
+HookRecord = tuple[str, str, Any, tuple[str, ...]]
+
+
+def _record(answers: list[HookRecord] | None, policy: PolicyManager | None, hook: str,
+            by: str | None, result: Any) -> None:
+    if answers is not None:
+        asked = tuple((policy or default_manager()).hook_order(hook))
+        answers.append((hook, by or BUILT_IN, result, asked))
+
+
 _DEFAULT_ARGS: dict[str, tuple[str, ...]] = {}
 
 
@@ -115,6 +128,7 @@ def choose_host(
     mesh: MeshView,
     *,
     policy: PolicyManager | None = None,
+    answers: list[HookRecord] | None = None,
 ) -> str:
     """The node id of the host that serves this request for ``model``.
 
@@ -127,9 +141,10 @@ def choose_host(
     if len(hosts) > 1:
         hosts = tuple(sorted(hosts, key=_by_id))
     kwargs = {"model": model, "client_id": client_id, "hosts": hosts, "mesh": mesh}
-    result, _ = _ask(policy, "meshd_select_host", **kwargs)
+    result, by = _ask(policy, "meshd_select_host", **kwargs)
     if result is None:
         result = _built_in("meshd_select_host", lambda: hosts[0].node_id, **kwargs)
+    _record(answers, policy, "meshd_select_host", by, result)
     return result
 
 
@@ -140,6 +155,7 @@ def order_hosts(
     mesh: MeshView,
     *,
     policy: PolicyManager | None = None,
+    answers: list[HookRecord] | None = None,
 ) -> list[str]:
     """Every ready host of ``model``, in the order one request tries them.
 
@@ -156,7 +172,7 @@ def order_hosts(
         raise ValueError(f"no hosts to choose from for {model!r}")
     if len(ordered) == 1:
         return [ordered[0].node_id]
-    first = choose_host(model, client_id, ordered, mesh, policy=policy)
+    first = choose_host(model, client_id, ordered, mesh, policy=policy, answers=answers)
     rest = [n.node_id for n in ordered if n.node_id != first]
     if mesh.self_id in rest:
         rest.remove(mesh.self_id)
@@ -173,6 +189,7 @@ def elect_host(
     mesh: MeshView,
     *,
     policy: PolicyManager | None = None,
+    answers: list[HookRecord] | None = None,
 ) -> str:
     """The node id that hosts ``model``'s split group (clients and passive nodes left out)."""
     members = _members(group)
@@ -182,6 +199,7 @@ def elect_host(
     result, by = _ask(policy, "meshd_elect_host", **kwargs)
     if result is None:
         result = _built_in("meshd_elect_host", lambda: members[0].node_id, **kwargs)
+    _record(answers, policy, "meshd_elect_host", by, result)
     log.debug("model %s: %s elected host of %d node(s) (by %s)", model, result, len(members), by or BUILT_IN)
     return result
 
@@ -195,16 +213,18 @@ def plan_split(
     force_split: bool = False,
     tensor_split: tuple[float, ...] = (),
     policy: PolicyManager | None = None,
+    answers: list[HookRecord] | None = None,
 ) -> SplitPlan:
     """Solo or split for ``model`` over ``group``: elects the host, then asks for the plan.
 
     ``tensor_split``: ``[models] tensor_split`` as read on the host; the plan
     (not config load) judges whether it matches the nodes of the split.
+    ``answers``: a list that gets a :data:`HookRecord` for each hook asked.
     """
     members = _members(group)
     if not members:
         raise ValueError(f"no active node in the group of {model!r}")
-    host = elect_host(model, members, mesh, policy=policy)
+    host = elect_host(model, members, mesh, policy=policy, answers=answers)
     kwargs = {
         "model": model, "size_bytes": size_bytes, "host": host, "group": members,
         "mesh": mesh, "force_split": force_split, "tensor_split": tuple(tensor_split),
@@ -217,6 +237,7 @@ def plan_split(
             return SplitPlan(mode=PlanMode.WAIT, host=host, reason="no usable split plan (see the log)")
 
         result = _built_in("meshd_plan_split", plainest, **kwargs)
+    _record(answers, policy, "meshd_plan_split", by, result)
     log.debug("model %s: plan %s (%s) by %s", model, result.mode, result.reason, by)
     return dataclasses.replace(result, decided_by=by)
 

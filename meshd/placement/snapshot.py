@@ -61,6 +61,9 @@ class NodeView:
     rtt_ms: float | None = None
     load: int = 0
     addrs: tuple[str, ...] = ()
+    # its [node] name, for people (explanations, logs); "" when unknown. Never decide by it:
+    # two nodes may share a name, the node id is the identity
+    name: str = ""
 
     def __post_init__(self) -> None:
         # lists sneak in from JSON; keep the view immutable and hashable

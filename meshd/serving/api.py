@@ -52,6 +52,10 @@ What a reader needs to know:
   (HTTP/1.1) in the upstream's own framing, only its size lines parsed
   (:func:`write_framed`): through a tunnel neither node decodes and re-frames
   a chunk.  An HTTP/1.0 client gets it decoded.
+- ``GET /metrics``: the daemon's Prometheus registry (``meshd.metrics``).  Each
+  request is counted when it ends, by model (one the router knew, else ``""``),
+  status and route (``local``, ``tunnel``, ``failover``, ``none``), with its time
+  to first byte, duration, bytes and SSE events; a relay counts as ``hop="relayed"``.
 - Drain (SIGTERM): :meth:`ApiServer.drain` refuses new requests with 503 and
   fires once every in-flight request ended or the timeout passed.
 - A ``relay`` server is the far end of tunnels (``meshd.serving.tunnel``): where the
@@ -68,6 +72,7 @@ the API alone in front of fixed upstreams (benchmarks, debugging).
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import time
@@ -82,8 +87,10 @@ from twisted.web import http, resource, server
 from zope.interface import implementer
 
 from meshd import jsonbounds
+from meshd import metrics as metricsmod
 from meshd.config import ApiConfig
 from meshd.httpbounds import BoundedRequest, BoundedSite, Refusal, api_key_matches
+from meshd.metrics import ApiMeter, ApiMetrics, Hop, RouteKind
 from meshd.serving import routes
 from meshd.serving.proxy import ConnectionPool, UpstreamConnection, request_head
 from meshd.serving.routes import ModelFrom, Route, Shape
@@ -158,52 +165,19 @@ def send_json(request: server.Request, status: int, doc: Any) -> None:
 # -- metrics ------------------------------------------------------------------
 
 
-class Metrics:
-    """Counters for ``/metrics``; a model label only for models the router knew."""
-
-    def __init__(self) -> None:
-        self.requests: dict[tuple[str, int], int] = {}
-        self.response_bytes = 0
-        self.upstream_errors: dict[str, int] = {}
-        self.failovers = 0
-
-    def request_done(self, model: str, status: int, nbytes: int) -> None:
-        key = (model, status)
-        self.requests[key] = self.requests.get(key, 0) + 1
-        self.response_bytes += nbytes
-
-    def upstream_error(self, upstream: str) -> None:
-        self.upstream_errors[upstream] = self.upstream_errors.get(upstream, 0) + 1
-
-    def render(self, in_flight: int) -> bytes:
-        out = [
-            "# HELP meshd_api_requests_total API requests by model and response status.",
-            "# TYPE meshd_api_requests_total counter",
-        ]
-        for (model, status), n in sorted(self.requests.items()):
-            out.append(f'meshd_api_requests_total{{model="{_label(model)}",status="{status}"}} {n}')
-        out += [
-            "# HELP meshd_api_in_flight Requests being answered now.",
-            "# TYPE meshd_api_in_flight gauge",
-            f"meshd_api_in_flight {in_flight}",
-            "# HELP meshd_api_response_bytes_total Response body bytes sent for routed requests.",
-            "# TYPE meshd_api_response_bytes_total counter",
-            f"meshd_api_response_bytes_total {self.response_bytes}",
-            "# HELP meshd_api_upstream_errors_total Upstream failures by upstream.",
-            "# TYPE meshd_api_upstream_errors_total counter",
-        ]
-        for name, n in sorted(self.upstream_errors.items()):
-            out.append(f'meshd_api_upstream_errors_total{{upstream="{_label(name)}"}} {n}')
-        out += [
-            "# HELP meshd_api_failovers_total Requests retried on another upstream.",
-            "# TYPE meshd_api_failovers_total counter",
-            f"meshd_api_failovers_total {self.failovers}",
-        ]
-        return ("\n".join(out) + "\n").encode()
+def route_of(up: Upstream) -> RouteKind:
+    """``local`` for this node's llama-server (or a static upstream), ``tunnel`` for a peer's."""
+    return RouteKind.TUNNEL if up.pool_key.startswith("tunnel:") else RouteKind.LOCAL
 
 
-def _label(value: str) -> str:
-    return value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
+def count_events(data: bytes) -> int:
+    """Server-sent events that end in ``data`` (each ends with a blank line)."""
+    return data.count(b"\n\n")
+
+
+# a stream's events go to the counter this many at a time (and the rest at its end):
+# an increment per chunk would cost the proxy more than the count itself
+EVENTS_BATCH = 32
 
 
 # -- the HTTP server side ------------------------------------------------------
@@ -220,14 +194,14 @@ class ApiSite(BoundedSite):
                          body_timeout_s=api.config.body_timeout_s,
                          before_body=self._key_before_body)
         self.api = api
-        self._key = api.config.api_key.encode()
 
     def _key_before_body(self, request: server.Request, method: bytes,
                          path: bytes) -> Refusal | None:
         """A missing or wrong API key is refused before the body is read: a stranger
         must not make the API hold ``max_body_bytes`` for it (``handle`` checks again
         for requests without a body)."""
-        if not self._key or path == b"/health" or api_key_matches(request, self._key):
+        key = self.api.api_key
+        if not key or path == b"/health" or api_key_matches(request, key):
             return None
         return Refusal(401, KEY_REFUSED, "invalid_api_key", ((b"WWW-Authenticate", b"Bearer"),))
 
@@ -278,7 +252,8 @@ class ApiServer:
     """
 
     def __init__(self, router: Router, config: ApiConfig, *, reactor: IReactorTime | None = None,
-                 pool: ConnectionPool | None = None, relay: bool = False):
+                 pool: ConnectionPool | None = None, relay: bool = False,
+                 metrics: ApiMetrics | None = None):
         if reactor is None:
             from twisted.internet import reactor as default_reactor
             reactor = cast(IReactorTime, default_reactor)
@@ -286,17 +261,30 @@ class ApiServer:
         self.config = config
         self.reactor: IReactorTime = reactor
         self.pool = pool or ConnectionPool(self.reactor, config.connect_timeout_s)
-        self.metrics = Metrics()
+        # the daemon's registry (meshd.metrics), or one of its own (a lone API, tests)
+        hop = Hop.RELAYED if relay else Hop.SERVED
+        if metrics is None:
+            metrics = ApiMetrics(metricsmod.CollectorRegistry(auto_describe=False))
+            metrics.registry.register(metricsmod.InFlight(lambda: [(hop, self)]))
+        self.registry = metrics.registry
+        self.metrics = ApiMeter(metrics, hop)
         self.forwards: set[Forward] = set()
         self.relay = relay
         self.draining = False
         self._drain_waiters: list[defer.Deferred[int]] = []
-        self._api_key = config.api_key.encode()
+        self.api_key = config.api_key.encode()  # [api] api_key; a reload may change it
         self.site = ApiSite(_Root(self), self, reactor)
 
     @property
     def in_flight(self) -> int:
         return len(self.forwards)
+
+    def use_api_key(self, key: str) -> None:
+        """``[api] api_key`` changed by a reload (``meshd.daemon.reload``): every request
+        from now on is checked against ``key``; one in flight was checked as it came in
+        and runs on."""
+        self.config = dataclasses.replace(self.config, api_key=key)
+        self.api_key = key.encode()
 
     # -- shutdown --------------------------------------------------------------
 
@@ -336,7 +324,7 @@ class ApiServer:
         shape = route.shape if route is not None else Shape.OPENAI
         # a request with a body had its key checked before the body was read
         checked = cast(BoundedRequest, request).head_checked
-        if self._api_key and not checked and not api_key_matches(request, self._api_key):
+        if self.api_key and not checked and not api_key_matches(request, self.api_key):
             return self._error(request, shape, 401, KEY_REFUSED,
                                "invalid_request_error", "invalid_api_key",
                                {b"WWW-Authenticate": b"Bearer"})
@@ -352,8 +340,8 @@ class ApiServer:
         if path.startswith(b"/v1/models/") and method == b"GET":
             return self._model(request, path[len(b"/v1/models/"):])
         if path == b"/metrics" and method == b"GET":
-            request.setHeader(b"Content-Type", b"text/plain; version=0.0.4")
-            return self.metrics.render(len(self.forwards))
+            request.setHeader(b"Content-Type", metricsmod.CONTENT_TYPE_LATEST.encode())
+            return metricsmod.render(self.registry)
         self.metrics.request_done("", 404, 0)
         why = routes.not_routed_reason(path)
         return self._error(request, shape, 404,
@@ -543,6 +531,11 @@ class Forward:
         self.length: int | None = None
         self.nbytes = 0
         self.started_at = time.monotonic()
+        self.arrived = api.reactor.seconds()  # for the histograms: the reactor's clock
+        # a stream's events: its counter's inc (set at an SSE head), seen, and counted so far
+        self.events_inc: Callable[[float], None] | None = None
+        self.events = 0
+        self.events_counted = 0
         # the one pending deadline: first byte (SENT), silence (after the head)
         self.deadline: IDelayedCall | None = None
         self.last_byte = 0.0  # reactor time of the last response byte
@@ -565,6 +558,13 @@ class Forward:
 
     def start(self) -> None:
         self._try_next()
+
+    @property
+    def route(self) -> RouteKind:
+        """How this request reached (or tries to reach) a llama-server: the route label."""
+        if self.upstream is None:
+            return RouteKind.NONE
+        return RouteKind.FAILOVER if self.index > 0 else route_of(self.upstream)
 
     # -- upstream attempts --------------------------------------------------------
 
@@ -594,6 +594,7 @@ class Forward:
         self._move(ForwardState.SENT)
         self.conn = conn
         self._arm(self.api.config.first_byte_timeout_s, self._first_byte_timed_out)
+        self.api.metrics.sent_body(self.route, len(self.body))
         conn.send(self.head, self.body, self)
 
     def _connect_failed(self, failure: Failure) -> None:
@@ -610,11 +611,11 @@ class Forward:
         up = self._current()
         self.api.router.request_finished(up)
         self.api.router.upstream_failed(up, reason)
-        self.api.metrics.upstream_error(up.name)
+        self.api.metrics.upstream_error(self.model, route_of(up))
         if self.index + 1 < len(self.upstreams):
             log.warning("upstream %s for %s failed before responding (%s); trying %s",
                         up.name, self.model, reason, self.upstreams[self.index + 1].name)
-            self.api.metrics.failovers += 1
+            self.api.metrics.failover(self.model)
             self._try_next()
             return
         log.warning("upstream %s for %s failed before responding: %s", up.name, self.model, reason)
@@ -712,6 +713,7 @@ class Forward:
         self.status = status
         self.length = length
         self.last_byte = self._seconds()
+        self.api.metrics.first_byte(self.model, self.route, self.last_byte - self.arrived)
         self._arm(self.api.config.stream_idle_timeout_s, self._idle_check)
         ctype = headers.get(b"content-type", b"application/octet-stream")
         request = self.request
@@ -722,6 +724,7 @@ class Forward:
         request.setHeader(MODEL_HEADER, self.model.encode())
         if ctype.startswith(b"text/event-stream"):
             self._move(ForwardState.STREAMING)
+            self.events_inc = self.api.metrics.sse_counter(self.model, self.route)
             request.setHeader(b"Cache-Control", b"no-cache")
             self._send_head()
             request.write(b"")  # the head goes out now: clients wait for it
@@ -754,6 +757,10 @@ class Forward:
         self.last_byte = self._seconds()
         if self.state is not ForwardState.HOLDING:
             self.nbytes += len(data)
+            if self.events_inc is not None:
+                self.events += data.count(b"\n\n")
+                if self.events - self.events_counted >= EVENTS_BATCH:
+                    self._count_events()
             self.request.write(data)
             return
         self.hold.append(data)
@@ -768,7 +775,17 @@ class Forward:
         # only after _pass_framing: STREAMING or RELAYING, to a chunked client
         self.nbytes += payload
         self.last_byte = self._seconds()
+        if self.events_inc is not None:  # size lines hold no blank line
+            for piece in pieces:
+                self.events += piece.count(b"\n\n")
+            if self.events - self.events_counted >= EVENTS_BATCH:
+                self._count_events()
         write_framed(self.request, pieces, payload)
+
+    def _count_events(self) -> None:
+        if self.events_inc is not None and self.events > self.events_counted:
+            self.events_inc(self.events - self.events_counted)
+            self.events_counted = self.events
 
     def response_end(self) -> None:
         request = self.request
@@ -804,7 +821,7 @@ class Forward:
         self._disarm()
         up = self._current()
         self.api.router.request_finished(up)
-        self.api.metrics.upstream_error(up.name)
+        self.api.metrics.upstream_error(self.model, route_of(up))
         log.warning("upstream %s for %s failed mid-response: %s", up.name, self.model, reason)
         request = self.request
         if self.state in (ForwardState.SENT, ForwardState.HOLDING):  # our client has no head yet
@@ -857,9 +874,11 @@ class Forward:
         self._disarm()
         self.client_resumed()  # no stall deadline past the end
         self._move(ForwardState.DONE)
+        self._count_events()
         if self.upstream is not None and not upstream_done:
             self.api.router.request_finished(self.upstream)
-        self.api.metrics.request_done(self.model, status, self.nbytes)
+        self.api.metrics.request_done(self.model, status, self.nbytes, self.route,
+                                      self._seconds() - self.arrived)
         log.debug("%s %s model=%s upstream=%s status=%d %.1f ms %d bytes",
                   self.request.method.decode(), self.request.uri.decode(errors="replace"),
                   self.model, self.upstream.name if self.upstream else "-", status,

@@ -170,6 +170,7 @@ def order_hosts(
     self_id: str,
     suspects: frozenset[str] = frozenset(),
     policy: PolicyManager | None = None,
+    answers: list[placement.HookRecord] | None = None,
 ) -> list[str]:
     """The node ids to try for one request, best first.
 
@@ -180,7 +181,7 @@ def order_hosts(
     """
     if view.self_id != self_id:
         view = dataclasses.replace(view, self_id=self_id)
-    ordered = placement.order_hosts(model, client_id, hosts, view, policy=policy)
+    ordered = placement.order_hosts(model, client_id, hosts, view, policy=policy, answers=answers)
     if suspects:
         ordered = [h for h in ordered if h not in suspects] + [h for h in ordered if h in suspects]
     return ordered
@@ -310,6 +311,11 @@ class MeshRouter:
         ]
 
     def upstreams(self, model: str, client_id: str) -> list[routing.Upstream]:
+        return [self._upstream(node_id, model) for node_id in self._order(model, client_id)]
+
+    def _order(self, model: str, client_id: str,
+               answers: list[placement.HookRecord] | None = None) -> list[str]:
+        """The node ids a request for ``model`` from ``client_id`` tries, best first."""
         snap = self.snapshot()
         hosts = snap.hosts.get(model)
         if not hosts:
@@ -325,9 +331,26 @@ class MeshRouter:
                 dataclasses.replace(h, load=(0 if h.node_id == me else h.load)
                                     + self.in_flight.get(h.node_id, 0))
                 for h in hosts)
-        order = order_hosts(model, client_id, hosts, snap.view, self_id=self.node.node_id,
-                            suspects=self._current_suspects(), policy=self.node.policy)
-        return [self._upstream(node_id, model) for node_id in order]
+        return order_hosts(model, client_id, hosts, snap.view, self_id=self.node.node_id,
+                           suspects=self._current_suspects(), policy=self.node.policy,
+                           answers=answers)
+
+    def explain_route(self, model: str, client_id: str) -> dict[str, Any]:
+        """``meshctl explain``'s routing part: the hosts a request for ``model`` from
+        ``client_id`` would try now, in order, and which plugin chose the first (the
+        hook is asked as a request asks it; nothing is sent)."""
+        from meshd.placement.explain import route_explanation
+
+        answers: list[placement.HookRecord] = []
+        try:
+            order = self._order(model, client_id, answers)
+        except routing.RouteError as e:
+            return route_explanation(client_id, error=e)
+        return route_explanation(client_id, order, self.snapshot().view, self.node.node_id,
+                                 answers, suspects=self._current_suspects(),
+                                 in_flight=self.in_flight,
+                                 note="the hook's choice first, then this node when it is a "
+                                      "host, then by node id")
 
     def _upstream(self, node_id: str, model: str) -> routing.Upstream:
         key = (node_id, model)

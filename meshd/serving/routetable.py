@@ -12,7 +12,18 @@ The table (``ROUTE_TABLE`` body, ``docs/protocol.md``)::
      "hosts": [{"model", "node_id", "addrs", "vram_bytes", "load", "state": "warm"|"loading"}],
      "active_nodes": [{"node_id", "addrs", "role", "vram_bytes", "serving", "loading",
                        "available_models": [{"name", "size_bytes"}]}],
-     "standby": [{"node_id", "vram_bytes", "available_models"}]}
+     "standby": [{"node_id", "addrs", "vram_bytes", "available_models"}],
+     "desired"?: {"models": {name: {"state", "version", "by", "at"}}}}
+
+A standby's ``addrs`` are where it will listen for mesh connections once promoted
+(it listens on none while it stands by): a passive node whose every active node
+is gone dials them, so it finds the standby that took over.
+
+``desired`` (the mesh's drop/serve decisions, ``meshd.mesh.desired``) is there only when
+the mesh holds some: a standby must not promote for a dropped model it has on disk.
+
+A node entry (active or standby) may also carry ``"name"``, the node's ``[node]
+name``: optional (an older meshd sends none), cleaned on receipt (``meshd.nodename``).
 
 An answer with the etag the request named is ``{"etag", "same": true}``:
 nothing changed, and a refresh costs a few dozen bytes.
@@ -24,7 +35,10 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from meshd.mesh import desired as desiredmod
 from meshd.mesh import wire
+from meshd.mesh.desired import Decision
+from meshd.nodename import clean as clean_name
 from meshd.placement.snapshot import MeshView, ModelFile, NodeView
 from meshd.placement.spread import stable_index
 from meshd.states import ModelState, Role
@@ -65,6 +79,7 @@ class NodeEntry:
     serving: tuple[str, ...] = ()
     loading: tuple[str, ...] = ()
     available_models: tuple[ModelFile, ...] = ()
+    name: str = ""  # its [node] name, for people; "" when it sent none
 
     def to_body(self) -> dict[str, Any]:
         body: dict[str, Any] = {
@@ -72,9 +87,13 @@ class NodeEntry:
             "available_models": [{"name": m.name, "size_bytes": m.size_bytes}
                                  for m in self.available_models],
         }
+        if self.name:
+            body["name"] = self.name
         if self.role != Role.STANDBY:
             body.update(role=self.role, addrs=list(self.addrs), serving=list(self.serving),
                         loading=list(self.loading))
+        else:
+            body["addrs"] = list(self.addrs)  # where it listens once promoted
         return body
 
     def view(self) -> NodeView:
@@ -82,7 +101,8 @@ class NodeEntry:
         return NodeView(node_id=self.node_id, role=self.role, vram_bytes=self.vram_bytes,
                         serving=self.serving + tuple(m for m in self.loading
                                                      if m not in self.serving),
-                        available_models=self.available_models, addrs=self.addrs)
+                        available_models=self.available_models, addrs=self.addrs,
+                        name=self.name)
 
 
 @dataclass(frozen=True)
@@ -93,12 +113,16 @@ class RouteTable:
     hosts: tuple[HostEntry, ...] = ()
     active_nodes: tuple[NodeEntry, ...] = ()
     standby: tuple[NodeEntry, ...] = ()
+    desired: tuple[Decision, ...] = ()  # the mesh's drop/serve decisions
 
     def to_body(self) -> dict[str, Any]:
-        return {"etag": self.etag, "mesh_id": self.mesh_id, "source": self.source,
+        body: dict[str, Any] = {"etag": self.etag, "mesh_id": self.mesh_id, "source": self.source,
                 "hosts": [h.to_body() for h in self.hosts],
                 "active_nodes": [n.to_body() for n in self.active_nodes],
                 "standby": [n.to_body() for n in self.standby]}
+        if self.desired:  # absent when there is none: older passive nodes never see it
+            body["desired"] = desiredmod.to_body(self.desired)
+        return body
 
     @classmethod
     def from_body(cls, body: dict[str, Any]) -> RouteTable:
@@ -110,9 +134,10 @@ class RouteTable:
             for h in _list(body, "hosts"))
         active = tuple(_node(n, None) for n in _list(body, "active_nodes"))
         standby = tuple(_node(n, Role.STANDBY) for n in _list(body, "standby"))
+        desired = tuple(desiredmod.parse(body["desired"])) if "desired" in body else ()
         return cls(etag=_str(body, "etag"), mesh_id=_str(body, "mesh_id"),
                    source=_str(body, "source"), hosts=hosts, active_nodes=active,
-                   standby=standby)
+                   standby=standby, desired=desired)
 
     # -- reading it ---------------------------------------------------------------
 
@@ -143,8 +168,22 @@ class RouteTable:
                 return h.addrs
         return ()
 
+    def name_of(self, node_id: str) -> str:
+        """The node's [node] name as the table gives it; "" when it gives none."""
+        for n in (*self.active_nodes, *self.standby):
+            if n.node_id == node_id:
+                return n.name
+        return ""
+
     def active_ids(self) -> list[str]:
         return sorted(n.node_id for n in self.active_nodes)
+
+    def standby_addrs(self) -> list[tuple[str, tuple[str, ...]]]:
+        """``(node_id, addrs)`` of every listed standby that said where it will listen, by
+        node id: where a passive node looks once every active node is gone (one of them
+        may have promoted)."""
+        return [(s.node_id, s.addrs) for s in sorted(self.standby, key=lambda s: s.node_id)
+                if s.addrs]
 
 
 def _list(body: dict[str, Any], key: str) -> list[Any]:
@@ -190,7 +229,7 @@ def _node(body: Any, role: str | None) -> NodeEntry:
     return NodeEntry(node_id=_str(body, "node_id"), role=role or _str(body, "role", Role.IDLE),
                      vram_bytes=_int(body, "vram_bytes"), addrs=_strs(body, "addrs"),
                      serving=_strs(body, "serving"), loading=_strs(body, "loading"),
-                     available_models=_models(body))
+                     available_models=_models(body), name=clean_name(body.get("name")))
 
 
 # -- the request -----------------------------------------------------------------------------
@@ -198,22 +237,28 @@ def _node(body: Any, role: str | None) -> NodeEntry:
 
 @dataclass(frozen=True, slots=True)
 class CheckIn:
-    """A ROUTE_REQUEST body: who asks, and (a standby) what it could serve."""
+    """A ROUTE_REQUEST body: who asks, and (a standby) what it could serve and where it
+    will listen once promoted."""
 
     kind: str  # Role.CLIENT | Role.STANDBY
     etag: str | None = None  # the table it holds; answered "same" when still current
     refresh_s: float = 30.0
     vram_bytes: int = 0
     available_models: tuple[ModelFile, ...] = ()
+    addrs: tuple[str, ...] = ()  # a standby's mesh addresses once promoted
+    name: str = ""  # a standby's [node] name, for its routing-table entry
 
     def to_body(self) -> dict[str, Any]:
         body: dict[str, Any] = {"kind": self.kind, "refresh_s": self.refresh_s}
         if self.etag:
             body["etag"] = self.etag
+        if self.name:
+            body["name"] = self.name
         if self.kind == Role.STANDBY:
             body["vram_bytes"] = self.vram_bytes
             body["available_models"] = [{"name": m.name, "size_bytes": m.size_bytes}
                                         for m in self.available_models]
+            body["addrs"] = list(self.addrs)
         return body
 
     @classmethod
@@ -228,7 +273,8 @@ class CheckIn:
         if kind == Role.CLIENT:
             return cls(kind, etag if isinstance(etag, str) else None, float(refresh))
         return cls(kind, etag if isinstance(etag, str) else None, float(refresh),
-                   _int(body, "vram_bytes"), _models(body))
+                   _int(body, "vram_bytes"), _models(body), _strs(body, "addrs"),
+                   name=clean_name(body.get("name")))
 
 
 # -- the active side: one answer per change ----------------------------------------------------------
@@ -309,8 +355,8 @@ class PassiveRegistry:
         entry = self.entries.get(key)
         standby = None
         if req.kind == Role.STANDBY:
-            standby = NodeEntry(node_id, Role.STANDBY, req.vram_bytes,
-                                available_models=req.available_models)
+            standby = NodeEntry(node_id, Role.STANDBY, req.vram_bytes, addrs=req.addrs,
+                                available_models=req.available_models, name=req.name)
         if entry is None:
             self.entries[key] = Present(node_id, req.kind, now, keep_s, standby, requests=1)
             return standby is not None
@@ -347,8 +393,8 @@ class PassiveRegistry:
 
 
 def build_table(*, mesh_id: str, source: str, nodes: Iterable[NodeEntry],
-                standby: Iterable[NodeEntry], load: Callable[[str], int] = lambda _: 0
-                ) -> RouteTable:
+                standby: Iterable[NodeEntry], load: Callable[[str], int] = lambda _: 0,
+                desired: Iterable[Decision] = ()) -> RouteTable:
     """The table from the active nodes this node knows (itself included) and its standbys."""
     active = tuple(sorted(nodes, key=lambda n: n.node_id))
     hosts: list[HostEntry] = []
@@ -364,7 +410,8 @@ def build_table(*, mesh_id: str, source: str, nodes: Iterable[NodeEntry],
     active_ids = {n.node_id for n in active}
     return RouteTable(etag="", mesh_id=mesh_id, source=source, hosts=tuple(hosts),
                       active_nodes=active,
-                      standby=tuple(s for s in standby if s.node_id not in active_ids))
+                      standby=tuple(s for s in standby if s.node_id not in active_ids),
+                      desired=tuple(sorted(desired, key=lambda d: d.model)))
 
 
 # -- the passive side ----------------------------------------------------------------------------------

@@ -5,8 +5,8 @@ The daemon is real (control socket, API, mesh, console); its llama-server is
 bin_dir``, serving the real Gemma GGUF's name, so the test is quick and light.
 The page is loaded with ``?model=...&prompt=...``, which makes it send one chat
 message as soon as the model is warm; the test reads the DOM the script built
-(node id, model, state, the streamed reply), watches a state change arrive over
-the event stream, and takes a screenshot.
+(node id, model, state, the streamed reply, the model's "why?"), watches a state
+change arrive over the event stream, and takes a screenshot.
 """
 
 from __future__ import annotations
@@ -69,6 +69,17 @@ def test_console_page_in_a_real_browser(tmp_path, gemma_model_path, chromium_bin
             "the streamed reply",
         )
         assert reply.split() == [f"t{i}" for i in range(12)]
+
+        # the model's why?: what `meshctl explain` says, fetched from /api/explain
+        browser.evaluate(page, f"document.querySelector('button[data-why={js_string(MODEL)}]')"
+                               ".click()")
+        decision = browser.wait_for(
+            page, "(p => p && p.textContent)(document.querySelector('[data-explain=decision]'))",
+            "the model's explanation")
+        assert decision.startswith("solo"), decision
+        mine = browser.evaluate(
+            page, f"document.querySelector('[data-explain-node={js_string(node_id)}]').textContent")
+        assert "solo" in mine and "fits" in mine, mine
 
         dom = browser.evaluate(page, "document.documentElement.outerHTML")
         (tmp_path / "console.html").write_text(dom)

@@ -63,6 +63,10 @@ class FakeNode:
             raise Refused("nope is not served anywhere")
         return {"dropped": model}
 
+    def serve_model(self, model):
+        self.calls.append(("serve_model", model))
+        return {"serving": model}
+
     def make_token(self, ttl_s, once):
         self.calls.append(("make_token", ttl_s, once))
         return {"id": "t1", "token": "meshd1:abc", "expires_at": 1e9}
@@ -416,3 +420,17 @@ def test_a_token_ttl_of_ten_years_is_the_longest_accepted():
     node = FakeNode()
     assert call(client(node), "POST", "/token", {"ttl_s": 10 * 365 * 86400})[0] == 200
     assert node.calls == [("make_token", 10 * 365 * 86400.0, False)]
+
+
+def test_serve_passes_the_model_name_and_is_logged(caplog):
+    caplog.set_level("INFO", logger="meshd.daemon.control")
+    node = FakeNode()
+    code, body = call(client(node), "POST", "/serve", {"model": "gemma"})
+    assert (code, body) == (200, {"serving": "gemma"})
+    assert node.calls == [("serve_model", "gemma")]
+    assert "serve_model requested (gemma)" in caplog.text
+
+
+def test_serve_without_a_model_is_bad_usage():
+    code, body = call(client(FakeNode()), "POST", "/serve", {})
+    assert code == 400 and "'model'" in body["error"]

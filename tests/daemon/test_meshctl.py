@@ -83,6 +83,13 @@ class FakeNode:
     def drop(self, model):
         raise Refused(f"{model} is not served anywhere in the mesh")
 
+    def serve_model(self, model):
+        self.calls.append(("serve_model", model))
+        if model == "unknown":
+            raise Refused(f"model {model!r} is not dropped, served, on any node's disk or in "
+                          "the catalog: nothing to serve")
+        return {"serving": model, "was_dropped": True, "told_peers": 2, "version": 2}
+
     def leave(self):
         self.calls.append(("leave",))
         return defer.succeed({"leaving": True})
@@ -388,3 +395,31 @@ def test_status_says_why_a_node_is_not_in_a_mesh():
     lines = meshctl.format_status({"node_id": "n", "mesh_id": "m1", "join": None, "peers": [],
                                    "models": []})
     assert next(line for line in lines if line.startswith("mesh")).split() == ["mesh", "m1"]
+
+
+@pytest_twisted.ensureDeferred
+async def test_serve_lifts_a_drop_and_says_so(daemon, capsys):
+    path, node = daemon
+    assert await run("--socket", path, "serve", "gemma") == 0
+    assert node.calls == [("serve_model", "gemma")]
+    out = capsys.readouterr().out
+    assert out == ("serving gemma mesh-wide again: the drop is lifted; told 2 peer(s) "
+                   "(decision version 2)\n")
+
+
+@pytest_twisted.ensureDeferred
+async def test_serve_of_an_unknown_model_is_refused_with_exit_3(daemon, capsys):
+    path, _ = daemon
+    assert await run("--socket", path, "serve", "unknown") == 3
+    assert "nothing to serve" in capsys.readouterr().err
+
+
+def test_status_lists_the_models_dropped_mesh_wide():
+    lines = meshctl.format_status({
+        "node_id": "n", "role": "idle", "serving": None, "peers": [], "models": [],
+        "desired": [{"model": "big", "state": "dropped", "version": 3, "by": "node-b", "at": 1.0},
+                    {"model": "back", "state": "serve", "version": 2, "by": "node-c", "at": 1.0}],
+    })
+    text = "\n".join(lines)
+    assert "dropped mesh-wide: big (by node-b, version 3; meshctl serve big lifts it)" in text
+    assert "back" not in text  # served again: nothing to say

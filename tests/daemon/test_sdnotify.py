@@ -67,10 +67,32 @@ def test_stopping_sends_stopping_1_with_optional_status(notify_socket):
     assert received(sock) == ["STOPPING=1", "STATUS=leaving the mesh"]
 
 
-def test_reloading_sends_reloading_1(notify_socket):
+def test_reloading_sends_reloading_1_with_monotonic_usec(notify_socket):
     path, sock = notify_socket
+    Notifier(path).reloading("reloading /etc/meshd.toml", monotonic_usec=123456789)
+    assert received(sock) == ["RELOADING=1", "MONOTONIC_USEC=123456789",
+                              "STATUS=reloading /etc/meshd.toml"]
+
+
+def test_reloading_stamps_the_monotonic_clock_by_default(notify_socket):
+    import time
+
+    path, sock = notify_socket
+    before = time.clock_gettime_ns(time.CLOCK_MONOTONIC) // 1000
     Notifier(path).reloading()
-    assert received(sock) == ["RELOADING=1"]
+    fields = received(sock)
+    after = time.clock_gettime_ns(time.CLOCK_MONOTONIC) // 1000
+    assert fields[0] == "RELOADING=1"
+    key, _, value = fields[1].partition("=")
+    assert key == "MONOTONIC_USEC" and before <= int(value) <= after
+
+
+def test_ready_is_remembered_so_a_reload_may_say_it_again(notify_socket):
+    path, _sock = notify_socket
+    notifier = Notifier(path)
+    assert not notifier.was_ready
+    notifier.ready()
+    assert notifier.was_ready
 
 
 def test_notify_socket_taken_from_environment(notify_socket, monkeypatch):

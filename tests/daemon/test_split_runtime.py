@@ -29,6 +29,7 @@ from meshd.config import Config
 from meshd.daemon.backends import LocalBackends
 from meshd.daemon.node import ServedModel
 from meshd.daemon.split import SplitRuntime, cache_root, evict
+from meshd.mesh.desired import Want
 from meshd.mesh.membership import PeerChanged, PeerLeft, PeerUp
 from meshd.placement.election import RUN, WAIT, WORKER, Decision, Rebalancer
 from meshd.placement.snapshot import GB
@@ -753,7 +754,7 @@ def test_an_idle_node_leaves_a_running_or_dropped_model_to_the_assignment_hook()
     r, _, lending = lending_rebalancer(node)
     assert r._waiting_group_to_join() is None  # noqa: SLF001 - the rule alone
     node.mesh.members["a"] = peer("a", waiting=["m"], vram_gb=16)
-    node.dropped.add("m")
+    node.desired.decide("m", Want.DROPPED, by="x")
     assert r._waiting_group_to_join() is None  # noqa: SLF001
     assert lending.log == []
 

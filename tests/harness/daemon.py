@@ -43,6 +43,7 @@ class Meshd:
         self.socket = str(self.dir / "control.sock")
         base: dict[str, Any] = {
             "node": {
+                "name": name,  # log lines and status read "peer n1 (<id>)"
                 "state_dir": str(self.dir / "state"),
                 "models_dir": str(self.dir / "models"),
                 "control_socket": self.socket,

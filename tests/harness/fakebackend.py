@@ -12,7 +12,9 @@ and ignores llama-server's other flags::
 
     python tests/harness/fakebackend.py --host 127.0.0.1 --port P [--chunks 500] [-m MODEL.gguf] ...
 
-``--chunk-delay-ms`` makes each stream slow (a pause before every chunk, so
+``--close-while PATH`` reads every POST and closes without answering while PATH
+exists (a test makes a host fail before any byte, then heal, by touching and
+removing a file); ``--chunk-delay-ms`` makes each stream slow (a pause before every chunk, so
 requests overlap); ``--request-log FILE`` appends one line per POST, so a test
 can count which of several fake backends answered; ``--hold`` reads every
 completion request and never answers it, so a test can know for certain that
@@ -37,6 +39,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import sys
 import threading
 from pathlib import Path
@@ -79,6 +82,7 @@ class FakeBackend:
         self.break_after = 2
         self.gate: threading.Event | None = None
         self.hold = False  # completion requests are read and never answered
+        self.close_while: str | None = None  # POSTs closed unanswered while this file exists
         self.requests = 0  # requests read completely
         self.streams_done = 0  # streams sent to the end
         self.peer_closed = 0  # streams the peer closed before their end
@@ -167,6 +171,8 @@ class FakeBackend:
     async def _respond(self, method: str, path: str, body: bytes, reader, writer,
                        headers: dict[str, str]) -> bool:
         if self.mode == "close" and method == "POST":
+            return False
+        if method == "POST" and self.close_while and os.path.exists(self.close_while):
             return False
         if method == "POST" and path in self.errors:
             return self._json(writer, self.errors[path], {"error": {
@@ -280,6 +286,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--request-log", default=None, help="append one line per POST here")
     parser.add_argument("--hold", action="store_true",
                         help="never answer a completion request (it stays in flight)")
+    parser.add_argument("--close-while", default=None,
+                        help="close POSTs unanswered while this file exists")
     parser.add_argument("-m", "--model", default="", help="a GGUF path: its stem is the model id")
     parser.add_argument("-a", "--alias", default="")
     args, _ignored = parser.parse_known_args(argv)
@@ -288,6 +296,7 @@ def main(argv: list[str] | None = None) -> int:
                        yield_every=args.yield_every, chunk_delay_s=args.chunk_delay_ms / 1000,
                        request_log=args.request_log)
     fake.hold = args.hold
+    fake.close_while = args.close_while
 
     async def run() -> None:
         await fake.serve()

@@ -51,6 +51,7 @@ class FakeMesh:
         self.conns: dict[str, Any] = {}
         self.changed = 0
         self.drops: list[str] = []
+        self.published: list = []  # decisions told to the mesh (meshctl drop / serve)
         self.mesh_id = "mesh-1"
 
     def peers(self) -> list[PeerView]:
@@ -65,6 +66,12 @@ class FakeMesh:
     def drop_model(self, model: str) -> str:
         self.drops.append(model)
         return "drop-id"
+
+    def publish_desired(self, decisions: list) -> None:
+        self.published.extend(decisions)
+
+    def learn_decisions(self, timeout_s: float) -> defer.Deferred:
+        return defer.succeed(False)  # nobody to ask
 
     def status_peers(self) -> list[dict[str, Any]]:
         return []

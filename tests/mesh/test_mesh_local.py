@@ -93,7 +93,7 @@ def test_sigterm_leave_removes_the_node_at_once(slow_cluster):
     print(f"SIGTERM leave: removed everywhere within {took:.3f} s (heartbeat 2 s)")
     assert took < 1.0
     assert leaver.wait_exit(10) == 0
-    assert all(f"peer {lid} left the mesh" in n.log_text() for n in others)
+    assert all(f"peer {leaver.name} ({lid}) left the mesh" in n.log_text() for n in others)
 
 
 def test_meshctl_leave_removes_the_node_at_once(slow_cluster):
@@ -108,7 +108,7 @@ def test_meshctl_leave_removes_the_node_at_once(slow_cluster):
     print(f"meshctl leave: removed everywhere within {took:.3f} s of running meshctl")
     assert took < 1.0
     assert leaver.wait_exit(10) == 0
-    assert all(f"peer {lid} left the mesh" in n.log_text() for n in others)
+    assert all(f"peer {leaver.name} ({lid}) left the mesh" in n.log_text() for n in others)
 
 
 # -- refused joins: each leaves the mesh as it was ------------------------------------------

@@ -134,3 +134,24 @@ def test_a_serve_entry_whose_download_is_refused_leaves_the_node_up_and_idle(hub
         assert "download refused" in n.ctl("status").stdout
     finally:
         n.stop()
+
+
+def test_a_catalog_serve_entry_too_big_leaves_the_node_up_idle_and_says_why(hub, tmp_path):  # noqa: F811
+    """The same for a catalog name (its size is known before any request): up, idle, the
+    refusal with its numbers in ``meshctl status`` (text and --json) and in the log."""
+    name = "llama-3.1-8b-instruct-q4_k_m"
+    n = node(tmp_path, serve=[name])
+    n.config["node"]["vram_gb"] = 0.5
+    n.start()
+    try:
+        refused = n.wait_for(lambda m: m.status()["downloads_refused"], "the refusal in status", 60)
+        assert refused[0]["name"] == name and "needs" in refused[0]["reason"]
+        n.wait_for(lambda m: m.status()["state"] == "running", "running", 30)
+        status = json.loads(n.ctl("status", "--json").stdout)
+        assert status["serving"] is None and status["downloads_refused"] == refused
+        assert n.proc.poll() is None and hub.requests() == []
+        assert "download refused" in n.ctl("status").stdout and "needs" in n.ctl("status").stdout
+        assert f"serving nothing of its own: {name} was not downloaded" in n.log()
+        assert "cannot start" not in n.log()
+    finally:
+        n.stop()

@@ -14,6 +14,7 @@ from twisted.internet.task import Clock
 from meshd.config import Config
 from meshd.mesh import identity as identitymod
 from meshd.mesh import tokens, wire
+from meshd.mesh.desired import DesiredState
 from meshd.mesh.peer import PeerClosed, PeerState, Timing
 from meshd.mesh.wire import FrameType
 from meshd.passive.client import RouteClient, Target
@@ -382,9 +383,14 @@ class StandbyNode:
         self._view = NodeView(node_id, role="standby", vram_bytes=int(vram_gb * GB),
                               available_models=tuple(models))
         self.dropped: set[str] = set()
+        self.learnt: list = []
 
     def node_view(self) -> NodeView:
         return self._view
+
+    def learn_desired(self, decisions, via: str) -> None:
+        self.learnt.append((via, list(decisions)))
+        self.dropped |= {d.model for d in decisions if d.want == "dropped"}
 
 
 def standby(i: int, vram_gb: float, promoted: list, models=(M,)) -> PassiveNode:
@@ -476,6 +482,7 @@ class FakeMesh:
         self.listeners: list = []
         self.local: list = []
         self.peer_list: list = []
+        self.desired = DesiredState()
 
     def register_purpose(self, purpose, handler, *, token_join=False):
         self.purposes[purpose] = (handler, token_join)

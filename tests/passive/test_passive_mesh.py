@@ -252,6 +252,74 @@ def test_an_unassigned_node_stands_by_and_promotes_when_the_only_active_node_die
     assert b.status()["mesh_id"] == a.status()["mesh_id"]
 
 
+def test_a_client_follows_a_standby_takeover_after_the_only_active_node_is_killed(
+        tmp_path, procs):
+    """a hosts m1 and is the only active node; s1 and s2 stand by with m1 on disk (s1 has
+    more VRAM), c is a passive client.  kill -9 a: s1 promotes, c finds it among the
+    standbys of its last table and answers m1 again through it, and s2 (the tie-break's
+    loser) checks in with s1.  No second active node: the table's standby entries carry
+    where each standby listens once promoted (c used to retry the dead host for minutes,
+    answering 503)."""
+    fake = fake_llama_bin_dir(tmp_path)
+    from tests.harness.localhub import gguf_bytes
+
+    for name in ("a", "s1", "s2"):
+        models = tmp_path / name / "models"
+        models.mkdir(parents=True)
+        (models / "m1.gguf").write_bytes(gguf_bytes())  # the fake backend serves it
+    a = Meshd(tmp_path / "a", {"models": {"serve": ["m1"]}, "llama": {"bin_dir": fake},
+                               "mesh": dict(FAST)}, name="a").start()
+    procs.append(a)
+    a.wait_model_warm("m1", 30)
+    standbys = []
+    for name, vram_gb in (("s1", 2.0), ("s2", 1.0)):
+        s = Meshd(tmp_path / name, {"node": {"standby": True, "vram_gb": vram_gb},
+                                    "llama": {"bin_dir": fake},
+                                    "mesh": {"join": [token_of(a)], "refresh_s": 30.0, **FAST}},
+                  name=name).start()
+        procs.append(s)
+        standbys.append(s)
+    s1, s2 = standbys
+    a.wait_for(lambda n: n.status()["passive"]["standby"] == 2, "a counts both standbys", 30)
+    # the client's first table is built after both standbys checked in: it lists them
+    c = Meshd(tmp_path / "c", {"node": {"client": True},
+                               "mesh": {"join": [token_of(a)], "refresh_s": 30.0, **FAST}},
+              name="client").start()
+    procs.append(c)
+    c.wait_for(table_of, "the client's routing table", 30)
+    assert chat(c, "m1", max_tokens=2)
+    s1_id, a_id = s1.status()["node_id"], a.status()["node_id"]
+    assert c.status()["route"]["via"] == a_id
+    t_kill = time.time()
+    a.kill()
+    first_ok = None
+    failures = 0
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        try:
+            if chat(c, "m1", max_tokens=2):
+                first_ok = time.time()
+                break
+        except openai.APIError:
+            failures += 1
+        time.sleep(0.2)
+    assert first_ok is not None, c.log()[-3000:]
+    route = c.status()["route"]
+    assert route["via"] == s1_id and route["active_nodes"] == [s1_id]
+    st = s1.status()
+    assert st["role"] == "host" and st["promotion"]["model"] == "m1"
+    # the standby that lost the tie-break found the winner, and stands by there
+    s2.wait_for(lambda n: (n.status().get("route") or {}).get("via") == s1_id,
+                "s2 checking in with s1", 30)
+    assert s2.status()["role"] == "standby" and s2.status().get("promotion") is None
+    s1.wait_for(lambda n: n.status()["passive"] == {**n.status()["passive"], "clients": 1,
+                                                    "standby": 1},
+                "s1 counts the client and s2", 10)
+    print(f"only active node killed: s1 decided {st['promotion']['decided_at'] - t_kill:.2f} s "
+          f"after kill -9; the client answered m1 again after {first_ok - t_kill:.2f} s "
+          f"({failures} failed requests)")
+
+
 def _cpu_s(pid: int) -> float:
     with open(f"/proc/{pid}/stat") as f:
         fields = f.read().rsplit(")", 1)[1].split()

@@ -4,6 +4,7 @@ decides from its last table."""
 
 from __future__ import annotations
 
+import json
 from types import SimpleNamespace
 from typing import Any
 
@@ -16,23 +17,39 @@ from meshd.daemon.roles import RoleGroup, RoleService, SwitchableRouter
 from meshd.daemon.service import Groups
 from meshd.daemon.tree import CallbackService
 from meshd.mesh import identity as identitymod
+from meshd.mesh import wire
+from meshd.mesh.desired import Want
 from meshd.passive import node as passivemod
 from meshd.placement.election import Rebalancer
 from meshd.placement.snapshot import GB
+from meshd.serving.routetable import CheckIn, NodeEntry, PassiveRegistry, RouteTable
 from meshd.statedir import KnownNode, MeshState, StateDir
 from meshd.states import Role
-from tests.passive.test_passive import IDS, Dialer, M, StandbyNode, entry, make_token, node, table
+from tests.passive.test_passive import (
+    IDS,
+    Dialer,
+    M,
+    StandbyNode,
+    entry,
+    make_token,
+    node,
+    route_client,
+    table,
+)
 
 # -- a standby whose every active node is gone --------------------------------------------------
 
 
-def checked_in(i: int, vram_gb: float, promoted: list, last):
-    """Standby ``IDS[i]`` checked in with the token's issuer (IDS[0]) and holds ``last``."""
+def checked_in(i: int, vram_gb: float, promoted: list, last, ids=IDS):
+    """Standby ``ids[i]`` checked in with the token's issuer (IDS[0]) and holds ``last``;
+    ``ids[i]`` is its identity's node id when given (``idents``)."""
     dialer = Dialer()
     cfg = Config().replace("node", standby=True)
-    p = passivemod.PassiveNode(cfg, StandbyNode(IDS[i], vram_gb), identitymod.ephemeral(), None,
+    ident = ids[i] if not isinstance(ids[i], str) else identitymod.ephemeral()
+    nid = ident.node_id if not isinstance(ids[i], str) else IDS[i]
+    p = passivemod.PassiveNode(cfg, StandbyNode(nid, vram_gb), ident, None,
                                reactor=Clock(), endpoint_for=lambda d, nid, m: None,
-                               on_promote=lambda model, why: promoted.append((IDS[i], model)),
+                               on_promote=lambda model, why: promoted.append((nid, model)),
                                connect_fn=dialer, random=lambda: 0.5)  # no jitter
     c = p.client
     c.mesh = MeshState("mesh1", b"s" * 32)
@@ -117,6 +134,109 @@ def test_the_token_issuer_counts_in_the_full_round():
     assert promoted == [(IDS[1], "m1")]
 
 
+# -- standbys are findable: a passive node whose every active node is gone dials them ------------
+
+
+def addressed(i: int, vram_gb: float, ids=IDS) -> NodeEntry:
+    """A standby entry that says where it listens once promoted, as every standby now does."""
+    nid = ids[i] if isinstance(ids[i], str) else ids[i].node_id
+    return NodeEntry(nid, "standby", int(vram_gb * GB), (f"127.0.0.1:{7000 + i}",),
+                     available_models=(M,))
+
+
+def idents(n: int) -> list:
+    """The host's id (IDS[0]), then ``n`` real identities (a standby never dials itself: its
+    identity's node id must be its entry's)."""
+    return [IDS[0], *(identitymod.ephemeral() for _ in range(n))]
+
+
+def test_standby_entries_carry_where_the_standby_listens_once_promoted():
+    r = PassiveRegistry()
+    req = CheckIn("standby", None, 10.0, 16 * GB, (M,), ("127.0.0.1:7003",))
+    assert CheckIn.from_body(json.loads(wire.dump_json(req.to_body()))) == req
+    assert r.check_in("s", IDS[3], req, now=0)
+    t = table(node(0, serving=["m1"]), standby=r.standbys())
+    body = json.loads(wire.dump_json(t.to_body()))
+    assert body["standby"][0]["addrs"] == ["127.0.0.1:7003"]
+    assert RouteTable.from_body(body).standby_addrs() == [(IDS[3], ("127.0.0.1:7003",))]
+    # a standby of an older version says nothing: listed, but not dialled
+    assert CheckIn.from_body({"kind": "standby", "vram_bytes": GB}).addrs == ()
+
+
+def test_a_standby_checks_in_with_its_listen_address():
+    dialer = Dialer()
+    cfg = Config().replace("node", standby=True).replace("mesh", listen="127.0.0.1:7011")
+    p = passivemod.PassiveNode(cfg, StandbyNode(IDS[1], 16), identitymod.ephemeral(), None,
+                               reactor=Clock(), endpoint_for=lambda d, nid, m: None,
+                               connect_fn=dialer)
+    p.client.mesh = MeshState("mesh1", b"s" * 32)
+    p.client.tokens = [make_token(IDS[0])]
+    p.client.start()
+    conn = dialer.succeed(p.client)
+    assert conn.sent[0][1]["addrs"] == ["127.0.0.1:7011"]
+    # port 0 is chosen only when it listens: nothing to say
+    cfg0 = cfg.replace("mesh", listen="127.0.0.1:0")
+    assert passivemod.promoted_addrs(cfg0) == ()
+    assert passivemod.promoted_addrs(cfg0.replace("mesh", advertise=["10.1.2.3:7842"])) == (
+        "10.1.2.3:7842",)
+
+
+def test_a_client_whose_last_active_node_died_checks_in_with_the_standby_that_took_over():
+    """No second active node: the client's round goes to the standby of its last table,
+    which refuses while it still stands by and answers once promoted."""
+    c, clock, dialer, tables = route_client(tokens_=[make_token(IDS[0])])
+    c.start()
+    first = dialer.succeed(c)
+    first.answer(table(node(0, serving=["m1"]), standby=[addressed(1, 16)]).to_body())
+    first.close("connection lost")  # kill -9 of the only active node
+    target = dialer.attempts[-1][0]
+    assert target.node_id == IDS[1] and target.standby and target.addrs == ("127.0.0.1:7001",)
+    dialer.fail()  # not promoted yet: nothing listens there
+    clock.advance(1.01)
+    assert [t.node_id for t, _, d in dialer.attempts if not d.called] == [IDS[0]]
+    dialer.fail()  # the dead host again
+    assert dialer.attempts[-1][0].node_id == IDS[1]
+    conn = dialer.succeed(c)  # promoted: it is an active node now, with the mesh secret
+    assert dialer.attempts[-1][1].token_id is None and dialer.attempts[-1][1].key == b"s" * 32
+    assert c.via == IDS[1] and conn.sent[0][1]["kind"] == "client"
+    conn.answer(table(node(1, serving=["m1"]), etag="t.2").to_body())
+    assert [h.node_id for h in c.table.hosts_of("m1")] == [IDS[1]]
+    assert c.all_unreachable() is False
+
+
+def test_a_standby_that_lost_the_tie_break_finds_the_winner():
+    promoted: list = []
+    ids = idents(2)
+    s1, s2 = ids[1].node_id, ids[2].node_id
+    last = table(node(0, serving=["m1"]), standby=[addressed(1, 16, ids), addressed(2, 24, ids)])
+    runs = [checked_in(i, gb, promoted, last, ids) for i, gb in ((1, 16), (2, 24))]
+    for other, (_, c, dialer, conn) in zip((s2, s1), runs, strict=True):
+        conn.close("connection lost")
+        # the round after a lost connection: the other standby (not promoted: refused)
+        assert fail_round(dialer) == [other]
+        c.reactor.advance(1.01)
+    (winner, _, winner_dialer, _), (loser, c, dialer, _) = runs[1], runs[0]
+    # the winner decides once the host failed, before dialling the other standby
+    assert winner_dialer.attempts[-1][0].node_id == IDS[0]
+    winner_dialer.fail()
+    assert promoted == [(s2, "m1")]
+    # (decided while the dial to the other standby is still pending)
+    assert winner_dialer.attempts[-1][0].node_id == s1 and not winner_dialer.attempts[-1][2].called
+    assert winner.promotion["because"] == "every active node is unreachable"
+    # the loser: the host fails, then it dials the other standby -- the winner, which answers
+    assert dialer.attempts[-1][0].node_id == IDS[0]
+    dialer.fail()
+    assert promoted == [(s2, "m1")] and loser.promotion is None
+    target = dialer.attempts[-1][0]
+    assert target.node_id == s2 and target.addrs == ("127.0.0.1:7002",)
+    conn = dialer.succeed(c)
+    assert c.via == s2 and conn.sent[0][1]["kind"] == "standby"
+    now_active = NodeEntry(s2, "host", 24 * GB, ("127.0.0.1:7002",), ("m1",))
+    conn.answer(table(now_active, standby=[addressed(1, 16, ids)], etag="t.2").to_body())
+    assert loser.promotion is None and promoted == [(s2, "m1")]
+    assert [n.node_id for n in c.table.active_nodes] == [s2]
+
+
 # -- an idle active node that assignment gives nothing becomes a standby ------------------------
 
 
@@ -148,7 +268,7 @@ def peer(i: int, serving=(), loading=(), waiting=()) -> Any:
     return SimpleNamespace(node_id=IDS[i], role="host" if serving else "idle",
                            vram_bytes=8 * GB, serving=list(serving), loading=list(loading),
                            waiting=list(waiting), available_models=[], requested_models=[],
-                           rtt_ms=1.0, addrs=[f"127.0.0.1:{7000 + i}"])
+                           rtt_ms=1.0, addrs=[f"127.0.0.1:{7000 + i}"], name=f"box-{i}")
 
 
 class FakedGroups:
@@ -258,7 +378,7 @@ def test_an_idle_node_assignment_gives_a_model_serves_it_as_today(tmp_path):
 def test_a_node_whose_model_was_dropped_neither_stands_by_nor_promotes_for_it(tmp_path):
     t = active_idle(tmp_path, vram_gb=8.0, peers=[peer(0, serving=["m2"])])
     n = t.node
-    n.dropped.add("m1")  # meshctl drop m1: its only model on disk
+    n.desired.decide("m1", Want.DROPPED, by="x")  # meshctl drop m1: its only model on disk
     assert n.rebalancer.assign() is None
     assert not t.mesh.left and n.passive is None and n.role == "idle"
     t.roles.stopService()

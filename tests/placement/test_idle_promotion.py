@@ -10,6 +10,7 @@ import pluggy
 from twisted.internet import defer
 from twisted.internet.task import Clock
 
+from meshd.mesh.desired import Want
 from meshd.mesh.membership import PeerChanged, PeerDown, PeerLeft, PeerUp
 from meshd.models.scan import LocalModel
 from meshd.placement import default, plugins
@@ -131,7 +132,7 @@ def test_a_serving_node_a_client_and_a_dropped_model_never_promote():
 
     dropped, dropped_acts = idle_node("d", disk={"m": 300 * MB},
                                       peers=[peer("h", serving=["m"], disk=disk)])
-    dropped.dropped.add("m")
+    dropped.desired.decide("m", Want.DROPPED, by="x")
     host_dies(dropped)
     assert dropped_acts.log == []
 

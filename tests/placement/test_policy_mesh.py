@@ -181,6 +181,24 @@ def test_a_pinned_model_runs_on_its_pinned_node_and_no_other_takes_it(
         assert hosts_listed(other, "m-pin") == [node_id(pinned)]
         assert serving(other) is None and answered(other) == 0
 
+        # meshctl explain names the plugin that answered the assignment hook, on the
+        # pinned node; the other node (a standby now) plans the model from its routing table
+        explained = json.loads(pinned.ctl("explain", "m-pin", "--json").stdout)
+        hooks = {h["hook"]: h for h in explained["election"]["hooks"]}
+        assert (hooks["meshd_assign_model"]["answered_by"], hooks["meshd_assign_model"]["asked"],
+                hooks["meshd_assign_model"]["answer"]) == (
+            "pinned", ["pinned", "default"], "m-pin: pinned to this node by [policy.pinned]")
+        assert explained["election"]["mode"] == "solo"
+        assert [h["node_id"] for h in explained["routing"]["order"]] == [node_id(pinned)]
+        seen = json.loads(other.ctl("explain", "m-pin", "--json").stdout)["election"]
+        assert seen["source"].startswith("planned now on this passive node from its routing")
+        parts = {p["node_id"]: (p["part"], p["reason"]) for p in seen["nodes"]}
+        assert parts[node_id(pinned)][0] == "solo"
+        assert parts[node_id(other)] == ("not in the group",
+                                         "a standby: passive nodes take no part in elections")
+        route = json.loads(other.ctl("explain", "m-pin", "--json").stdout)["routing"]
+        assert [h["node_id"] for h in route["order"]] == [node_id(pinned)]
+
         # the pinned node leaves: the other node hears it and the promotion hook declines
         pinned.stop()
         other.wait_for(lambda n: "not promoting: plugin pinned declined" in n.log(),

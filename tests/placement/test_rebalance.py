@@ -7,6 +7,7 @@ import pytest
 from twisted.internet import defer
 from twisted.internet.task import Clock
 
+from meshd.mesh.desired import Want
 from meshd.mesh.membership import PeerChanged, PeerUp
 from meshd.placement.election import RUN, WAIT, WORKER, Rebalancer, decide, group_of
 from meshd.placement.snapshot import GB, MeshView, NodeView
@@ -249,7 +250,7 @@ def test_a_dropped_model_is_never_assigned_again():
     node = make_node("a", disk={"m1": 300 * MB}, clock=clock)
     r, acts = rebalancer(node)
     node.mesh.members["b"] = peer("b", requested=["m1"])
-    node.dropped.add("m1")
+    node.desired.decide("m1", Want.DROPPED, by="x")
     assert r.assign() is None
     assert acts.log == []
 

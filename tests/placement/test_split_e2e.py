@@ -348,6 +348,13 @@ def test_a_peer_beyond_max_rtt_is_left_out_of_the_split_and_stays_in_the_mesh(
         # the log says why; the handshake measured c, so no plan ever took it for near
         assert re.search(rf"split over 2 nodes; skipped {c_id} \(\d+ ms > 100 ms\)", a.log())
         assert "split over 3 nodes" not in a.log()
+        # meshctl explain says why, in numbers, beside each node's share
+        explained = json.loads(a.ctl("explain", MODEL, "--json").stdout)["election"]
+        part = {p["node_id"]: p for p in explained["nodes"]}
+        assert part[c_id]["part"] == "left out", part[c_id]
+        assert re.fullmatch(r"RTT \d+ ms > 100 ms \(\[models\] max_rtt_ms\)",
+                            part[c_id]["reason"]), part[c_id]
+        assert (part[a_id]["part"], part[b_id]["part"]) == ("split host", "split worker")
         # c stays in the mesh, and its API answers through the split
         assert any(p["node_id"] == c_id for p in a.status()["peers"])
         assert streamed(c).strip()

@@ -29,6 +29,7 @@ from meshd.serving.routing import NotReady, UnknownModel, Upstream
 from meshd.states import ForwardState, IllegalMove
 from tests.conftest import free_port
 from tests.harness.fakebackend import FakeBackend
+from tests.harness.promtext import Scrape
 
 MIB = 1024 * 1024
 
@@ -508,9 +509,13 @@ async def test_metrics_count_requests_by_model_and_status(serve, fake):
     await (await post(url + "/v1/chat/completions", chat())).content()
     await (await post(url + "/v1/chat/completions", chat("nope"))).content()
     text = (await (await get(url + "/metrics")).text())
-    assert 'meshd_api_requests_total{model="m",status="200"} 1' in text
-    assert 'meshd_api_requests_total{model="",status="404"} 1' in text
-    assert "meshd_api_in_flight 0" in text
+    scrape = Scrape(text)  # prometheus_client's own parser: the text is well-formed
+    assert scrape.value("meshd_api_requests_total", model="m", status="200", route="local") == 1
+    assert scrape.value("meshd_api_requests_total", model="", status="404", route="none") == 1
+    assert scrape.value("meshd_api_in_flight", hop="served") == 0
+    assert scrape.families["meshd_api_in_flight"].type == "gauge"
+    assert scrape.value("meshd_api_time_to_first_byte_seconds_count", model="m") == 1
+    assert scrape.value("meshd_api_request_duration_seconds_count", model="m") == 1
 
 
 # -- in memory: backpressure, disconnects, drain -------------------------------------------------
