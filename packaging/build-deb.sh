@@ -43,6 +43,9 @@ mkdir -p "$house"
 (cd "$src" && git ls-files -co --exclude-standard -z 2>/dev/null || find . -type f -print0) |
   (cd "$src" && tar --null --ignore-failed-read -T - -cf - 2>/dev/null) | (mkdir -p "$stage/src" && cd "$stage/src" && tar -xf -)
 "$python" -m pip wheel --quiet --no-deps --wheel-dir "$wheels" "$stage/src"
+# a meshd wheel left in the house by an earlier build has the same version and older
+# requirements: pip would take its metadata ("already downloaded") and miss new dependencies
+rm -f "$house"/meshd-*.whl
 "$python" -m pip wheel --quiet --wheel-dir "$house" --find-links "$house" "$(ls "$wheels"/meshd-*.whl)"
 find "$house" -name '*.whl' ! -name 'meshd-*' -exec cp {} "$wheels/" \;
 
