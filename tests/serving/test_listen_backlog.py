@@ -5,7 +5,8 @@ a burst of connections (the suite's 1,000 keep-alive clients, opened one after
 another) fills the kernel's accept queue while the reactor is busy, the kernel
 drops the next SYN, and that client -- any client, a well-behaved one too -- waits
 for the SYN's retransmission: a second, then three.  The client API, the console
-(both through ``meshd.config.tcp_endpoint``) and the mesh port listen with
+(both through ``meshd.config.tcp_endpoint``), the mesh port and the control socket
+listen with
 ``meshd.config.LISTEN_BACKLOG``, 1024, (the kernel caps it at ``net.core.somaxconn``).
 """
 
@@ -35,4 +36,16 @@ def test_the_mesh_port_listens_with_a_deep_backlog(tmp_path):
     mesh = MeshService(cfg, state, identity.load_or_create(state), reactor=reactor, local_info=dict)
     mesh._listen()
     (port, _factory, backlog, _interface) = reactor.tcpServers[0]
+    assert backlog >= 511
+
+
+def test_the_control_socket_listens_with_a_deep_backlog(tmp_path):
+    """A UNIX socket does not retry: with the backlog full, ``connect`` fails at once
+    (EAGAIN), so meshctl failed with "Resource temporarily unavailable" while 200
+    connections were being opened (the every-door suite's idle flood)."""
+    from meshd.daemon.control import listen_control
+
+    reactor = MemoryReactorClock()
+    listen_control(str(tmp_path / "control.sock"), None, reactor=reactor)
+    (_path, _factory, backlog, _mode, _want_pid) = reactor.unixServers[0]
     assert backlog >= 511
