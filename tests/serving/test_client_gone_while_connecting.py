@@ -50,8 +50,10 @@ def test_a_client_gone_while_the_upstream_connect_is_pending_blames_no_host_and_
     client = StringTransport(peerAddress=IPv4Address("TCP", "127.0.0.1", 5555))
     channel.makeConnection(client)
     body = json.dumps(chat(stream=True)).encode()
-    channel.dataReceived(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\n"
-                         b"Content-Length: %d\r\n\r\n%s" % (len(body), body))
+    channel.dataReceived(
+        b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\n"
+        b"Content-Length: %d\r\n\r\n%s" % (len(body), body)
+    )
     assert len(endpoint.pending) == 1 and not endpoint.pending[0].called
 
     errors: list[dict] = []
