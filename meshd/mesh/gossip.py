@@ -45,7 +45,7 @@ from twisted.internet.interfaces import IDelayedCall, IListeningPort
 from twisted.python.failure import Failure
 
 from meshd.backoff import Backoff
-from meshd.config import Config, format_address, parse_address
+from meshd.config import LISTEN_BACKLOG, Config, format_address, parse_address
 from meshd.errors import Refused
 from meshd.mesh import desired as desiredmod
 from meshd.mesh import tokens as tokensmod
@@ -376,7 +376,7 @@ class MeshService(service.Service):
     def _listen(self) -> None:
         host, port = parse_address(self.cfg.listen)
         factory = server_factory(self.tls, self._build_server, self.reactor)
-        self._port = self.reactor.listenTCP(port, factory, interface=host)
+        self._port = self.reactor.listenTCP(port, factory, backlog=LISTEN_BACKLOG, interface=host)
         bound = self._port.getHost()
         if isinstance(bound, (IPv4Address, IPv6Address)):
             port = bound.port  # the one the kernel chose for a :0 listen
