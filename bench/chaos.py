@@ -65,11 +65,11 @@ def faults(hold_s: float) -> list[Fault]:
               remove=lambda lab, pid: lab.sigcont([pid]), hold_s=hold_s, paused="c",
               converge_bound_s=90),
         Fault("cut cl-d (DROP)", apply=lambda lab: lab.cut("cl", "d"),
-              remove=lambda lab, _: lab.heal(), hold_s=2 * hold_s),
+              remove=lambda lab, _: lab.heal(), hold_s=2 * hold_s, steady=True),
         Fault("200 ms delay", apply=lambda lab: lab.delay(True),
-              remove=lambda lab, _: lab.delay(False), hold_s=2 * hold_s),
+              remove=lambda lab, _: lab.delay(False), hold_s=2 * hold_s, steady=True),
         Fault("5 % loss", apply=lambda lab: lab.loss(0.05),
-              remove=lambda lab, _: lab.loss(None), hold_s=2 * hold_s),
+              remove=lambda lab, _: lab.loss(None), hold_s=2 * hold_s, steady=True),
         Fault("partition ab+cl | cd",
               apply=lambda lab: lab.partition(["a", "b", "cl"], ["c", "d"]),
               during=partition_views, remove=lambda lab, _: lab.heal(), hold_s=hold_s,
@@ -132,6 +132,8 @@ def main() -> int:
     for f in plan:
         if f.paused:
             print(f"executed twice ({f.name}): {f.executed_twice} ({'; '.join(f.notes)})")
+        elif f.notes:
+            print(f"{f.name}: {'; '.join(f.notes)}")
     if args.requests_table:
         print(outcome_lines(outcomes, plan, names))
     hangs = sum(r["hang"] for r in rows)
@@ -145,7 +147,9 @@ def main() -> int:
             "settings": {"mesh": TIMING, "api": API, "llama": LLAMA},
             "hang_bound_s": HANG_BOUND_S,
             "phases": [{"name": f.name, "detect_s": f.detect_s, "converge_s": f.converge_s,
-                        "executed_twice": f.executed_twice, "notes": f.notes} for f in plan],
+                        "t_apply": f.t_apply, "t_remove": f.t_remove, "t_end": f.t_end,
+                        "executed_twice": f.executed_twice, "retried_away": f.retried_away,
+                        "polls": f.polls, "dips": f.dips, "notes": f.notes} for f in plan],
             "rows": [{**r, "errors": dict(r["errors"])} for r in rows],
             "outcomes": outcomes}, indent=1))
     if not args.keep:

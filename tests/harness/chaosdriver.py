@@ -31,14 +31,14 @@ import openai
 def one(client: openai.OpenAI, i: int, model: str, stream: bool, max_tokens: int) -> dict[str, Any]:
     rec: dict[str, Any] = {"i": i, "model": model, "stream": stream, "t0": time.time(),
                            "chunks": 0, "node": None}
-    messages = [{"role": "user", "content": f"Request {i}: say hello."}]
+    messages: list[Any] = [{"role": "user", "content": f"Request {i}: say hello."}]
     try:
         raw = client.chat.completions.with_raw_response.create(
             model=model, messages=messages, max_tokens=max_tokens, stream=stream,
-            user=f"chaos-{i}")  # type: ignore[call-overload]
+            user=f"chaos-{i}")
         rec["node"] = raw.headers.get("x-meshd-node")
         rec["status"] = raw.status_code
-        parsed = raw.parse()
+        parsed: Any = raw.parse()
         if stream:
             finish = None
             for chunk in parsed:

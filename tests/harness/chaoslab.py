@@ -30,12 +30,12 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from tests.conftest import ROOT, free_port
+from tests.conftest import ROOT
 from tests.harness.daemon import Meshd, children_of, pid_alive
 from tests.harness.meshnodes import Namespaces, in_netns, ip
 
@@ -62,7 +62,7 @@ class View:
     hosts: tuple[tuple[str, frozenset[str]], ...]
 
     @classmethod
-    def of(cls, members: Iterable[str], hosts: dict[str, Iterable[str]]) -> View:
+    def of(cls, members: Iterable[str], hosts: Mapping[str, Iterable[str]]) -> View:
         return cls(frozenset(members),
                    tuple(sorted((m, frozenset(h)) for m, h in hosts.items() if h)))
 
@@ -148,6 +148,8 @@ class Lab:
         self.cuts: list[list[str]] = []  # iptables rule specs in the hub, to delete on heal
         self.lossy = False
         self.started: list[Meshd] = []  # every daemon process started, for close()
+        self.driver_proc: subprocess.Popen[str] | None = None
+        self.outcomes_path: Path | None = None
 
     # -- building --------------------------------------------------------------------------
 
@@ -372,21 +374,22 @@ class Lab:
                "--max-s", str(max_s), "--concurrency", str(concurrency),
                "--timeout-s", str(request_timeout_s), "--max-tokens", str(max_tokens)]
         proc = subprocess.Popen(cmd, cwd=ROOT, text=True)
-        self.driver_proc: subprocess.Popen[str] | None = proc
-        self.outcomes_path = out
+        self.driver_proc, self.outcomes_path = proc, out
         return proc
 
     # -- llama-server's own record of finished tasks ---------------------------------------
 
     def finished_tasks(self, name: str) -> int:
-        """Tasks llama-server says it finished (its ``slot release`` lines in the node's
-        log), to tell whether a paused host finished a request after resuming."""
-        return self.nodes[name].daemon.log().count("slot      release")
+        """Tasks llama-server says it finished generating (its ``print_timing`` ... ``total
+        time`` line, one per task that ran to its end; a cancelled task has none), in the
+        node's log: whether a paused host finished a request after resuming."""
+        return sum(1 for line in self.nodes[name].daemon.log().splitlines()
+                   if "print_timing" in line and "total time" in line)
 
     # -- cleaning up ------------------------------------------------------------------------
 
     def close(self) -> None:
-        proc = getattr(self, "driver_proc", None)
+        proc = self.driver_proc
         if proc is not None and proc.poll() is None:
             proc.kill()
             proc.wait(10)
@@ -429,4 +432,4 @@ def read_outcomes(path: Path) -> list[dict[str, Any]]:
         return []
 
 
-__all__ = ["Lab", "LabError", "LabNode", "View", "free_port", "read_outcomes", "view_of", "wait"]
+__all__ = ["Lab", "LabError", "LabNode", "View", "read_outcomes", "view_of", "wait"]

@@ -36,6 +36,7 @@ class Fault:
     detect_bound_s: float = 30.0
     converge_bound_s: float = 30.0
     paused: str | None = None  # the host paused (SIGSTOP), for the executed-twice count
+    steady: bool = False  # the views should not change: count the polls where one did
     # filled in by run()
     t_apply: float = 0.0
     t_remove: float = 0.0
@@ -44,6 +45,8 @@ class Fault:
     converge_s: float | None = None
     executed_twice: int | None = None
     retried_away: int | None = None
+    polls: int = 0  # steady faults: view polls during the hold, and those off the full view
+    dips: int = 0
     notes: list[str] = field(default_factory=list)
 
 
@@ -62,7 +65,7 @@ def run(lab: Lab, faults: list[Fault], log: Callable[[str], None] = print) -> No
                                       who=_who(lab, expected), since=m0)
         log(f"{f.name}: applied" + (f", seen by every node in {f.detect_s:.2f} s"
                                      if f.detect_s is not None else ""))
-        time.sleep(f.hold_s)  # traffic under the fault (the waits above are on state)
+        _hold(lab, f)
         f.t_remove = time.time()
         m1 = time.monotonic()
         f.remove(lab, it)
@@ -74,6 +77,25 @@ def run(lab: Lab, faults: list[Fault], log: Callable[[str], None] = print) -> No
         f.t_end = time.time()
         if f.paused:
             _count_doubles(lab, f, marks, tasks_before)
+
+
+def _hold(lab: Lab, f: Fault) -> None:
+    """Traffic under the fault for ``hold_s`` (a fixed span: the waits are on state);
+    a steady fault's views are polled meanwhile, every node against the full view."""
+    end = time.monotonic() + f.hold_s
+    full = lab.full_view() if f.steady else None
+    while (left := end - time.monotonic()) > 0:
+        if full is not None:
+            views = lab.views([n for n, node in lab.nodes.items() if node.alive()])
+            f.polls += 1
+            if any(v != full for v in views.values()):
+                f.dips += 1
+                if f.dips == 1:
+                    nm = lab.names()
+                    f.notes.append("first poll off the full view: " + "; ".join(
+                        f"{n} {v.show(nm) if v else 'no answer'}" for n, v in views.items()
+                        if v != full))
+        time.sleep(min(0.5, max(0.0, left)))
 
 
 def _who(lab: Lab, expected: View | dict[str, View]) -> list[str] | None:
@@ -88,12 +110,13 @@ def _marks(lab: Lab) -> dict[str, int]:
 
 def _count_doubles(lab: Lab, f: Fault, marks: dict[str, int], tasks_before: int) -> None:
     """The paused host's llama-server may finish, after it resumes, a request that was
-    already retried elsewhere: the tasks it finished from the pause until the views
-    agreed again that no client got from it, bounded by the requests retried away from
+    already retried elsewhere: the tasks it finished generating from the pause until the
+    views agreed again that no client got from it, bounded by the requests retried away from
     it.  (An 8-token task takes well under the seconds the views take to agree after
     SIGCONT, so a resumed task has finished by then.)"""
     host = lab.nodes[f.paused]  # type: ignore[index]
     finished = lab.finished_tasks(f.paused) - tasks_before  # type: ignore[arg-type]
+    assert lab.outcomes_path is not None, "the driver is not running"
     answered = sum(1 for r in read_outcomes(lab.outcomes_path)
                    if r.get("node") == host.node_id and r["t1"] >= f.t_apply)
     pattern = re.compile(rf"upstream {re.escape(host.node_id)}\S* for \S+ failed before "
@@ -113,9 +136,11 @@ def _count_doubles(lab: Lab, f: Fault, marks: dict[str, int], tasks_before: int)
 
 
 def phase_of(rec: dict[str, Any], faults: list[Fault]) -> str:
+    """The fault during which the request *ended* (a request in flight when a fault
+    begins fails, if it does, under that fault)."""
     for f in reversed(faults):
-        if f.t_apply and rec["t0"] >= f.t_apply:
-            return f.name if rec["t0"] < f.t_end else "after"
+        if f.t_apply and rec["t1"] >= f.t_apply:
+            return f.name if rec["t1"] < f.t_end else "after"
     return "before"
 
 
@@ -148,16 +173,17 @@ def summarize(outcomes: list[dict[str, Any]], faults: list[Fault], hang_bound_s:
 
 def table(rows: list[dict[str, Any]], faults: list[Fault]) -> str:
     by = {f.name: f for f in faults}
-    head = (f"{'phase':26s} {'reqs':>4s} {'ok':>4s} {'hang':>4s} {'uncl':>4s} {'max s':>6s} "
-            f"{'seen s':>6s} {'agree s':>7s}  clean errors")
+    head = (f"{'phase (requests by end)':26s} {'reqs':>4s} {'ok':>4s} {'hang':>4s} {'uncl':>4s} "
+            f"{'max s':>6s} {'seen s':>6s} {'agree s':>7s} {'dips':>6s}  clean errors")
     lines = [head, "-" * len(head)]
     for r in rows:
         f = by.get(r["phase"])
         seen = f"{f.detect_s:.2f}" if f and f.detect_s is not None else "-"
         agree = f"{f.converge_s:.2f}" if f and f.converge_s is not None else "-"
+        dips = f"{f.dips}/{f.polls}" if f and f.steady else "-"
         errs = ", ".join(f"{n}x {k}" for k, n in sorted(r["errors"].items())) or "none"
         lines.append(f"{r['phase']:26s} {r['requests']:4d} {r['ok']:4d} {r['hang']:4d} "
-                     f"{r['unclean']:4d} {r['max_s']:6.1f} {seen:>6s} {agree:>7s}  {errs}")
+                     f"{r['unclean']:4d} {r['max_s']:6.1f} {seen:>6s} {agree:>7s} {dips:>6s}  {errs}")
     return "\n".join(lines)
 
 
