@@ -115,7 +115,8 @@ class ModelsConfig:
 
 @dataclass(frozen=True)
 class LlamaConfig:
-    # empty: the build that scripts/build-llama.sh cached, else llama-server on PATH
+    # empty: the build that scripts/build-llama.sh cached, else the meshd-llama-cpp
+    # package's /usr/lib/meshd/llama.cpp/bin, else llama-server on PATH
     bin_dir: str = ""
     ctx_size: int = 4096
     # 0: let llama.cpp choose
@@ -230,10 +231,16 @@ def format_address(host: str, port: int) -> str:
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
+# the accept queue of every TCP door (Twisted's default is 50): a burst of connections
+# must not overflow it while the reactor is busy, or the kernel drops the next SYN and
+# that client waits a second for its retransmission (the kernel caps it at somaxconn)
+LISTEN_BACKLOG = 1024
+
+
 def tcp_endpoint(address: str) -> str:
     """A Twisted server endpoint string for ``host:port`` (IPv6 colons escaped)."""
     host, port = parse_address(address)
-    return f"tcp:{port}:interface={host.replace(':', chr(92) + ':')}"
+    return f"tcp:{port}:interface={host.replace(':', chr(92) + ':')}:backlog={LISTEN_BACKLOG}"
 
 
 def is_loopback(host: str) -> bool:

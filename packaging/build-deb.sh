@@ -9,7 +9,9 @@
 # installing needs no network and the venv always matches the installed Python.
 # /usr/bin/meshd and /usr/bin/meshctl point into the venv; the unit goes to
 # /lib/systemd/system/meshd.service; /etc/meshd.toml is a conffile; postinst
-# creates the `meshd` system user and group.
+# creates the `meshd` system user and group. It depends on meshd-llama-cpp
+# (packaging/build-llama-deb.sh: llama-server and ggml-rpc-server where meshd finds
+# them), which the CUDA build meshd-llama-cpp-cuda provides as well.
 #
 # Environment: WHEELHOUSE=DIR reuses (and fills) a directory of dependency wheels
 # between builds; PYTHON picks the interpreter that builds the wheels (its major.minor
@@ -41,6 +43,9 @@ mkdir -p "$house"
 (cd "$src" && git ls-files -co --exclude-standard -z 2>/dev/null || find . -type f -print0) |
   (cd "$src" && tar --null --ignore-failed-read -T - -cf - 2>/dev/null) | (mkdir -p "$stage/src" && cd "$stage/src" && tar -xf -)
 "$python" -m pip wheel --quiet --no-deps --wheel-dir "$wheels" "$stage/src"
+# a meshd wheel left in the house by an earlier build has the same version and older
+# requirements: pip would take its metadata ("already downloaded") and miss new dependencies
+rm -f "$house"/meshd-*.whl
 "$python" -m pip wheel --quiet --wheel-dir "$house" --find-links "$house" "$(ls "$wheels"/meshd-*.whl)"
 find "$house" -name '*.whl' ! -name 'meshd-*' -exec cp {} "$wheels/" \;
 
@@ -64,7 +69,7 @@ Version: $version
 Architecture: $arch
 Maintainer: meshd developers <meshd@localhost>
 Installed-Size: $size
-Depends: python3 (>= $pyver), python3 (<< ${pyver%.*}.$((${pyver#*.} + 1))), python3-venv, passwd, procps
+Depends: python3 (>= $pyver), python3 (<< ${pyver%.*}.$((${pyver#*.} + 1))), python3-venv, passwd, procps, meshd-llama-cpp
 Section: net
 Priority: optional
 Description: pool the GPUs of many machines into one mesh for LLM inference

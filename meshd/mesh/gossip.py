@@ -28,7 +28,9 @@ Gossip, in short (``docs/protocol.md`` has the frames):
   peers older than DESIRED, and heard from them as a decision.
 - A node with no peer left retries its bootstrap and known nodes with back-off
   (1 s doubling up to ``[mesh] rejoin_s``); with peers, every ``rejoin_s`` it
-  re-dials nodes others are connected to but it is not (a healed link).
+  re-dials nodes others are connected to but it is not (a healed link), and the
+  peers it lost without a LEAVING (a healed partition: nobody on this side is
+  connected to the other side, so no rumor would bring them back).
 """
 
 from __future__ import annotations
@@ -45,7 +47,7 @@ from twisted.internet.interfaces import IDelayedCall, IListeningPort
 from twisted.python.failure import Failure
 
 from meshd.backoff import Backoff
-from meshd.config import Config, format_address, parse_address
+from meshd.config import LISTEN_BACKLOG, Config, format_address, parse_address
 from meshd.errors import Refused
 from meshd.mesh import desired as desiredmod
 from meshd.mesh import tokens as tokensmod
@@ -57,6 +59,10 @@ from meshd.mesh.joining import Joiner, JoinFailed
 from meshd.mesh.membership import (
     Event,
     Membership,
+    PeerChanged,
+    PeerDown,
+    PeerLeft,
+    PeerUp,
     PeerView,
     Verdict,
     view_from_announce,
@@ -85,6 +91,7 @@ LEAVE_BOUND_S = 1.0  # leave() fires after this long even if a peer does not tak
 # the words are those older peers look for)
 DUPLICATE_REASON = "duplicate connection (the other one is kept)"
 RUMOR_ATTEMPTS = 5  # dial a node others report this many times before forgetting it
+MAX_LOST = 64  # peers lost without a LEAVING that are re-dialled, most recent kept
 DROPS_REMEMBERED = 1024  # DROP ids kept to forward each drop once
 
 
@@ -132,6 +139,9 @@ class MeshService(service.Service):
         self._last_announce: dict[str, Any] | None = None
         self._dialing: set[str] = set()
         self._rumor_tries: dict[str, int] = {}
+        self._addrs: dict[str, tuple[str, ...]] = {}  # each member's addresses
+        self._lost_peers: dict[str, tuple[str, ...]] = {}  # peers down, not left: re-dialled
+        self._lost_tries: dict[str, int] = {}
         self._backoff = Backoff.reconnect(self.cfg.rejoin_s)  # rejoin and [mesh] join retries
         self.joiner = Joiner(self, state, reactor, self._backoff)
         self._rejoin_call: IDelayedCall | None = None
@@ -376,7 +386,7 @@ class MeshService(service.Service):
     def _listen(self) -> None:
         host, port = parse_address(self.cfg.listen)
         factory = server_factory(self.tls, self._build_server, self.reactor)
-        self._port = self.reactor.listenTCP(port, factory, interface=host)
+        self._port = self.reactor.listenTCP(port, factory, backlog=LISTEN_BACKLOG, interface=host)
         bound = self._port.getHost()
         if isinstance(bound, (IPv4Address, IPv6Address)):
             port = bound.port  # the one the kernel chose for a :0 listen
@@ -425,8 +435,12 @@ class MeshService(service.Service):
         def done(result: PeerProtocol | Failure) -> None:
             self._dialing.discard(node_id)
             if isinstance(result, Failure):
-                log.info("cannot reach node %s (%s): %s", self.table.label(node_id), why,
-                         result.value)
+                # a lost peer is re-dialled every rejoin_s: say so once, not every time
+                say = log.info
+                if node_id in self._lost_peers:
+                    tries = self._lost_tries[node_id] = self._lost_tries.get(node_id, 0) + 1
+                    say = log.debug if tries > 1 else log.info
+                say("cannot reach node %s (%s): %s", self.table.label(node_id), why, result.value)
                 if node_id in self.table.rumors:
                     tries = self._rumor_tries.get(node_id, 0) + 1
                     self._rumor_tries[node_id] = tries
@@ -704,7 +718,26 @@ class MeshService(service.Service):
     # -- membership events and rejoining ------------------------------------------------------------
 
     def _membership_event(self, event: Event) -> None:
+        self._note_lost(event)
         self._save_known()
+
+    def _note_lost(self, event: Event) -> None:
+        """Remember peers that went down without leaving, for ``_tend`` to re-dial."""
+        if isinstance(event, (PeerUp, PeerChanged)):
+            self._addrs[event.node.node_id] = event.node.addrs
+            self._lost_peers.pop(event.node.node_id, None)
+            self._lost_tries.pop(event.node.node_id, None)
+        elif isinstance(event, PeerDown):
+            addrs = self._addrs.pop(event.node_id, ())
+            if addrs:
+                self._lost_peers.pop(event.node_id, None)
+                self._lost_peers[event.node_id] = addrs
+                while len(self._lost_peers) > MAX_LOST:
+                    del self._lost_peers[next(iter(self._lost_peers))]
+        elif isinstance(event, PeerLeft):
+            self._addrs.pop(event.node_id, None)
+            self._lost_peers.pop(event.node_id, None)
+            self._lost_tries.pop(event.node_id, None)
 
     def _save_known(self) -> None:
         boot, known = self.state.load_peers()
@@ -754,6 +787,8 @@ class MeshService(service.Service):
             return
         for node_id, rumor in list(self.table.rumors.items()):
             self._dial(node_id, rumor.addrs, f"{self.table.label(rumor.via)} is connected to it")
+        for node_id, addrs in list(self._lost_peers.items()):
+            self._dial(node_id, addrs, "lost without leaving: a partition may have healed")
 
     def _cancel_timers(self) -> None:
         for call in (self._rejoin_call, self._tend_call):

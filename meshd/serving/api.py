@@ -860,12 +860,15 @@ class Forward:
             return
         log.info("client of %s went away; closing the upstream %s", self.model,
                  self.upstream.name if self.upstream else "-")
-        if self.connecting is not None:
-            self.connecting.cancel()
-        if self.conn is not None:
-            conn, self.conn = self.conn, None
-            conn.abort()
+        connecting, self.connecting = self.connecting, None
+        conn, self.conn = self.conn, None
+        # done first: cancelling a pending connect runs its errback at once, which
+        # must see the client's end, not an unreachable host to blame and answer 503
         self._finished(499)
+        if connecting is not None:
+            connecting.cancel()
+        if conn is not None:
+            conn.abort()
 
     def _finished(self, status: int, upstream_done: bool = False) -> None:
         """Account for the end of this request; ``upstream_done``: request_finished already said."""

@@ -704,14 +704,31 @@ def test_find_bin_dir_finds_the_cached_build_like_the_build_script(tmp_path):
 def test_find_bin_dir_falls_back_to_path(tmp_path):
     on_path = _fake_bin(tmp_path / "usr" / "bin")
     env = {"MESHD_CACHE": str(tmp_path / "empty"), "PATH": on_path}
-    assert backend.find_bin_dir(LlamaConfig(), environ=env) == on_path
+    nopkg = str(tmp_path / "no-package")
+    assert backend.find_bin_dir(LlamaConfig(), environ=env, packaged=nopkg) == on_path
+
+
+def test_find_bin_dir_finds_the_package_before_path_and_after_the_cache(tmp_path):
+    packaged = _fake_bin(tmp_path / "usr" / "lib" / "meshd" / "llama.cpp" / "bin")
+    on_path = _fake_bin(tmp_path / "usr" / "bin")
+    env = {"MESHD_CACHE": str(tmp_path / "cache"), "PATH": on_path}
+    assert backend.find_bin_dir(LlamaConfig(), environ=env, packaged=packaged) == packaged
+    cached = _fake_bin(tmp_path / "cache" / "llama.cpp-11434.0.0" / "bin")
+    assert backend.find_bin_dir(LlamaConfig(), environ=env, packaged=packaged) == cached
+
+
+def test_the_companion_package_installs_where_find_bin_dir_looks():
+    script = os.path.join(os.path.dirname(__file__), "..", "..", "packaging", "build-llama-deb.sh")
+    with open(script) as f:
+        assert f"bin_dir={backend.PACKAGED_BIN_DIR}\n" in f.read()
 
 
 def test_find_bin_dir_says_how_to_build_when_nothing_is_found(tmp_path):
     env = {"MESHD_CACHE": str(tmp_path), "PATH": ""}
     with pytest.raises(backend.BackendError) as e:
-        backend.find_bin_dir(LlamaConfig(), environ=env)
+        backend.find_bin_dir(LlamaConfig(), environ=env, packaged=str(tmp_path / "no-package"))
     assert "scripts/build-llama.sh" in str(e.value) and "[llama] bin_dir" in str(e.value)
+    assert "meshd-llama-cpp" in str(e.value)
 
 
 def test_build_script_and_backend_pin_the_same_llama_cpp_version():

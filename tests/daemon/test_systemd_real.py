@@ -1,83 +1,24 @@
-"""meshd under a real systemd: the Debian package installed into a booted Debian root.
+"""meshd under a real systemd: the Debian packages installed into a booted Debian root.
 
-The root (``tests/harness/systemd_root.py``, cached in /var/cache/meshd-test) is never
-changed: each run mounts an overlay on it, so the package, the config and the
-journal land in a temporary upper directory that is thrown away afterwards.
-``packaging/build-deb.sh`` builds the .deb (dependency wheels cached beside the
-root); ``dpkg -i`` inside the booted root runs its postinst (meshd user, venv,
-daemon-reload) exactly as on a real machine.  The booted systemd shares the host's
-network, so the daemon listens on free loopback ports and serves no model.
+The root, its overlay and both packages come from ``tests/harness/systemd_machine.py``
+(shared with the other real-systemd tests); ``dpkg -i`` inside the booted root runs the
+postinst (meshd user, venv, daemon-reload) exactly as on a real machine.  This root
+shares the host's network, so the daemon listens on free loopback ports and serves no
+model (``test_systemd_package.py`` serves one, in a network namespace of its own).
 """
 
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import socket
-import subprocess
-import time
-from pathlib import Path
 
 import pytest
 
 from tests.harness import systemd_root
+from tests.harness.systemd_machine import SOCKET, Machine, booted_machine, build_packages, free_port
 
 pytestmark = [pytest.mark.systemd, pytest.mark.timeout(900)]
 
-PROJECT = Path(__file__).resolve().parents[2]
-SOCKET = "/run/meshd/control.sock"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class Machine:
-    """The booted root, as the tests see it."""
-
-    def __init__(self, booted: systemd_root.BootedSystemd, api: str):
-        self.booted = booted
-        self.api = api
-
-    def sh(self, *cmd: str, timeout_s: float = 120) -> subprocess.CompletedProcess:
-        return self.booted.run(*cmd, timeout_s=timeout_s)
-
-    def ok(self, *cmd: str, timeout_s: float = 120) -> str:
-        r = self.sh(*cmd, timeout_s=timeout_s)
-        assert r.returncode == 0, f"{' '.join(cmd)}: exit {r.returncode}\n{r.stdout}{r.stderr}"
-        return r.stdout
-
-    def show(self, *props: str) -> dict[str, str]:
-        args = [arg for p in props for arg in ("-p", p)]
-        out = self.ok("systemctl", "show", *args, "meshd.service")
-        return dict(line.split("=", 1) for line in out.splitlines() if "=" in line)
-
-    def wait_state(self, wanted: str, timeout_s: float = 60) -> dict[str, str]:
-        deadline = time.monotonic() + timeout_s
-        while True:
-            props = self.show("ActiveState", "SubState", "Result", "ExecMainStatus", "MainPID")
-            if props["ActiveState"] == wanted or time.monotonic() > deadline:
-                return props
-            time.sleep(0.3)
-
-    def ensure_started(self) -> None:
-        if self.show("ActiveState")["ActiveState"] != "active":
-            self.ok("systemctl", "start", "meshd.service", timeout_s=120)
-
-    def journal(self) -> str:
-        return self.ok("journalctl", "-u", "meshd.service", "--no-pager", "-o", "cat")
-
-
-def _mount_overlay(lower: Path, tmp: Path) -> Path:
-    upper, work, merged = tmp / "upper", tmp / "work", tmp / "merged"
-    for d in (upper, work, merged):
-        d.mkdir()
-    options = f"lowerdir={lower},upperdir={upper},workdir={work}"
-    subprocess.run(["mount", "-t", "overlay", "overlay", "-o", options, str(merged)], check=True)
-    return merged
+__all__ = ["Machine", "free_port"]  # where they lived before tests/harness/systemd_machine.py
 
 
 def _config(api_port: int, mesh_port: int) -> str:
@@ -98,49 +39,21 @@ serve = []
 
 
 @pytest.fixture(scope="module")
-def machine(tmp_path_factory):
+def machine(tmp_path_factory, llama_bin_dir):
     try:
-        rootfs = systemd_root.ensure_rootfs()
+        systemd_root.ensure_rootfs()
     except systemd_root.Unavailable as e:
         pytest.skip(f"no real systemd here: {e}")
     tmp = tmp_path_factory.mktemp("systemd-real")
-    env = dict(os.environ, WHEELHOUSE=str(systemd_root.CACHE / "wheelhouse"))
-    build = subprocess.run(
-        ["bash", str(PROJECT / "packaging" / "build-deb.sh"), str(tmp / "dist")],
-        capture_output=True,
-        text=True,
-        env=env,
-        timeout=600,
-    )
-    assert build.returncode == 0, f"build-deb.sh failed:\n{build.stderr[-3000:]}"
-    deb = Path(build.stdout.strip().splitlines()[-1])
-
-    merged = _mount_overlay(rootfs, tmp)
-    booted = systemd_root.BootedSystemd(merged)
-    try:
-        shutil.copy(deb, merged / "var" / "tmp" / "meshd.deb")
-        print(f"booting systemd in {merged}")
-        pid = booted.boot()
-        print(f"systemd is PID {pid} (outside)")
-        booted.wait_running()
-        api = f"127.0.0.1:{free_port()}"
-        m = Machine(booted, api)
-        m.ok("dpkg", "-i", "/var/tmp/meshd.deb", timeout_s=300)
-        config = merged / "etc" / "meshd.toml"
+    debs = build_packages(tmp_path_factory.getbasetemp() / "debs", llama_bin_dir)
+    api = f"127.0.0.1:{free_port()}"
+    with booted_machine(tmp, debs, api=api) as m:
+        assert m.merged is not None
+        config = m.merged / "etc" / "meshd.toml"
         config.write_text(_config(int(api.rsplit(":", 1)[1]), free_port()))
         m.ok("chown", "root:meshd", "/etc/meshd.toml")
         m.ok("chmod", "0640", "/etc/meshd.toml")
         yield m
-    finally:
-        if booted.pid is not None:
-            print(f"stopping systemd PID {booted.pid}")
-        booted.stop()
-        for _ in range(50):
-            if subprocess.run(["umount", str(merged)], capture_output=True).returncode == 0:
-                break
-            time.sleep(0.2)
-        else:
-            subprocess.run(["umount", "-l", str(merged)], capture_output=True)
 
 
 def test_package_creates_the_meshd_user_and_installs_meshctl(machine):

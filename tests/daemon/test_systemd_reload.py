@@ -1,7 +1,7 @@
 """``systemctl reload meshd`` under a real systemd, while a stream runs through the daemon.
 
 The Debian package is installed into the project's booted Debian root (the same
-harness and overlay as ``test_systemd_real.py``, whose ``Machine`` this reuses).  The
+harness, overlay and packages as ``test_systemd_real.py``: ``tests/harness/systemd_machine.py``).  The
 node serves a real model file through a fake llama-server (``tests/harness/fakebackend.py``,
 copied into the root; it needs only the root's python3) that streams slowly, so a
 chat stream from this test through the daemon's API on loopback is open across
@@ -15,18 +15,22 @@ from __future__ import annotations
 
 import http.client
 import json
-import os
 import shutil
-import subprocess
 import time
 from pathlib import Path
 
 import pytest
 import toml
 
-from tests.daemon.test_systemd_real import PROJECT, Machine, _mount_overlay, free_port
 from tests.harness import systemd_root
 from tests.harness.localhub import gguf_bytes
+from tests.harness.systemd_machine import (
+    PROJECT,
+    Machine,
+    booted_machine,
+    build_packages,
+    free_port,
+)
 
 pytestmark = [pytest.mark.systemd, pytest.mark.timeout(900)]
 
@@ -112,27 +116,18 @@ class Node(Machine):
 
 
 @pytest.fixture(scope="module")
-def node(tmp_path_factory):
+def node(tmp_path_factory, llama_bin_dir):
     try:
-        rootfs = systemd_root.ensure_rootfs()
+        systemd_root.ensure_rootfs()
     except systemd_root.Unavailable as e:
         pytest.skip(f"no real systemd here: {e}")
     tmp = tmp_path_factory.mktemp("systemd-reload")
-    env = dict(os.environ, WHEELHOUSE=str(systemd_root.CACHE / "wheelhouse"))
-    build = subprocess.run(
-        ["bash", str(PROJECT / "packaging" / "build-deb.sh"), str(tmp / "dist")],
-        capture_output=True,
-        text=True,
-        env=env,
-        timeout=600,
-    )
-    assert build.returncode == 0, f"build-deb.sh failed:\n{build.stderr[-3000:]}"
-    deb = Path(build.stdout.strip().splitlines()[-1])
-
-    merged = _mount_overlay(rootfs, tmp)
-    booted = systemd_root.BootedSystemd(merged)
-    try:
-        shutil.copy(deb, merged / "var" / "tmp" / "meshd.deb")
+    debs = build_packages(tmp_path_factory.getbasetemp() / "debs", llama_bin_dir)
+    api_port, mesh_port = free_port(), free_port()
+    with booted_machine(tmp, debs, api=f"127.0.0.1:{api_port}") as m:
+        merged = m.merged
+        assert merged is not None
+        # the fake llama-server ([llama] bin_dir): a slow stream the reloads must not cut
         fake = merged / FAKE.lstrip("/")
         (fake / "bin").mkdir(parents=True)
         shutil.copy(PROJECT / "tests" / "harness" / "fakebackend.py", fake / "fakebackend.py")
@@ -146,11 +141,7 @@ def node(tmp_path_factory):
         model.parent.mkdir(parents=True)
         model.write_bytes(gguf_bytes(name="tiny"))
         model.chmod(0o644)
-        print(f"booting systemd in {merged}")
-        booted.boot()
-        booted.wait_running()
-        n = Node(booted, merged, free_port(), free_port())
-        n.ok("dpkg", "-i", "/var/tmp/meshd.deb", timeout_s=300)
+        n = Node(m.booted, merged, api_port, mesh_port)
         n.ok("mkdir", "-p", "/etc/meshd/plugins.d")
         n.plugin("first", PLUGIN.format(name="first"))
         n.configure()
@@ -158,14 +149,6 @@ def node(tmp_path_factory):
         n.ok("chmod", "0640", "/etc/meshd.toml")
         n.ok("systemctl", "start", "meshd.service", timeout_s=120)
         yield n
-    finally:
-        booted.stop()
-        for _ in range(50):
-            if subprocess.run(["umount", str(merged)], capture_output=True).returncode == 0:
-                break
-            time.sleep(0.2)
-        else:
-            subprocess.run(["umount", "-l", str(merged)], capture_output=True)
 
 
 class Stream:

@@ -28,8 +28,10 @@ MARKER = ".meshd-test-complete"
 SUITE = "bookworm"
 # what debootstrap's minbase lacks and the unit and the package need
 BASE_PACKAGES = ("systemd", "systemd-sysv", "dbus", "python3", "python3-venv", "ca-certificates")
-# installed after the root is made (procps: /bin/kill for ExecReload)
-EXTRA_PACKAGES = ("procps",)
+# installed after the root is made (procps: /bin/kill for ExecReload; libgomp1: the
+# OpenMP runtime the meshd-llama-cpp package's llama-server links, which minbase lacks,
+# so dpkg -i needs no mirror)
+EXTRA_PACKAGES = ("procps", "libgomp1")
 CLEAN_ENV = ["PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin", "LANG=C.UTF-8"]
 
 
@@ -151,13 +153,16 @@ class BootedSystemd:
     def __init__(self, root: Path):
         self.root = root
         self.pid: int | None = None
+        self.net = False
         self._unshare: subprocess.Popen[bytes] | None = None
 
-    def boot(self, timeout_s: float = 60.0) -> int:
+    def boot(self, timeout_s: float = 60.0, net: bool = False) -> int:
         """Start systemd as PID 1 of new PID, mount and UTS namespaces chrooted in the root.
 
         ``unshare --fork`` makes systemd its child: PID 1 inside, ``self.pid`` outside.
         The mounts live in the new mount namespace only, so they vanish with it.
+        ``net``: a new network namespace too, holding only a loopback (systemd brings it
+        up), so fixed ports inside cannot collide with the host's.
         """
         # a namespace has no consoles: without this mask boot waits 90 s for /dev/ttyS0
         mask = self.root / "etc" / "systemd" / "system" / "getty.target"
@@ -170,8 +175,10 @@ class BootedSystemd:
             f" && mount -t tmpfs tmpfs {root}/tmp && mount --rbind /dev {root}/dev"
             f" && exec chroot {root} /lib/systemd/systemd --system --log-target=null"
         )
+        self.net = net
+        namespaces = ["--pid", "--fork", "--mount", "--uts", *(["--net"] if net else [])]
         self._unshare = subprocess.Popen(
-            ["unshare", "--pid", "--fork", "--mount", "--uts", "bash", "-c", inside],
+            ["unshare", *namespaces, "bash", "-c", inside],
             stdin=subprocess.DEVNULL,
             stdout=subprocess.DEVNULL,
             stderr=subprocess.PIPE,
@@ -198,7 +205,7 @@ class BootedSystemd:
     ) -> subprocess.CompletedProcess:
         assert self.pid is not None, "boot() first"
         # a clean environment: the host's PATH, PYTHONPATH or MESHD_CONFIG mean nothing inside
-        enter = ["nsenter", "-t", str(self.pid), "-m", "-p", "-r", "-w"]
+        enter = ["nsenter", "-t", str(self.pid), "-m", "-p", "-r", "-w", *(["-n"] if self.net else [])]
         return subprocess.run(
             [*enter, "env", "-i", *CLEAN_ENV, *cmd],
             capture_output=True,

@@ -10,6 +10,7 @@ from meshd.backoff import Backoff
 from meshd.config import Config, MeshConfig
 from meshd.mesh import identity as identitymod
 from meshd.mesh.gossip import MeshService
+from meshd.mesh.membership import MemberState, PeerDown, PeerLeft, PeerUp, PeerView
 from meshd.statedir import StateDir
 
 
@@ -63,3 +64,38 @@ def test_the_mesh_retries_its_known_nodes_by_the_policy(tmp_path):
         waits.append(call.getTime() - reactor.seconds())
         reactor.advance(waits[-1])
     assert waits == [1, 2, 4, 8, 8]
+
+
+def _view(node_id: str, addr: str) -> PeerView:
+    return PeerView(node_id=node_id, addrs=(addr,), role="idle", serving=(), vram_bytes=0,
+                    available_models=(), requested_models=(), rtt_ms=None,
+                    state=MemberState.ALIVE, incarnation=1, api="")
+
+
+def test_a_node_with_peers_redials_the_peers_it_lost_so_a_partition_heals(tmp_path):
+    """A partition {A, B} | {C, D}: A keeps B, and nobody on its side is connected to C
+    or D, so no rumor brings them back.  Every rejoin_s A re-dials the peers it lost
+    without a LEAVING (C), not those that left (D); one that is back is not dialled."""
+    state = StateDir(tmp_path / "state")
+    state.ensure()
+    reactor = MemoryReactorClock()
+    mesh = MeshService(Config(mesh=MeshConfig(rejoin_s=8.0)), state,
+                       identitymod.load_or_create(state), reactor=reactor,
+                       local_info=lambda: {})
+    mesh.running = True
+    mesh.mesh = state.new_mesh()
+    dialled: list[tuple[str, tuple[str, ...]]] = []
+    mesh._dial = lambda node_id, addrs, why: dialled.append((node_id, addrs))  # type: ignore
+    b, c, d = "b" * 26, "c" * 26, "d" * 26
+    for n in (b, c, d):
+        mesh._membership_event(PeerUp(_view(n, f"10.0.0.{ord(n[0])}:7842")))
+    mesh._membership_event(PeerDown(c, "no heartbeat for 6.0 s"))
+    mesh._membership_event(PeerLeft(d))
+    mesh.conns[b] = object()  # type: ignore[assignment]  # B is still connected
+    mesh._tend_call = reactor.callLater(8.0, mesh._tend)
+    reactor.advance(8.0)
+    assert dialled == [(c, ("10.0.0.99:7842",))]
+    mesh._membership_event(PeerUp(_view(c, "10.0.0.99:7842")))  # healed: C is back
+    dialled.clear()
+    reactor.advance(8.0)
+    assert dialled == []
