@@ -233,9 +233,16 @@ def node_label(node_id: Any, name: Any = None) -> str:
 
 
 def node_names(s: dict) -> dict[str, str]:
-    """node id -> name of every node a status names (itself and its peers)."""
+    """node id -> name of every node a status names (itself, its peers, and on a passive
+    node the nodes of its routing table)."""
+    route = s.get("route")
+    table_names = route.get("names") if isinstance(route, dict) else None
+    names = ({str(k): str(v) for k, v in table_names.items() if k and v}
+             if isinstance(table_names, dict) else {})
     rows = [s, *(p for p in s.get("peers") or [] if isinstance(p, dict))]
-    return {str(r["node_id"]): str(r["name"]) for r in rows if r.get("node_id") and r.get("name")}
+    names.update({str(r["node_id"]): str(r["name"]) for r in rows
+                  if r.get("node_id") and r.get("name")})
+    return names
 
 
 def table(rows: Sequence[dict], columns: Sequence[tuple[str, str]] | None = None) -> list[str]:

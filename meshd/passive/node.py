@@ -212,6 +212,9 @@ class PassiveNode(service.Service):
             "table": c.table.etag if c.table else None,
             "table_age_s": round(now - c.table_at, 3) if c.table_at is not None else None,
             "active_nodes": c.table.active_ids() if c.table else [],
+            # [node] names of the nodes its table lists, so status shows hosts by name too
+            "names": ({n.node_id: n.name for n in (*c.table.active_nodes, *c.table.standby)
+                       if n.name} if c.table else {}),
             "requests": c.requests,
             "tables": c.tables,
             "history": [{"at": at, "what": what} for at, what in c.history],

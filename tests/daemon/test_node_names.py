@@ -231,3 +231,25 @@ def test_a_passive_node_names_an_active_node_from_its_table():
         NodeEntry("a1", Role.HOST, name="gpu-box-1"), NodeEntry("a2", Role.IDLE)))
     assert table.name_of("a1") == "gpu-box-1"
     assert table.name_of("a2") == "" and table.name_of("nobody") == ""
+
+
+def test_a_passive_nodes_status_names_the_hosts_of_its_table():
+    # what a passive node's status says (meshd.passive.node.PassiveNode.status): its
+    # table's names, so `meshctl status` on a client shows hosts by name too
+    status = {
+        "name": "laptop", "node_id": "c" * 26, "role": "client",
+        "route": {"active_nodes": ["a" * 26, "b" * 26], "names": {"a" * 26: "gpu-box-1"}},
+        "models": [{"name": "m", "state": "warm", "hosts": ["a" * 26, "b" * 26]}],
+    }
+    text = "\n".join(meshctl.format_status(status))
+    assert f"gpu-box-1 ({'a' * 12}), {'b' * 12}" in text
+
+
+def test_a_passive_node_reports_the_names_its_table_lists():
+    from tests.passive.test_passive import standby
+
+    p = standby(0, 8, [])
+    p.client.table = RouteTable(etag="e", mesh_id="m", source="a1", active_nodes=(
+        NodeEntry("a1", Role.HOST, name="gpu-box-1"), NodeEntry("a2", Role.IDLE)),
+        standby=(NodeEntry("s1", Role.STANDBY, name="spare"),))
+    assert p.status()["names"] == {"a1": "gpu-box-1", "s1": "spare"}
