@@ -48,6 +48,8 @@ class OldMeshd(Meshd):
     def start(self, *args: str, env: dict[str, str] | None = None) -> OldMeshd:
         import toml
 
+        # an older meshd may not know every key this tree's harness writes ([node] name)
+        self.config.get("node", {}).pop("name", None)
         self.config_path.write_text(toml.dumps(self.config))
         self._log = open(self.log_path, "ab")  # noqa: SIM115 - closed by stop()
         full_env = {k: v for k, v in os.environ.items() if k != "NOTIFY_SOCKET"}
