@@ -318,18 +318,7 @@ def _reloader(top: MeshdService, node: Node, backends: LocalBackends, notifier: 
 
     def fetch(resolved: Resolved) -> None:
         """A reload's new first model, not on disk: downloaded as at start, then served."""
-        from meshd.models.download import DownloadCancelled
-
-        async def download() -> None:
-            try:
-                if await _download_first(node, backends, notifier, resolved):
-                    notifier.status(node.status_line())
-            except DownloadCancelled:  # the daemon stops
-                pass
-            except Exception as e:  # noqa: BLE001 - the hub or the disk: said, the node stays up
-                log.error("downloading %s failed: %s", resolved.name, e)
-
-        defer.ensureDeferred(download())
+        defer.ensureDeferred(_download_later(node, backends, notifier, resolved))
 
     def applied(config: Config) -> None:
         top.config = config
@@ -452,20 +441,24 @@ def _retry_when_the_mesh_holds_it(node: Node, backends: LocalBackends, notifier:
         node.remove_membership_listener(changed)  # one retry; its refusal arms another
         log.info("the mesh can hold %s now: downloading it", first.name)
         notifier.status(f"downloading {first.name}; API on {node.config.api.listen}")
-        defer.ensureDeferred(retry())
-
-    async def retry() -> None:
-        from meshd.models.download import DownloadCancelled
-
-        try:
-            if await _download_first(node, backends, notifier, first):
-                notifier.status(node.status_line())
-        except DownloadCancelled:  # the daemon stops
-            pass
-        except Exception as e:  # noqa: BLE001 - the hub or the disk: said, the node stays up
-            log.error("downloading %s failed: %s", first.name, e)
+        defer.ensureDeferred(_download_later(node, backends, notifier, first))
 
     node.add_membership_listener(changed)
+
+
+async def _download_later(node: Node, backends: LocalBackends, notifier: Notifier,
+                          first: Resolved) -> None:
+    """A first model downloaded after start (a retry, a reload's new one): its failure is
+    said and the node stays up; a stop cancels it quietly."""
+    from meshd.models.download import DownloadCancelled
+
+    try:
+        if await _download_first(node, backends, notifier, first):
+            notifier.status(node.status_line())
+    except DownloadCancelled:  # the daemon stops
+        pass
+    except Exception as e:  # noqa: BLE001 - the hub or the disk: said, the node stays up
+        log.error("downloading %s failed: %s", first.name, e)
 
 
 def _apis(api: ApiServer, roles: RoleService) -> list[tuple[Hop, Any]]:
