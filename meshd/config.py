@@ -231,14 +231,15 @@ def format_address(host: str, port: int) -> str:
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
-# the accept queue of every TCP door (Twisted's default is 50): a burst of connections
-# must not overflow it while the reactor is busy, or the kernel drops the next SYN and
-# that client waits a second for its retransmission (the kernel caps it at somaxconn)
-LISTEN_BACKLOG = 1024
+# the listen queue of every TCP door: Twisted's default (50) drops the rest of a
+# burst of connects, which the clients retry a second later (the kernel caps it
+# at net.core.somaxconn)
+LISTEN_BACKLOG = 4096
 
 
 def tcp_endpoint(address: str) -> str:
-    """A Twisted server endpoint string for ``host:port`` (IPv6 colons escaped)."""
+    """A Twisted server endpoint string for ``host:port`` (IPv6 colons escaped), with a
+    listen backlog long enough for a burst of connects (:data:`LISTEN_BACKLOG`)."""
     host, port = parse_address(address)
     return f"tcp:{port}:interface={host.replace(':', chr(92) + ':')}:backlog={LISTEN_BACKLOG}"
 

@@ -136,7 +136,8 @@ def test_address_parsing():
     assert configmod.parse_address("[::1]:9337") == ("::1", 9337)
     assert configmod.parse_address("0.0.0.0:7842") == ("0.0.0.0", 7842)
     assert configmod.parse_address("host", default_port=1) == ("host", 1)
-    assert configmod.tcp_endpoint("[::1]:80") == "tcp:80:interface=\\:\\:1:backlog=1024"
+    assert configmod.tcp_endpoint("[::1]:80") == (
+        f"tcp:80:interface=\\:\\:1:backlog={configmod.LISTEN_BACKLOG}")
 
 
 def run_meshd(*args, env=None):

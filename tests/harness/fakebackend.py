@@ -70,9 +70,11 @@ class FakeBackend:
 
     def __init__(self, host: str = "127.0.0.1", port: int = 0, chunks: int = 500,
                  model: str = "fake-model", yield_every: int = 1, chunk_delay_s: float = 0.0,
-                 request_log: str | None = None):
+                 request_log: str | None = None, first_delay_s: float | None = None):
         self.host = host
         self.chunk_delay_s = chunk_delay_s
+        # the pause before the first chunk (default: chunk_delay_s, like every other)
+        self.first_delay_s = chunk_delay_s if first_delay_s is None else first_delay_s
         self.request_log = request_log
         self.port = port
         self.chunks = chunks
@@ -99,7 +101,7 @@ class FakeBackend:
 
     async def serve(self) -> None:
         self._server = await asyncio.start_server(self._connection, self.host, self.port,
-                                                  backlog=512)
+                                                  backlog=4096)
         self.port = self._server.sockets[0].getsockname()[1]
 
     def start(self) -> int:
@@ -259,8 +261,9 @@ class FakeBackend:
                 if transport.is_closing():
                     self.peer_closed += 1
                     return False
-                if self.chunk_delay_s:
-                    await asyncio.sleep(self.chunk_delay_s)
+                delay = self.chunk_delay_s if i else self.first_delay_s
+                if delay:
+                    await asyncio.sleep(delay)
                 writer.write(chunk)
                 if i % every == 0:
                     await writer.drain()
@@ -283,6 +286,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="yield to other streams after this many chunks")
     parser.add_argument("--chunk-delay-ms", type=float, default=0.0,
                         help="pause this long before each SSE chunk")
+    parser.add_argument("--first-delay-ms", type=float, default=None,
+                        help="pause this long before the first chunk (default: --chunk-delay-ms)")
     parser.add_argument("--request-log", default=None, help="append one line per POST here")
     parser.add_argument("--hold", action="store_true",
                         help="never answer a completion request (it stays in flight)")
@@ -294,7 +299,9 @@ def main(argv: list[str] | None = None) -> int:
     model = args.alias or (Path(args.model).stem if args.model else "fake-model")
     fake = FakeBackend(args.host, args.port, chunks=args.chunks, model=model,
                        yield_every=args.yield_every, chunk_delay_s=args.chunk_delay_ms / 1000,
-                       request_log=args.request_log)
+                       request_log=args.request_log,
+                       first_delay_s=None if args.first_delay_ms is None
+                       else args.first_delay_ms / 1000)
     fake.hold = args.hold
     fake.close_while = args.close_while
 
