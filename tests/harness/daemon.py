@@ -153,6 +153,18 @@ class Meshd:
 
         return self.wait_for(warm, f"model {model} warm", timeout)
 
+    def wait_serving_warm(self, model: str, timeout: float = 180.0) -> dict[str, Any]:
+        """``model`` warm on this node's own llama-server (``wait_model_warm`` is satisfied
+        by any host of the mesh: a second node serving a model the first already serves
+        would pass it before its own llama-server is up)."""
+
+        def warm(n):
+            s = n.status()
+            return any(m["name"] == model and s["node_id"] in m["hosts"]
+                       and (m.get("local") or m)["state"] == "warm" for m in s["models"]) and s
+
+        return self.wait_for(warm, f"model {model} warm on {self.name}", timeout)
+
     def signal(self, sig: int) -> None:
         assert self.proc is not None
         os.kill(self.proc.pid, sig)

@@ -105,7 +105,7 @@ def test_a_client_switches_when_its_active_node_dies_and_keeps_answering(
     b = gemma_node(tmp_path, "b", llama_bin_dir, gemma_model_path,
                    mesh={"join": [token_of(a)]}).start()
     procs.append(b)
-    b.wait_model_warm(MODEL)
+    b.wait_serving_warm(MODEL)
     a.wait_for(lambda n: len(n.status()["peers"]) == 1, "a sees b", 20)
     c = Meshd(tmp_path / "c", {"node": {"client": True},
                                "mesh": {"join": [token_of(a)], "refresh_s": 30.0, **FAST}},
