@@ -191,9 +191,16 @@ def test_a_pinned_model_runs_on_its_pinned_node_and_no_other_takes_it(
         assert explained["election"]["mode"] == "solo"
         assert [h["node_id"] for h in explained["routing"]["order"]] == [node_id(pinned)]
         # the other node stays idle or becomes a standby, depending on whether its assignment
-        # ran before or after the pinned node announced m-pin; explain says which it did
-        role = json.loads(other.ctl("status", "--json").stdout)["role"]
-        seen = json.loads(other.ctl("explain", "m-pin", "--json").stdout)["election"]
+        # ran before or after the pinned node announced m-pin (a standby routes once its
+        # first routing table came); explain says which it did
+        def settled(n):
+            role = json.loads(n.ctl("status", "--json").stdout)["role"]
+            answer = json.loads(n.ctl("explain", "m-pin", "--json").stdout)
+            again = json.loads(n.ctl("status", "--json").stdout)["role"]
+            order = [h["node_id"] for h in answer["routing"]["order"]]
+            return role == again and order == [node_id(pinned)] and (role, answer["election"])
+
+        role, seen = other.wait_for(settled, "the other node routing m-pin to the pinned one", 30)
         parts = {p["node_id"]: (p["part"], p["reason"]) for p in seen["nodes"]}
         assert parts[node_id(pinned)][0] == "solo"
         if role == "standby":
@@ -204,8 +211,6 @@ def test_a_pinned_model_runs_on_its_pinned_node_and_no_other_takes_it(
             assert role == "idle"
             assert seen["source"].startswith("planned now on this node, which is not in the group")
             assert parts[node_id(other)][0] == "not in the group"
-        route = json.loads(other.ctl("explain", "m-pin", "--json").stdout)["routing"]
-        assert [h["node_id"] for h in route["order"]] == [node_id(pinned)]
 
         # the pinned node leaves: the other node hears it and the promotion hook declines
         pinned.stop()
