@@ -75,7 +75,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-import time
 from collections.abc import Callable
 from typing import Any, cast
 from urllib.parse import unquote
@@ -168,11 +167,6 @@ def send_json(request: server.Request, status: int, doc: Any) -> None:
 def route_of(up: Upstream) -> RouteKind:
     """``local`` for this node's llama-server (or a static upstream), ``tunnel`` for a peer's."""
     return RouteKind.TUNNEL if up.pool_key.startswith("tunnel:") else RouteKind.LOCAL
-
-
-def count_events(data: bytes) -> int:
-    """Server-sent events that end in ``data`` (each ends with a blank line)."""
-    return data.count(b"\n\n")
 
 
 # a stream's events go to the counter this many at a time (and the rest at its end):
@@ -530,7 +524,6 @@ class Forward:
         self.status = 0
         self.length: int | None = None
         self.nbytes = 0
-        self.started_at = time.monotonic()
         self.arrived = api.reactor.seconds()  # for the histograms: the reactor's clock
         # a stream's events: its counter's inc (set at an SSE head), seen, and counted so far
         self.events_inc: Callable[[float], None] | None = None
@@ -758,9 +751,7 @@ class Forward:
         if self.state is not ForwardState.HOLDING:
             self.nbytes += len(data)
             if self.events_inc is not None:
-                self.events += data.count(b"\n\n")
-                if self.events - self.events_counted >= EVENTS_BATCH:
-                    self._count_events()
+                self._saw_events(data)
             self.request.write(data)
             return
         self.hold.append(data)
@@ -776,11 +767,15 @@ class Forward:
         self.nbytes += payload
         self.last_byte = self._seconds()
         if self.events_inc is not None:  # size lines hold no blank line
-            for piece in pieces:
-                self.events += piece.count(b"\n\n")
-            if self.events - self.events_counted >= EVENTS_BATCH:
-                self._count_events()
+            self._saw_events(*pieces)
         write_framed(self.request, pieces, payload)
+
+    def _saw_events(self, *data: bytes) -> None:
+        """Count the server-sent events that end in ``data`` (each ends with a blank line)."""
+        for d in data:
+            self.events += d.count(b"\n\n")
+        if self.events - self.events_counted >= EVENTS_BATCH:
+            self._count_events()
 
     def _count_events(self) -> None:
         if self.events_inc is not None and self.events > self.events_counted:
@@ -885,7 +880,7 @@ class Forward:
         log.debug("%s %s model=%s upstream=%s status=%d %.1f ms %d bytes",
                   self.request.method.decode(), self.request.uri.decode(errors="replace"),
                   self.model, self.upstream.name if self.upstream else "-", status,
-                  (time.monotonic() - self.started_at) * 1000, self.nbytes)
+                  (self._seconds() - self.arrived) * 1000, self.nbytes)
         self.api.forward_done(self)
 
 
