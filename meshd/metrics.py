@@ -224,10 +224,6 @@ class ApiMeter:
     def sent_body(self, route: RouteKind, nbytes: int) -> None:
         self.metrics.request_bytes.labels(self.hop, str(route)).inc(nbytes)
 
-    def sse_events(self, model: str, route: RouteKind, n: int) -> None:
-        if n:
-            self.metrics.sse_events.labels(self.hop, model, str(route)).inc(n)
-
     def sse_counter(self, model: str, route: RouteKind) -> Callable[[float], None]:
         """``inc`` of one stream's events counter, looked up once: a stream counts every
         chunk, and a label lookup costs ten times the increment."""

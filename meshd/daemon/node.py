@@ -511,12 +511,18 @@ class Node:
         except Exception:  # noqa: BLE001 - a broken catalog is said at start
             return False
 
+    def _who(self, origin: str) -> str:
+        """The node a decision came from, for a log line: its name while it is a peer."""
+        if origin == self.node_id:
+            return "this node"
+        names = {p.node_id: p.name for p in self.mesh.peers()} if self.mesh else {}
+        return f"node {label(names.get(origin), origin)}"
+
     def _lifted(self, model: str, origin: str) -> None:
         """``meshctl serve`` on ``origin``: serve ``model`` again if ``[models] serve`` names
         it, and let an idle node take it."""
-        who = "this node" if origin == self.node_id else f"node {origin}"
         log.info("model %s asked for mesh-wide by %s (meshctl serve): not dropped any more",
-                 model, who)
+                 model, self._who(origin))
         if self.router is not None:
             self.router.invalidate()
         if self.mesh is not None:
@@ -547,10 +553,8 @@ class Node:
         if model in self.served:
             self.stop_serving(model)
         if say:
-            names = {p.node_id: p.name for p in self.mesh.peers()} if self.mesh else {}
-            who = "this node" if origin == self.node_id else f"node {label(names.get(origin), origin)}"
             log.info("model %s dropped mesh-wide by %s: not serving, routing or assigning it "
-                     "(meshctl serve %s lifts the drop)", model, who, model)
+                     "(meshctl serve %s lifts the drop)", model, self._who(origin), model)
         if self.router is not None:
             self.router.invalidate()
         if self.mesh is not None:
