@@ -412,8 +412,7 @@ def _serve_again_with(node: Node, backends: LocalBackends, notifier: Notifier,
             path, size = str(scanned.path), scanned.size_bytes
         else:
             log.info("serving %s again ([models] serve): not on disk, downloading it", name)
-            defer.ensureDeferred(_download_first(node, backends, notifier, first)).addErrback(
-                lambda f: log.error("downloading %s failed: %s", name, f.getErrorMessage()))
+            defer.ensureDeferred(_download_later(node, backends, notifier, first))
             return
         log.info("serving %s again ([models] serve)", name)
         backends.serve(name, path, size)
