@@ -25,7 +25,8 @@ The states (``meshd.states.BackendState``; the allowed moves are
     stopped/restarting/failed --start() cannot spawn--> failed
 
 Liveness while ready: every ``[llama] live_interval_s`` the child is probed;
-``live_misses`` probes in a row with no answer (each given ``health_timeout_s``)
+``live_misses`` probes in a row with no answer (each given ``health_timeout_s``),
+and none of the child's answers to requests read meanwhile (``Traffic``),
 mean the process is hung (stopped, deadlocked, swapping): it is restarted, and
 its state leaves ``ready`` at once, so the router stops sending it requests and
 status stops calling the model warm.  A slow first token is no sign of a hang
@@ -103,6 +104,22 @@ PROBE_LOADING, PROBE_READY = BackendState.LOADING, BackendState.READY
 
 Probe = Callable[[int], "Deferred[BackendState | None]"]
 Spawn = Callable[[ProcessProtocol, list[str], dict[str, str]], Any]
+
+
+class Traffic:
+    """Reads of this child's HTTP answers by meshd's proxy, counted (``proxy.UpstreamConnection``).
+
+    A probe left unanswered while the child's answers keep arriving is a busy child,
+    not a hung one: on a machine overloaded by other work the thread that answers
+    ``/health`` can be starved for seconds while the streams still move, and a
+    restart then fails every request in its queue.  A stopped or wedged child
+    sends nothing, so its probes still decide.
+    """
+
+    __slots__ = ("reads",)
+
+    def __init__(self) -> None:
+        self.reads = 0
 
 
 class BackendError(Exception):
@@ -395,6 +412,7 @@ class Supervised:
         # liveness while ready: probes unanswered in a row, and when the first of them began
         self._misses = 0
         self._first_miss_at = 0.0
+        self.traffic = Traffic()
         self._calls: dict[str, Any] = {}
         self._listeners: list[Callable[[BackendState], Any]] = []
         self._ready_waiters: list[Deferred] = []
@@ -568,6 +586,7 @@ class Supervised:
             return
         protocol = self._protocol
         began = self._reactor.seconds()
+        reads = self.traffic.reads
         d = self._probe_once(port, self._live_probe_seam or self._default_live_probe())
 
         def answered(verdict: BackendState | None) -> None:
@@ -575,7 +594,13 @@ class Supervised:
                 self._probe_d = None
             if protocol is not self._protocol or self.state != READY:
                 return
-            if verdict is PROBE_DOWN:
+            if verdict is PROBE_DOWN and self.traffic.reads != reads:
+                # its answers to requests kept arriving while the probe waited: busy
+                log.debug("%s: pid %s did not answer a liveness probe, but %d reads of its "
+                          "answers came meanwhile: busy, not hung", self.label, self.pid,
+                          self.traffic.reads - reads)
+                self._misses = 0
+            elif verdict is PROBE_DOWN:
                 if not self._misses:
                     self._first_miss_at = began
                 self._misses += 1

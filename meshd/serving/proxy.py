@@ -412,6 +412,9 @@ class UpstreamConnection(Protocol):
 
     def dataReceived(self, data: bytes) -> None:
         # the per-chunk path: keep it short
+        traffic = self.upstream.traffic
+        if traffic is not None:
+            traffic.reads += 1
         if self.state == _BODY:
             # in _BODY there is a sink (and, for chunked framing, a decoder)
             sink = cast(ResponseSink, self.sink)

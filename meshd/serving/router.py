@@ -363,7 +363,8 @@ class MeshRouter:
                                   pool_key=f"local:{model}:{backend.port}", node_id=node_id,
                                   # read per request: each start has its own key (a fake
                                   # backend in tests, or rpc-less tooling, may have none)
-                                  api_key=lambda: getattr(backend, "api_key", ""))
+                                  api_key=lambda: getattr(backend, "api_key", ""),
+                                  traffic=getattr(backend, "traffic", None))
         else:
             up = routing.Upstream(name=node_id,
                                   endpoint=functools.partial(self._tunnel, node_id, model),

@@ -11,7 +11,10 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
+
+if TYPE_CHECKING:
+    from meshd.backends.supervisor import Traffic
 
 from twisted.internet.interfaces import IStreamClientEndpoint
 
@@ -65,6 +68,9 @@ class Upstream:
     # the bearer key this upstream's llama-server wants, read for each request (a local
     # one's key changes with every start); None for a tunnel, whose far end adds its own
     api_key: Callable[[], str] | None = field(default=None, compare=False)
+    # a local llama-server's read count (its liveness check's evidence of a busy child);
+    # None for a tunnel, whose far end counts its own
+    traffic: Traffic | None = field(default=None, compare=False)
 
 
 class Router(Protocol):

@@ -249,6 +249,41 @@ def test_one_answer_between_misses_starts_the_count_again():
     assert h.server.state == "ready" and h.process.signals == []
 
 
+def test_a_busy_server_whose_answers_keep_coming_is_not_restarted_for_a_silent_probe(caplog):
+    # an overloaded machine can starve the thread that answers /health while the
+    # streams still move: the proxy's reads of the child's answers say it is alive
+    caplog.set_level(logging.DEBUG, logger="meshd.backends.supervisor")
+    h = Harness()
+    h.server.start()
+    h.make_ready()
+    h.hang = True
+    for _ in range(round(3 * LIVE_CHECK_S / 0.25)):
+        h.server.traffic.reads += 1  # one read of an answer every 0.25 s
+        h.clock.advance(0.25)
+    assert h.server.state == "ready" and h.process.signals == []
+    assert any("busy, not hung" in r.getMessage() for r in caplog.records)
+    # the answers stop too (the child is stopped): the probes decide again
+    run_for(h, LIVE_CHECK_S)
+    assert h.server.state == "restarting" and h.process.signals == ["TERM", "CONT"]
+
+
+def test_the_proxy_counts_its_reads_of_a_local_upstreams_answers():
+    from twisted.internet.testing import StringTransport
+
+    from meshd.serving.proxy import UpstreamConnection
+    from meshd.serving.routing import Upstream
+
+    traffic = backend.Traffic()
+    for up in (Upstream(name="local", endpoint=lambda: None, traffic=traffic),
+               # a tunnel's upstream counts nothing here (its far end counts its own)
+               Upstream(name="peer", endpoint=lambda: None)):
+        conn = UpstreamConnection(up)
+        conn.makeConnection(StringTransport())
+        conn.dataReceived(b"HTTP/1.1 200 OK\r\n")
+        conn.dataReceived(b"Content-Length: 4\r\n\r\n")
+    assert traffic.reads == 2
+
+
 def test_stop_of_a_hung_server_being_restarted_stops_it():
     h = Harness()
     hang_while_ready(h)
