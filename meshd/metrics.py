@@ -27,7 +27,7 @@ from __future__ import annotations
 import enum
 import logging
 from collections.abc import Callable, Iterable, Iterator
-from typing import Any
+from typing import Any, cast
 
 from prometheus_client import (
     CollectorRegistry,
@@ -202,6 +202,18 @@ class ApiMeter:
     def __init__(self, metrics: ApiMetrics, hop: Hop):
         self.metrics = metrics
         self.hop = str(hop)
+        # (metric, label values) -> its child; the label sets are bounded (models the
+        # router knows, status codes, routes) and never removed
+        self._children: dict[tuple[Any, ...], Any] = {}
+
+    def _child(self, metric: Any, *labels: object) -> Any:
+        """``metric.labels(hop, *labels)``, looked up once per label set: a lookup costs
+        a few microseconds, several times per request (a thousand at once wait for all)."""
+        key = (metric, *labels)
+        child = self._children.get(key)
+        if child is None:
+            child = self._children[key] = metric.labels(self.hop, *(str(v) for v in labels))
+        return child
 
     def request_done(
         self,
@@ -211,29 +223,29 @@ class ApiMeter:
         route: RouteKind = RouteKind.NONE,
         seconds: float | None = None,
     ) -> None:
-        m, hop = self.metrics, self.hop
-        m.requests.labels(hop, model, str(status), str(route)).inc()
+        m = self.metrics
+        self._child(m.requests, model, status, route).inc()
         if route is not RouteKind.NONE:
-            m.response_bytes.labels(hop, model, str(route)).inc(nbytes)
+            self._child(m.response_bytes, model, route).inc(nbytes)
             if seconds is not None:
-                m.duration.labels(hop, model, str(route)).observe(seconds)
+                self._child(m.duration, model, route).observe(seconds)
 
     def first_byte(self, model: str, route: RouteKind, seconds: float) -> None:
-        self.metrics.first_byte.labels(self.hop, model, str(route)).observe(seconds)
+        self._child(self.metrics.first_byte, model, route).observe(seconds)
 
     def sent_body(self, route: RouteKind, nbytes: int) -> None:
-        self.metrics.request_bytes.labels(self.hop, str(route)).inc(nbytes)
+        self._child(self.metrics.request_bytes, route).inc(nbytes)
 
     def sse_counter(self, model: str, route: RouteKind) -> Callable[[float], None]:
         """``inc`` of one stream's events counter, looked up once: a stream counts every
-        chunk, and a label lookup costs ten times the increment."""
-        return self.metrics.sse_events.labels(self.hop, model, str(route)).inc
+        chunk."""
+        return cast(Callable[[float], None], self._child(self.metrics.sse_events, model, route).inc)
 
     def upstream_error(self, model: str, upstream: RouteKind) -> None:
-        self.metrics.upstream_errors.labels(self.hop, model, str(upstream)).inc()
+        self._child(self.metrics.upstream_errors, model, upstream).inc()
 
     def failover(self, model: str) -> None:
-        self.metrics.failovers.labels(self.hop, model).inc()
+        self._child(self.metrics.failovers, model).inc()
 
     # -- reading back ----------------------------------------------------------------------------
 

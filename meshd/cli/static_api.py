@@ -13,6 +13,7 @@ import logging
 import sys
 from typing import Any
 
+from meshd import gctune
 from meshd.config import ApiConfig, tcp_endpoint
 from meshd.serving.api import ApiServer
 from meshd.serving.static import StaticRouter
@@ -69,6 +70,7 @@ def main(argv: list[str] | None = None) -> int:
         reactor.stop()
 
     endpoint.listen(api.site).addCallbacks(listening, cannot_listen)
+    gctune.tune()
     reactor.run()
     return 1 if failed else 0
 

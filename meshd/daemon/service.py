@@ -41,6 +41,7 @@ from twisted.internet.error import ReactorNotRunning
 from twisted.python.failure import Failure
 
 from meshd import config as configmod
+from meshd import gctune
 from meshd.config import Config
 from meshd.daemon.backends import LocalBackends
 from meshd.daemon.node import Node, RoleParts
@@ -673,6 +674,7 @@ def _load_identity(state_dir: Path, ephemeral: bool = False) -> tuple[Identity, 
 def run(config: Config, *, reactor: Any = None, reread: Callable[[], Config] | None = None) -> int:
     """Run the daemon until it stops; returns the process exit status.  ``reread``: how a
     reload reads the configuration again (see :func:`create_daemon`)."""
+    own_process = reactor is None  # not a test's reactor: the process is the daemon's
     if reactor is None:
         from twisted.internet import reactor as default_reactor
 
@@ -685,6 +687,8 @@ def run(config: Config, *, reactor: Any = None, reread: Callable[[], Config] | N
     reactor.callWhenRunning(top.startService)
     reactor.addSystemEventTrigger("before", "shutdown", top.stopService)
     reactor.callWhenRunning(_handle_signals, reactor, top)
+    if own_process:
+        gctune.tune()
     reactor.run(installSignalHandlers=True)
     return top.exit_code
 

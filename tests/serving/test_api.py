@@ -738,3 +738,32 @@ def test_chunked_decoder_rejects_a_bad_size_line():
     with pytest.raises(UpstreamError):
         ChunkedDecoder().feed(b"zz\r\nhello\r\n")
 
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_connection_to_an_upstream_is_made_without_twisteds_factory_log_lines():
+    # "Starting factory <OneShotFactory>" and "Stopping factory" for every upstream
+    # connection cost a thousand streams opened at once a noticeable share of their setup
+    from twisted.internet.protocol import Factory, Protocol
+    from twisted.logger import globalLogPublisher
+
+    from meshd.serving.proxy import ConnectionPool
+
+    server = Factory.forProtocol(Protocol)
+    server.noisy = False
+    port = reactor.listenTCP(0, server, interface="127.0.0.1")
+    events: list[dict] = []
+    globalLogPublisher.addObserver(events.append)
+    try:
+        up = Upstream(name="local", pool_key="k",
+                      endpoint=lambda: TCP4ClientEndpoint(reactor, "127.0.0.1", port.getHost().port))
+        conn = await ConnectionPool(reactor).connect(up)
+        assert conn.upstream is up and conn.transport is not None
+        lost = defer.Deferred()
+        conn.connectionLost = lambda reason=None: lost.callback(None)
+        conn.transport.loseConnection()
+        await lost
+    finally:
+        globalLogPublisher.removeObserver(events.append)
+        await port.stopListening()
+    assert [e for e in events if "factory" in str(e.get("log_format", "")).lower()] == []

@@ -201,6 +201,28 @@ async def test_a_transcription_goes_by_its_form_model_and_its_body_arrives_whole
 
 
 @pytest_twisted.ensureDeferred
+async def test_a_form_whose_content_type_is_spelled_oddly_is_still_read_as_a_form(serve, fake,
+                                                                                  fake2):
+    # the API skips twisted.web's form parsing for bodies that cannot be forms (a JSON
+    # body's Content-Type costs the email package's parser): case and spaces do not fool it
+    _, url = serve(Router({"one": [upstream(NODE_A, fake.port)],
+                           "two": [upstream(NODE_B, fake2.port)]}))
+    body, ctype = multipart({"file": b"RIFF....", "model": b"two"})
+    odd = " Multipart/Form-Data" + ctype.removeprefix("multipart/form-data")
+    r = await post(url + "/v1/audio/transcriptions", data=body, headers={"Content-Type": [odd]})
+    assert r.code == 200 and (await r.json())["model"] == "fake-two"
+
+
+def test_only_a_body_that_can_be_a_form_is_parsed_as_one():
+    from meshd.httpbounds import _may_be_form
+
+    assert _may_be_form(b"multipart/form-data; boundary=x")
+    assert _may_be_form(b"\tAPPLICATION/X-WWW-FORM-URLENCODED")
+    assert not _may_be_form(b"application/json")
+    assert not _may_be_form(b"text/plain; charset=multipart/form-data")
+
+
+@pytest_twisted.ensureDeferred
 async def test_a_transcription_without_a_form_model_is_400(serve, fake):
     _, url = serve(Router({"one": [upstream(NODE_A, fake.port)]}))
     body, ctype = multipart({"file": b"RIFF...."})
