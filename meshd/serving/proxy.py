@@ -30,6 +30,7 @@ from twisted.internet import defer
 from twisted.internet.protocol import Factory, Protocol
 from twisted.python.failure import Failure
 
+from meshd.serving import sendnow
 from meshd.serving.routing import Upstream
 
 log = logging.getLogger("meshd.serving.api")
@@ -367,10 +368,7 @@ class UpstreamConnection(Protocol):
         self.exchanges += 1
         self._buf = b""
         head = authorized(head, self.upstream)
-        if body:
-            self.sock.writeSequence((head, body))
-        else:
-            self.sock.write(head)
+        sendnow.write(self.sock, head + body if body else head)
 
     def abort(self) -> None:
         """Drop the exchange and the connection (our client went away)."""

@@ -71,7 +71,11 @@ class Meshd:
         full_env = dict(os.environ)
         full_env.pop("NOTIFY_SOCKET", None)
         full_env.update(env or {})
-        cmd = [sys.executable, "-m", "meshd.cli.meshd", "--config", str(self.config_path), *args]
+        # MESHD_PROFILE_DIR=DIR: each daemon runs under cProfile, into DIR/NAME.prof
+        prof = os.environ.get("MESHD_PROFILE_DIR")
+        profile = ["-m", "cProfile", "-o", f"{prof}/{self.name}.prof"] if prof else []
+        cmd = [sys.executable, *profile, "-m", "meshd.cli.meshd", "--config", str(self.config_path),
+               *args]
         if self.netns:
             cmd = ["ip", "netns", "exec", self.netns, *cmd]
         self.proc = subprocess.Popen(

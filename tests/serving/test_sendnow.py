@@ -1,0 +1,89 @@
+"""``meshd.serving.sendnow``: a write sent at once when nothing is queued, queued otherwise."""
+
+from __future__ import annotations
+
+import pytest_twisted
+from twisted.internet import defer, reactor
+from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
+from twisted.internet.protocol import Factory, Protocol
+from twisted.internet.testing import StringTransport
+
+from meshd.serving import sendnow
+
+
+class Collect(Protocol):
+    """The far end: what arrived, and a Deferred for the first ``n`` bytes."""
+
+    def __init__(self) -> None:
+        self.data = b""
+        self._want: tuple[int, defer.Deferred] | None = None
+
+    def dataReceived(self, data: bytes) -> None:  # noqa: N802
+        self.data += data
+        self._check()
+
+    def until(self, n: int) -> defer.Deferred:
+        self._want = (n, defer.Deferred())
+        d = self._want[1]
+        self._check()
+        return d
+
+    def _check(self) -> None:
+        if self._want is not None and len(self.data) >= self._want[0]:
+            _, d = self._want
+            self._want = None
+            d.callback(self.data)
+
+
+async def pair():
+    server = Collect()
+    port = reactor.listenTCP(0, Factory.forProtocol(lambda: server), interface="127.0.0.1")
+    client = await connectProtocol(TCP4ClientEndpoint(reactor, "127.0.0.1", port.getHost().port),
+                                   Protocol())
+    return port, client.transport, server
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_write_with_nothing_queued_leaves_at_once_and_the_socket_is_not_watched():
+    port, transport, server = await pair()
+    try:
+        sendnow.write(transport, b"hello")
+        # sent by send() now: nothing queued, and the reactor was not asked to watch for writing
+        assert transport.dataBuffer == b"" and not transport._tempDataBuffer
+        assert transport not in reactor.getWriters()
+        assert await server.until(5) == b"hello"
+    finally:
+        transport.loseConnection()
+        await port.stopListening()
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_write_behind_queued_bytes_is_queued_after_them():
+    port, transport, server = await pair()
+    try:
+        transport.write(b"first ")  # queued by Twisted until the reactor's next turn
+        sendnow.write(transport, b"second")
+        assert transport._tempDataBuffer == [b"first ", b"second"]
+        assert await server.until(12) == b"first second"
+    finally:
+        transport.loseConnection()
+        await port.stopListening()
+
+
+@pytest_twisted.ensureDeferred
+async def test_what_the_socket_does_not_take_is_queued_and_follows():
+    port, transport, server = await pair()
+    try:
+        big = bytes(range(256)) * 40_000  # 10 MB: more than a loopback socket's buffer
+        sendnow.write(transport, big)
+        assert 0 < transport._tempDataLen < len(big)
+        assert await server.until(len(big)) == big
+    finally:
+        transport.loseConnection()
+        await port.stopListening()
+
+
+def test_a_transport_that_is_not_plain_tcp_gets_an_ordinary_write():
+    t = StringTransport()
+    sendnow.write(t, b"through the tunnel's TLS")
+    assert t.value() == b"through the tunnel's TLS"
