@@ -32,7 +32,7 @@ from __future__ import annotations
 import hmac
 import io
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any, cast
 
@@ -40,7 +40,9 @@ from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.internet.protocol import connectionDone
 from twisted.python.failure import Failure
 from twisted.web import http, resource, server
+from twisted.web.http_headers import Headers
 
+from meshd import sendnow
 from meshd.states import RequestPhase
 
 log = logging.getLogger("meshd.httpbounds")
@@ -215,6 +217,38 @@ class BoundedChannel(http.HTTPChannel):
         self._lost = True
         self._disarm()
         super().connectionLost(reason)
+
+    def connectionMade(self) -> None:  # noqa: N802 - Twisted's name
+        # a response's head and its first chunks leave in separate sends (meshd.sendnow):
+        # with Nagle's algorithm the second waited for the client's ACK of the first
+        set_no_delay = getattr(self.transport, "setTcpNoDelay", None)
+        if set_no_delay is not None:
+            try:
+                set_no_delay(True)
+            except OSError:  # a UNIX socket (the control socket's) has no such option
+                pass
+        super().connectionMade()
+
+    # -- writes: sent at once where nothing is queued (meshd.sendnow), not at the next turn
+
+    def writeHeaders(self, version: bytes, code: bytes, reason: bytes,  # noqa: N802
+                     headers: Any) -> None:
+        if not isinstance(headers, Headers):  # not from a Request: twisted.web's own path
+            super().writeHeaders(version, code, reason, headers)
+            return
+        # twisted.web's head, byte for byte (Headers sanitized every name and value)
+        head = [version, b" ", code, b" ", reason, b"\r\n"]
+        for name, values in headers.getAllRawHeaders():
+            for value in values:
+                head.extend((name, b": ", value, b"\r\n"))
+        head.append(b"\r\n")
+        sendnow.write(self.transport, b"".join(head))
+
+    def write(self, data: bytes) -> None:
+        sendnow.write(self.transport, data)
+
+    def writeSequence(self, iovec: Iterable[bytes]) -> None:  # noqa: N802 - Twisted's name
+        sendnow.write(self.transport, b"".join(iovec))
 
     def _send100Continue(self) -> None:  # noqa: N802 - Twisted's name
         if self.requests and getattr(self.requests[-1], "refused", None) is not None:

@@ -90,7 +90,7 @@ from meshd import metrics as metricsmod
 from meshd.config import ApiConfig
 from meshd.httpbounds import BoundedRequest, BoundedSite, Refusal, api_key_matches
 from meshd.metrics import ApiMeter, ApiMetrics, Hop, RouteKind
-from meshd.serving import routes, sendnow
+from meshd.serving import routes
 from meshd.serving.proxy import ConnectionPool, UpstreamConnection, request_head
 from meshd.serving.routes import ModelFrom, Route, Shape
 from meshd.serving.routing import NotReady, Router, UnknownModel, Upstream
@@ -149,7 +149,7 @@ def write_framed(request: server.Request, pieces: list[bytes], payload: int) -> 
     if channel is None or request.finished:
         return
     request.sentLength += payload
-    sendnow.write(channel.transport, pieces[0] if len(pieces) == 1 else b"".join(pieces))
+    channel.writeSequence(pieces)  # sent at once where it can be (BoundedChannel)
 
 
 def send_json(request: server.Request, status: int, doc: Any) -> None:

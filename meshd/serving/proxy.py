@@ -30,7 +30,7 @@ from twisted.internet import defer
 from twisted.internet.protocol import Factory, Protocol
 from twisted.python.failure import Failure
 
-from meshd.serving import sendnow
+from meshd import sendnow
 from meshd.serving.routing import Upstream
 
 log = logging.getLogger("meshd.serving.api")

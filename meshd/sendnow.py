@@ -4,11 +4,13 @@ Twisted's ``transport.write`` only queues: the bytes leave at the reactor's next
 turn, after an ``epoll_ctl`` to watch the socket for writing, a wake-up for it,
 and another ``epoll_ctl`` to stop watching.  On the proxy's per-chunk path that
 is most of a chunk's cost (a stream's chunk arrives in a read of its own), and
-it delays each chunk to the next turn.  Like asyncio's transports, :func:`write`
+it delays each chunk to the next turn (and a stream's first chunks wait behind its
+head for one more upstream read).  Like asyncio's transports, :func:`write`
 tries ``send()`` first when the transport's buffer is empty, and queues only
 what the socket did not take (or everything, on any transport that is not a
 plain TCP connection, e.g. a tunnel's TLS, or when something is queued already,
-so the order of bytes is kept).
+so the order of bytes is kept).  Every HTTP door's writes go through it
+(``meshd.httpbounds.BoundedChannel``), and so do the proxy's requests upstream.
 """
 
 from __future__ import annotations

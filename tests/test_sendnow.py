@@ -1,4 +1,4 @@
-"""``meshd.serving.sendnow``: a write sent at once when nothing is queued, queued otherwise."""
+"""``meshd.sendnow``: a write sent at once when nothing is queued, queued otherwise."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
 from twisted.internet.protocol import Factory, Protocol
 from twisted.internet.testing import StringTransport
 
-from meshd.serving import sendnow
+from meshd import sendnow
 
 
 class Collect(Protocol):
@@ -87,3 +87,37 @@ def test_a_transport_that_is_not_plain_tcp_gets_an_ordinary_write():
     t = StringTransport()
     sendnow.write(t, b"through the tunnel's TLS")
     assert t.value() == b"through the tunnel's TLS"
+
+
+@pytest_twisted.ensureDeferred
+async def test_an_http_doors_connections_send_without_nagles_delay_and_heads_go_at_once():
+    # BoundedChannel writes a head, then the first chunk, in separate sends: with Nagle's
+    # algorithm on, the chunk waited for the client's ACK of the head
+    import socket
+
+    import treq
+    from twisted.web import resource
+
+    from meshd.httpbounds import BoundedSite
+
+    seen: dict[str, object] = {}
+
+    class Probe(resource.Resource):
+        isLeaf = True
+
+        def render_GET(self, request):  # noqa: N802
+            t = request.channel.transport
+            seen["nodelay"] = t.getHandle().getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY)
+            request.write(b"x")  # the head and this chunk leave now, queued behind nothing
+            seen["queued"] = len(t.dataBuffer) + t._tempDataLen
+            request.finish()
+            return b""
+
+    site = BoundedSite(Probe(), max_body_bytes=1024, error_body=lambda *a: b"{}", what="test")
+    port = reactor.listenTCP(0, site, interface="127.0.0.1")
+    try:
+        r = await treq.get(f"http://127.0.0.1:{port.getHost().port}/", persistent=False)
+        assert await r.content() == b"x"
+    finally:
+        await port.stopListening()
+    assert seen == {"nodelay": 1, "queued": 0}
