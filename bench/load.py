@@ -27,6 +27,11 @@ first token distribution.
     python bench/load.py                                   # 1,000 streams, burst and ramped
     python bench/load.py --streams 1000 --ramp-s 0 --chunks 20
     python bench/load.py --real --streams 64 --max-tokens 16
+    python bench/load.py --real --hogs 6        # on a machine overloaded by other work
+
+``--hogs N`` starts N CPU-bound processes (busy loops, niced like nothing else)
+for the real run, as an overloaded shared machine is: the case where a busy
+llama-server's ``/health`` went unanswered and the liveness check restarted it.
 
 The descriptor limit of this process is raised to its hard limit; meshd and
 the fake backends inherit it.  Only 127.0.0.1 is dialled; every process is
@@ -247,6 +252,10 @@ def real_mode(args, base: Path) -> int:
         request = chat_request("gemma", stream=True, max_tokens=args.max_tokens, extra=extra)
         run(node.api_port, [Client(request)], 0.0, 120)  # warm up
         since = len(node.log())
+        hogs = [subprocess.Popen([sys.executable, "-c", "while True: pass"])
+                for _ in range(args.hogs)]
+        if hogs:
+            print(f"\n{len(hogs)} CPU hogs running (pids {', '.join(str(h.pid) for h in hogs)})")
         print(
             f"\n{args.streams} concurrent streams to llama-server ({Path(gguf).name}, "
             f"ctx {args.ctx_size}, slots: llama.cpp's default) through meshd, "
@@ -254,8 +263,13 @@ def real_mode(args, base: Path) -> int:
         )
         before = sample(node.pid)
         clients = [Client(request) for _ in range(args.streams)]
-        with Sampler(node.pid) as peak:
-            wall, cpu = run(node.api_port, clients, 0.0, args.timeout_s)
+        try:
+            with Sampler(node.pid) as peak:
+                wall, cpu = run(node.api_port, clients, 0.0, args.timeout_s)
+        finally:
+            for h in hogs:
+                h.kill()
+                h.wait(10)
         after = sample(node.pid)
         expect = args.max_tokens + 1  # roughly: one event per token, and [DONE]
         errors += describe("meshd", clients, wall, cpu, None)
@@ -312,6 +326,8 @@ def main() -> int:
         help="fake: spread the connects over this long; several values run each",
     )
     parser.add_argument("--rounds", type=int, default=1)
+    parser.add_argument("--hogs", type=int, default=0,
+                        help="real: CPU-bound processes running beside it (an overloaded machine)")
     parser.add_argument("--max-tokens", type=int, default=16, help="real: tokens per stream")
     parser.add_argument("--ctx-size", type=int, default=4096, help="real: llama-server --ctx-size")
     parser.add_argument(

@@ -35,7 +35,8 @@ def write(transport: Any, data: bytes) -> None:
 def _nothing_queued(t: Any) -> bool:
     # Twisted's FileDescriptor buffer (dataBuffer from offset, then _tempDataBuffer), and
     # its half-close flag: the same fields FileDescriptor.write and doWrite read
-    return (t.connected and not t.disconnecting
+    # and never past TLS begun on the connection itself (startTLS: its write encrypts)
+    return (t.connected and not t.disconnecting and not t.TLS
             and not t._writeDisconnected  # noqa: SLF001
             and not t._tempDataLen  # noqa: SLF001
             and t.offset == len(t.dataBuffer))

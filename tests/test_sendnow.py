@@ -121,3 +121,19 @@ async def test_an_http_doors_connections_send_without_nagles_delay_and_heads_go_
     finally:
         await port.stopListening()
     assert seen == {"nodelay": 1, "queued": 0}
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_connection_with_tls_begun_on_it_is_never_written_past_its_tls():
+    port, transport, server = await pair()
+    try:
+        transport.TLS = True  # as startTLS leaves it: tcp.Connection.write then encrypts
+        written: list[bytes] = []
+        transport.write = written.append  # the TLS layer's write, for this test
+        sendnow.write(transport, b"secret")
+        assert written == [b"secret"] and server.data == b""
+    finally:
+        del transport.write
+        transport.TLS = False
+        transport.loseConnection()
+        await port.stopListening()
