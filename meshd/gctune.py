@@ -6,7 +6,7 @@ long as it does (modules, classes, the configuration); with a thousand streams
 open, a full collection took about 60 ms on this project's 2-core machines, and
 every stream waited for it.  Measured on 1,000 streams opened at once through
 one API (``bench/load.py``): the collector cost about 135 µs per request with
-the defaults, under 50 µs frozen with a larger first generation.
+the defaults, about 50 µs frozen with a larger first generation.
 
 ``tune()`` moves what exists at start into the permanent generation (never
 scanned again; ``gc.freeze``) and lets the first generation grow to 10,000

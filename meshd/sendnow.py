@@ -33,11 +33,10 @@ def write(transport: Any, data: bytes) -> None:
 
 
 def _nothing_queued(t: Any) -> bool:
-    # Twisted's FileDescriptor buffer (dataBuffer from offset, then _tempDataBuffer), and
-    # its half-close flag: the same fields FileDescriptor.write and doWrite read
-    # and never past TLS begun on the connection itself (startTLS: its write encrypts)
+    # the fields FileDescriptor.write and doWrite read: the buffer (dataBuffer from
+    # offset, then _tempDataBuffer) and the half-close flag; and never past TLS begun
+    # on the connection itself (after startTLS its write encrypts)
     return (t.connected and not t.disconnecting and not t.TLS
             and not t._writeDisconnected  # noqa: SLF001
             and not t._tempDataLen  # noqa: SLF001
             and t.offset == len(t.dataBuffer))
-

@@ -13,10 +13,10 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol
 
+from twisted.internet.interfaces import IStreamClientEndpoint
+
 if TYPE_CHECKING:
     from meshd.backends.supervisor import Traffic
-
-from twisted.internet.interfaces import IStreamClientEndpoint
 
 
 class RouteError(Exception):
