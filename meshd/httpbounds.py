@@ -221,12 +221,7 @@ class BoundedChannel(http.HTTPChannel):
     def connectionMade(self) -> None:  # noqa: N802 - Twisted's name
         # a response's head and its first chunks leave in separate sends (meshd.sendnow):
         # with Nagle's algorithm the second waited for the client's ACK of the first
-        set_no_delay = getattr(self.transport, "setTcpNoDelay", None)
-        if set_no_delay is not None:
-            try:
-                set_no_delay(True)
-            except OSError:  # a UNIX socket (the control socket's) has no such option
-                pass
+        sendnow.no_delay(self.transport)
         super().connectionMade()
 
     # -- writes: sent at once where nothing is queued (meshd.sendnow), not at the next turn

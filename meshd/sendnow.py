@@ -32,6 +32,16 @@ def write(transport: Any, data: bytes) -> None:
     transport.write(data)
 
 
+def no_delay(transport: Any) -> None:
+    """TCP_NODELAY on ``transport`` where it has it: small writes sent at once must not
+    wait for the ACK of the one before (Nagle's algorithm) nor for a delayed ACK.
+    Anything that is not TCP (a UNIX socket, a test's transport) is left as it is."""
+    try:
+        transport.setTcpNoDelay(True)
+    except (AttributeError, NotImplementedError, OSError):
+        pass
+
+
 def _nothing_queued(t: Any) -> bool:
     # the fields FileDescriptor.write and doWrite read: the buffer (dataBuffer from
     # offset, then _tempDataBuffer) and the half-close flag; and never past TLS begun

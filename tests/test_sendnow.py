@@ -35,52 +35,44 @@ class Collect(Protocol):
             d.callback(self.data)
 
 
+@pytest_twisted.async_yield_fixture
 async def pair():
+    """A client's TCP transport and the far end's Collect, closed after the test."""
     server = Collect()
     port = reactor.listenTCP(0, Factory.forProtocol(lambda: server), interface="127.0.0.1")
     client = await connectProtocol(TCP4ClientEndpoint(reactor, "127.0.0.1", port.getHost().port),
                                    Protocol())
-    return port, client.transport, server
+    yield client.transport, server
+    client.transport.loseConnection()
+    await port.stopListening()
 
 
 @pytest_twisted.ensureDeferred
-async def test_a_write_with_nothing_queued_leaves_at_once_and_the_socket_is_not_watched():
-    port, transport, server = await pair()
-    try:
-        sendnow.write(transport, b"hello")
-        # sent by send() now: nothing queued, and the reactor was not asked to watch for writing
-        assert transport.dataBuffer == b"" and not transport._tempDataBuffer
-        assert transport not in reactor.getWriters()
-        assert await server.until(5) == b"hello"
-    finally:
-        transport.loseConnection()
-        await port.stopListening()
+async def test_a_write_with_nothing_queued_leaves_at_once_and_the_socket_is_not_watched(pair):
+    transport, server = pair
+    sendnow.write(transport, b"hello")
+    # sent by send() now: nothing queued, and the reactor was not asked to watch for writing
+    assert transport.dataBuffer == b"" and not transport._tempDataBuffer
+    assert transport not in reactor.getWriters()
+    assert await server.until(5) == b"hello"
 
 
 @pytest_twisted.ensureDeferred
-async def test_a_write_behind_queued_bytes_is_queued_after_them():
-    port, transport, server = await pair()
-    try:
-        transport.write(b"first ")  # queued by Twisted until the reactor's next turn
-        sendnow.write(transport, b"second")
-        assert transport._tempDataBuffer == [b"first ", b"second"]
-        assert await server.until(12) == b"first second"
-    finally:
-        transport.loseConnection()
-        await port.stopListening()
+async def test_a_write_behind_queued_bytes_is_queued_after_them(pair):
+    transport, server = pair
+    transport.write(b"first ")  # queued by Twisted until the reactor's next turn
+    sendnow.write(transport, b"second")
+    assert transport._tempDataBuffer == [b"first ", b"second"]
+    assert await server.until(12) == b"first second"
 
 
 @pytest_twisted.ensureDeferred
-async def test_what_the_socket_does_not_take_is_queued_and_follows():
-    port, transport, server = await pair()
-    try:
-        big = bytes(range(256)) * 40_000  # 10 MB: more than a loopback socket's buffer
-        sendnow.write(transport, big)
-        assert 0 < transport._tempDataLen < len(big)
-        assert await server.until(len(big)) == big
-    finally:
-        transport.loseConnection()
-        await port.stopListening()
+async def test_what_the_socket_does_not_take_is_queued_and_follows(pair):
+    transport, server = pair
+    big = bytes(range(256)) * 40_000  # 10 MB: more than a loopback socket's buffer
+    sendnow.write(transport, big)
+    assert 0 < transport._tempDataLen < len(big)
+    assert await server.until(len(big)) == big
 
 
 def test_a_transport_that_is_not_plain_tcp_gets_an_ordinary_write():
@@ -124,16 +116,14 @@ async def test_an_http_doors_connections_send_without_nagles_delay_and_heads_go_
 
 
 @pytest_twisted.ensureDeferred
-async def test_a_connection_with_tls_begun_on_it_is_never_written_past_its_tls():
-    port, transport, server = await pair()
+async def test_a_connection_with_tls_begun_on_it_is_never_written_past_its_tls(pair):
+    transport, server = pair
+    transport.TLS = True  # as startTLS leaves it: tcp.Connection.write then encrypts
+    written: list[bytes] = []
+    transport.write = written.append  # the TLS layer's write, for this test
     try:
-        transport.TLS = True  # as startTLS leaves it: tcp.Connection.write then encrypts
-        written: list[bytes] = []
-        transport.write = written.append  # the TLS layer's write, for this test
         sendnow.write(transport, b"secret")
         assert written == [b"secret"] and server.data == b""
     finally:
         del transport.write
         transport.TLS = False
-        transport.loseConnection()
-        await port.stopListening()

@@ -335,6 +335,7 @@ class UpstreamConnection(Protocol):
     def __init__(self, upstream: Upstream, pool: ConnectionPool | None = None):
         self.upstream = upstream
         self.pool = pool
+        self._traffic = upstream.traffic  # counted per read: looked up once here
         self.sink: ResponseSink | None = None
         self.state = _IDLE
         self.started = False  # any response byte seen in the current exchange
@@ -354,9 +355,7 @@ class UpstreamConnection(Protocol):
 
     def connectionMade(self) -> None:
         # a request written on a reused connection must not wait for a delayed ACK
-        set_no_delay = getattr(self.transport, "setTcpNoDelay", None)
-        if set_no_delay is not None:
-            set_no_delay(True)
+        sendnow.no_delay(self.transport)
 
     # -- driving an exchange -------------------------------------------------
 
@@ -410,9 +409,8 @@ class UpstreamConnection(Protocol):
 
     def dataReceived(self, data: bytes) -> None:
         # the per-chunk path: keep it short
-        traffic = self.upstream.traffic
-        if traffic is not None:
-            traffic.reads += 1
+        if self._traffic is not None:
+            self._traffic.reads += 1
         if self.state == _BODY:
             # in _BODY there is a sink (and, for chunked framing, a decoder)
             sink = cast(ResponseSink, self.sink)

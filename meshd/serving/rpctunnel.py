@@ -41,7 +41,8 @@ from twisted.internet import defer, protocol
 from twisted.internet.endpoints import TCP4ClientEndpoint
 from twisted.python.failure import Failure
 
-from meshd.serving.tunnel import TunnelEndpoint, TunnelHost, TunnelMesh, _set_nodelay
+from meshd import sendnow
+from meshd.serving.tunnel import TunnelEndpoint, TunnelHost, TunnelMesh
 
 log = logging.getLogger("meshd.serving.rpctunnel")
 
@@ -67,7 +68,7 @@ class _Side(protocol.Protocol):
         self.on_lost: Callable[[Failure], Any] | None = None
 
     def connectionMade(self) -> None:  # noqa: N802 - Twisted's name
-        _set_nodelay(self.transport)
+        sendnow.no_delay(self.transport)
 
     def dataReceived(self, data: bytes) -> None:  # noqa: N802 - Twisted's name
         other = self.other

@@ -61,6 +61,7 @@ from twisted.internet.interfaces import (
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
+from meshd import sendnow
 from meshd.mesh import wire
 from meshd.mesh.wire import FrameType
 from meshd.states import TUNNEL_MOVES, TunnelState, check_move
@@ -143,14 +144,6 @@ class TunnelRefused(TunnelError):
 
 class TunnelFailed(TunnelError):
     """The host could not be reached or vanished before answering: it is suspect."""
-
-
-def _set_nodelay(transport: Any) -> None:
-    """Each SSE chunk leaves at once; a tunnel must not wait for delayed ACKs."""
-    try:
-        transport.setTcpNoDelay(True)
-    except (AttributeError, NotImplementedError, OSError):
-        pass
 
 
 def _tunnel_frame(body: dict[str, Any]) -> bytes:
@@ -256,7 +249,7 @@ class HostTunnel:
     def start(self) -> None:
         self.peer.take_over(self._header_data)
         self.peer.closed.addCallback(self.peer_lost)
-        _set_nodelay(self.peer.transport)
+        sendnow.no_delay(self.peer.transport)
 
     def _header_data(self, data: bytes) -> None:
         if self.state != self.HEADER:
@@ -472,7 +465,7 @@ class _ClientOpen:
         self.peer = peer
         peer.take_over(self._data)
         peer.closed.addCallback(self._peer_lost)
-        _set_nodelay(peer.transport)
+        sendnow.no_delay(peer.transport)
         peer.transport.write(_tunnel_frame({"model": self.ep.model}))
 
     def _open_failed(self, failure: Failure) -> None:
