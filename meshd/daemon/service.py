@@ -550,7 +550,7 @@ class Groups:
         mesh.add_listener(node.membership_changed)
         return RoleGroup(
             "active",
-            [CallbackService("tunnels", on_stop=lambda: _close_tunnels(tunnels, split)),
+            [CallbackService("tunnels", on_stop=lambda: _close_tunnels(tunnels, split, self.reactor)),
              CallbackService("election", on_stop=rebalancer.stop),
              route_server, mesh],
             router=router, tunnels=tunnels, facing=("route-server", "mesh"),
@@ -580,10 +580,11 @@ class Groups:
         self.notifier.status(node.status_line())
 
 
-def _close_tunnels(tunnels: TunnelServer, split: SplitRuntime | None) -> None:
-    tunnels.close_all()
+def _close_tunnels(tunnels: TunnelServer, split: SplitRuntime | None,
+                   reactor: Any) -> defer.Deferred[Any]:
     if split is not None:
         split.tunnel_host.close_all()
+    return tunnels.finish_all(reactor)
 
 
 def _split_runtime(config: Config, reactor: Any, node: Node) -> SplitRuntime:

@@ -55,6 +55,7 @@ from twisted.internet.interfaces import (
     IProtocol,
     IProtocolFactory,
     IPushProducer,
+    IReactorTime,
     IStreamClientEndpoint,
     ITransport,
 )
@@ -125,6 +126,8 @@ class TunnelApi(TypingProtocol):
 PURPOSE = "http"
 # the TUNNEL frames are a few dozen bytes; anything bigger is not a tunnel
 MAX_TUNNEL_FRAME_BYTES = 64 * 1024
+# how long a stopping node waits for an idle tunnel's last writes to leave
+CLOSE_GRACE_S = 2.0
 
 
 class TunnelError(error.ConnectError):
@@ -191,9 +194,26 @@ class TunnelHost:
         raise NotImplementedError
 
     def close_all(self) -> None:
-        """Shut every open tunnel (the node stops)."""
+        """Abort every open tunnel (the tunnels are not for this node any more)."""
         for tunnel in list(self.tunnels):
             tunnel.close("this node is stopping")
+
+    def idle(self, tunnel: HostTunnel) -> bool:
+        """Whether ``tunnel`` carries nothing now, so that a close may let what it
+        wrote drain first; a raw byte relay never knows, so it is never idle."""
+        return False
+
+    def finish_all(self, clock: IReactorTime, grace_s: float = CLOSE_GRACE_S) -> defer.Deferred[Any]:
+        """Close every tunnel as the node stops, after the drain: an idle one once
+        what it wrote has left (within ``grace_s``), a busy one at once.
+
+        The drain ends in the same turn as the last request's ``finish()``, whose
+        last chunk is then still in the TLS layer's buffer or the socket's; an
+        abort would drop it and the peer's client would get an SSE ``error``
+        instead of the end of a complete answer."""
+        return defer.DeferredList(
+            [tunnel.finish("this node is stopping", clock, grace_s)
+             for tunnel in list(self.tunnels)], consumeErrors=True)
 
 
 class TunnelServer(TunnelHost):
@@ -219,6 +239,10 @@ class TunnelServer(TunnelHost):
     def channel(self, addr: Any) -> _Stream | None:
         return cast("_Stream | None", self.api.site.buildProtocol(addr))
 
+    def idle(self, tunnel: HostTunnel) -> bool:
+        # twisted.web's channel keeps its unfinished requests in ``requests``
+        return tunnel.channel is not None and not getattr(tunnel.channel, "requests", True)
+
     def drain(self, timeout_s: float) -> defer.Deferred:
         """Refuse new tunnels and requests; fires once the requests carried now ended (or timeout)."""
         return self.api.drain(timeout_s)
@@ -240,6 +264,7 @@ class HostTunnel:
         self.state = TunnelState.HEADER
         self.model: str | None = None
         self.channel: _Stream | None = None
+        self.transport: TunnelTransport | None = None  # the channel's, once open
         self._decoder: wire.Decoder | None = wire.Decoder(MAX_TUNNEL_FRAME_BYTES)
 
     @property
@@ -290,7 +315,8 @@ class HostTunnel:
         self.channel = channel
         self._move(TunnelState.OPEN)
         self.server.opened += 1
-        channel.makeConnection(TunnelTransport(peer, self.who, self.model or "?"))
+        self.transport = TunnelTransport(peer, self.who, self.model or "?")
+        channel.makeConnection(self.transport)
         peer.take_over(channel.dataReceived)  # from now on the peer's bytes are HTTP
         log.debug("tunnel from %s open for %s", self.who, self.model)
         if rest:
@@ -311,6 +337,29 @@ class HostTunnel:
             return
         log.debug("closing the tunnel from %s: %s", self.who, reason)
         self.peer.transport.abortConnection()
+
+    def finish(self, reason: str, clock: IReactorTime, grace_s: float) -> defer.Deferred[None]:
+        """Close after what was written has left; abort if that takes ``grace_s``
+        (a peer that stopped reading) or if the tunnel is not idle; fires once closed."""
+        if self.state == self.CLOSED:
+            return defer.succeed(None)
+        if self.transport is None or not self.server.idle(self):
+            self.close(reason)
+            return defer.succeed(None)
+        log.debug("closing the tunnel from %s once its writes have left: %s", self.who, reason)
+        done: defer.Deferred[None] = defer.Deferred()
+
+        def closed(result: Any) -> Any:
+            if timer.active():
+                timer.cancel()
+            done.callback(None)
+            return result
+
+        timer = clock.callLater(grace_s, self.close, f"{reason}; its writes did not leave "
+                                                    f"within {grace_s:g} s")
+        self.peer.closed.addBoth(closed)
+        self.transport.loseConnection()
+        return done
 
     def _refuse(self, reason: str) -> None:
         seen, key = self.server.last_refusal, (self.who, self.model or "")

@@ -325,6 +325,49 @@ def test_closing_every_tunnel_aborts_them():
     assert peer.transport.disconnecting
 
 
+def idle_tunnel() -> tuple[FakePeer, TunnelServer]:
+    """A host tunnel whose exchange has ended: the answer was written, nothing runs."""
+    peer, _, local, server = host()
+    peer.feed(tunnel_frame({"model": "m1"}) + http_request())
+    llama_answers_and_closes(local.protocols[0])
+    assert peer.sent().endswith(b"0\r\n\r\n")
+    return peer, server
+
+
+def test_a_stopping_host_closes_an_idle_tunnel_once_its_writes_have_left():
+    peer, server = idle_tunnel()
+    clock = Clock()
+    done = server.finish_all(clock, grace_s=2.0)
+    # a close that lets the TLS layer flush and send its close_notify: not an abort,
+    # which would drop the end of the answer just written
+    assert peer.transport.disconnecting and not peer.transport.disconnected
+    assert not done.called
+    peer.lost()
+    assert done.called and server.tunnels == set()
+    clock.advance(5)
+    assert not peer.transport.disconnected  # the grace timer was cancelled
+
+
+def test_a_stopping_host_aborts_an_idle_tunnel_whose_writes_do_not_leave():
+    peer, server = idle_tunnel()
+    clock = Clock()
+    done = server.finish_all(clock, grace_s=2.0)
+    clock.advance(1.9)
+    assert not peer.transport.disconnected
+    clock.advance(0.2)  # the peer stopped reading: its buffer never drains
+    assert peer.transport.disconnected
+    peer.lost("connection lost", by_peer=False)
+    assert done.called
+
+
+def test_a_stopping_host_aborts_a_tunnel_with_a_request_still_running():
+    peer, _, local, server = host()
+    peer.feed(tunnel_frame({"model": "m1"}) + http_request())
+    local.protocols[0].dataReceived(SSE_HEAD + sse_chunk(0))  # the drain ran out meanwhile
+    done = server.finish_all(Clock(), grace_s=2.0)
+    assert peer.transport.disconnected and done.called
+
+
 # -- the requesting side -----------------------------------------------------------------------
 
 
