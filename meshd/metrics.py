@@ -485,9 +485,7 @@ class NodeCollector(Collector):
             'Role changes of this node: a standby\'s promotion is from="standby",to="idle".',
             labels=["from", "to"],
         )
-        counted: dict[tuple[str, str], int] = {}
-        for a, b in node.roles.moves:
-            counted[(str(a), str(b))] = counted.get((str(a), str(b)), 0) + 1
+        counted = {(str(a), str(b)): n for (a, b), n in node.roles.move_counts.items()}
         for (a, b), n in sorted(counted.items()):
             moves.add_metric([a, b], n)
         yield moves

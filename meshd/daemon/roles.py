@@ -24,6 +24,7 @@ worked out.  :class:`RoleMachine` is pure (tested without a reactor);
 from __future__ import annotations
 
 import logging
+from collections import Counter
 from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -44,6 +45,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("meshd.daemon.roles")
 
+MOVES_KEPT = 64
 ACTIVE_ROLES = frozenset({Role.IDLE, Role.HOST, Role.WORKER})
 
 ROLE_MOVES: dict[Role, frozenset[Role]] = {
@@ -89,7 +91,10 @@ class RoleMachine:
         self._outputs: RoleOutputs | None = None
         self.promotion: dict[str, Any] | None = None  # what a promotion decided, and when
         self.closed = False
-        self.moves: list[tuple[Role, Role]] = []  # every move made, oldest first
+        # the last MOVES_KEPT moves, oldest first; every move since start is counted
+        # in move_counts (the metric): a node flapping for months keeps no longer list
+        self.moves: list[tuple[Role, Role]] = []
+        self.move_counts: Counter[tuple[Role, Role]] = Counter()
 
     def connect(self, outputs: RoleOutputs) -> None:
         self._outputs = outputs
@@ -114,6 +119,9 @@ class RoleMachine:
             raise RoleChangeRefused(f"a {self._role} node cannot become {to}")
         log.debug("role: %s -> %s", self._role, to)
         self.moves.append((self._role, to))
+        if len(self.moves) > MOVES_KEPT:
+            del self.moves[0]
+        self.move_counts[(self._role, to)] += 1
         self._role = to
 
     # -- inputs --------------------------------------------------------------------------

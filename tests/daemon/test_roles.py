@@ -13,6 +13,7 @@ from twisted.internet.task import Clock
 from meshd.config import Config
 from meshd.daemon.node import Node, RoleParts
 from meshd.daemon.roles import (
+    MOVES_KEPT,
     ROLE_MOVES,
     RoleGroup,
     RoleMachine,
@@ -79,6 +80,17 @@ def test_promotion_moves_a_standby_to_active_and_swaps_the_groups():
     serving[0] = Role.HOST
     assert m.role is Role.HOST
     assert m.moves == [(Role.STANDBY, Role.IDLE), (Role.IDLE, Role.HOST)]
+
+
+def test_a_flapping_node_keeps_its_last_moves_and_counts_them_all():
+    serving = [Role.IDLE]
+    m, _ = machine(Role.IDLE, serving)
+    for n in range(MOVES_KEPT * 3):
+        serving[0] = Role.HOST if n % 2 == 0 else Role.IDLE
+        assert m.role is serving[0]
+    assert len(m.moves) == MOVES_KEPT and m.moves[-1] == (Role.HOST, Role.IDLE)
+    assert m.move_counts == {(Role.IDLE, Role.HOST): MOVES_KEPT * 3 // 2,
+                             (Role.HOST, Role.IDLE): MOVES_KEPT * 3 // 2}
 
 
 def test_standing_by_moves_an_idle_node_to_standby_and_swaps_the_groups():
