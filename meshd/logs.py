@@ -70,6 +70,39 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(event, ensure_ascii=False)
 
 
+def printable(text: str) -> str:
+    """``text`` with every character that is not printable written as its escape
+    (``\\n``, ``\\x1b``, ``\\u2028``): a line stays one line, and shows no
+    terminal escape sequence, whatever a peer or a client put into it."""
+    if text.isprintable():
+        return text
+    return "".join(c if c.isprintable() else c.encode("unicode_escape").decode("ascii")
+                   for c in text)
+
+
+class TextFormatter(logging.Formatter):
+    """One line per event for journald or a terminal.
+
+    Log messages carry text from outside: a peer's close reason, a PEER_DOWN
+    reason, a DROP's origin, a model name, a client's path.  Rather than trusting
+    every one of those places to clean what it logs, the message is escaped
+    here (:func:`printable`), once for all; so a peer cannot forge a log line
+    with a newline, nor move an operator's cursor.  A traceback is meshd's own
+    and keeps its lines.
+    """
+
+    def formatMessage(self, record: logging.LogRecord) -> str:  # noqa: N802 - logging's name
+        message = record.message
+        safe = printable(message)
+        if safe is message:
+            return super().formatMessage(record)
+        record.message = safe
+        try:
+            return super().formatMessage(record)
+        finally:
+            record.message = message  # another handler formats it its own way
+
+
 def formatter(fmt: str = "text") -> logging.Formatter:
     """The formatter for ``[log] format``; the config loader has refused any other value."""
     if fmt == "json":
@@ -77,8 +110,8 @@ def formatter(fmt: str = "text") -> logging.Formatter:
     if fmt != "text":
         raise ValueError(f"log format {fmt!r} is not one of {', '.join(FORMATS)}")
     if os.environ.get("JOURNAL_STREAM"):
-        return logging.Formatter("%(levelname)s %(name)s: %(message)s")
-    return logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+        return TextFormatter("%(levelname)s %(name)s: %(message)s")
+    return TextFormatter("%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
 
 
 # the handler setup() installed, whose format a reload changes (apply())

@@ -77,6 +77,34 @@ def test_text_is_the_default(monkeypatch):
     assert logs.formatter("text").format(_record()) == "WARNING meshd.mesh: peer n1 gone"
 
 
+@pytest.mark.parametrize("journal", [False, True])
+def test_text_lines_escape_what_a_peer_put_into_them(monkeypatch, journal):
+    # a PEER_DOWN reason forging a second line and clearing the operator's terminal
+    if journal:
+        monkeypatch.setenv("JOURNAL_STREAM", "8:1")
+    else:
+        monkeypatch.delenv("JOURNAL_STREAM", raising=False)
+    forged = "timeout\n12:00:00 WARNING meshd: all good\x1b[2J\u2028\u202e"
+    record = _record("peer down: %s", (forged,))
+    line = logs.formatter("text").format(record)
+    assert len(line.splitlines()) == 1 and "\x1b" not in line and "\u2028" not in line
+    assert line.endswith("peer down: timeout\\n12:00:00 WARNING meshd: all good"
+                         "\\x1b[2J\\u2028\\u202e")
+    assert record.getMessage() == f"peer down: {forged}"  # the record itself is left alone
+    assert logs.formatter("text").format(_record("caf\u00e9 \u4e2d", ())).endswith("caf\u00e9 \u4e2d")
+
+
+def test_text_keeps_a_tracebacks_lines():
+    try:
+        raise RuntimeError("backend went away")
+    except RuntimeError:
+        import sys
+
+        record = _record("request failed", (), exc_info=sys.exc_info())
+    lines = logs.formatter("text").format(record).splitlines()
+    assert lines[0].endswith("request failed") and lines[1].startswith("Traceback")
+
+
 def test_unknown_format_is_refused():
     with pytest.raises(ValueError, match="'xml' is not one of text, json"):
         logs.formatter("xml")
