@@ -63,6 +63,7 @@ from twisted.web.http_headers import Headers
 from twisted.web.iweb import IAgent, IBodyProducer, IResponse
 
 from meshd import config as configmod
+from meshd import jsonbounds
 from meshd.config import Config
 from meshd.httpbounds import BoundedSite, Refusal, api_key_matches
 from meshd.states import ModelState
@@ -457,6 +458,13 @@ class _ChatProxy(resource.Resource):
             body = content.read(MAX_CHAT_BODY_BYTES + 1) if content is not None else b""
             if len(body) > MAX_CHAT_BODY_BYTES:
                 return _error(request, 413, "request body too large", "body_too_large")
+            # answered here, as the API would (its message and code): forwarding a
+            # body that cannot be a request cost a connection and a second request
+            try:
+                jsonbounds.loads(body)
+            except ValueError as e:
+                return _error(request, 400, f"request body is not valid JSON: {e}",
+                              "invalid_json")
         return self.console.forward(request, method, b"/v1/" + path, body)
 
 

@@ -509,6 +509,18 @@ def test_chat_with_a_wrong_api_key_is_refused_by_the_console_itself(node, clock)
     assert agent.requests == []
 
 
+@pytest.mark.parametrize("body", [b"{nope", b"[" * 50_000, b"\xff\xfe", b""])
+def test_chat_with_a_body_that_is_not_json_is_refused_by_the_console_itself(node, clock, body):
+    agent = FakeAgent()
+    c = console.Console(node, make_config(), reactor=clock, feed=make_feed(node, clock),
+                        agent=agent)
+    request = render(c, chat_request(body))
+    assert request.responseCode == 400
+    err = json.loads(b"".join(request.written))["error"]
+    assert err["code"] == "invalid_json" and "not valid JSON" in err["message"]
+    assert agent.requests == []  # no connection to the API for it
+
+
 def test_a_browser_that_goes_away_stops_the_upstream(node, clock):
     response = FakeResponse(200, {b"content-type": [b"text/event-stream"]}, [b"data: 1\n\n"],
                             end=False)

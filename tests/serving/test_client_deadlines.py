@@ -19,7 +19,7 @@ from twisted.python.failure import Failure
 from twisted.web import resource
 
 from meshd.config import ApiConfig
-from meshd.httpbounds import BODY_TIMEOUT_S, HEAD_TIMEOUT_S, BoundedSite
+from meshd.httpbounds import BODY_TIMEOUT_S, HEAD_TIMEOUT_S, MAX_HEADERS, BoundedSite
 from meshd.states import ForwardState
 from tests.serving.test_api import SSE_HEAD, chat, memory_api, send_stream_request, sse
 
@@ -50,6 +50,20 @@ def test_defaults():
     config = ApiConfig()
     assert (config.head_timeout_s, config.body_timeout_s) == (HEAD_TIMEOUT_S, BODY_TIMEOUT_S)
     assert (HEAD_TIMEOUT_S, BODY_TIMEOUT_S, config.client_stall_timeout_s) == (10.0, 60.0, 60.0)
+
+
+def test_a_request_with_more_headers_than_the_bound_is_refused_before_any_more_are_parsed():
+    def health_with(n: int) -> bytes:
+        extra = b"".join(b"X-H%d: v\r\n" % i for i in range(n - 1))
+        return b"GET /health HTTP/1.1\r\nHost: x\r\n" + extra + b"\r\n"
+
+    assert MAX_HEADERS == 100
+    *_, channel, client = memory_api()
+    channel.dataReceived(health_with(MAX_HEADERS))
+    assert client.value().startswith(b"HTTP/1.1 200 ")
+    *_, channel, client = memory_api()
+    channel.dataReceived(health_with(MAX_HEADERS + 1))
+    assert client.value().startswith(b"HTTP/1.1 400 ") and client.disconnecting
 
 
 # -- slowloris ---------------------------------------------------------------------------------
