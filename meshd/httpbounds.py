@@ -242,13 +242,38 @@ class BoundedChannel(http.HTTPChannel):
             for value in values:
                 head.extend((name, b": ", value, b"\r\n"))
         head.append(b"\r\n")
-        sendnow.write(self.transport, b"".join(head))
+        self._send(b"".join(head))
 
     def write(self, data: bytes) -> None:
-        sendnow.write(self.transport, data)
+        self._send(data)
 
     def writeSequence(self, iovec: Iterable[bytes]) -> None:  # noqa: N802 - Twisted's name
-        sendnow.write(self.transport, b"".join(iovec))
+        self._send(b"".join(iovec))
+
+    # what one upstream read makes us write (a head, its first chunks, maybe the
+    # body's end) leaves in one send, not one each: the proxy holds the writes
+    # while it handles that read (meshd.serving.api.Forward)
+    _held: list[bytes] | None = None
+
+    def hold_writes(self) -> None:
+        """Keep this channel's writes until :meth:`send_held` (or a close)."""
+        if self._held is None:
+            self._held = []
+
+    def send_held(self) -> None:
+        held, self._held = self._held, None
+        if held:
+            sendnow.write(self.transport, b"".join(held))
+
+    def _send(self, data: bytes) -> None:
+        if self._held is not None:
+            self._held.append(data)
+        else:
+            sendnow.write(self.transport, data)
+
+    def loseConnection(self) -> None:  # noqa: N802 - Twisted's name
+        self.send_held()  # before the close: sent now, not queued behind it
+        super().loseConnection()
 
     def _send100Continue(self) -> None:  # noqa: N802 - Twisted's name
         if self.requests and getattr(self.requests[-1], "refused", None) is not None:

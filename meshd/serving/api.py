@@ -88,7 +88,13 @@ from zope.interface import implementer
 from meshd import jsonbounds
 from meshd import metrics as metricsmod
 from meshd.config import ApiConfig
-from meshd.httpbounds import BoundedRequest, BoundedSite, Refusal, api_key_matches
+from meshd.httpbounds import (
+    BoundedChannel,
+    BoundedRequest,
+    BoundedSite,
+    Refusal,
+    api_key_matches,
+)
 from meshd.metrics import ApiMeter, ApiMetrics, Hop, RouteKind
 from meshd.serving import routes
 from meshd.serving.proxy import ConnectionPool, UpstreamConnection, request_head
@@ -532,6 +538,7 @@ class Forward:
         # the one pending deadline: first byte (SENT), silence (after the head)
         self.deadline: IDelayedCall | None = None
         self.last_byte = 0.0  # reactor time of the last response byte
+        self.holding: BoundedChannel | None = None  # its writes wait for read_ends
         # pending while our client does not read (the upstream paused for it)
         self.stall: IDelayedCall | None = None
         self._seconds = api.reactor.seconds
@@ -781,6 +788,17 @@ class Forward:
         if self.events_inc is not None and self.events > self.events_counted:
             self.events_inc(self.events - self.events_counted)
             self.events_counted = self.events
+
+    def read_begins(self) -> None:
+        channel = self.request.channel
+        if isinstance(channel, BoundedChannel):
+            self.holding = channel
+            channel.hold_writes()
+
+    def read_ends(self) -> None:
+        channel, self.holding = self.holding, None
+        if channel is not None:
+            channel.send_held()
 
     def response_end(self) -> None:
         request = self.request

@@ -60,6 +60,14 @@ class ResponseSink(TypingProtocol):
     def response_end(self) -> None:
         """The body ended cleanly."""
 
+    def read_begins(self) -> None:
+        """The upstream read that holds the response head is being handled: what the
+        sink writes for it (the head, the first chunks, maybe the end) may wait for
+        :meth:`read_ends` and leave in one send."""
+
+    def read_ends(self) -> None:
+        """That read is handled (the exchange may have ended or failed meanwhile)."""
+
     def response_failed(self, reason: str, started: bool) -> None:
         """The exchange failed; ``started``: the upstream had sent at least one response byte."""
 
@@ -448,7 +456,12 @@ class UpstreamConnection(Protocol):
             return
         if self.state == _HEAD:
             self.started = True
-            self._head_received(data)
+            sink = cast(ResponseSink, self.sink)  # _HEAD: an exchange is in progress
+            sink.read_begins()
+            try:
+                self._head_received(data)
+            finally:
+                sink.read_ends()
         elif self.state == _IDLE:
             # a keep-alive connection must be silent between exchanges
             self.reusable = False

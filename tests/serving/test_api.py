@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import socket
+from typing import Any
 
 import pytest
 import pytest_twisted
@@ -577,6 +578,61 @@ def test_chunk_reaches_the_client_before_the_upstream_sends_the_next():
     client.clear()
     upstream.dataReceived(sse(1))
     assert b'data: {"n": 1}' in client.value()
+
+
+class CountingTransport(StringTransport):
+    """A client's transport that counts the writes it got (each a ``send()`` on a socket)."""
+
+    def __init__(self, *a, **kw):
+        super().__init__(*a, **kw)
+        self.writes = 0
+
+    def write(self, data):
+        self.writes += 1
+        super().write(data)
+
+
+def counting_api() -> tuple[MemoryUpstreams, CountingTransport, Any]:
+    api, router, clock, ups, _, _ = memory_api()
+    channel = api.site.buildProtocol(IPv4Address("TCP", "127.0.0.1", 5555))
+    client = CountingTransport(peerAddress=IPv4Address("TCP", "127.0.0.1", 5555))
+    channel.makeConnection(client)
+    return ups, client, channel
+
+
+@pytest.mark.parametrize("end", [False, True])
+def test_what_one_upstream_read_brings_leaves_in_one_send(end):
+    # the head, the first chunks and (when in the same read) the body's end: one write,
+    # not one each; what a later read brings is written as it comes
+    ups, client, channel = counting_api()
+    send_stream_request(channel)
+    upstream = ups.connections[0]
+    upstream.dataReceived(SSE_HEAD + sse(0) + sse(1) + (b"0\r\n\r\n" if end else b""))
+    assert client.writes == 1
+    out = client.value()
+    assert out.startswith(b"HTTP/1.1 200 OK\r\n") and b'data: {"n": 1}' in out
+    assert out.endswith(b"0\r\n\r\n") is end
+    if not end:
+        upstream.dataReceived(sse(2))
+        assert client.writes == 2 and client.value().endswith(sse(2))
+
+
+def test_a_head_alone_in_its_read_leaves_at_once():
+    # llama-server's head may come long before its first token: it is not held for it
+    ups, client, channel = counting_api()
+    send_stream_request(channel)
+    ups.connections[0].dataReceived(SSE_HEAD)
+    assert client.writes == 1 and client.value().startswith(b"HTTP/1.1 200 OK\r\n")
+
+
+def test_a_held_answer_to_a_closing_client_is_sent_before_the_close():
+    ups, client, channel = counting_api()
+    body = json.dumps(chat(stream=True)).encode()
+    channel.dataReceived(_head(b"Connection: close\r\nContent-Length: %d\r\n\r\n" % len(body))
+                         + body)
+    ups.connections[0].dataReceived(SSE_HEAD + sse(0) + b"0\r\n\r\n")
+    assert client.writes == 1 and client.value().endswith(b"0\r\n\r\n")
+    assert client.disconnecting
 
 
 @pytest.mark.parametrize("length", [b"-5", b"+5", b"5x", b"9" * 5000])

@@ -504,6 +504,12 @@ class Sink:
     def response_end(self):
         self.events.append(("end",))
 
+    def read_begins(self):
+        pass
+
+    def read_ends(self):
+        pass
+
     def response_failed(self, reason, started):
         self.events.append(("failed", started))
 
