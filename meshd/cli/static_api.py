@@ -42,6 +42,9 @@ def parse_table(p: argparse.ArgumentParser, items: list[str]) -> dict[str, list[
 
 
 def main(argv: list[str] | None = None) -> int:
+    from meshd import reactor as meshd_reactor
+
+    meshd_reactor.install()  # before anything imports Twisted's default one
     from twisted.internet import endpoints
     from twisted.internet import reactor as global_reactor
 

@@ -677,6 +677,9 @@ def run(config: Config, *, reactor: Any = None, reread: Callable[[], Config] | N
     reload reads the configuration again (see :func:`create_daemon`)."""
     own_process = reactor is None  # not a test's reactor: the process is the daemon's
     if reactor is None:
+        from meshd import reactor as meshd_reactor
+
+        meshd_reactor.install()
         from twisted.internet import reactor as default_reactor
 
         reactor = default_reactor
