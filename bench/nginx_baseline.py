@@ -11,6 +11,7 @@ provides the binary).
 
 from __future__ import annotations
 
+import os
 import shutil
 import subprocess
 import sys
@@ -55,12 +56,20 @@ def nginx_binary() -> str | None:
         (p for p in ("/usr/sbin/nginx",) if Path(p).exists()), None)
 
 
+def on_cpus(cpus: set[int] | None):
+    """A ``preexec_fn`` that confines the child (and what it forks) to ``cpus``; None: no pinning."""
+    if not cpus:
+        return None
+    return lambda: os.sched_setaffinity(0, cpus)
+
+
 class Nginx:
     """One nginx in front of ``upstream_port``, listening on ``listen_port``."""
 
-    def __init__(self, upstream_port: int, listen_port: int):
+    def __init__(self, upstream_port: int, listen_port: int, cpus: set[int] | None = None):
         self.upstream_port = upstream_port
         self.port = listen_port
+        self.cpus = cpus  # run on these CPUs only (``--pin``); its workers inherit them
         self.proc: subprocess.Popen | None = None
         self._dir: tempfile.TemporaryDirectory | None = None
 
@@ -74,7 +83,7 @@ class Nginx:
         conf.write_text(CONF.format(prefix=prefix, upstream=self.upstream_port, listen=self.port))
         self.proc = subprocess.Popen(
             [binary, "-p", str(prefix), "-c", str(conf), "-e", str(prefix / "error.log")],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, preexec_fn=on_cpus(self.cpus))
         print(f"  started pid {self.proc.pid}: nginx -> 127.0.0.1:{self.upstream_port}",
               file=sys.stderr)
         wait_port(self.port)

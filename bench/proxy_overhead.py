@@ -28,6 +28,11 @@ The load generator is an asyncio protocol that only counts ``data: `` per read
     python bench/proxy_overhead.py --part a --rounds 5 --streams-32 640
     mkdir /tmp/before && git archive COMMIT | tar -x -C /tmp/before
     python bench/proxy_overhead.py --before /tmp/before
+    python bench/proxy_overhead.py --part a --pin   # proxies on one CPU, the rest on the others
+
+``--pin`` makes part A's figures repeatable on a small machine (unpinned, which
+processes share a core moves the CPU per chunk by 2x between runs); part B's
+llama-server needs every core, so part B is never pinned.
 """
 
 from __future__ import annotations
@@ -47,11 +52,14 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tests"))
 sys.path.insert(0, str(ROOT / "bench"))
 
-from nginx_baseline import Nginx  # noqa: E402
+from nginx_baseline import Nginx, on_cpus  # noqa: E402
 
 from tests.harness.daemon import port_open  # noqa: E402
 
 TICKS = os.sysconf("SC_CLK_TCK")
+# --pin: the proxies under test on these CPUs, the load generator and the backend on
+# the others, so that where the scheduler puts whom does not decide the figures
+PROXY_CPUS: set[int] | None = None
 
 
 def free_port() -> int:
@@ -76,6 +84,32 @@ def start(argv: list[str], port: int, timeout_s: float = 60.0) -> subprocess.Pop
     print(f"  started pid {proc.pid}: {' '.join(argv[:4])} ...", file=sys.stderr)
     wait_port(port, timeout_s)
     return proc
+
+
+def pin_split() -> set[int]:
+    """Confine this process (the load generator, and the backends it starts from now on)
+    to all CPUs but the last; return the last, for the proxies."""
+    cpus = sorted(os.sched_getaffinity(0))
+    if len(cpus) < 2:
+        raise SystemExit("--pin needs at least 2 CPUs")
+    os.sched_setaffinity(0, set(cpus[:-1]))
+    return {cpus[-1]}
+
+
+def pin_tasks(pid: int, cpus: set[int]) -> None:
+    """Confine every thread of the running process ``pid`` to ``cpus``."""
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        os.sched_setaffinity(int(task.name), cpus)
+
+
+def children(pid: int) -> list[int]:
+    kids: list[int] = []
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        try:
+            kids += [int(k) for k in (task / "children").read_text().split()]
+        except OSError:
+            pass
+    return kids
 
 
 def stop(proc: subprocess.Popen) -> None:
@@ -276,7 +310,7 @@ def start_proxy(tree: Path, backend_port: int, model: str) -> tuple[subprocess.P
         [sys.executable, "-m", module, "--static",
          f"{model}=127.0.0.1:{backend_port}", "--listen", f"127.0.0.1:{port}"],
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=tree,
-        env={**os.environ, "PYTHONPATH": str(tree)})
+        env={**os.environ, "PYTHONPATH": str(tree)}, preexec_fn=on_cpus(PROXY_CPUS))
     print(f"  started pid {proc.pid}: meshd's API from {tree}", file=sys.stderr)
     wait_port(port)
     return proc, port
@@ -291,7 +325,7 @@ def proxies(args, backend_port: int, model: str) -> tuple[list[subprocess.Popen]
         proc, port = start_proxy(Path(tree).resolve(), backend_port, model)
         procs.append(proc)
         targets.append(Target(name, port, lambda p=proc.pid: [p]))
-    nginx = Nginx(backend_port, free_port())
+    nginx = Nginx(backend_port, free_port(), PROXY_CPUS)
     nginx.start(wait_port)
     targets.append(Target("nginx", nginx.port, nginx.pids))
     return [*procs, nginx], targets
@@ -416,8 +450,17 @@ def main() -> int:
     parser.add_argument("--before", type=Path, default=None, metavar="TREE",
                         help="also run meshd from this source tree (an older commit: "
                              "git archive COMMIT | tar -x -C /tmp/before), alternated in the same run")
+    parser.add_argument("--pin", action="store_true",
+                        help="run the proxies on the last CPU and the load generator and the "
+                             "backend on the others (less scheduler noise; 2 CPUs or more)")
     args = parser.parse_args()
     print(f"cpus: {os.cpu_count()}, python {sys.version.split()[0]}")
+    if args.pin and args.part != "a":
+        parser.error("--pin is for --part a only (llama-server needs every core)")
+    if args.pin:
+        global PROXY_CPUS
+        PROXY_CPUS = pin_split()
+        print(f"pinned: proxies on CPU {sorted(PROXY_CPUS)}, the rest on the others")
     if args.part in ("a", "all"):
         part_a(args)
     if args.part in ("b", "all"):

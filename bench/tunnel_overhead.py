@@ -19,6 +19,7 @@ and added median time to first token (goal <= 5 ms).
     python bench/tunnel_overhead.py                    # both parts, a few minutes
     python bench/tunnel_overhead.py --part a --rounds 3
     python bench/tunnel_overhead.py --before /tmp/before   # an older tree's tunnel, same run
+    python bench/tunnel_overhead.py --part a --pin   # daemons and nginx on one CPU (part A only)
 
 nginx in front of B's API runs in both parts, alternated with the others: a
 mature proxy as the extra hop, for scale (its own CPU is not counted).
@@ -38,12 +39,16 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
+import proxy_overhead  # noqa: E402
 from nginx_baseline import Nginx  # noqa: E402
 from proxy_overhead import (  # noqa: E402
     alternate_many,
+    children,
     cpu_seconds,
     free_port,
     measure,
+    pin_split,
+    pin_tasks,
     stream_request,
     wait_port,
 )
@@ -89,7 +94,7 @@ class Setup:
     an older tree (``before``), all alternated."""
 
     def __init__(self, args, base: Path, bin_dir: str, gguf: str, model: str,
-                 extra_args: list[str]):
+                 extra_args: list[str], pin: bool = False):
         self.pairs: list[tuple[Meshd, Meshd]] = []
         self.nginx: Nginx | None = None
         try:
@@ -106,7 +111,15 @@ class Setup:
                 # twice the work and ran 5-20 % slower than a copy of itself)
                 self.ways += [("before", ba.api_port, [ba.pid, bb.pid]),
                               ("b-direct", bb.api_port, [bb.pid])]
-            self.nginx = Nginx(b.api_port, free_port())
+            cpus = proxy_overhead.PROXY_CPUS if pin else None
+            if cpus:  # the daemons on the proxies' CPU, their backends with the load generator
+                others = os.sched_getaffinity(0)
+                for pa, pb in self.pairs:
+                    for backend in children(pb.pid):
+                        pin_tasks(backend, others)
+                    pin_tasks(pa.pid, cpus)
+                    pin_tasks(pb.pid, cpus)
+            self.nginx = Nginx(b.api_port, free_port(), cpus)
             self.nginx.start(wait_port)
             self.ways.append(("nginx", self.nginx.port, [b.pid]))
         except BaseException:
@@ -127,7 +140,7 @@ def part_a(args, base: Path) -> None:
         print("Part A skipped: no model file to stand in as a GGUF")
         return
     setup = Setup(args, base / "a", fake_llama_bin_dir(base), gguf, "fake",
-                  ["--chunks", str(args.chunks)])
+                  ["--chunks", str(args.chunks)], pin=args.pin)
     try:
         request = stream_request("/v1/chat/completions", "fake", None)
         expect = args.chunks + 1
@@ -219,7 +232,15 @@ def main() -> int:
     parser.add_argument("--before", type=Path, default=None, metavar="TREE",
                         help="also run a pair of daemons from this source tree (an older commit: "
                              "git archive COMMIT | tar -x -C /tmp/before), alternated in the same run")
+    parser.add_argument("--pin", action="store_true",
+                        help="part A: the daemons and nginx on the last CPU, the fake backends "
+                             "and the load generator on the others (less scheduler noise)")
     args = parser.parse_args()
+    if args.pin and args.part != "a":
+        parser.error("--pin is for --part a only (llama-server needs every core)")
+    if args.pin:
+        proxy_overhead.PROXY_CPUS = pin_split()
+        print(f"pinned (part A): daemons and nginx on CPU {sorted(proxy_overhead.PROXY_CPUS)}")
     t0 = time.monotonic()
     with tempfile.TemporaryDirectory(prefix="tunnel-bench-") as tmp:
         if args.part in ("a", "all"):
