@@ -20,6 +20,8 @@ and added median time to first token (goal <= 5 ms).
     python bench/tunnel_overhead.py --part a --rounds 3
     python bench/tunnel_overhead.py --before /tmp/before   # an older tree's tunnel, same run
     python bench/tunnel_overhead.py --part a --pin   # daemons and nginx on one CPU (part A only)
+    python bench/tunnel_overhead.py --part a --chunks 100 --chunk-delay-ms 5 --streams-1 4 \
+        --streams-8 32 --rounds 2          # chunks one at a time, like tokens: CPU per chunk
 
 nginx in front of B's API runs in both parts, alternated with the others: a
 mature proxy as the extra hop, for scale (its own CPU is not counted).
@@ -140,11 +142,13 @@ def part_a(args, base: Path) -> None:
         print("Part A skipped: no model file to stand in as a GGUF")
         return
     setup = Setup(args, base / "a", fake_llama_bin_dir(base), gguf, "fake",
-                  ["--chunks", str(args.chunks)], pin=args.pin)
+                  ["--chunks", str(args.chunks), "--chunk-delay-ms", str(args.chunk_delay_ms)],
+                  pin=args.pin)
     try:
         request = stream_request("/v1/chat/completions", "fake", None)
         expect = args.chunks + 1
-        print(f"\nPart A: fake backend, {args.chunks} chunks per stream, {args.rounds} rounds "
+        spaced = f", {args.chunk_delay_ms:g} ms apart" if args.chunk_delay_ms else ""
+        print(f"\nPart A: fake backend, {args.chunks} chunks per stream{spaced}, {args.rounds} rounds "
               "alternated, medians; 'direct' = B's API, 'tunnel' = A's API -> tunnel -> B, "
               "'nginx' = nginx -> B's API" + (", 'before' = the tunnel of --before's daemons"
                                               if args.before else ""))
@@ -227,6 +231,9 @@ def main() -> int:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--streams-1", type=int, default=50)
     parser.add_argument("--streams-8", type=int, default=64)
+    parser.add_argument("--chunk-delay-ms", type=float, default=0.0,
+                        help="part A: the fake backend pauses this long before each chunk, so each "
+                             "crosses alone, as a real model's tokens do (0: as fast as it can)")
     parser.add_argument("--real-requests", type=int, default=8)
     parser.add_argument("--max-tokens", type=int, default=48)
     parser.add_argument("--before", type=Path, default=None, metavar="TREE",

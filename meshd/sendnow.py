@@ -8,16 +8,19 @@ it delays each chunk to the next turn (and a stream's first chunks wait behind i
 head for one more upstream read).  Like asyncio's transports, :func:`write`
 tries ``send()`` first when the transport's buffer is empty, and queues only
 what the socket did not take (or everything, on any transport that is not a
-plain TCP connection, e.g. a tunnel's TLS, or when something is queued already,
-so the order of bytes is kept).  Every HTTP door's writes go through it
-(``meshd.httpbounds.BoundedChannel``), and so do the proxy's requests upstream.
+plain TCP connection, or when something is queued already, so the order of
+bytes is kept).  Every HTTP door's writes go through it
+(``meshd.httpbounds.BoundedChannel``), and so do the proxy's requests upstream
+and the TLS records of peer connections and tunnels (:class:`TLSTransport`).
 """
 
 from __future__ import annotations
 
 from typing import Any
 
+from OpenSSL.SSL import WantReadError
 from twisted.internet import tcp
+from twisted.protocols.tls import BufferingTLSTransport, TLSMemoryBIOFactory
 
 
 def write(transport: Any, data: bytes) -> None:
@@ -50,3 +53,35 @@ def _nothing_queued(t: Any) -> bool:
             and not t._writeDisconnected  # noqa: SLF001
             and not t._tempDataLen  # noqa: SLF001
             and t.offset == len(t.dataBuffer))
+
+
+class TLSTransport(BufferingTLSTransport):
+    """Twisted's TLS transport, whose TLS records go out through :func:`write`.
+
+    Twisted's TLS layer still gathers the writes of one reactor turn into one
+    record (``BufferingTLSTransport``), then hands the record to the TCP
+    transport, which queues it for the next turn: an ``epoll_ctl`` to watch the
+    socket, a turn, a ``send()`` and another ``epoll_ctl``.  On a tunnel that
+    carries a model's tokens, one at a time, that is every token: sent at once,
+    the host's CPU per token is about a tenth less (BENCHMARKS.md, "Tunnel
+    overhead").  What the socket does not take is queued, in order, as
+    before; and the connection's TLS stays the memory-BIO protocol's, so the TCP
+    transport underneath is plain (``write`` needs that).
+
+    The one override is of ``_flushSendBIO``, a private method of Twisted's
+    ``TLSMemoryBIOProtocol`` (Twisted is pinned in constraints.txt;
+    ``tests/test_sendnow.py`` fails if the method it replaces goes away).
+    """
+
+    def _flushSendBIO(self) -> None:  # noqa: N802 - Twisted's name
+        try:
+            data = self._tlsConnection.bio_read(2**15)
+        except WantReadError:
+            return  # nothing in the send BIO right now
+        write(self.transport, data)
+
+
+class TLSFactory(TLSMemoryBIOFactory):
+    """``TLSMemoryBIOFactory`` building :class:`TLSTransport` (its public ``protocol``)."""
+
+    protocol = TLSTransport

@@ -127,3 +127,54 @@ async def test_a_connection_with_tls_begun_on_it_is_never_written_past_its_tls(p
     finally:
         del transport.write
         transport.TLS = False
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_peer_connections_tls_records_leave_at_once():
+    # peer connections and tunnels: the TLS layer still gathers a turn's writes into
+    # one record, and that record then goes to send() at once instead of the TCP
+    # transport's queue (a watch, a turn, a send, an unwatch: every token of a tunnel)
+    from twisted.internet.task import deferLater
+
+    from meshd.mesh import identity
+    from meshd.mesh.peer import TLSOptions, _TLSClientEndpoint
+
+    server = Collect()
+    port = reactor.listenTCP(
+        0, sendnow.TLSFactory(TLSOptions(identity.ephemeral()), False,
+                              Factory.forProtocol(lambda: server)), interface="127.0.0.1")
+    try:
+        endpoint = _TLSClientEndpoint(TLSOptions(identity.ephemeral()),
+                                      TCP4ClientEndpoint(reactor, "127.0.0.1", port.getHost().port))
+        client = await endpoint.connect(Factory.forProtocol(Protocol))
+        tls = client.transport
+        assert isinstance(tls, sendnow.TLSTransport)
+        tls.write(b"hello")
+        assert await server.until(5) == b"hello"  # the handshake is done
+        tcp = tls.transport
+        tls.write(b"x" * 100)
+        tls.write(b"y" * 100)  # the same turn: one record
+        await deferLater(reactor, 0, lambda: None)  # the turn in which the TLS layer flushes
+        assert tcp.dataBuffer == b"" and not tcp._tempDataBuffer
+        assert tcp not in reactor.getWriters()
+        assert await server.until(205) == b"hello" + b"x" * 100 + b"y" * 100
+        tls.loseConnection()
+    finally:
+        await port.stopListening()
+
+
+def test_the_tls_method_replaced_is_still_twisteds():
+    # sendnow.TLSTransport replaces this private method of Twisted's TLS protocol: an
+    # upgrade that renames or drops it must fail here, not silently stop sending at once
+    import inspect
+
+    from twisted.protocols.tls import (
+        BufferingTLSTransport,
+        TLSMemoryBIOFactory,
+        TLSMemoryBIOProtocol,
+    )
+
+    source = inspect.getsource(TLSMemoryBIOProtocol._flushSendBIO)
+    assert "bio_read(2**15)" in source and "self.transport.write(bytes)" in source
+    assert TLSMemoryBIOFactory.protocol is BufferingTLSTransport
+    assert issubclass(sendnow.TLSTransport, BufferingTLSTransport)

@@ -60,12 +60,15 @@ from twisted.internet.interfaces import (
     IOpenSSLClientConnectionCreator,
     IOpenSSLServerConnectionCreator,
     IProtocol,
+    IProtocolFactory,
     IReactorTime,
+    IStreamClientEndpoint,
 )
 from twisted.protocols.tls import TLSMemoryBIOFactory
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
+from meshd import sendnow
 from meshd.config import is_loopback, parse_address
 from meshd.mesh import wire
 from meshd.mesh.identity import Identity, check_peer_certificate
@@ -794,7 +797,24 @@ class PeerFactory(protocol.Factory):
 
 
 def server_factory(tls: TLSOptions, build: Callable[[], PeerProtocol], clock: IReactorTime | None = None) -> TLSMemoryBIOFactory:
-    return TLSMemoryBIOFactory(tls, False, PeerFactory(build), clock)
+    return sendnow.TLSFactory(tls, False, PeerFactory(build), clock)
+
+
+@implementer(IStreamClientEndpoint)
+class _TLSClientEndpoint:
+    """``endpoints.wrapClientTLS``, with meshd's TLS factory (records sent at once)."""
+
+    def __init__(self, tls: TLSOptions, endpoint: IStreamClientEndpoint):
+        self._tls = tls
+        self._endpoint = endpoint
+
+    def connect(self, factory: IProtocolFactory) -> defer.Deferred[IProtocol]:
+        d = self._endpoint.connect(sendnow.TLSFactory(self._tls, True, factory))
+        return d.addCallback(_unwrap)
+
+
+def _unwrap(tls_protocol: IProtocol) -> IProtocol:
+    return cast(IProtocol, cast(Any, tls_protocol).wrappedProtocol)
 
 
 def connect(
@@ -807,11 +827,11 @@ def connect(
 ) -> defer.Deferred[PeerProtocol]:
     """Dial ``address``; fires with the OPEN connection, or fails with PeerClosed(reason)."""
     host, port = address
-    endpoint = endpoints.wrapClientTLS(
+    endpoint = _TLSClientEndpoint(
         tls, endpoints.HostnameEndpoint(reactor, host, port, timeout=timeout_s)
     )
     def connected(p: IProtocol) -> defer.Deferred[PeerProtocol]:
-        if not isinstance(p, PeerProtocol):  # wrapClientTLS hands back what PeerFactory built
+        if not isinstance(p, PeerProtocol):  # the endpoint hands back what PeerFactory built
             raise TypeError(f"connected a {type(p).__name__}, not a PeerProtocol")
         return p.when_opened()
 
