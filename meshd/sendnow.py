@@ -73,6 +73,13 @@ class TLSTransport(BufferingTLSTransport):
     ``tests/test_sendnow.py`` fails if the method it replaces goes away).
     """
 
+    def makeConnection(self, transport: Any) -> None:  # noqa: N802 - Twisted's name
+        # records sent as they are made meet Nagle's algorithm otherwise: the second
+        # of a handshake's or a HELLO's records waited for the ACK of the first (the
+        # peer's delayed ACK: 40 ms a foreign HELLO took, instead of 3)
+        no_delay(transport)
+        super().makeConnection(transport)
+
     def _flushSendBIO(self) -> None:  # noqa: N802 - Twisted's name
         try:
             data = self._tlsConnection.bio_read(2**15)

@@ -134,6 +134,8 @@ async def test_a_peer_connections_tls_records_leave_at_once():
     # peer connections and tunnels: the TLS layer still gathers a turn's writes into
     # one record, and that record then goes to send() at once instead of the TCP
     # transport's queue (a watch, a turn, a send, an unwatch: every token of a tunnel)
+    import socket
+
     from twisted.internet.task import deferLater
 
     from meshd.mesh import identity
@@ -152,6 +154,10 @@ async def test_a_peer_connections_tls_records_leave_at_once():
         tls.write(b"hello")
         assert await server.until(5) == b"hello"  # the handshake is done
         tcp = tls.transport
+        # both ends without Nagle's algorithm: a record sent at once must not wait for
+        # the ACK of the one before (a foreign HELLO took 40 ms more with it)
+        for end in (tcp, server.transport.transport):
+            assert end.getHandle().getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY) == 1
         tls.write(b"x" * 100)
         tls.write(b"y" * 100)  # the same turn: one record
         await deferLater(reactor, 0, lambda: None)  # the turn in which the TLS layer flushes

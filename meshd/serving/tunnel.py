@@ -62,7 +62,6 @@ from twisted.internet.interfaces import (
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from meshd import sendnow
 from meshd.mesh import wire
 from meshd.mesh.wire import FrameType
 from meshd.states import TUNNEL_MOVES, TunnelState, check_move
@@ -274,7 +273,6 @@ class HostTunnel:
     def start(self) -> None:
         self.peer.take_over(self._header_data)
         self.peer.closed.addCallback(self.peer_lost)
-        sendnow.no_delay(self.peer.transport)
 
     def _header_data(self, data: bytes) -> None:
         if self.state != self.HEADER:
@@ -514,7 +512,6 @@ class _ClientOpen:
         self.peer = peer
         peer.take_over(self._data)
         peer.closed.addCallback(self._peer_lost)
-        sendnow.no_delay(peer.transport)
         peer.transport.write(_tunnel_frame({"model": self.ep.model}))
 
     def _open_failed(self, failure: Failure) -> None:
