@@ -86,6 +86,24 @@ def start(argv: list[str], port: int, timeout_s: float = 60.0) -> subprocess.Pop
     return proc
 
 
+def add_pin_option(parser: argparse.ArgumentParser, what: str) -> None:
+    parser.add_argument("--pin", action="store_true",
+                        help=f"part A: {what} on the last CPU, the load generator and the "
+                             "backends on the others (less scheduler noise; 2 CPUs or more)")
+
+
+def pinned(parser: argparse.ArgumentParser, args: argparse.Namespace) -> set[int] | None:
+    """``--pin``: the CPUs for the proxies under test (this process keeps the others);
+    None without it.  Part A only: llama-server needs every core."""
+    if not args.pin:
+        return None
+    if args.part != "a":
+        parser.error("--pin is for --part a only (llama-server needs every core)")
+    cpus = pin_split()
+    print(f"pinned: the proxies on CPU {sorted(cpus)}, the rest on the others")
+    return cpus
+
+
 def pin_split() -> set[int]:
     """Confine this process (the load generator, and the backends it starts from now on)
     to all CPUs but the last; return the last, for the proxies."""
@@ -450,17 +468,11 @@ def main() -> int:
     parser.add_argument("--before", type=Path, default=None, metavar="TREE",
                         help="also run meshd from this source tree (an older commit: "
                              "git archive COMMIT | tar -x -C /tmp/before), alternated in the same run")
-    parser.add_argument("--pin", action="store_true",
-                        help="run the proxies on the last CPU and the load generator and the "
-                             "backend on the others (less scheduler noise; 2 CPUs or more)")
+    add_pin_option(parser, "meshd's APIs and nginx")
     args = parser.parse_args()
     print(f"cpus: {os.cpu_count()}, python {sys.version.split()[0]}")
-    if args.pin and args.part != "a":
-        parser.error("--pin is for --part a only (llama-server needs every core)")
-    if args.pin:
-        global PROXY_CPUS
-        PROXY_CPUS = pin_split()
-        print(f"pinned: proxies on CPU {sorted(PROXY_CPUS)}, the rest on the others")
+    global PROXY_CPUS
+    PROXY_CPUS = pinned(parser, args)
     if args.part in ("a", "all"):
         part_a(args)
     if args.part in ("b", "all"):

@@ -41,16 +41,16 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
-import proxy_overhead  # noqa: E402
 from nginx_baseline import Nginx  # noqa: E402
 from proxy_overhead import (  # noqa: E402
+    add_pin_option,
     alternate_many,
     children,
     cpu_seconds,
     free_port,
     measure,
-    pin_split,
     pin_tasks,
+    pinned,
     stream_request,
     wait_port,
 )
@@ -96,7 +96,7 @@ class Setup:
     an older tree (``before``), all alternated."""
 
     def __init__(self, args, base: Path, bin_dir: str, gguf: str, model: str,
-                 extra_args: list[str], pin: bool = False):
+                 extra_args: list[str], cpus: set[int] | None = None):
         self.pairs: list[tuple[Meshd, Meshd]] = []
         self.nginx: Nginx | None = None
         try:
@@ -113,7 +113,6 @@ class Setup:
                 # twice the work and ran 5-20 % slower than a copy of itself)
                 self.ways += [("before", ba.api_port, [ba.pid, bb.pid]),
                               ("b-direct", bb.api_port, [bb.pid])]
-            cpus = proxy_overhead.PROXY_CPUS if pin else None
             if cpus:  # the daemons on the proxies' CPU, their backends with the load generator
                 others = os.sched_getaffinity(0)
                 for pa, pb in self.pairs:
@@ -143,7 +142,7 @@ def part_a(args, base: Path) -> None:
         return
     setup = Setup(args, base / "a", fake_llama_bin_dir(base), gguf, "fake",
                   ["--chunks", str(args.chunks), "--chunk-delay-ms", str(args.chunk_delay_ms)],
-                  pin=args.pin)
+                  cpus=args.proxy_cpus)
     try:
         request = stream_request("/v1/chat/completions", "fake", None)
         expect = args.chunks + 1
@@ -239,15 +238,9 @@ def main() -> int:
     parser.add_argument("--before", type=Path, default=None, metavar="TREE",
                         help="also run a pair of daemons from this source tree (an older commit: "
                              "git archive COMMIT | tar -x -C /tmp/before), alternated in the same run")
-    parser.add_argument("--pin", action="store_true",
-                        help="part A: the daemons and nginx on the last CPU, the fake backends "
-                             "and the load generator on the others (less scheduler noise)")
+    add_pin_option(parser, "both pairs of daemons and nginx")
     args = parser.parse_args()
-    if args.pin and args.part != "a":
-        parser.error("--pin is for --part a only (llama-server needs every core)")
-    if args.pin:
-        proxy_overhead.PROXY_CPUS = pin_split()
-        print(f"pinned (part A): daemons and nginx on CPU {sorted(proxy_overhead.PROXY_CPUS)}")
+    args.proxy_cpus = pinned(parser, args)
     t0 = time.monotonic()
     with tempfile.TemporaryDirectory(prefix="tunnel-bench-") as tmp:
         if args.part in ("a", "all"):

@@ -176,6 +176,7 @@ class BoundedChannel(http.HTTPChannel):
     _phase = RequestPhase.IDLE
     _deadline: IDelayedCall | None = None
     _lost = False
+    _held: list[bytes] | None = None  # writes kept by hold_writes, until send_held
     # twisted.web parses 500 headers before its 400: a flood of them cost 0.85 ms a
     # request, four times any other junk; the SDKs, curl and browsers send under 30
     maxHeaders = MAX_HEADERS
@@ -253,8 +254,6 @@ class BoundedChannel(http.HTTPChannel):
     # what one upstream read makes us write (a head, its first chunks, maybe the
     # body's end) leaves in one send, not one each: the proxy holds the writes
     # while it handles that read (meshd.serving.api.Forward)
-    _held: list[bytes] | None = None
-
     def hold_writes(self) -> None:
         """Keep this channel's writes until :meth:`send_held` (or a close)."""
         if self._held is None:

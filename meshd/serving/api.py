@@ -538,7 +538,9 @@ class Forward:
         # the one pending deadline: first byte (SENT), silence (after the head)
         self.deadline: IDelayedCall | None = None
         self.last_byte = 0.0  # reactor time of the last response byte
-        self.holding: BoundedChannel | None = None  # its writes wait for read_ends
+        # the channel whose writes wait for read_ends: kept, since a Request that
+        # finished during the read (the body's end) has dropped its channel
+        self.holding: BoundedChannel | None = None
         # pending while our client does not read (the upstream paused for it)
         self.stall: IDelayedCall | None = None
         self._seconds = api.reactor.seconds

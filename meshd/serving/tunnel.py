@@ -263,7 +263,6 @@ class HostTunnel:
         self.state = TunnelState.HEADER
         self.model: str | None = None
         self.channel: _Stream | None = None
-        self.transport: TunnelTransport | None = None  # the channel's, once open
         self._decoder: wire.Decoder | None = wire.Decoder(MAX_TUNNEL_FRAME_BYTES)
 
     @property
@@ -313,8 +312,7 @@ class HostTunnel:
         self.channel = channel
         self._move(TunnelState.OPEN)
         self.server.opened += 1
-        self.transport = TunnelTransport(peer, self.who, self.model or "?")
-        channel.makeConnection(self.transport)
+        channel.makeConnection(TunnelTransport(peer, self.who, self.model or "?"))
         peer.take_over(channel.dataReceived)  # from now on the peer's bytes are HTTP
         log.debug("tunnel from %s open for %s", self.who, self.model)
         if rest:
@@ -341,7 +339,7 @@ class HostTunnel:
         (a peer that stopped reading) or if the tunnel is not idle; fires once closed."""
         if self.state == self.CLOSED:
             return defer.succeed(None)
-        if self.transport is None or not self.server.idle(self):
+        if not self.server.idle(self):  # idle: an open HTTP channel with no request
             self.close(reason)
             return defer.succeed(None)
         log.debug("closing the tunnel from %s once its writes have left: %s", self.who, reason)
@@ -356,7 +354,7 @@ class HostTunnel:
         timer = clock.callLater(grace_s, self.close, f"{reason}; its writes did not leave "
                                                     f"within {grace_s:g} s")
         self.peer.closed.addBoth(closed)
-        self.transport.loseConnection()
+        cast(Any, self.channel).transport.loseConnection()  # its TunnelTransport
         return done
 
     def _refuse(self, reason: str) -> None:
