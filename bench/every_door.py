@@ -244,6 +244,11 @@ def main() -> int:
         help="attacks per second per flood worker (0: as fast as it can)",
     )
     parser.add_argument("--rounds", type=int, default=1, help="run the attack list this often")
+    parser.add_argument(
+        "--no-penalties", action="store_true",
+        help="node A with [mesh] penalty_failures = 0: every stranger on the mesh port gets "
+             "its TLS handshake, however many failed before it (the figures before penalties)",
+    )
     args = parser.parse_args()
     global FLOOD_RATE
     FLOOD_RATE = args.flood_rate
@@ -253,7 +258,7 @@ def main() -> int:
         return 2
     d.raise_fd_limit(4096)
     base = Path(tempfile.mkdtemp(prefix="every-door-"))
-    doors = d.Doors(base, gguf)
+    doors = d.Doors(base, gguf, penalties=not args.no_penalties)
     doors.start()
     try:
         s = args.seconds

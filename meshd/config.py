@@ -65,6 +65,10 @@ class MeshConfig:
     verify_timeout_s: float = 2.0
     # dialling a peer: TCP connect, TLS handshake and HELLO must finish within this long
     connect_timeout_s: float = 5.0
+    # a source address may fail to authenticate on the mesh port this many times, and gets
+    # an attempt back every penalty_s; with none left it is refused before TLS (0: never)
+    penalty_failures: int = 10
+    penalty_s: float = 1.0
 
 
 @dataclass(frozen=True)
@@ -379,7 +383,7 @@ def validate(config: Config) -> list[str]:
     positive = [
         ("mesh", "heartbeat_s"), ("mesh", "heartbeat_timeout_s"), ("mesh", "rejoin_s"),
         ("mesh", "refresh_s"), ("mesh", "max_frame_bytes"), ("api", "max_body_bytes"),
-        ("mesh", "verify_timeout_s"), ("mesh", "connect_timeout_s"),
+        ("mesh", "verify_timeout_s"), ("mesh", "connect_timeout_s"), ("mesh", "penalty_s"),
         ("api", "connect_timeout_s"), ("policy", "slow_hook_ms"), ("models", "assign_settle_s"),
         ("llama", "ctx_size"), ("llama", "load_timeout_s"), ("llama", "stop_timeout_s"),
         ("llama", "restart_min_s"), ("llama", "restart_max_s"), ("llama", "restart_reset_s"),
@@ -393,7 +397,7 @@ def validate(config: Config) -> list[str]:
             problems.append(f"[{section}] {key}: must be greater than 0")
     non_negative = [
         ("node", "vram_gb"), ("node", "max_vram_gb"), ("api", "drain_s"), ("llama", "threads"),
-        ("models", "min_free_gb"),
+        ("models", "min_free_gb"), ("mesh", "penalty_failures"),
     ]
     # 0 would leave every measured peer out of every split
     if not config.models.max_rtt_ms > 0:

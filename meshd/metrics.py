@@ -501,6 +501,18 @@ class NodeCollector(Collector):
         for state, n in states.items():
             g.add_metric([state], n)
         yield g
+        penalties = mesh.penalties if mesh is not None else None  # a passive node listens not
+        yield CounterMetricFamily(
+            "meshd_peer_refused",
+            "Connections to the mesh port closed before TLS: their source had used up "
+            "its attempts to authenticate ([mesh] penalty_failures).",
+            value=penalties.refused_total if penalties is not None else 0,
+        )
+        yield GaugeMetricFamily(
+            "meshd_peer_penalized_sources",
+            "Source addresses with failed attempts to authenticate not yet paid back.",
+            value=penalties.sources() if penalties is not None else 0,
+        )
 
     def _backends(self) -> Iterator[Metric]:
         node = self.node

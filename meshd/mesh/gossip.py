@@ -78,6 +78,7 @@ from meshd.mesh.peer import (
     dial_order,
     server_factory,
 )
+from meshd.mesh.penalties import Penalties
 from meshd.mesh.wire import CloseCode, Frame, FrameError, FrameType
 from meshd.metrics import DeathCause, NodeMetrics
 from meshd.nodename import clean as clean_name
@@ -126,6 +127,8 @@ class MeshService(service.Service):
         self.conns: dict[str, PeerProtocol] = {}
         self.invites = Invites(state, now=reactor.seconds)
         self.tls = TLSOptions(identity)
+        self.penalties = Penalties(reactor, failures=self.cfg.penalty_failures,
+                                   refill_s=self.cfg.penalty_s)
         self.timing = Timing(
             heartbeat_s=self.cfg.heartbeat_s,
             heartbeat_timeout_s=self.cfg.heartbeat_timeout_s,
@@ -385,7 +388,8 @@ class MeshService(service.Service):
 
     def _listen(self) -> None:
         host, port = parse_address(self.cfg.listen)
-        factory = server_factory(self.tls, self._build_server, self.reactor)
+        factory = server_factory(self.tls, self._build_server, self.reactor,
+                                 penalties=self.penalties)
         self._port = self.reactor.listenTCP(port, factory, backlog=LISTEN_BACKLOG, interface=host)
         bound = self._port.getHost()
         if isinstance(bound, (IPv4Address, IPv6Address)):

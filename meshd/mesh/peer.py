@@ -64,7 +64,6 @@ from twisted.internet.interfaces import (
     IReactorTime,
     IStreamClientEndpoint,
 )
-from twisted.protocols.tls import TLSMemoryBIOFactory
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
@@ -73,6 +72,7 @@ from meshd.config import is_loopback, parse_address
 from meshd.mesh import wire
 from meshd.mesh.identity import Identity, check_peer_certificate
 from meshd.mesh.membership import Heartbeat
+from meshd.mesh.penalties import Penalties, PenaltyFactory
 from meshd.mesh.wire import CloseCode, FrameType
 from meshd.nodename import label
 from meshd.states import PEER_MOVES, PeerState
@@ -331,6 +331,9 @@ class PeerProtocol(protocol.Protocol):
         self.purpose = purpose
         self.state = PeerState.HANDSHAKING
         self.hello: Hello | None = None  # the peer's, once verified
+        # the peer proved a key of this mesh (even if refused afterwards): not a stranger,
+        # whatever becomes of the connection (meshd.mesh.penalties counts the others)
+        self.proven = False
         self.peer_cert: x509.Certificate | None = None
         self.close_reason: str | None = None
         self.close_code: CloseCode | None = None  # None: it ended without a CLOSE either way
@@ -555,12 +558,14 @@ class PeerProtocol(protocol.Protocol):
                 key = self.gate.key_for(hello)
             except AuthRefused as e:
                 e.proven = e.proof_key is not None and _proves(e.proof_key, side, hello, ekm)
+                self.proven = e.proven
                 raise
         if not _proves(key, side, hello, ekm):
             what = "invite token key" if hello.auth == "token" or (
                 self.client and self.client.token_id) else "mesh secret"
             raise AuthRefused(f"wrong proof of the {what} (a different secret?)")
         self.hello = hello
+        self.proven = True
         if self.gate is not None:
             try:
                 self.gate.authenticated(hello)
@@ -796,8 +801,15 @@ class PeerFactory(protocol.Factory):
         return p
 
 
-def server_factory(tls: TLSOptions, build: Callable[[], PeerProtocol], clock: IReactorTime | None = None) -> TLSMemoryBIOFactory:
-    return sendnow.TLSFactory(tls, False, PeerFactory(build), clock)
+def server_factory(tls: TLSOptions, build: Callable[[], PeerProtocol],
+                   clock: IReactorTime | None = None, *,
+                   penalties: Penalties | None = None) -> IProtocolFactory:
+    """The mesh port's factory; with ``penalties``, a source that keeps failing to
+    authenticate is refused before TLS (meshd.mesh.penalties)."""
+    factory = sendnow.TLSFactory(tls, False, PeerFactory(build), clock)
+    if penalties is None:
+        return factory
+    return PenaltyFactory(factory, penalties, _unwrap)
 
 
 @implementer(IStreamClientEndpoint)

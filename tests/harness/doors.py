@@ -127,13 +127,17 @@ def final_response(data: bytes) -> bool:
     return bool(lengths) and len(body) >= lengths[0]
 
 
-def connect(address: tuple[str, int] | str, timeout_s: float = 5.0) -> socket.socket:
-    """A TCP connection to 127.0.0.1:port, or one to a UNIX socket's path."""
+def connect(address: tuple[str, int] | str, timeout_s: float = 5.0, *,
+            source: str | None = None) -> socket.socket:
+    """A TCP connection to 127.0.0.1:port, or one to a UNIX socket's path; ``source``:
+    the local address to send from (any of 127.0.0.0/8 reaches loopback)."""
     family = socket.AF_UNIX if isinstance(address, str) else socket.AF_INET
     end = time.monotonic() + timeout_s
     for _ in range(1000):  # bounded: a full listen backlog clears as the server accepts
         s = socket.socket(family, socket.SOCK_STREAM)
         s.settimeout(timeout_s)
+        if source is not None:
+            s.bind((source, 0))
         try:
             s.connect(address)
             return s
@@ -292,8 +296,9 @@ def foreign_tls_context(*, cert: bool = True, tls12: bool = False) -> SSL.Contex
 class Stranger:
     """One TLS connection to the mesh port, blocking, every read bounded."""
 
-    def __init__(self, port: int, ctx: SSL.Context, timeout_s: float = 5.0):
-        self.sock = connect(("127.0.0.1", port), timeout_s)
+    def __init__(self, port: int, ctx: SSL.Context, timeout_s: float = 5.0, *,
+                 source: str | None = None):
+        self.sock = connect(("127.0.0.1", port), timeout_s, source=source)
         self.sock.settimeout(None)
         self.conn = SSL.Connection(ctx, self.sock)
         self.conn.set_connect_state()
@@ -472,7 +477,10 @@ class AttackRecord:
 class Doors:
     """Node A with every door open, node B its peer; see the module's docstring."""
 
-    def __init__(self, base: Path, gguf: str):
+    def __init__(self, base: Path, gguf: str, *, penalties: bool = True):
+        """``penalties``: A refuses a source that keeps failing to authenticate on its
+        mesh port ([mesh] penalty_failures, on by default); off, every attack on the
+        mesh port meets the refusal of its own kind, however many came before."""
         self.base = Path(base)
         self.console_port = free_port()
         self.a = Meshd(
@@ -491,7 +499,8 @@ class Doors:
                     "body_timeout_s": BODY_TIMEOUT_S,
                     "client_stall_timeout_s": STALL_TIMEOUT_S,
                 },
-                "mesh": {**TEST_TIMING, "connect_timeout_s": HANDSHAKE_TIMEOUT_S},
+                "mesh": {**TEST_TIMING, "connect_timeout_s": HANDSHAKE_TIMEOUT_S,
+                         **({} if penalties else {"penalty_failures": 0})},
                 "log": {"level": "info"},
             },
             name="a",

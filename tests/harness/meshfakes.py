@@ -11,6 +11,7 @@ from twisted.internet.task import Clock
 from meshd.config import Config
 from meshd.daemon.node import Node, ServedModel
 from meshd.mesh.membership import DiskModel, PeerView
+from meshd.mesh.penalties import Penalties
 from meshd.models.scan import LocalModel, ScanResult
 from meshd.placement.snapshot import GB
 
@@ -47,6 +48,7 @@ class FakeMesh:
     """``peers()`` from a dict the test edits; records re-gossip and drops."""
 
     def __init__(self) -> None:
+        self.penalties = Penalties(Clock(), failures=10, refill_s=1.0)
         self.members: dict[str, PeerView] = {}
         self.conns: dict[str, Any] = {}
         self.changed = 0

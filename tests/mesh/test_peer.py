@@ -71,11 +71,6 @@ class Liar:
     node_id: str
 
 
-@pytest.fixture(scope="module")
-def ids(tmp_path_factory):
-    return [identity.load_or_create(statedir.StateDir(tmp_path_factory.mktemp(n))) for n in "abc"]
-
-
 def connect(client_id, server_id, client_auth, gate, clock=None, timing=None):
     timing = timing or peer.Timing()
     clock = clock or Clock()

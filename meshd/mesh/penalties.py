@@ -1,0 +1,152 @@
+"""Per-source penalties on the mesh port: a source that keeps failing to authenticate
+is refused before TLS.
+
+Every connection to the mesh port costs its listener a TLS handshake (about 1 ms of
+CPU, in OpenSSL) before the peer can be told apart from a stranger, and meshd
+answers every door on one reactor thread: a stranger sending foreign-certificate
+HELLOs as fast as it can took half of each turn and doubled the latency of every
+well-behaved request (BENCHMARKS.md, "Every door"). OpenSSH's answer to the same
+problem is ``PerSourcePenalties``: a source address that fails to authenticate is
+refused for a while, at accept, where a refusal costs almost nothing. This is
+that, as a token bucket per address: a source may fail ``failures`` times in a
+row, and gets one attempt back every ``refill_s`` seconds; with none left its
+connections are closed as soon as they are accepted.
+
+What counts as a failure is decided by the caller (``meshd.mesh.peer``): a
+server-side connection that closed before its peer proved a key of this mesh.
+A member never fails that way unless it is misconfigured, and then its own
+redials back off far slower than attempts come back.
+
+The table is bounded (``max_sources``): when it is full the entry touched
+longest ago goes, which at worst gives an attacker with that many addresses its
+attempts back sooner.
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+from collections.abc import Callable
+from typing import Any
+
+from twisted.internet.interfaces import IAddress, IProtocol, IProtocolFactory, IReactorTime
+from zope.interface import implementer
+
+log = logging.getLogger(__name__)
+
+MAX_SOURCES = 4096
+
+
+class _Bucket:
+    __slots__ = ("left", "at", "warned")
+
+    def __init__(self, left: float, at: float):
+        self.left = left  # attempts left (fractional while refilling)
+        self.at = at  # when ``left`` was last brought up to date
+        self.warned = False  # logged that it ran out (once until it is paid back in full)
+
+
+class Penalties:
+    """Failed authentications per source address, and whether a new connection from
+    one is refused (see the module's docstring)."""
+
+    def __init__(self, clock: IReactorTime, *, failures: int, refill_s: float,
+                 max_sources: int = MAX_SOURCES):
+        self.clock = clock
+        self.failures = failures
+        self.refill_s = refill_s
+        self.max_sources = max_sources
+        self._sources: collections.OrderedDict[str, _Bucket] = collections.OrderedDict()
+        self.refused_total = 0
+
+    @property
+    def enabled(self) -> bool:
+        return self.failures > 0
+
+    def _bucket(self, host: str) -> _Bucket | None:
+        bucket = self._sources.get(host)
+        if bucket is None:
+            return None
+        now = self.clock.seconds()
+        bucket.left = min(float(self.failures), bucket.left + (now - bucket.at) / self.refill_s)
+        bucket.at = now
+        if bucket.left >= self.failures:  # paid back in full: forget it
+            del self._sources[host]
+            return None
+        return bucket
+
+    def refuses(self, host: str) -> bool:
+        """Whether a connection from ``host`` is to be closed before TLS; counts it if so."""
+        if not self.enabled:
+            return False
+        bucket = self._bucket(host)
+        if bucket is None or bucket.left >= 1:
+            return False
+        self.refused_total += 1
+        return True
+
+    def failed(self, host: str, why: str) -> None:
+        """A connection from ``host`` closed before its peer proved a key of this mesh."""
+        if not self.enabled:
+            return
+        bucket = self._bucket(host)
+        if bucket is None:
+            while len(self._sources) >= self.max_sources:
+                self._sources.popitem(last=False)
+            bucket = self._sources[host] = _Bucket(float(self.failures), self.clock.seconds())
+        else:
+            self._sources.move_to_end(host)
+        bucket.left = max(0.0, bucket.left - 1)
+        if bucket.left < 1 and not bucket.warned:
+            # once until the source is paid back in full: a flood must not flood the log
+            bucket.warned = True
+            log.warning(
+                "refusing peer connections from %s before TLS: it used up its %d attempts to "
+                "authenticate (the last: %s); it gets one back every %g s ([mesh] penalty_s)",
+                host, self.failures, why, self.refill_s)
+
+    def sources(self) -> int:
+        """Sources with a penalty (some attempts used), for status and tests."""
+        return len(self._sources)
+
+
+@implementer(IProtocolFactory)
+class PenaltyFactory:
+    """Wraps the mesh port's factory: refuses a penalised source at accept, and reports
+    each connection that closes unproven.
+
+    Twisted's port closes an accepted socket at once when ``buildProtocol``
+    returns None, before any byte is read: the refusal costs an accept and a close.
+    """
+
+    def __init__(self, wrapped: IProtocolFactory, penalties: Penalties,
+                 peer_of: Callable[[IProtocol], Any]):
+        self.wrapped = wrapped
+        self.penalties = penalties
+        self._peer_of = peer_of  # the PeerProtocol inside what ``wrapped`` builds
+
+    def doStart(self) -> None:  # noqa: N802 - Twisted's name
+        self.wrapped.doStart()
+
+    def doStop(self) -> None:  # noqa: N802 - Twisted's name
+        self.wrapped.doStop()
+
+    def logPrefix(self) -> str:  # noqa: N802 - Twisted's name
+        return "meshd-mesh-port"
+
+    def buildProtocol(self, addr: IAddress) -> IProtocol | None:  # noqa: N802 - Twisted's name
+        host = getattr(addr, "host", None)
+        if isinstance(host, str) and self.penalties.refuses(host):
+            return None
+        built = self.wrapped.buildProtocol(addr)
+        if built is None or not isinstance(host, str) or not self.penalties.enabled:
+            return built
+        peer = self._peer_of(built)
+
+        def closed(reason: str) -> str:
+            if not peer.proven:
+                self.penalties.failed(host, reason)
+            return reason
+
+        peer.closed.addCallback(closed)
+        return built
