@@ -20,7 +20,7 @@ from typing import Any
 
 from OpenSSL.SSL import WantReadError
 from twisted.internet import tcp
-from twisted.protocols.tls import BufferingTLSTransport, TLSMemoryBIOFactory
+from twisted.protocols.tls import TLSMemoryBIOFactory, TLSMemoryBIOProtocol
 
 
 def write(transport: Any, data: bytes) -> None:
@@ -55,18 +55,24 @@ def _nothing_queued(t: Any) -> bool:
             and t.offset == len(t.dataBuffer))
 
 
-class TLSTransport(BufferingTLSTransport):
-    """Twisted's TLS transport, whose TLS records go out through :func:`write`.
+class TLSTransport(TLSMemoryBIOProtocol):
+    """Twisted's TLS transport, each write a TLS record sent through :func:`write`.
 
-    Twisted's TLS layer still gathers the writes of one reactor turn into one
-    record (``BufferingTLSTransport``), then hands the record to the TCP
-    transport, which queues it for the next turn: an ``epoll_ctl`` to watch the
-    socket, a turn, a ``send()`` and another ``epoll_ctl``.  On a tunnel that
-    carries a model's tokens, one at a time, that is every token: sent at once,
-    the host's CPU per token is about a tenth less (BENCHMARKS.md, "Tunnel
-    overhead").  What the socket does not take is queued, in order, as
-    before; and the connection's TLS stays the memory-BIO protocol's, so the TCP
-    transport underneath is plain (``write`` needs that).
+    Twisted's default (``BufferingTLSTransport``) gathers the writes of one
+    reactor turn into one record: each turn with a write schedules a
+    ``callLater(0)`` and the record is made in the next turn. On a tunnel that
+    carries a model's tokens, one at a time, that is every token: a timer, an
+    extra turn of the reactor and a token held back by it. The record then went
+    to the TCP transport's queue, for yet another turn (an ``epoll_ctl`` to watch
+    the socket, a turn, a ``send()`` and another ``epoll_ctl``). Here a write is
+    encrypted and its record handed to ``send()`` at once; what the socket does
+    not take is queued, in order, as before. meshd's own writers already gather
+    what belongs together (a frame, a request, the writes of one upstream read:
+    ``meshd.httpbounds.BoundedChannel.hold_writes``), so there is nothing left
+    for the turn's aggregation to join (BENCHMARKS.md, "Tunnel overhead": the
+    real model's tokens/s through a tunnel went from 0.970-0.981 to 0.986-0.988
+    of the host's own API). The connection's TLS stays the memory-BIO protocol's,
+    so the TCP transport underneath is plain (``write`` needs that).
 
     The one override is of ``_flushSendBIO``, a private method of Twisted's
     ``TLSMemoryBIOProtocol`` (Twisted is pinned in constraints.txt;

@@ -131,12 +131,10 @@ async def test_a_connection_with_tls_begun_on_it_is_never_written_past_its_tls(p
 
 @pytest_twisted.ensureDeferred
 async def test_a_peer_connections_tls_records_leave_at_once():
-    # peer connections and tunnels: the TLS layer still gathers a turn's writes into
-    # one record, and that record then goes to send() at once instead of the TCP
-    # transport's queue (a watch, a turn, a send, an unwatch: every token of a tunnel)
+    # peer connections and tunnels: each write is a record that goes to send() at once,
+    # not to a timer for the next turn and then to the TCP transport's queue (a watch,
+    # a turn, a send, an unwatch: every token of a tunnel)
     import socket
-
-    from twisted.internet.task import deferLater
 
     from meshd.mesh import identity
     from meshd.mesh.peer import TLSOptions, _TLSClientEndpoint
@@ -159,10 +157,11 @@ async def test_a_peer_connections_tls_records_leave_at_once():
         for end in (tcp, server.transport.transport):
             assert end.getHandle().getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY) == 1
         tls.write(b"x" * 100)
-        tls.write(b"y" * 100)  # the same turn: one record
-        await deferLater(reactor, 0, lambda: None)  # the turn in which the TLS layer flushes
+        tls.write(b"y" * 100)
+        # each write a record sent now: nothing waits for the next turn, no timer for it
         assert tcp.dataBuffer == b"" and not tcp._tempDataBuffer
         assert tcp not in reactor.getWriters()
+        assert not [c for c in reactor.getDelayedCalls() if c.func.__name__ == "_scheduledFlush"]
         assert await server.until(205) == b"hello" + b"x" * 100 + b"y" * 100
         tls.loseConnection()
     finally:
@@ -182,5 +181,7 @@ def test_the_tls_method_replaced_is_still_twisteds():
 
     source = inspect.getsource(TLSMemoryBIOProtocol._flushSendBIO)
     assert "bio_read(2**15)" in source and "self.transport.write(bytes)" in source
+    # Twisted's default gathers a turn's writes; meshd's is the unbuffered protocol
     assert TLSMemoryBIOFactory.protocol is BufferingTLSTransport
-    assert issubclass(sendnow.TLSTransport, BufferingTLSTransport)
+    assert not issubclass(sendnow.TLSTransport, BufferingTLSTransport)
+    assert issubclass(sendnow.TLSTransport, TLSMemoryBIOProtocol)
