@@ -431,7 +431,10 @@ class UpstreamConnection(Protocol):
                     except UpstreamError as e:
                         self._fail(str(e))
                         return
-                    if pieces:
+                    if decoder.done:  # the last chunks and the body's end: one send
+                        self._last_read(lambda: sink.response_framed(pieces, nbytes)
+                                        if pieces else None)
+                    elif pieces:
                         sink.response_framed(pieces, nbytes)
                 else:
                     try:
@@ -439,18 +442,19 @@ class UpstreamConnection(Protocol):
                     except UpstreamError as e:
                         self._fail(str(e))
                         return
-                    if payload:
+                    if decoder.done:
+                        self._last_read(lambda: sink.response_data(payload) if payload else None)
+                    elif payload:
                         sink.response_data(payload)
-                if decoder.done and self.sink is not None:
-                    self._finish()
             elif framing == _LENGTH:
                 if len(data) > self._left:
                     self._fail("upstream sent more than its Content-Length")
                     return
                 self._left -= len(data)
-                sink.response_data(data)
-                if not self._left and self.sink is not None:
-                    self._finish()
+                if self._left:
+                    sink.response_data(data)
+                else:
+                    self._last_read(lambda: sink.response_data(data))
             else:
                 sink.response_data(data)
             return
@@ -466,6 +470,18 @@ class UpstreamConnection(Protocol):
             # a keep-alive connection must be silent between exchanges
             self.reusable = False
             self.sock.loseConnection()
+
+    def _last_read(self, deliver: Callable[[], None]) -> None:
+        """The read that ends the body: what it brings and the end the sink writes
+        for it (a chunked body's last chunk) leave in one send, as a head's read does."""
+        sink = cast(ResponseSink, self.sink)
+        sink.read_begins()
+        try:
+            deliver()
+            if self.sink is not None:
+                self._finish()
+        finally:
+            sink.read_ends()
 
     def _head_received(self, data: bytes) -> None:
         buf = self._buf + data

@@ -617,6 +617,37 @@ def test_what_one_upstream_read_brings_leaves_in_one_send(end):
         assert client.writes == 2 and client.value().endswith(sse(2))
 
 
+@pytest.mark.parametrize("close", [False, True])
+def test_a_later_read_that_ends_the_body_leaves_with_the_end_in_one_send(close):
+    # the last token's chunk and the body's end (the terminating chunk, written by
+    # the finish) used to be two sends; the client's connection closing after it too
+    ups, client, channel = counting_api()
+    if close:
+        body = json.dumps(chat(stream=True)).encode()
+        channel.dataReceived(_head(b"Connection: close\r\nContent-Length: %d\r\n\r\n"
+                                   % len(body)) + body)
+    else:
+        send_stream_request(channel)
+    upstream = ups.connections[0]
+    upstream.dataReceived(SSE_HEAD + sse(0))
+    assert client.writes == 1
+    upstream.dataReceived(sse(1) + b"0\r\n\r\n")
+    assert client.writes == 2
+    assert client.value().endswith(sse(1) + b"0\r\n\r\n")
+    assert client.disconnecting is close
+
+
+def test_a_body_of_known_length_ends_in_one_send_with_what_its_last_read_brings():
+    ups, client, channel = counting_api()
+    send_stream_request(channel)
+    upstream = ups.connections[0]
+    upstream.dataReceived(b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n"
+                          b"Content-Length: 10\r\n\r\n01234")
+    writes = client.writes
+    upstream.dataReceived(b"56789")
+    assert client.writes == writes + 1 and client.value().endswith(b"56789")
+
+
 def test_a_head_alone_in_its_read_leaves_at_once():
     # llama-server's head may come long before its first token: it is not held for it
     ups, client, channel = counting_api()
