@@ -32,6 +32,7 @@ from __future__ import annotations
 import hmac
 import io
 import logging
+import weakref
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any, cast
@@ -222,6 +223,9 @@ class BoundedChannel(http.HTTPChannel):
         self._phase = RequestPhase.CLOSED
         self._lost = True
         self._disarm()
+        site = getattr(self, "site", None)
+        if isinstance(site, BoundedSite):
+            site.channels.discard(self)
         super().connectionLost(reason)
 
     def connectionMade(self) -> None:  # noqa: N802 - Twisted's name
@@ -337,6 +341,8 @@ class BoundedSite(server.Site):
                  reactor: IReactorTime | None = None, linger_s: float = LINGER_S,
                  head_timeout_s: float = HEAD_TIMEOUT_S, body_timeout_s: float = BODY_TIMEOUT_S):
         super().__init__(root, reactor=reactor)
+        # open connections, for unsent(): a stop waits for what they have not sent yet
+        self.channels: weakref.WeakSet[BoundedChannel] = weakref.WeakSet()
         self.max_body_bytes = max_body_bytes
         self.error_body = error_body
         self.before_body = before_body
@@ -344,6 +350,18 @@ class BoundedSite(server.Site):
         self.linger_s = linger_s
         self.head_timeout_s = head_timeout_s
         self.body_timeout_s = body_timeout_s
+
+    def buildProtocol(self, addr: Any) -> Any:  # noqa: N802 - Twisted's name
+        channel = super().buildProtocol(addr)
+        if channel is not None:
+            self.channels.add(channel)
+        return channel
+
+    def unsent(self) -> int:
+        """Bytes of answers this door's connections hold that their sockets have not
+        taken yet (a slow client's): gone if the process exits now."""
+        # (writes held for a read are sent when that read is handled: not counted)
+        return sum(sendnow.unsent(c.transport) for c in list(self.channels))
 
     # what a door may say its own way (the API: its error shapes, its metrics)
 

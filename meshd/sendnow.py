@@ -35,6 +35,15 @@ def write(transport: Any, data: bytes) -> None:
     transport.write(data)
 
 
+def unsent(transport: Any) -> int:
+    """Bytes ``transport`` holds that the socket has not taken yet (0 for anything that
+    is not a plain TCP connection: a tunnel's bytes are its TLS connection's)."""
+    if not isinstance(transport, tcp.Connection) or not transport.connected:
+        return 0
+    return (len(transport.dataBuffer) - transport.offset
+            + transport._tempDataLen)  # noqa: SLF001 - see _nothing_queued
+
+
 def no_delay(transport: Any) -> None:
     """TCP_NODELAY on ``transport`` where it has it: small writes sent at once must not
     wait for the ACK of the one before (Nagle's algorithm) nor for a delayed ACK.

@@ -75,6 +75,18 @@ async def test_what_the_socket_does_not_take_is_queued_and_follows(pair):
     assert await server.until(len(big)) == big
 
 
+@pytest_twisted.ensureDeferred
+async def test_unsent_counts_what_the_socket_has_not_taken(pair):
+    transport, server = pair
+    assert sendnow.unsent(transport) == 0
+    big = b"z" * 10_000_000
+    sendnow.write(transport, big)
+    assert 0 < sendnow.unsent(transport) < len(big)
+    await server.until(len(big))
+    assert sendnow.unsent(transport) == 0
+    assert sendnow.unsent(StringTransport()) == 0
+
+
 def test_a_transport_that_is_not_plain_tcp_gets_an_ordinary_write():
     t = StringTransport()
     sendnow.write(t, b"through the tunnel's TLS")

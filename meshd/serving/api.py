@@ -111,6 +111,8 @@ NODE_HEADER = b"X-Meshd-Node"
 MODEL_HEADER = b"X-Meshd-Model"
 # non-streamed responses up to this size are held until complete (clean 502 on failure)
 HOLD_BYTES = 4 * 1024 * 1024
+# a drain with no request left looks this often whether the clients took the rest
+FLUSH_CHECK_S = 0.05
 KEY_REFUSED = "missing or wrong API key (Authorization: Bearer KEY, or x-api-key: KEY)"
 # attempts per request: the first upstream and one failover
 MAX_ATTEMPTS = 2
@@ -272,6 +274,8 @@ class ApiServer:
         self.relay = relay
         self.draining = False
         self._drain_waiters: list[defer.Deferred[int]] = []
+        self._flush_check: IDelayedCall | None = None
+        self._flush_waited = False  # logged that the drain waits for slow clients
         self.api_key = config.api_key.encode()  # [api] api_key; a reload may change it
         self.site = ApiSite(_Root(self), self, reactor)
 
@@ -289,30 +293,56 @@ class ApiServer:
     # -- shutdown --------------------------------------------------------------
 
     def drain(self, timeout_s: float) -> defer.Deferred[int]:
-        """Refuse new requests; fire with the number still running once none is, or at the timeout."""
+        """Refuse new requests; fire with the number still running once none is and every
+        answer has left (a slow client's rest is in this process until its socket takes
+        it), or at the timeout."""
         self.draining = True
-        if not self.forwards:
-            self.pool.close()
-            return defer.succeed(0)
         d: defer.Deferred[int] = defer.Deferred()
         self._drain_waiters.append(d)
         call = self.reactor.callLater(timeout_s, self._drain_timeout, d)
         d.addBoth(_cancel_call, call)
+        if not self.forwards:
+            self._drained()
         return d
 
     def _drain_timeout(self, d: defer.Deferred[int]) -> None:
         if d in self._drain_waiters:
             self._drain_waiters.remove(d)
-            log.warning("drain timeout: %d request(s) still running", len(self.forwards))
+            if self.forwards:
+                log.warning("drain timeout: %d request(s) still running", len(self.forwards))
+            else:
+                log.warning("drain timeout: %d bytes of finished answers not yet taken by "
+                            "their clients are cut off", self.site.unsent())
             d.callback(len(self.forwards))
 
     def forward_done(self, fwd: Forward) -> None:
         self.forwards.discard(fwd)
-        if not self.forwards and self._drain_waiters:
-            waiters, self._drain_waiters = self._drain_waiters, []
-            self.pool.close()
-            for d in waiters:
-                d.callback(0)
+        if not self.forwards and self._drain_waiters and self._flush_check is None:
+            # not in this call: the read that ended the last answer still holds its
+            # writes (sent when that read is handled), and the stop must not run first
+            self._flush_check = self.reactor.callLater(0, self._flush_checked)
+
+    def _drained(self) -> None:
+        """No request runs: once the clients have taken what is left of their answers
+        (checked every FLUSH_CHECK_S: the transports tell no one when they empty), the
+        drain is over."""
+        if self.forwards or not self._drain_waiters:
+            return
+        unsent = self.site.unsent()
+        if unsent:
+            if not self._flush_waited:
+                self._flush_waited = True
+                log.info("waiting for clients to read the last %d bytes of their answers", unsent)
+            self._flush_check = self.reactor.callLater(FLUSH_CHECK_S, self._flush_checked)
+            return
+        waiters, self._drain_waiters = self._drain_waiters, []
+        self.pool.close()
+        for d in waiters:
+            d.callback(0)
+
+    def _flush_checked(self) -> None:
+        self._flush_check = None
+        self._drained()
 
     # -- requests --------------------------------------------------------------
 

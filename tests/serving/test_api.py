@@ -8,6 +8,7 @@ where a producer's state or a timeout must be observed exactly.
 from __future__ import annotations
 
 import json
+import logging
 import socket
 from typing import Any
 
@@ -740,8 +741,32 @@ def test_drain_waits_for_an_open_stream_and_fires_when_it_ends():
     clock.advance(10)
     assert not d.called
     upstream.dataReceived(sse(1) + b"0\r\n\r\n")
+    assert not d.called, "the drain ends after the turn that sent the answer's end"
+    clock.advance(0)
     assert d.called and d.result == 0
     assert client.value().endswith(b"0\r\n\r\n")
+
+
+def test_drain_waits_until_the_clients_took_the_rest_of_their_answers():
+    api, router, clock, ups, channel, client = memory_api()
+    left = [5000]
+    api.site.unsent = lambda: left[0]  # a slow client's bytes still in meshd's transport
+    d = api.drain(30)
+    clock.advance(1)
+    assert not d.called
+    left[0] = 0
+    clock.advance(0.1)
+    assert d.called and d.result == 0
+
+
+def test_drain_cuts_off_what_slow_clients_did_not_take_at_the_timeout(caplog):
+    api, router, clock, ups, channel, client = memory_api()
+    api.site.unsent = lambda: 5000
+    d = api.drain(5)
+    with caplog.at_level(logging.WARNING, logger="meshd.serving.api"):
+        clock.advance(5.1)
+    assert d.called and d.result == 0
+    assert "5000 bytes of finished answers" in caplog.text
 
 
 def test_drain_fires_at_the_timeout_with_the_requests_still_running():
