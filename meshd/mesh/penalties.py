@@ -106,7 +106,10 @@ class Penalties:
                 host, self.failures, why, self.refill_s)
 
     def sources(self) -> int:
-        """Sources with a penalty (some attempts used), for status and tests."""
+        """Sources with attempts used and not yet back (the metric): entries are brought
+        up to date when touched, so a source paid back since is dropped here first."""
+        for host in list(self._sources):
+            self._bucket(host)
         return len(self._sources)
 
 

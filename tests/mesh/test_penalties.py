@@ -44,7 +44,8 @@ def test_a_source_paid_back_in_full_is_forgotten():
     clock.advance(0.99)
     assert not p.refuses(A) and p.sources() == 1
     clock.advance(0.01)
-    assert not p.refuses(A) and p.sources() == 0
+    assert p.sources() == 0, "paid back, even before its next connection"
+    assert not p.refuses(A)
 
 
 def test_failures_spread_out_slower_than_the_refill_are_never_refused():
