@@ -32,7 +32,6 @@ from __future__ import annotations
 import hmac
 import io
 import logging
-import weakref
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any, cast
@@ -341,8 +340,9 @@ class BoundedSite(server.Site):
                  reactor: IReactorTime | None = None, linger_s: float = LINGER_S,
                  head_timeout_s: float = HEAD_TIMEOUT_S, body_timeout_s: float = BODY_TIMEOUT_S):
         super().__init__(root, reactor=reactor)
-        # open connections, for unsent(): a stop waits for what they have not sent yet
-        self.channels: weakref.WeakSet[BoundedChannel] = weakref.WeakSet()
+        # open connections (each leaves in its connectionLost), for unsent(): a stop
+        # waits for what they have not sent yet
+        self.channels: set[BoundedChannel] = set()
         self.max_body_bytes = max_body_bytes
         self.error_body = error_body
         self.before_body = before_body
@@ -361,7 +361,7 @@ class BoundedSite(server.Site):
         """Bytes of answers this door's connections hold that their sockets have not
         taken yet (a slow client's): gone if the process exits now."""
         # (writes held for a read are sent when that read is handled: not counted)
-        return sum(sendnow.unsent(c.transport) for c in list(self.channels))
+        return sum(sendnow.unsent(c.transport) for c in self.channels)
 
     # what a door may say its own way (the API: its error shapes, its metrics)
 

@@ -72,7 +72,7 @@ from meshd.config import is_loopback, parse_address
 from meshd.mesh import wire
 from meshd.mesh.identity import Identity, check_peer_certificate
 from meshd.mesh.membership import Heartbeat
-from meshd.mesh.penalties import Penalties, PenaltyFactory
+from meshd.mesh.penalties import Penalties
 from meshd.mesh.wire import CloseCode, FrameType
 from meshd.nodename import label
 from meshd.states import PEER_MOVES, PeerState
@@ -807,9 +807,51 @@ def server_factory(tls: TLSOptions, build: Callable[[], PeerProtocol],
     """The mesh port's factory; with ``penalties``, a source that keeps failing to
     authenticate is refused before TLS (meshd.mesh.penalties)."""
     factory = sendnow.TLSFactory(tls, False, PeerFactory(build), clock)
-    if penalties is None:
+    if penalties is None or not penalties.enabled:
         return factory
-    return PenaltyFactory(factory, penalties, _unwrap)
+    return _PenaltyFactory(factory, penalties)
+
+
+@implementer(IProtocolFactory)
+class _PenaltyFactory:
+    """Wraps the mesh port's factory: refuses a penalised source at accept, and reports
+    each connection that closes unproven.
+
+    Twisted's port closes an accepted socket at once when ``buildProtocol``
+    returns None, before any byte is read: the refusal costs an accept and a close.
+    """
+
+    def __init__(self, wrapped: sendnow.TLSFactory, penalties: Penalties):
+        self.wrapped = wrapped
+        self.penalties = penalties
+
+    def doStart(self) -> None:  # noqa: N802 - Twisted's name
+        self.wrapped.doStart()
+
+    def doStop(self) -> None:  # noqa: N802 - Twisted's name
+        self.wrapped.doStop()
+
+    def logPrefix(self) -> str:  # noqa: N802 - Twisted's name
+        return "meshd-mesh-port"
+
+    def buildProtocol(self, addr: IAddress) -> IProtocol | None:  # noqa: N802 - Twisted's name
+        host = getattr(addr, "host", None)
+        if not isinstance(host, str):
+            return self.wrapped.buildProtocol(addr)
+        if self.penalties.refuses(host):
+            return None
+        built = self.wrapped.buildProtocol(addr)
+        if built is None:
+            return None
+        peer = cast(PeerProtocol, _unwrap(built))
+
+        def closed(reason: str) -> str:
+            if not peer.proven:
+                self.penalties.failed(host, reason)
+            return reason
+
+        peer.closed.addCallback(closed)
+        return built
 
 
 @implementer(IStreamClientEndpoint)

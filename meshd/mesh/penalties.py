@@ -12,8 +12,9 @@ that, as a token bucket per address: a source may fail ``failures`` times in a
 row, and gets one attempt back every ``refill_s`` seconds; with none left its
 connections are closed as soon as they are accepted.
 
-What counts as a failure is decided by the caller (``meshd.mesh.peer``): a
-server-side connection that closed before its peer proved a key of this mesh.
+What counts as a failure is decided by the mesh port's factory
+(``meshd.mesh.peer.server_factory``): a server-side connection that closed
+before its peer proved a key of this mesh.
 A member never fails that way unless it is misconfigured, and then its own
 redials back off far slower than attempts come back.
 
@@ -26,11 +27,8 @@ from __future__ import annotations
 
 import collections
 import logging
-from collections.abc import Callable
-from typing import Any
 
-from twisted.internet.interfaces import IAddress, IProtocol, IProtocolFactory, IReactorTime
-from zope.interface import implementer
+from twisted.internet.interfaces import IReactorTime
 
 log = logging.getLogger(__name__)
 
@@ -111,45 +109,3 @@ class Penalties:
         for host in list(self._sources):
             self._bucket(host)
         return len(self._sources)
-
-
-@implementer(IProtocolFactory)
-class PenaltyFactory:
-    """Wraps the mesh port's factory: refuses a penalised source at accept, and reports
-    each connection that closes unproven.
-
-    Twisted's port closes an accepted socket at once when ``buildProtocol``
-    returns None, before any byte is read: the refusal costs an accept and a close.
-    """
-
-    def __init__(self, wrapped: IProtocolFactory, penalties: Penalties,
-                 peer_of: Callable[[IProtocol], Any]):
-        self.wrapped = wrapped
-        self.penalties = penalties
-        self._peer_of = peer_of  # the PeerProtocol inside what ``wrapped`` builds
-
-    def doStart(self) -> None:  # noqa: N802 - Twisted's name
-        self.wrapped.doStart()
-
-    def doStop(self) -> None:  # noqa: N802 - Twisted's name
-        self.wrapped.doStop()
-
-    def logPrefix(self) -> str:  # noqa: N802 - Twisted's name
-        return "meshd-mesh-port"
-
-    def buildProtocol(self, addr: IAddress) -> IProtocol | None:  # noqa: N802 - Twisted's name
-        host = getattr(addr, "host", None)
-        if isinstance(host, str) and self.penalties.refuses(host):
-            return None
-        built = self.wrapped.buildProtocol(addr)
-        if built is None or not isinstance(host, str) or not self.penalties.enabled:
-            return built
-        peer = self._peer_of(built)
-
-        def closed(reason: str) -> str:
-            if not peer.proven:
-                self.penalties.failed(host, reason)
-            return reason
-
-        peer.closed.addCallback(closed)
-        return built
